@@ -1,0 +1,91 @@
+"""Resumable checkpoints, written atomically.
+
+A checkpoint is a folder: trainable weights (safetensors), optimizer state (torch.save, read back
+with weights_only=True so nothing arbitrary is unpickled), RNG states, and a JSON `state.json`
+with the scheduler, data position, results so far and each plugin's state. It is written under a
+temporary name and renamed, so a kill at any instant leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "ckpt-"
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    return meta, tensors
+
+
+def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, *rest = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save(root: Path, name: str, weights: dict[str, torch.Tensor], optimizer_state: dict, state: dict,
+         keep: int = 2) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    rng_meta, rng_tensors = rng_state()
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_meta}))
+    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    final = root / f"{PREFIX}{name}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (ordered by the sequence number saved in each)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.glob(f"{PREFIX}*"):
+        try:
+            found.append((json.loads((p / "state.json").read_text())["seq"], p))
+        except (OSError, ValueError, KeyError):
+            continue  # a folder without a readable state.json is not a complete checkpoint
+    return [p for _, p in sorted(found)]
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(weights, optimizer_state, state); restores the RNG states as a side effect."""
+    state = json.loads((path / "state.json").read_text())
+    set_rng_state(state.pop("rng"), load_file(str(path / "rng.safetensors")))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    return load_file(str(path / "weights.safetensors")), optimizer_state, state
+
+
+def clean_temporaries(root: Path) -> None:
+    for p in root.glob(".tmp-*") if root.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""The `skillstream` command: a thin layer over the Python API (skillstream.train / skillstream.load)."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Teach a language model skill after skill.")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+    warnings.filterwarnings("ignore")
+
+
+def print_summary(run) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    r = run.results
+    table = Table(title=f"{run.config.name}: before and after training")
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    for st in r["stages"]:
+        table.add_column(f"after {st['name']}", justify="right")
+    for j, task in enumerate(r["tasks"]):
+        extra = r["initial_details"][j].get("structure")
+        cells = [f"{r['initial'][j]:.4f}"] + [f"{row[j]:.4f}" for row in r["matrix"]]
+        table.add_row(task, r["metric"][task], *cells)
+        if extra is not None:
+            table.add_row("", "structure", f"{extra:.4f}", *[f"{d[j]['structure']:.4f}" for d in r["details"]])
+    console = Console(stderr=False)
+    console.print(table)
+    tps = sum(s["tokens"] for s in r["stages"]) / max(r["seconds"], 1e-9)
+    console.print(f"train time {r['seconds']:.1f}s  ·  {tps:.0f} tokens/s  ·  truncated examples {r['truncated']}"
+                  f"  ·  run directory {run.run_dir}")
+
+
+@app.command()
+def train(recipe: str = typer.Argument(..., help="Bundled recipe name or path to a recipe YAML."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/NAME)."),
+          set_: list[str] = typer.Option([], "--set", help="Override: key.path=value (repeatable)."),
+          resume: bool = typer.Option(False, "--resume", help="Continue the run in the run directory."),
+          smoke: bool = typer.Option(False, "--smoke", help="Every stage for a few steps on a few examples.")):
+    """Train a recipe; writes a run directory."""
+    from .config import parse_override
+    from .run import train as run_train
+
+    overrides = dict(parse_override(s) for s in set_)
+    run = run_train(recipe, out=out, resume=resume, smoke=smoke, overrides=overrides)
+    print_summary(run)
+
+
+@app.command("eval")
+def eval_(run_dir: Path = typer.Argument(..., help="A run directory.")):
+    """Evaluate the final model of a run on its recipe's test data; writes RUN_DIR/eval.json."""
+    from .trained import load
+
+    out = load(run_dir).evaluate()
+    for name, r in out["tasks"].items():
+        extras = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and k != "score")
+        print(f"{name}: {r['metric']} {r['score']:.4f}  {extras}".rstrip())
+    print(f"wrote {Path(run_dir) / 'eval.json'}")
+
+
+@app.command()
+def generate(run_dir: Path, prompt: str,
+             expert: str = typer.Option("default", "--expert", help="Expert (adapter) to answer with."),
+             max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens")):
+    """Generate with the run's model."""
+    from .trained import load
+
+    print(load(run_dir, expert).generate(prompt, max_new_tokens))
+
+
+@app.command()
+def report(run_dir: Path):
+    """Write RUN_DIR/report.html (not built yet: see the report issue)."""
+    print("report: not built yet")
+
+
+@app.command()
+def recipes():
+    """List the bundled recipes."""
+    from .config import list_recipes
+
+    for name, desc in list_recipes():
+        print(f"{name:20s} {desc}")
+
+
+@app.command()
+def export(run_dir: Path, out: Path,
+           merge: Optional[str] = typer.Option(None, "--merge", help="Also write a merged full model for this expert.")):
+    """Copy the run's experts (PEFT adapter folders) to OUT; optionally a merged model for one expert."""
+    from .run import EXPERTS
+
+    src = Path(run_dir) / EXPERTS
+    if not src.is_dir():
+        raise UserError(f"{run_dir}: no experts/ folder (is it a finished run directory?)")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: already exists and is not empty")
+    shutil.copytree(src, out / EXPERTS, dirs_exist_ok=True)
+    if merge:
+        from .trained import load
+
+        m = load(run_dir, merge)
+        merged = m.model.merge_and_unload()
+        merged.save_pretrained(str(out / f"merged-{merge}"))
+        m.tokenizer.save_pretrained(str(out / f"merged-{merge}"))
+    print(f"exported to {out}")
+
+
+def main() -> None:
+    _quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is intact; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click's own usage errors
+        import click
+        if isinstance(e, click.exceptions.ClickException):
+            print(f"error: {e.format_message()}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""A recipe as validated pydantic models, with `--set key.path=value` overrides.
+
+Every field carries a description (PEFT/TRL style), so `skillstream recipes --explain` and the
+docs can be generated from here. Validation errors are turned into one line naming the key.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    name: str = Field("smollm2-135m", description="'smollm2-135m' (bundled), 'tiny' (random test model), a Hugging Face id or a local path.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for Hugging Face ids.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless the recipe turns it on.")
+    freeze_backbone: bool = Field(True, description="Freeze the base weights; only adapters (and heads) train.")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field("all-linear", description="Module names to adapt, or 'all-linear' (every linear projection but the LM head).")
+
+
+class SourceConfig(_Strict):
+    """One data source; `format` says how to turn its rows into examples."""
+
+    source: str = Field(..., description="'nl2bash', a classification task folder, a .jsonl/.json/.csv/.parquet file, or 'hf:NAME[:CONFIG]'.")
+    split: str = Field("train", description="Split to read: 'train' or 'test' (builtins, task folders, HF datasets).")
+    format: Literal["auto", "prompt_completion", "messages", "text", "classification"] = Field(
+        "auto", description="How rows become examples; 'auto' picks from the columns.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Column mapping {our name: your column}, e.g. {prompt: question, completion: answer}.")
+    instruction: str | None = Field(None, description="Instruction put before each input (classification tasks, prompt/completion).")
+    limit: int | None = Field(None, gt=0, description="Use only the first N examples (after the split).")
+    weight: float = Field(1.0, gt=0, description="Relative sampling weight when several sources are mixed.")
+
+
+class EvalTaskConfig(SourceConfig):
+    name: str = Field(..., description="Task name used in results.json.")
+    split: str = "test"
+    metric: Literal["auto", "accuracy", "exact_match", "bash", "perplexity"] = Field(
+        "auto", description="accuracy (option scoring), exact_match / bash (greedy generation), perplexity.")
+    max_new_tokens: int = Field(64, gt=0, description="Generation budget for generative metrics.")
+
+
+class DataConfig(_Strict):
+    train: list[SourceConfig] = Field(default_factory=list, description="Training sources, mixed by weight.")
+    eval: list[EvalTaskConfig] = Field(default_factory=list, description="Evaluation tasks, scored before training and after every stage.")
+    max_length: int = Field(512, gt=8, description="Longer examples are truncated (and counted in the summary).")
+    system_prompt: str | None = Field(None, description="System message for chat-formatted examples.")
+    eval_batch_size: int = Field(16, gt=0, description="Examples per evaluation batch.")
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(100, ge=0, description="Optimizer steps per stage.")
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch (per process).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "constant", "wsd", "linear"] = Field("cosine", description="Warmup then cosine / constant / warmup-stable-decay / linear decay.")
+    warmup_steps: int = Field(10, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="Share of steps spent decaying in 'wsd'.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine, wsd, linear).")
+    max_grad_norm: float | None = Field(1.0, description="Clip gradients to this global norm; null disables.")
+    bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast; 'auto' turns it on where the device supports it.")
+    batching: Literal["length_grouped", "random"] = Field("length_grouped", description="Group examples of similar length to waste little compute on padding.")
+    log_every: int = Field(5, gt=0)
+    checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps (and at each stage end).")
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+class StageConfig(_Strict):
+    name: str
+    data: DataConfig | None = Field(None, description="Replaces the recipe's data for this stage.")
+    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the recipe's train settings for this stage.")
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+class RecipeConfig(_Strict):
+    name: str = Field(..., description="Run name; the default run directory is runs/NAME.")
+    description: str = ""
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    stages: list[StageConfig] = Field(default_factory=list, description="Stages run in order; empty means one stage 'main' from data/train.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Accelerate trackers: tensorboard, wandb, mlflow, ... ([] for none).")
+    smoke: bool = Field(False, description="Run every stage for a few steps on a few examples (wiring check).")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v):  # `model: tiny` is short for `model: {name: tiny}`
+        return {"name": v} if isinstance(v, str) else v
+
+    def resolved_stages(self) -> list[tuple[str, DataConfig, TrainConfig]]:
+        """(name, data, train) for each stage, with stage overrides applied and smoke sizes."""
+        raw = self.stages or [StageConfig(name="main")]
+        out = []
+        for st in raw:
+            data = (st.data or self.data).model_copy(deep=True)
+            try:
+                train = TrainConfig(**{**self.train.model_dump(), **st.train})
+            except ValidationError as e:
+                raise UserError(f"stages[{st.name}].train: {_first_error(e)}") from None
+            if self.smoke:
+                train = train.model_copy(update=dict(steps=min(train.steps, 3), batch_size=min(train.batch_size, 2),
+                                                     grad_accum=1, warmup_steps=1, log_every=1, checkpoint_every=2))
+                for src in data.train:
+                    src.limit = min(src.limit or 8, 8)
+                for task in data.eval:
+                    task.limit = min(task.limit or 4, 4)
+                    task.max_new_tokens = min(task.max_new_tokens, 16)
+            out.append((st.name, data, train))
+        return out
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-4' -> ('train.lr', 1e-4); the value is read as YAML (numbers, lists, bools)."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected key.path=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def apply_override(raw: dict, key: str, value: Any) -> None:
+    """Set raw[a][b][c] for 'a.b.c'; a number indexes a list ('data.train.0.limit')."""
+    node: Any = raw
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise UserError(f"--set {key}: '{p}' is not an index of a list of {len(node)}")
+            if last:
+                node[int(p)] = value
+            else:
+                node = node[int(p)]
+        elif isinstance(node, dict):
+            if last:
+                node[p] = value
+            else:
+                nxt = node.setdefault(p, {})
+                if not isinstance(nxt, (dict, list)):
+                    raise UserError(f"--set {key}: '{p}' is not a section")
+                node = nxt
+        else:
+            raise UserError(f"--set {key}: '{parts[i - 1]}' is not a section")
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    p = Path(recipe)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise UserError(f"recipe {str(p)!r}: file not found")
+        return p
+    bundled = RECIPES_DIR / f"{recipe}.yaml"
+    if not bundled.is_file():
+        names = ", ".join(sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")))
+        raise UserError(f"recipe {recipe!r}: not a file and not a bundled recipe (bundled: {names})")
+    return bundled
+
+
+def load_recipe(recipe: str | Path | dict, overrides: dict[str, Any] | None = None, smoke: bool = False) -> RecipeConfig:
+    """Read a recipe (bundled name, path or dict), apply dotted overrides, validate."""
+    if isinstance(recipe, dict):
+        raw, where = copy.deepcopy(recipe), "recipe"
+    else:
+        path = find_recipe(recipe)
+        where = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"{where}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{where}: expected a mapping of recipe keys at the top level")
+    for key, value in (overrides or {}).items():
+        apply_override(raw, key, value)
+    if smoke:
+        raw["smoke"] = True
+    try:
+        return RecipeConfig(**raw)
+    except ValidationError as e:
+        raise UserError(f"{where}: {_first_error(e)}") from None
+
+
+def recipe_to_yaml(cfg: RecipeConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    out = []
+    for p in sorted(RECIPES_DIR.glob("*.yaml")):
+        raw = yaml.safe_load(p.read_text()) or {}
+        out.append((p.stem, str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""))
+    return out

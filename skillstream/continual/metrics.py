@@ -1,0 +1,38 @@
+"""Continual-learning summaries of an accuracy matrix (Lopez-Paz & Ranzato, 2017).
+
+matrix[i][j] = score on task j after training stage i; initial[j] = score before any training.
+"""
+from __future__ import annotations
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def avg_acc(matrix: list[list[float]]) -> float | None:
+    return _mean(matrix[-1]) if matrix else None
+
+
+def bwt(matrix: list[list[float]]) -> float | None:
+    """Mean over j < T-1 of matrix[T-1][j] - matrix[j][j]: negative means forgetting."""
+    t = len(matrix)
+    return _mean([matrix[t - 1][j] - matrix[j][j] for j in range(min(t - 1, len(matrix[0])))]) if t > 1 else None
+
+
+def fwt(matrix: list[list[float]], initial: list[float]) -> float | None:
+    """Mean over j > 0 of matrix[j-1][j] - initial[j]: what earlier tasks did for later ones."""
+    t = min(len(matrix), len(initial))
+    return _mean([matrix[j - 1][j] - initial[j] for j in range(1, t)]) if t > 1 else None
+
+
+def forgetting(matrix: list[list[float]]) -> list[float | None]:
+    """Per task: best score it ever had minus its final score (None for the last-trained task)."""
+    t = len(matrix)
+    return [max(row[j] for row in matrix[: t - 1]) - matrix[-1][j] if j < t - 1 else None
+            for j in range(len(matrix[0]))] if matrix else []
+
+
+def summarize(tasks: list[str], metric: dict[str, str], initial: list[float], matrix: list[list[float]]) -> dict:
+    return {"tasks": tasks, "metric": metric, "initial": initial, "matrix": matrix,
+            "avg_acc": avg_acc(matrix), "bwt": bwt(matrix), "fwt": fwt(matrix, initial),
+            "forgetting": forgetting(matrix)}

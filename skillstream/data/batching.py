@@ -1,0 +1,86 @@
+"""Seeded, resumable batch order with length grouping, and padding collation.
+
+The order of epoch e is a pure function of (seed, e), so a run resumed at (epoch, batch) sees
+exactly the batches the uninterrupted run would have seen. Batches are planned at the global
+size (per-process batch x processes) and sliced per process, so 1 and N processes see the same
+global batches.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .render import IGNORE, Tokenized
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    batch: int = 0
+
+
+class BatchPlan:
+    def __init__(self, sources: list[list[Tokenized]], weights: list[float], batch_size: int, seed: int,
+                 length_grouped: bool = True, group_factor: int = 16):
+        self.sources, self.weights = sources, weights
+        self.items = [t for src in sources for t in src]
+        self.offsets = [sum(len(s) for s in sources[:i]) for i in range(len(sources))]
+        self.batch_size, self.seed = batch_size, seed
+        self.length_grouped, self.group_factor = length_grouped, group_factor
+
+    def _epoch_indices(self, rng: random.Random) -> list[int]:
+        if len(set(self.weights)) <= 1:
+            idx = list(range(len(self.items)))
+            rng.shuffle(idx)
+            return idx
+        # Weighted mixing: each source contributes in proportion to its weight per epoch,
+        # cycling through a fresh permutation of a small source when it must repeat.
+        total, wsum, idx = len(self.items), sum(self.weights), []
+        for src, w, off in zip(self.sources, self.weights, self.offsets):
+            want = max(1, round(total * w / wsum))
+            pool: list[int] = []
+            while len(pool) < want:
+                perm = list(range(len(src)))
+                rng.shuffle(perm)
+                pool += perm
+            idx += [off + i for i in pool[:want]]
+        rng.shuffle(idx)
+        return idx
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{epoch}")
+        idx = self._epoch_indices(rng)
+        if self.length_grouped:
+            chunk = self.batch_size * self.group_factor
+            grouped = []
+            for start in range(0, len(idx), chunk):
+                grouped += sorted(idx[start:start + chunk], key=lambda i: -len(self.items[i].input_ids))
+            batches = [grouped[i:i + self.batch_size] for i in range(0, len(grouped), self.batch_size)]
+            rng.shuffle(batches)
+        else:
+            batches = [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        return [b for b in batches if len(b) == self.batch_size] or batches[:1]
+
+    def iterate(self, pos: Position):
+        """Yield (global batch indices, position after it) forever, starting at pos."""
+        epoch, start = pos.epoch, pos.batch
+        while True:
+            batches = self.epoch(epoch)
+            for b in range(start, len(batches)):
+                yield batches[b], Position(epoch, b + 1)
+            epoch, start = epoch + 1, 0
+
+
+def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(t.input_ids) for t in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, t in enumerate(items):
+        n = len(t.input_ids)
+        ids[i, :n] = torch.tensor(t.input_ids)
+        labels[i, :n] = torch.tensor(t.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

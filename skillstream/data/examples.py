@@ -1,0 +1,118 @@
+"""Turn rows of any source into `Example`s: prompt/completion, chat messages, plain text or
+classification. Checks every row; a bad one stops the run with one line naming it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import SourceConfig
+from ..errors import UserError
+from .builtin import BUILTINS
+from .readers import Row, read_file, read_split
+
+GENERIC_INSTRUCTION = "Choose the correct option."
+
+
+@dataclass
+class Example:
+    kind: str                                   # prompt_completion | messages | text | classification
+    prompt: str = ""                            # the user's request (before chat templating)
+    completion: str = ""                        # the target answer
+    messages: list[dict] | None = None          # chat conversation (kind == messages)
+    text: str = ""                              # kind == text
+    options: list[str] | None = None            # classification options, in labels.json order
+    references: list[str] = field(default_factory=list)  # acceptable answers for generative metrics
+    instruction: str | None = None
+    where: str = ""
+
+
+def is_task_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "labels.json").is_file()
+
+
+def _mapped(row: Row, columns: dict[str, str], needed: list[str]) -> dict:
+    out = dict(row.data)
+    for ours, theirs in columns.items():
+        if theirs not in row.data:
+            raise UserError(f"{row.where}: missing column {theirs!r} (mapped to {ours!r}); has {sorted(row.data)}")
+        out[ours] = row.data[theirs]
+    for name in needed:
+        if name not in out or out[name] is None:
+            raise UserError(f"{row.where}: missing column {name!r}; has {sorted(row.data)} (map yours with columns: {{{name}: YOUR_COLUMN}})")
+    return out
+
+
+def _detect_format(row: Row, columns: dict[str, str]) -> str:
+    keys = set(row.data) | set(columns)
+    for fmt, needed in (("messages", {"messages"}), ("prompt_completion", {"prompt", "completion"}), ("text", {"text"})):
+        if needed <= keys:
+            return fmt
+    raise UserError(f"{row.where}: cannot tell the format from columns {sorted(row.data)}; "
+                    "expected 'messages', 'prompt'+'completion' or 'text' (or set format/columns)")
+
+
+def _classification(folder: Path, src: SourceConfig) -> list[Example]:
+    labels_path = folder / "labels.json"
+    try:
+        options = json.loads(labels_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{labels_path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
+        raise UserError(f"{labels_path}: expected a non-empty JSON list of option strings")
+    path = folder / f"{src.split}.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: missing {src.split}.json (a task folder has train.json, test.json, labels.json)")
+    examples = []
+    for row in read_file(path):
+        data = _mapped(row, src.columns, ["sentence", "label"])
+        label = str(data["label"])
+        if label not in options:
+            raise UserError(f"{row.where}: label {label!r} is not one of the options {options} in {labels_path.name}")
+        examples.append(Example("classification", prompt=str(data["sentence"]), completion=label, options=options,
+                                references=[label], instruction=src.instruction or GENERIC_INSTRUCTION, where=row.where))
+    return examples
+
+
+def _from_row(row: Row, src: SourceConfig, fmt: str, instruction: str | None) -> Example:
+    if fmt == "messages":
+        data = _mapped(row, src.columns, ["messages"])
+        msgs = data["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
+            raise UserError(f"{row.where}: 'messages' must be a list of {{role, content}} objects")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise UserError(f"{row.where}: 'messages' has no assistant turn to learn from")
+        return Example("messages", messages=msgs, where=row.where)
+    if fmt == "text":
+        data = _mapped(row, src.columns, ["text"])
+        return Example("text", text=str(data["text"]), where=row.where)
+    data = _mapped(row, src.columns, ["prompt", "completion"])
+    refs = data.get("references") or [str(data["completion"])]
+    return Example("prompt_completion", prompt=str(data["prompt"]), completion=str(data["completion"]),
+                   references=[str(r) for r in refs], instruction=instruction, where=row.where)
+
+
+def load_examples(src: SourceConfig) -> list[Example]:
+    """All examples of one source's split; raises UserError on an empty split or a bad row."""
+    if src.source in BUILTINS:
+        reader, instruction, _ = BUILTINS[src.source]
+        rows, fmt = reader(src.split), "prompt_completion"
+        examples = [_from_row(r, src, fmt, src.instruction or instruction) for r in rows]
+    elif is_task_folder(Path(src.source)) or src.format == "classification":
+        examples = _classification(Path(src.source), src)
+    else:
+        rows = read_split(src.source, src.split)
+        if not rows:
+            raise UserError(f"{src.source}: split {src.split!r} is empty")
+        fmt = src.format if src.format != "auto" else _detect_format(rows[0], src.columns)
+        examples = [_from_row(r, src, fmt, src.instruction) for r in rows]
+    if not examples:
+        raise UserError(f"{src.source}: split {src.split!r} is empty")
+    return examples[: src.limit] if src.limit else examples
+
+
+def default_metric(src: SourceConfig, examples: list[Example]) -> str:
+    if src.source in BUILTINS:
+        return BUILTINS[src.source][2]
+    kind = examples[0].kind
+    return {"classification": "accuracy", "text": "perplexity", "messages": "perplexity"}.get(kind, "exact_match")

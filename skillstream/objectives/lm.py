@@ -1,0 +1,52 @@
+"""Language-modelling / SFT objective: token cross-entropy on the labelled (non -100) positions.
+
+The LM head is applied only where a label follows. For SFT most tokens are prompt (chat
+template, instruction, request) and a 49k-word head over every one of them is a large share of
+the compute, so skipping them is the single largest saving on a small model. Models whose head
+does more than a linear map (logit soft-capping, scaling), and DDP-wrapped models (calling a
+submodule would bypass DDP's gradient hooks), take the plain full-logits path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data.render import IGNORE
+
+
+def _plain_head_parts(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or decoder is base or not isinstance(head, torch.nn.Linear):
+        return None
+    return decoder, head
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]):
+    """(mean token loss, model outputs or None) with the head run only on labelled positions."""
+    parts = _plain_head_parts(model)
+    if parts is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss, out
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep]), None
+
+
+class LMObjective:
+    """Loss = mean next-token cross-entropy over trainable tokens (completion or assistant turns)."""
+
+    name = "lm"
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]):
+        loss, outputs = causal_lm_loss(model, batch)
+        return loss, {}, outputs

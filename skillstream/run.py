@@ -1,0 +1,296 @@
+"""`train()`: a recipe end to end — validate, load data and model, score before training, run
+every stage, score after each, checkpoint, save the adapters and results.json; or resume.
+
+Everything that can be wrong with the user's input is checked before the run directory is
+created, so a bad recipe or data file leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from .config import RecipeConfig, load_recipe, recipe_to_yaml
+from .continual.metrics import summarize
+from .data.batching import BatchPlan, Position
+from .data.examples import Example, default_metric, load_examples
+from .data.render import Renderer
+from .engine import StageState, build_optimizer, train_stage, trainable_parameters
+from .errors import UserError
+from .evaluation.runner import evaluate_examples
+from .monitor.metrics_log import ALERTS, METRICS, MetricsLog, rewrite_jsonl
+from .objectives.lm import LMObjective
+
+EXPERTS = "experts"
+DEFAULT_EXPERT = "default"
+
+
+@dataclass
+class EvalTask:
+    name: str
+    metric: str
+    examples: list[Example]
+    max_new_tokens: int
+
+
+@dataclass
+class PreparedStage:
+    name: str
+    train_cfg: Any
+    plan: BatchPlan | None
+    truncated: int
+    n_examples: int
+
+
+@dataclass
+class Run:
+    """A finished (or resumed-to-completion) run: its directory, config and results."""
+    run_dir: Path
+    config: RecipeConfig
+    results: dict = field(default_factory=dict)
+
+    def load(self):
+        from .trained import load
+        return load(self.run_dir)
+
+
+# -- preparation (all input checks happen here, before the run directory exists) ----------------
+
+def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
+    tasks = []
+    for t in data_cfg.eval:
+        examples = load_examples(t)
+        metric = default_metric(t, examples) if t.metric == "auto" else t.metric
+        if metric == "accuracy" and examples[0].kind != "classification":
+            raise UserError(f"data.eval[{t.name}]: metric 'accuracy' needs a classification task folder")
+        tasks.append(EvalTask(t.name, metric, examples, t.max_new_tokens))
+    return tasks
+
+
+def prepare_stages(cfg: RecipeConfig, renderer: Renderer) -> tuple[list[PreparedStage], list[EvalTask]]:
+    stages, eval_tasks = [], None
+    for name, data_cfg, train_cfg in cfg.resolved_stages():
+        if train_cfg.steps and not data_cfg.train:
+            raise UserError(f"stage {name!r}: data.train is empty but train.steps is {train_cfg.steps}")
+        sources = [[renderer.tokenize(ex) for ex in load_examples(src)] for src in data_cfg.train]
+        truncated = sum(t.truncated for src in sources for t in src)
+        plan = BatchPlan(sources, [s.weight for s in data_cfg.train], train_cfg.batch_size, cfg.seed,
+                         length_grouped=train_cfg.batching == "length_grouped") if sources else None
+        stages.append(PreparedStage(name, train_cfg, plan, truncated, sum(len(s) for s in sources)))
+        if eval_tasks is None:
+            eval_tasks = prepare_eval_tasks(cfg, data_cfg)  # the recipe's evaluation suite
+    return stages, eval_tasks or []
+
+
+def attach_lora(model, cfg: RecipeConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora, adapter_name=DEFAULT_EXPERT)
+
+
+def bf16_enabled(setting, device_type: str) -> bool:
+    if setting == "auto":
+        # Only where the hardware has bf16 arithmetic: on a CPU without AVX512-BF16/AMX, torch
+        # emulates bf16 matmuls and autocast is slower than fp32 (measured in bench/throughput).
+        if device_type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return bool(setting)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def evaluate_all(model, tok, renderer, tasks: list[EvalTask], cfg: RecipeConfig) -> list[dict]:
+    return [evaluate_examples(model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size, t.max_new_tokens)
+            for t in tasks]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def resolve_run_dir(cfg_name: str, out: str | Path | None) -> Path:
+    return Path(out) if out else Path("runs") / cfg_name
+
+
+def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = None, resume: bool = False,
+          smoke: bool = False, overrides: dict[str, Any] | None = None, show_progress: bool = True,
+          plugins: list | None = None) -> Run:
+    """Train a recipe and return the Run. `overrides` use dotted keys: {"train.lr": 1e-4, "model": "tiny"}."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg = load_recipe(recipe, overrides, smoke)
+    run_dir = resolve_run_dir(cfg.name, out)
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
+        if overrides:
+            raise UserError("--resume: --set cannot change a run that is being resumed")
+        cfg = load_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it or --out for a new one")
+
+    from .models.backbone import load_backbone
+    set_seed(cfg.seed)
+    model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision,
+                               trust_remote_code=cfg.model.trust_remote_code, freeze=cfg.model.freeze_backbone)
+    renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
+    stages, eval_tasks = prepare_stages(cfg, renderer)
+
+    # Input is valid: from here on we write the run directory.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt.clean_temporaries(ckpt_dir)
+    if not resume:
+        _write_atomic(run_dir / "config.yaml", recipe_to_yaml(cfg))
+
+    model = attach_lora(model, cfg)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    use_bf16 = bf16_enabled(cfg.train.bf16, device_type)
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", log_with=cfg.report_to or None,
+                              project_dir=str(run_dir))
+    try:
+        return _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
+                    plugins or [], show_progress)
+    finally:
+        accelerator.end_training()
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(True)  # the next train() in this process may pick other settings
+
+
+def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume, plugins,
+         show_progress) -> Run:
+    model.to(accelerator.device)
+    main = accelerator.is_main_process
+    log = MetricsLog(run_dir, accelerator, enabled=main)
+    if cfg.report_to and main:
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
+                for k, v in _flatten(cfg.model_dump(mode="json")).items()}
+        accelerator.init_trackers("tb", config=flat)
+
+    results = {"initial": None, "rows": [], "details": [], "stages": []}
+    start_stage, stage_state, seq = 0, None, 0
+    latest = ckpt.list_checkpoints(ckpt_dir)[-1:] if resume else []
+    optimizer_state = None
+    if latest:
+        weights, optimizer_state, state = ckpt.load(latest[0])
+        _load_trainables(model, weights)
+        results, seq = state["results"], state["seq"]
+        for p in plugins:
+            p.load_state_dict(state.get("plugins", {}).get(p.name, {}))
+        start_stage = state["stage_index"] + (1 if state["stage_done"] else 0)
+        if not state["stage_done"]:
+            s = state["stage_state"]
+            stage_state = StageState(s["step"], Position(**s["position"]), s["tokens"], s["seconds"])
+        done_stage, done_step = state["stage_index"], state["stage_state"]["step"]
+        if main:  # drop log lines of steps the resumed run will redo
+            rewrite_jsonl(run_dir / METRICS, lambda r: _before(r, stages, done_stage, done_step))
+            rewrite_jsonl(run_dir / ALERTS, lambda r: True)
+        print(f"resuming {run_dir} at stage {stages[min(start_stage, len(stages) - 1)].name!r} "
+              f"step {stage_state.step if stage_state else 0}", flush=True)
+    elif resume:
+        print(f"resuming {run_dir}: no checkpoint yet, starting from the beginning", flush=True)
+
+    if results["initial"] is None:
+        t0 = time.time()
+        results["initial"] = evaluate_all(model, tok, renderer, eval_tasks, cfg)
+        results["eval_seconds"] = time.time() - t0
+
+    for si in range(start_stage, len(stages)):
+        st = stages[si]
+        state = stage_state if (si == start_stage and stage_state) else StageState()
+        optimizer = build_optimizer(model, st.train_cfg)
+        if optimizer_state is not None and si == start_stage and stage_state:
+            optimizer.load_state_dict(optimizer_state)
+        train_model, optimizer = accelerator.prepare(model, optimizer) if accelerator.num_processes > 1 \
+            else (model, optimizer)
+
+        def save(s: StageState, done: bool = False):
+            nonlocal seq
+            seq += 1
+            if main:
+                ckpt.save(ckpt_dir, f"{seq:06d}", trainable_parameters(model), optimizer.state_dict(),
+                          {"seq": seq, "stage_index": si, "stage": st.name, "stage_done": done,
+                           "stage_state": {"step": s.step, "position": asdict(s.position), "tokens": s.tokens,
+                                           "seconds": s.seconds},
+                           "results": results, "plugins": {p.name: p.state_dict() for p in plugins}},
+                          keep=st.train_cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+
+        if st.plan is not None and state.step < st.train_cfg.steps:
+            state = train_stage(accelerator=accelerator, model=train_model, optimizer=optimizer, objective=LMObjective(),
+                                plan=st.plan, cfg=st.train_cfg, stage=st.name, stage_index=si, state=state,
+                                plugins=plugins, log=log, pad_id=tok.pad_token_id, checkpoint=save,
+                                show_progress=show_progress)
+        if accelerator.num_processes > 1:
+            model = accelerator.unwrap_model(train_model, keep_fp32_wrapper=False)
+        row = evaluate_all(model, tok, renderer, eval_tasks, cfg)
+        results["details"].append(row)
+        results["rows"].append([r["score"] for r in row])
+        results["stages"].append({"name": st.name, "steps": state.step, "seconds": state.seconds,
+                                  "tokens": state.tokens, "tokens_per_s": state.tokens / max(state.seconds, 1e-9),
+                                  "examples": st.n_examples, "truncated": st.truncated})
+        save(state, done=True)
+
+    final = _finish(cfg, run_dir, model, eval_tasks, results) if main else {}
+    accelerator.wait_for_everyone()
+    return Run(run_dir, cfg, final)
+
+
+def _before(record: dict, stages, done_stage: int, done_step: int) -> bool:
+    names = [s.name for s in stages]
+    idx = names.index(record["stage"]) if record.get("stage") in names else -1
+    return idx < done_stage or (idx == done_stage and record.get("step", 0) <= done_step)
+
+
+def _load_trainables(model, weights: dict[str, torch.Tensor]) -> None:
+    params = trainable_parameters(model)
+    missing = set(params) - set(weights)
+    if missing:
+        raise UserError(f"checkpoint does not match the model: {len(missing)} trainable tensors missing (e.g. {sorted(missing)[0]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _finish(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask], results: dict) -> dict:
+    experts = run_dir / EXPERTS
+    tmp = run_dir / f".{EXPERTS}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp / DEFAULT_EXPERT))
+    shutil.rmtree(experts, ignore_errors=True)
+    os.replace(tmp, experts)
+
+    names = [t.name for t in eval_tasks]
+    final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},
+                      [r["score"] for r in results["initial"]], results["rows"])
+    final.update({"initial_details": results["initial"], "details": results["details"],
+                  "stages": results["stages"], "experts": [DEFAULT_EXPERT],
+                  "seconds": sum(s["seconds"] for s in results["stages"]),
+                  "truncated": sum(s["truncated"] for s in results["stages"])})
+    _write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
+    return final

@@ -1,0 +1,62 @@
+"""`load(run_dir)`: the trained model of a run, ready to generate and evaluate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .config import load_recipe
+from .data.builtin import BUILTINS
+from .data.examples import Example
+from .data.render import Renderer
+from .errors import UserError
+from .run import DEFAULT_EXPERT, EXPERTS, _write_atomic, evaluate_all, prepare_eval_tasks
+
+
+class TrainedModel:
+    """Backbone + the run's LoRA expert(s). `generate(prompt)` and `evaluate()` use the recipe's format."""
+
+    def __init__(self, run_dir: Path, cfg, model, tokenizer):
+        self.run_dir, self.config, self.model, self.tokenizer = run_dir, cfg, model, tokenizer
+        self.renderer = Renderer(tokenizer, cfg.data.max_length, cfg.data.system_prompt)
+        first = (cfg.resolved_stages()[0][1].train or [None])[0]
+        builtin = BUILTINS.get(first.source) if first else None
+        self.instruction = (first.instruction if first else None) or (builtin[1] if builtin else None)
+
+    def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None) -> str:
+        from .evaluation.runner import generate
+        ex = Example("prompt_completion", prompt=prompt, instruction=self.instruction)
+        gen = self.config.generation
+        return generate(self.model, self.tokenizer, [self.renderer.prompt_text(ex)],
+                        max_new_tokens or gen.max_new_tokens, temperature=gen.temperature if temperature is None
+                        else temperature, top_p=gen.top_p)[0]
+
+    def evaluate(self, write: bool = True) -> dict:
+        """Scores on the recipe's evaluation tasks; written to RUN_DIR/eval.json."""
+        tasks = prepare_eval_tasks(self.config, self.config.resolved_stages()[0][1])
+        rows = evaluate_all(self.model, self.tokenizer, self.renderer, tasks, self.config)
+        out = {"tasks": {t.name: r for t, r in zip(tasks, rows)}}
+        if write:
+            _write_atomic(self.run_dir / "eval.json", json.dumps(out, indent=1))
+        return out
+
+
+def load(run_dir: str | Path, expert: str = DEFAULT_EXPERT) -> TrainedModel:
+    from peft import PeftModel
+
+    from .models.backbone import load_backbone
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    adapter = run_dir / EXPERTS / expert
+    if not (adapter / "adapter_config.json").is_file():
+        have = sorted(p.name for p in (run_dir / EXPERTS).iterdir()) if (run_dir / EXPERTS).is_dir() else []
+        raise UserError(f"{run_dir}: no expert {expert!r} (experts: {have or 'none — has the run finished?'})")
+    cfg = load_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(adapter), adapter_name=expert)
+    model.eval()
+    return TrainedModel(run_dir, cfg, model, tok)
