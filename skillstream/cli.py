@@ -85,9 +85,23 @@ def generate(run_dir: Path, prompt: str,
 
 
 @app.command()
-def report(run_dir: Path):
-    """Write RUN_DIR/report.html (not built yet: see the report issue)."""
-    print("report: not built yet")
+def report(run_dirs: list[Path] = typer.Argument(..., help="One run directory, or several to compare."),
+           out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default RUN_DIR/report.html; "
+                                              "with several runs FIRST_RUN_DIR/report-compare.html).")):
+    """Write a self-contained HTML report of a run, or a comparison of several runs."""
+    from .report.html import write_report
+
+    print(f"wrote {write_report(run_dirs, out)}")
+
+
+@app.command()
+def monitor(run_dir: Path = typer.Argument(..., help="A run directory, finished or in progress."),
+            once: bool = typer.Option(False, "--once", help="Render one frame and exit."),
+            interval: float = typer.Option(1.0, "--interval", help="Seconds between refreshes.")):
+    """Follow a run live in the terminal: stage, loss, tokens/s, ETA, experts, alerts."""
+    from .monitor.live import monitor as run_monitor
+
+    run_monitor(run_dir, once=once, interval=interval)
 
 
 @app.command()

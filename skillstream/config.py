@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -19,6 +19,16 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ComponentConfig(BaseModel):
+    """A swappable part: `name` (registered short name or module:Class) plus its keyword arguments."""
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+def _component_shorthand(v):
+    return {"name": v} if isinstance(v, str) else v
 
 
 class ModelConfig(_Strict):
@@ -85,8 +95,14 @@ class TrainConfig(_Strict):
 
 class StageConfig(_Strict):
     name: str
+    objective: ComponentConfig | None = Field(None, description="Objective of this stage (default: the recipe's).")
     data: DataConfig | None = Field(None, description="Replaces the recipe's data for this stage.")
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the recipe's train settings for this stage.")
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return _component_shorthand(v)
 
 
 class GenerationConfig(_Strict):
@@ -105,16 +121,26 @@ class RecipeConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     stages: list[StageConfig] = Field(default_factory=list, description="Stages run in order; empty means one stage 'main' from data/train.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    objective: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="lm"),
+                                       description="Training objective: lm/sft, or a registered/importable one.")
+    plugins: list[ComponentConfig] = Field(default_factory=list, description="Plugins attached to the engine's hooks.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Accelerate trackers: tensorboard, wandb, mlflow, ... ([] for none).")
     smoke: bool = Field(False, description="Run every stage for a few steps on a few examples (wiring check).")
 
-    @field_validator("model", mode="before")
+    @field_validator("model", "objective", mode="before")
     @classmethod
-    def _model_shorthand(cls, v):  # `model: tiny` is short for `model: {name: tiny}`
-        return {"name": v} if isinstance(v, str) else v
+    def _shorthand(cls, v):  # `model: tiny` is short for `model: {name: tiny}`
+        return _component_shorthand(v)
 
-    def resolved_stages(self) -> list[tuple[str, DataConfig, TrainConfig]]:
-        """(name, data, train) for each stage, with stage overrides applied and smoke sizes."""
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _plugin_shorthand(cls, v):
+        return [_component_shorthand(x) for x in v] if isinstance(v, list) else v
+
+    def resolved_stages(self) -> list["ResolvedStage"]:
+        """(name, data, train, objective) per stage, with stage overrides applied and smoke sizes."""
+        if any(st.train.get("bf16", self.train.bf16) != self.train.bf16 for st in self.stages):
+            raise UserError("stages[].train.bf16: precision is set once per run, in train.bf16")
         raw = self.stages or [StageConfig(name="main")]
         out = []
         for st in raw:
@@ -131,8 +157,15 @@ class RecipeConfig(_Strict):
                 for task in data.eval:
                     task.limit = min(task.limit or 4, 4)
                     task.max_new_tokens = min(task.max_new_tokens, 16)
-            out.append((st.name, data, train))
+            out.append(ResolvedStage(st.name, data, train, st.objective or self.objective))
         return out
+
+
+class ResolvedStage(NamedTuple):
+    name: str
+    data: DataConfig
+    train: TrainConfig
+    objective: ComponentConfig
 
 
 def _first_error(e: ValidationError) -> str:

@@ -14,7 +14,7 @@ import torch
 
 from .config import TrainConfig
 from .curriculum.schedules import lr_factor
-from .data.batching import BatchPlan, Position, collate
+from .data.batching import BatchPlan, Position
 from .monitor.progress import Progress
 from .plugins import Plugin, StepContext
 
@@ -35,8 +35,7 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = list(trainable_parameters(model).values())
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -63,7 +62,8 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
         for micro in range(cfg.grad_accum):
             indices, state.position = next(batches)
             local = indices[rank::world]  # the plan is global; each process takes its slice
-            batch = {k: v.to(accelerator.device) for k, v in collate([plan.items[i] for i in local], pad_id).items()}
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v
+                     for k, v in objective.collate([plan.items[i] for i in local], pad_id).items()}
             window_tokens += int(batch["attention_mask"].sum()) * world
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 and world > 1 else _null()
             with sync, accelerator.autocast():

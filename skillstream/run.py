@@ -27,7 +27,7 @@ from .engine import StageState, build_optimizer, train_stage, trainable_paramete
 from .errors import UserError
 from .evaluation.runner import evaluate_examples
 from .monitor.metrics_log import ALERTS, METRICS, MetricsLog, rewrite_jsonl
-from .objectives.lm import LMObjective
+from .components import OBJECTIVES, PLUGINS, build
 
 EXPERTS = "experts"
 DEFAULT_EXPERT = "default"
@@ -45,6 +45,7 @@ class EvalTask:
 class PreparedStage:
     name: str
     train_cfg: Any
+    objective: Any
     plan: BatchPlan | None
     truncated: int
     n_examples: int
@@ -75,16 +76,17 @@ def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
     return tasks
 
 
-def prepare_stages(cfg: RecipeConfig, renderer: Renderer) -> tuple[list[PreparedStage], list[EvalTask]]:
+def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tuple[list[PreparedStage], list[EvalTask]]:
     stages, eval_tasks = [], None
-    for name, data_cfg, train_cfg in cfg.resolved_stages():
+    for name, data_cfg, train_cfg, objective_cfg in cfg.resolved_stages():
         if train_cfg.steps and not data_cfg.train:
             raise UserError(f"stage {name!r}: data.train is empty but train.steps is {train_cfg.steps}")
-        sources = [[renderer.tokenize(ex) for ex in load_examples(src)] for src in data_cfg.train]
+        objective = build(objective_cfg, OBJECTIVES, "objective", **context)
+        sources = [[objective.tokenize(ex, renderer) for ex in load_examples(src)] for src in data_cfg.train]
         truncated = sum(t.truncated for src in sources for t in src)
         plan = BatchPlan(sources, [s.weight for s in data_cfg.train], train_cfg.batch_size, cfg.seed,
                          length_grouped=train_cfg.batching == "length_grouped") if sources else None
-        stages.append(PreparedStage(name, train_cfg, plan, truncated, sum(len(s) for s in sources)))
+        stages.append(PreparedStage(name, train_cfg, objective, plan, truncated, sum(len(s) for s in sources)))
         if eval_tasks is None:
             eval_tasks = prepare_eval_tasks(cfg, data_cfg)  # the recipe's evaluation suite
     return stages, eval_tasks or []
@@ -148,7 +150,9 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
     model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code, freeze=cfg.model.freeze_backbone)
     renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
-    stages, eval_tasks = prepare_stages(cfg, renderer)
+    context = {"tokenizer": tok, "renderer": renderer, "recipe": cfg}
+    stages, eval_tasks = prepare_stages(cfg, renderer, context)
+    plugins = [build(p, PLUGINS, "plugin", **context) for p in cfg.plugins] + list(plugins or [])
 
     # Input is valid: from here on we write the run directory.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +168,7 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
                               project_dir=str(run_dir))
     try:
         return _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
-                    plugins or [], show_progress)
+                    plugins, show_progress)
     finally:
         accelerator.end_training()
         from accelerate.state import AcceleratorState
@@ -187,11 +191,13 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
     optimizer_state = None
     if latest:
         weights, optimizer_state, state = ckpt.load(latest[0])
-        _load_trainables(model, weights)
         results, seq = state["results"], state["seq"]
         for p in plugins:
             p.load_state_dict(state.get("plugins", {}).get(p.name, {}))
         start_stage = state["stage_index"] + (1 if state["stage_done"] else 0)
+        objective = stages[state["stage_index"]].objective
+        _load_trainables(_all_trainables(model, objective), weights)
+        objective.load_state_dict(state.get("objective", {}))
         if not state["stage_done"]:
             s = state["stage_state"]
             stage_state = StageState(s["step"], Position(**s["position"]), s["tokens"], s["seconds"])
@@ -212,7 +218,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
     for si in range(start_stage, len(stages)):
         st = stages[si]
         state = stage_state if (si == start_stage and stage_state) else StageState()
-        optimizer = build_optimizer(model, st.train_cfg)
+        optimizer = build_optimizer(list(_all_trainables(model, st.objective).values()), st.train_cfg)
         if optimizer_state is not None and si == start_stage and stage_state:
             optimizer.load_state_dict(optimizer_state)
         train_model, optimizer = accelerator.prepare(model, optimizer) if accelerator.num_processes > 1 \
@@ -222,16 +228,17 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
             nonlocal seq
             seq += 1
             if main:
-                ckpt.save(ckpt_dir, f"{seq:06d}", trainable_parameters(model), optimizer.state_dict(),
+                ckpt.save(ckpt_dir, f"{seq:06d}", _all_trainables(model, st.objective), optimizer.state_dict(),
                           {"seq": seq, "stage_index": si, "stage": st.name, "stage_done": done,
                            "stage_state": {"step": s.step, "position": asdict(s.position), "tokens": s.tokens,
                                            "seconds": s.seconds},
-                           "results": results, "plugins": {p.name: p.state_dict() for p in plugins}},
+                           "results": results, "plugins": {p.name: p.state_dict() for p in plugins},
+                           "objective": st.objective.state_dict()},
                           keep=st.train_cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
 
         if st.plan is not None and state.step < st.train_cfg.steps:
-            state = train_stage(accelerator=accelerator, model=train_model, optimizer=optimizer, objective=LMObjective(),
+            state = train_stage(accelerator=accelerator, model=train_model, optimizer=optimizer, objective=st.objective,
                                 plan=st.plan, cfg=st.train_cfg, stage=st.name, stage_index=si, state=state,
                                 plugins=plugins, log=log, pad_id=tok.pad_token_id, checkpoint=save,
                                 show_progress=show_progress)
@@ -256,8 +263,13 @@ def _before(record: dict, stages, done_stage: int, done_step: int) -> bool:
     return idx < done_stage or (idx == done_stage and record.get("step", 0) <= done_step)
 
 
-def _load_trainables(model, weights: dict[str, torch.Tensor]) -> None:
-    params = trainable_parameters(model)
+def _all_trainables(model, objective) -> dict[str, torch.nn.Parameter]:
+    """The model's trainable parameters plus the objective's own (e.g. a PPO value head)."""
+    extra = {f"objective.{k}": v for k, v in objective.extra_parameters().items()}
+    return {**trainable_parameters(model), **extra}
+
+
+def _load_trainables(params: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
     missing = set(params) - set(weights)
     if missing:
         raise UserError(f"checkpoint does not match the model: {len(missing)} trainable tensors missing (e.g. {sorted(missing)[0]})")

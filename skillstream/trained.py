@@ -20,7 +20,7 @@ class TrainedModel:
     def __init__(self, run_dir: Path, cfg, model, tokenizer):
         self.run_dir, self.config, self.model, self.tokenizer = run_dir, cfg, model, tokenizer
         self.renderer = Renderer(tokenizer, cfg.data.max_length, cfg.data.system_prompt)
-        first = (cfg.resolved_stages()[0][1].train or [None])[0]
+        first = (cfg.resolved_stages()[0].data.train or [None])[0]
         builtin = BUILTINS.get(first.source) if first else None
         self.instruction = (first.instruction if first else None) or (builtin[1] if builtin else None)
 
@@ -34,7 +34,7 @@ class TrainedModel:
 
     def evaluate(self, write: bool = True) -> dict:
         """Scores on the recipe's evaluation tasks; written to RUN_DIR/eval.json."""
-        tasks = prepare_eval_tasks(self.config, self.config.resolved_stages()[0][1])
+        tasks = prepare_eval_tasks(self.config, self.config.resolved_stages()[0].data)
         rows = evaluate_all(self.model, self.tokenizer, self.renderer, tasks, self.config)
         out = {"tasks": {t.name: r for t, r in zip(tasks, rows)}}
         if write:

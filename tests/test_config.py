@@ -17,8 +17,9 @@ def test_override_values_are_read_as_yaml():
 
 
 def test_smoke_shrinks_every_stage():
-    [(name, data, train)] = load_recipe("quickstart", smoke=True).resolved_stages()
-    assert train.steps <= 3 and data.train[0].limit <= 8 and data.eval[0].limit <= 4
+    [stage] = load_recipe("quickstart", smoke=True).resolved_stages()
+    assert stage.train.steps <= 3 and stage.data.train[0].limit <= 8 and stage.data.eval[0].limit <= 4
+    assert stage.objective.name == "lm"
 
 
 @pytest.mark.parametrize("override, message", [

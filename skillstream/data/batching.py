@@ -21,6 +21,11 @@ class Position:
     batch: int = 0
 
 
+def item_length(item) -> int:
+    """Tokens in an item: `length` if the objective's item defines it (DPO pairs), else its input_ids."""
+    return getattr(item, "length", None) or len(item.input_ids)
+
+
 class BatchPlan:
     def __init__(self, sources: list[list[Tokenized]], weights: list[float], batch_size: int, seed: int,
                  length_grouped: bool = True, group_factor: int = 16):
@@ -56,7 +61,7 @@ class BatchPlan:
             chunk = self.batch_size * self.group_factor
             grouped = []
             for start in range(0, len(idx), chunk):
-                grouped += sorted(idx[start:start + chunk], key=lambda i: -len(self.items[i].input_ids))
+                grouped += sorted(idx[start:start + chunk], key=lambda i: -item_length(self.items[i]))
             batches = [grouped[i:i + self.batch_size] for i in range(0, len(grouped), self.batch_size)]
             rng.shuffle(batches)
         else:

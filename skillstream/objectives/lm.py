@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.batching import collate
 from ..data.render import IGNORE
 
 
@@ -43,9 +44,35 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]):
 
 
 class LMObjective:
-    """Loss = mean next-token cross-entropy over trainable tokens (completion or assistant turns)."""
+    """Loss = mean next-token cross-entropy over trainable tokens (completion or assistant turns).
+
+    The objective protocol every objective follows (DPO, PPO... add their own):
+      tokenize(example, renderer) -> item      what the batch plan groups and shuffles
+      collate(items, pad_id) -> batch          tensors for one micro-batch
+      __call__(model, batch) -> (loss, metrics, outputs)
+      extra_parameters() -> {name: Parameter}  trainables outside the model (a value head...)
+      state_dict() / load_state_dict(state)    JSON-able state that rides in checkpoints
+    """
 
     name = "lm"
+
+    def __init__(self, **context):
+        pass
+
+    def tokenize(self, example, renderer):
+        return renderer.tokenize(example)
+
+    def collate(self, items, pad_id: int):
+        return collate(items, pad_id)
+
+    def extra_parameters(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def __call__(self, model, batch: dict[str, torch.Tensor]):
         loss, outputs = causal_lm_loss(model, batch)

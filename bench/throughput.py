@@ -1,0 +1,414 @@
+"""bench/throughput: our engine vs transformers `Trainer` + PEFT, and option scoring vs naive.
+
+Measured side by side in ONE invocation, each measurement in a fresh subprocess (so its peak
+memory is its own):
+  1. training tokens/s (non-pad tokens / wall time of the training loop, model loading and
+     evaluation excluded, the first --skip optimizer steps not timed) of `skillstream.run.train`
+     on the quickstart recipe vs `Trainer` + `get_peft_model` on the SAME tokenized examples,
+     batch size, precision, optimizer steps and LR schedule kind; the Trainer is run twice:
+     default random sampler, and grouped by length;
+  2. `score_options` (prompt once + KV cache) vs `score_options_naive` (one forward per
+     (prompt, option)) on SST-2 test examples, with argmax agreement;
+  3. peak memory (VmHWM) of each training process.
+
+    python bench/throughput.py            # SmolLM2-135M, fp32 and bf16, appends to bench/RESULTS.md
+    python bench/throughput.py --quick    # tiny model, a few steps: wiring check, records nothing
+
+See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SST2 = SHARED / "data" / "glue_stream" / "sst2"
+RESULTS_MD = REPO / "bench" / "RESULTS.md"
+RECIPE = "quickstart"
+MARK = "BENCH_RESULT "
+GiB = 1024 ** 3
+
+TARGET_TRAIN, TARGET_SCORE, TARGET_PEAK_GIB = 1.3, 1.8, 3.0
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers shared by the children
+# ------------------------------------------------------------------------------------------------
+
+def _peak_rss_bytes() -> int:
+    """VmHWM (peak resident set) of this process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _recipe(spec: dict):
+    """The quickstart recipe with the benchmark's overrides: the config both sides follow."""
+    from skillstream.config import load_recipe
+    return load_recipe(RECIPE, _overrides(spec))
+
+
+def _overrides(spec: dict) -> dict:
+    return {"model": spec["model"], "data.eval": [], "report_to": [],
+            "train.steps": spec["steps"], "train.batch_size": spec["batch_size"], "train.grad_accum": 1,
+            "train.bf16": spec["bf16"], "train.warmup_steps": spec["lr_warmup"],
+            "train.checkpoint_every": 10 ** 9}  # no checkpoint inside the timed loop (Trainer: save_strategy=no)
+
+
+def _tokenized_train(cfg, tok):
+    """The training split tokenized exactly as the engine does (objective lm = Renderer.tokenize)."""
+    from skillstream.data.examples import load_examples
+    from skillstream.data.render import Renderer
+    renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
+    return [renderer.tokenize(ex) for src in cfg.data.train for ex in load_examples(src)]
+
+
+class _Meter:
+    """Counts non-pad and padded tokens per batch; timing starts after `skip` optimizer steps."""
+
+    def __init__(self, skip: int):
+        self.skip, self.t_begin, self.t0, self.t1 = skip, None, None, None
+        self.batches: list[tuple[int, int]] = []   # (non-pad tokens, padded tokens) per batch, in order
+
+    def add(self, mask) -> None:
+        self.batches.append((int(mask.sum()), int(mask.numel())))
+
+    def result(self, steps: int) -> dict:
+        timed = self.batches[self.skip:steps]
+        tokens, padded = sum(b[0] for b in timed), sum(b[1] for b in timed)
+        seconds = self.t1 - self.t0
+        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+                "pad_fraction": 1 - tokens / max(padded, 1), "timed_steps": steps - self.skip}
+
+
+# ------------------------------------------------------------------------------------------------
+# children
+# ------------------------------------------------------------------------------------------------
+
+def child_ours(spec: dict) -> dict:
+    from skillstream.models.backbone import load_tokenizer
+    from skillstream.plugins import Plugin
+    from skillstream.run import train
+
+    cfg = _recipe(spec)
+    known = {tuple(t.input_ids) for t in _tokenized_train(cfg, load_tokenizer(cfg.model.name))}
+    meter = _Meter(spec["skip"])
+    foreign = [0]
+
+    class Timer(Plugin):
+        """Times steps skip+1..end and checks every sequence the engine trains on is one of ours."""
+        name = "bench_timer"
+
+        def before_stage(self, ctx):
+            meter.t_begin = time.perf_counter()
+            if meter.skip == 0:
+                meter.t0 = meter.t_begin
+
+        def loss_term(self, ctx, batch, outputs):
+            mask = batch["attention_mask"]
+            meter.add(mask)
+            for row, m in zip(batch["input_ids"].tolist(), mask.tolist()):
+                foreign[0] += tuple(r for r, k in zip(row, m) if k) not in known
+            return None
+
+        def after_step(self, ctx, metrics):
+            if ctx.step == meter.skip:
+                meter.t0 = time.perf_counter()
+
+        def after_stage(self, ctx):
+            meter.t1 = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = train(RECIPE, out=Path(tmp) / "run", overrides=_overrides(spec), show_progress=False, plugins=[Timer()])
+    stage = run.results["stages"][0]
+    out = meter.result(spec["steps"])
+    out.update(whole_loop_tokens_per_s=stage["tokens_per_s"], engine_tokens=stage["tokens"],
+               engine_seconds=stage["seconds"], sequences_not_in_dataset=foreign[0], examples=len(known))
+    return out
+
+
+def child_trainer(spec: dict, grouped: bool) -> dict:
+    import inspect
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from skillstream.models.backbone import load_backbone
+
+    cfg = _recipe(spec)
+    model, tok = load_backbone(cfg.model.name, seed=cfg.seed)
+    items = _tokenized_train(cfg, tok)
+    features = [{"input_ids": t.input_ids, "attention_mask": [1] * len(t.input_ids), "labels": t.labels}
+                for t in items]
+
+    class ListDataset(torch.utils.data.Dataset):
+        def __len__(self): return len(features)
+        def __getitem__(self, i): return features[i]
+
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    meter = _Meter(spec["skip"])
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+
+    def collate(batch):
+        out = collator(batch)
+        meter.add(out["attention_mask"])
+        return out
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            meter.t_begin = time.perf_counter()
+            if meter.skip == 0:
+                meter.t0 = meter.t_begin
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == meter.skip:
+                meter.t0 = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            meter.t1 = time.perf_counter()
+
+    t = cfg.train
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    grouping = ({"train_sampling_strategy": "group_by_length" if grouped else "random"}
+                if "train_sampling_strategy" in params else {"group_by_length": grouped})  # transformers < 5
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, max_steps=t.steps, per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=1,
+            learning_rate=t.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
+            warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
+            max_grad_norm=t.max_grad_norm or 0.0, bf16=bool(spec["bf16"]), use_cpu=True, seed=cfg.seed,
+            dataloader_num_workers=0, save_strategy="no", report_to=[], logging_steps=10 ** 6,
+            disable_tqdm=True, **grouping)
+        trainer = Trainer(model=model, args=args, train_dataset=ListDataset(), data_collator=collate,
+                          processing_class=tok, callbacks=[Timer()])
+        trainer.train()
+    out = meter.result(t.steps)
+    whole = meter.batches[:t.steps]
+    out.update(whole_loop_tokens_per_s=sum(b[0] for b in whole) / max(meter.t1 - meter.t_begin, 1e-9),
+               examples=len(features), optim=args.optim if isinstance(args.optim, str) else args.optim.value)
+    return out
+
+
+def child_scoring(spec: dict) -> dict:
+    import torch
+
+    from skillstream.config import SourceConfig
+    from skillstream.data.examples import load_examples
+    from skillstream.data.render import Renderer
+    from skillstream.evaluation.option_scoring import score_options, score_options_naive
+    from skillstream.models.backbone import load_backbone
+    from skillstream.run import attach_lora
+
+    cfg = _recipe(spec)
+    model, tok = load_backbone(cfg.model.name, seed=cfg.seed)
+    model = attach_lora(model, cfg)  # what the evaluator scores during a run
+    model.eval()
+    renderer = Renderer(tok, cfg.data.max_length, None)
+    examples = load_examples(SourceConfig(source=str(SST2), split="test", limit=spec["examples"]))
+    # Exactly as evaluation/runner.py::_accuracy builds them.
+    options = examples[0].options
+    opt_ids = [tok(renderer.answer_text(examples[0], o), add_special_tokens=False)["input_ids"] for o in options]
+    prompts = [tok(renderer.prompt_text(ex), add_special_tokens=True)["input_ids"] for ex in examples]
+    bs, pad = spec["score_batch"], tok.pad_token_id
+
+    def batched(ps):
+        return torch.cat([score_options(model, ps[i:i + bs], opt_ids, pad) for i in range(0, len(ps), bs)])
+
+    warm = prompts[:min(bs, len(prompts))]
+    batched(warm), score_options_naive(model, warm[:2], opt_ids, pad)  # warm-up, not timed
+    t0 = time.perf_counter()
+    fast = batched(prompts)
+    t1 = time.perf_counter()
+    naive = score_options_naive(model, prompts, opt_ids, pad)
+    t2 = time.perf_counter()
+    agree = (fast.argmax(-1).cpu() == naive.argmax(-1).cpu()).float().mean().item()
+    return {"examples": len(prompts), "options": len(options), "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts),
+            "option_tokens": [len(o) for o in opt_ids], "batch": bs,
+            "fast_seconds": t1 - t0, "naive_seconds": t2 - t1,
+            "fast_examples_per_s": len(prompts) / (t1 - t0), "naive_examples_per_s": len(prompts) / (t2 - t1),
+            "agreement": agree, "max_abs_diff": (fast.cpu() - naive.cpu()).abs().max().item()}
+
+
+CHILDREN = {"ours": child_ours, "trainer": lambda s: child_trainer(s, grouped=False),
+            "trainer_grouped": lambda s: child_trainer(s, grouped=True), "scoring": child_scoring}
+
+
+def child_main(kind: str, spec_json: str) -> None:
+    import torch
+    spec = json.loads(spec_json)
+    out = CHILDREN[kind](spec)
+    out.update(kind=kind, peak_rss_bytes=_peak_rss_bytes(), torch_threads=torch.get_num_threads())
+    print(MARK + json.dumps(out), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# parent
+# ------------------------------------------------------------------------------------------------
+
+def run_child(kind: str, spec: dict) -> dict:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CI="true", TRANSFORMERS_VERBOSITY="error",
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    t0 = time.time()
+    print(f"  {kind:<16} bf16={spec['bf16']!s:<5} ...", end="", flush=True, file=sys.stderr)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child", kind, json.dumps(spec)],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        print(" failed", file=sys.stderr)
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        sys.exit(f"bench/throughput: the {kind} run failed (exit {proc.returncode}):\n{tail}")
+    print(f" {time.time() - t0:.0f}s", file=sys.stderr)
+    return json.loads(lines[-1][len(MARK):])
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        info = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
+        name = info.get("Model name", name)
+        sockets, per = int(info.get("Socket(s)", 1)), int(info.get("Core(s) per socket", 0))
+        cores = f"{sockets * per} cores" if per else f"{os.cpu_count()} CPUs"
+        threads = info.get("CPU(s)", str(os.cpu_count()))
+        flags = info.get("Flags", "").split()
+        bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+        return f"{name}, {cores} / {threads} CPUs, native bf16: {'yes' if bf16 else 'no'}"
+    except (OSError, ValueError):
+        return f"{name}, {os.cpu_count()} CPUs"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**NOT met**"
+
+
+def build_report(args, runs: dict, scoring: dict, model: str) -> str:
+    rows = ["| run | precision | timed steps | tokens | seconds | tokens/s | whole-loop tokens/s | pad % | peak GiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    names = {"ours": "skillstream engine", "trainer": "Trainer + PEFT (random sampler)",
+             "trainer_grouped": "Trainer + PEFT (group_by_length)"}
+    for (kind, prec), r in runs.items():
+        rows.append(f"| {names[kind]} | {prec} | {r['timed_steps']} | {r['tokens']} | {r['seconds']:.2f} | "
+                    f"{r['tokens_per_s']:.0f} | {r['whole_loop_tokens_per_s']:.0f} | {100 * r['pad_fraction']:.1f} | "
+                    f"{r['peak_rss_bytes'] / GiB:.2f} |")
+    summary = ["| measurement | ours | baseline | ratio | target | status |", "|---|---:|---:|---:|---|---|"]
+    for prec in dict.fromkeys(p for _, p in runs):
+        ours = runs[("ours", prec)]
+        for base, label, note in (("trainer", "Trainer (defaults)", ""), ("trainer_grouped", "Trainer group_by_length", " (stricter)")):
+            b = runs[(base, prec)]
+            ratio = ours["tokens_per_s"] / b["tokens_per_s"]
+            summary.append(f"| train tokens/s, {prec}, vs {label}{note} | {ours['tokens_per_s']:.0f} | "
+                           f"{b['tokens_per_s']:.0f} | {ratio:.2f}x | ≥ {TARGET_TRAIN}x | {verdict(ratio >= TARGET_TRAIN)} |")
+    s = scoring
+    ratio = s["fast_examples_per_s"] / s["naive_examples_per_s"]
+    summary.append(f"| option scoring examples/s, SST-2 ({s['examples']} ex., {s['options']} options, batch {s['batch']}) "
+                   f"vs naive | {s['fast_examples_per_s']:.1f} | {s['naive_examples_per_s']:.1f} | {ratio:.2f}x | "
+                   f"≥ {TARGET_SCORE}x | {verdict(ratio >= TARGET_SCORE)} |")
+    summary.append(f"| option scoring argmax agreement with naive | {100 * s['agreement']:.1f}% | | | 100% | "
+                   f"{verdict(s['agreement'] == 1.0)} (max abs logp diff {s['max_abs_diff']:.1e}) |")
+    peak_ours = max(r["peak_rss_bytes"] for (k, _), r in runs.items() if k == "ours") / GiB
+    peak_base = max(r["peak_rss_bytes"] for (k, _), r in runs.items() if k != "ours") / GiB
+    scope = "" if model == "smollm2-135m" else f" (model {model}: the target is for smollm2-135m)"
+    summary.append(f"| peak memory GiB (VmHWM), LoRA training, {model} | {peak_ours:.2f} | {peak_base:.2f} | "
+                   f"{peak_ours / peak_base:.2f}x | ≤ {TARGET_PEAK_GIB} GiB{scope} | {verdict(peak_ours <= TARGET_PEAK_GIB)} |")
+    first = runs[next(iter(runs))]
+    notes = (f"model {model}, recipe {RECIPE} (nl2bash train, {first['examples']} examples), batch {args.batch_size}, "
+             f"{args.steps} optimizer steps (first {args.skip} not timed), LR warmup {args.lr_warmup} + cosine to "
+             f"min_lr_ratio on both, Trainer optim `{runs[('trainer', next(iter(runs))[1])]['optim']}`, "
+             f"torch threads {first['torch_threads']}; option scoring on the LoRA-wrapped model, fp32, mean prompt "
+             f"{s['prompt_tokens_mean']:.0f} tokens, option tokens {s['option_tokens']}.")
+    return "\n".join(summary) + "\n\n" + "\n".join(rows) + "\n\n" + notes + "\n"
+
+
+def record(report: str, command: str, quick: bool) -> None:
+    if not RESULTS_MD.exists():
+        RESULTS_MD.write_text("# bench/throughput results\n\nAppend-only log written by `bench/throughput.py` "
+                              "(see bench/README.md). Newest at the bottom.\n")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with RESULTS_MD.open("a") as f:
+        f.write(f"\n## {stamp}{' (quick: wiring check, not a measurement)' if quick else ''}\n\n"
+                f"- command: `{command}`\n- machine: {machine()}\n- python {platform.python_version()}, "
+                f"{_versions()}\n\n{report}")
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    out = []
+    for pkg in ("torch", "transformers", "peft", "accelerate"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Training tokens/s of skillstream vs Trainer+PEFT, and option scoring vs naive.")
+    ap.add_argument("--quick", action="store_true", help="tiny model, few steps and examples (wiring check, < 2 min); records nothing unless --record")
+    ap.add_argument("--model", default=None, help="backbone (default smollm2-135m; tiny with --quick)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (default 40; 8 with --quick)")
+    ap.add_argument("--skip", type=int, default=None, help="first optimizer steps not timed, as warm-up (default 5; 2 with --quick)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--bf16", choices=["both", "on", "off"], default=None, help="precision(s) to run (default both; off with --quick)")
+    ap.add_argument("--examples", type=int, default=None, help="SST-2 test examples to score (default 200; 24 with --quick)")
+    ap.add_argument("--score-batch", type=int, default=16, help="prompts per score_options call")
+    ap.add_argument("--record", action="store_true", help="with --quick: append to bench/RESULTS.md anyway")
+    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._child:
+        return child_main(*args._child)
+
+    q = args.quick
+    args.model = args.model or ("tiny" if q else "smollm2-135m")
+    args.steps = args.steps or (8 if q else 40)
+    args.skip = args.skip if args.skip is not None else (2 if q else 5)
+    args.bf16 = args.bf16 or ("off" if q else "both")
+    args.examples = args.examples or (24 if q else 200)
+    if not SST2.is_dir():
+        sys.exit(f"bench/throughput: SST-2 task folder not found at {SST2} (expected ../shared next to the repo)")
+    if args.steps <= args.skip:
+        sys.exit(f"bench/throughput: --steps ({args.steps}) must exceed --skip ({args.skip})")
+    from skillstream.config import load_recipe
+    args.lr_warmup = min(load_recipe(RECIPE).train.warmup_steps, args.steps // 2)
+
+    precisions = {"both": [False, True], "on": [True], "off": [False]}[args.bf16]
+    command = "python bench/throughput.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
+    print(f"bench/throughput: {args.model}, {args.steps} steps x batch {args.batch_size}, "
+          f"precision {'/'.join('bf16' if p else 'fp32' for p in precisions)}", file=sys.stderr)
+    base = {"model": args.model, "steps": args.steps, "skip": args.skip, "batch_size": args.batch_size,
+            "lr_warmup": args.lr_warmup, "examples": args.examples, "score_batch": args.score_batch}
+    runs = {}
+    for bf16 in precisions:
+        for kind in ("ours", "trainer", "trainer_grouped"):
+            runs[(kind, "bf16" if bf16 else "fp32")] = run_child(kind, {**base, "bf16": bf16})
+    if any(r.get("sequences_not_in_dataset") for r in runs.values()):
+        sys.exit("bench/throughput: the engine trained on sequences that are not in the shared tokenized set")
+    scoring = run_child("scoring", {**base, "bf16": False})
+
+    report = build_report(args, runs, scoring, args.model)
+    print(f"\n{command}\nmachine: {machine()}\n\n{report}")
+    if (not q or args.record) and not args.no_record:
+        record(report, command, q)
+        print(f"appended to {RESULTS_MD.relative_to(REPO)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

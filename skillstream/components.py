@@ -1,0 +1,43 @@
+"""Swappable parts named in a recipe: a short name from a registry, or a dotted path.
+
+    objective: dpo                                   # a registered name
+    objective: {name: dpo, beta: 0.1}                # with keyword arguments
+    plugins: [{name: mypkg.plugins:MyPlugin, k: 1}]  # anything importable (torchtune's _component_)
+
+Registries are plain dicts of name -> "module:attr" strings, imported only when used, so a
+recipe that never names PPO never imports it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import UserError
+
+OBJECTIVES = {
+    "lm": "skillstream.objectives.lm:LMObjective",
+    "sft": "skillstream.objectives.lm:LMObjective",
+}
+PLUGINS: dict[str, str] = {}
+
+
+def resolve(name: str, registry: dict[str, str], what: str) -> Any:
+    target = registry.get(name, name)
+    module, _, attr = target.replace(":", ".").rpartition(".") if ":" not in target else target.partition(":")
+    if not module:
+        known = ", ".join(sorted(registry))
+        raise UserError(f"{what} {name!r}: unknown (known: {known}; or give module:Class)")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"{what} {name!r}: cannot import {target} ({e})") from None
+
+
+def build(spec, registry: dict[str, str], what: str, **context):
+    """Instantiate a component from a ComponentConfig; `context` passes run objects (tokenizer...)."""
+    cls = resolve(spec.name, registry, what)
+    kwargs = dict(spec.model_extra or {})
+    try:
+        return cls(**kwargs, **context) if context else cls(**kwargs)
+    except TypeError as e:
+        raise UserError(f"{what} {spec.name!r}: bad arguments {sorted(kwargs)} ({e})") from None
