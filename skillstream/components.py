@@ -19,6 +19,9 @@ OBJECTIVES = {
     "sft": "skillstream.objectives.lm:LMObjective",
 }
 PLUGINS: dict[str, str] = {}
+# model name -> builder(seed=..., **model.args) -> (model, tokenizer), for models that are not
+# Hugging Face causal LMs loaded by id or path (those need no entry).
+MODELS: dict[str, str] = {}
 
 
 def resolve(name: str, registry: dict[str, str], what: str) -> Any:

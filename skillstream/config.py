@@ -36,6 +36,7 @@ class ModelConfig(_Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for Hugging Face ids.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless the recipe turns it on.")
     freeze_backbone: bool = Field(True, description="Freeze the base weights; only adapters (and heads) train.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for a registered model builder (e.g. BDH sizes).")
 
 
 class LoraConfig(_Strict):
@@ -116,7 +117,7 @@ class RecipeConfig(_Strict):
     description: str = ""
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lora: LoraConfig | None = Field(default_factory=LoraConfig, description="LoRA adapter; null trains the model's own weights (needs model.freeze_backbone: false).")
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     stages: list[StageConfig] = Field(default_factory=list, description="Stages run in order; empty means one stage 'main' from data/train.")

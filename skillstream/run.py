@@ -31,6 +31,7 @@ from .components import OBJECTIVES, PLUGINS, build
 
 EXPERTS = "experts"
 DEFAULT_EXPERT = "default"
+FULL_MODEL = "model"  # recipes with lora: null save the whole model here (safetensors)
 
 
 @dataclass
@@ -147,7 +148,9 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
 
     from .models.backbone import load_backbone
     set_seed(cfg.seed)
-    model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision,
+    if cfg.lora is None and cfg.model.freeze_backbone:
+        raise UserError("lora: null trains the model's own weights; set model.freeze_backbone: false too")
+    model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision, args=cfg.model.args,
                                trust_remote_code=cfg.model.trust_remote_code, freeze=cfg.model.freeze_backbone)
     renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
     context = {"tokenizer": tok, "renderer": renderer, "recipe": cfg}
@@ -161,7 +164,8 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
     if not resume:
         _write_atomic(run_dir / "config.yaml", recipe_to_yaml(cfg))
 
-    model = attach_lora(model, cfg)
+    if cfg.lora is not None:
+        model = attach_lora(model, cfg)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     use_bf16 = bf16_enabled(cfg.train.bf16, device_type)
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", log_with=cfg.report_to or None,
@@ -289,19 +293,29 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _finish(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask], results: dict) -> dict:
-    experts = run_dir / EXPERTS
-    tmp = run_dir / f".{EXPERTS}.tmp"
+def save_model_files(model, run_dir: Path, lora: bool) -> None:
+    """experts/default/ (a PEFT adapter folder) or, without LoRA, model/model.safetensors; atomically."""
+    final = run_dir / (EXPERTS if lora else FULL_MODEL)
+    tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp / DEFAULT_EXPERT))
-    shutil.rmtree(experts, ignore_errors=True)
-    os.replace(tmp, experts)
+    if lora:
+        model.save_pretrained(str(tmp / DEFAULT_EXPERT))
+    else:
+        from safetensors.torch import save_model
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _finish(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask], results: dict) -> dict:
+    save_model_files(model, run_dir, lora=cfg.lora is not None)
 
     names = [t.name for t in eval_tasks]
     final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},
                       [r["score"] for r in results["initial"]], results["rows"])
     final.update({"initial_details": results["initial"], "details": results["details"],
-                  "stages": results["stages"], "experts": [DEFAULT_EXPERT],
+                  "stages": results["stages"], "experts": [DEFAULT_EXPERT] if cfg.lora is not None else [],
                   "seconds": sum(s["seconds"] for s in results["stages"]),
                   "truncated": sum(s["truncated"] for s in results["stages"])})
     _write_atomic(run_dir / "results.json", json.dumps(final, indent=1))

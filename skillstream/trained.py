@@ -11,7 +11,7 @@ from .data.builtin import BUILTINS
 from .data.examples import Example
 from .data.render import Renderer
 from .errors import UserError
-from .run import DEFAULT_EXPERT, EXPERTS, _write_atomic, evaluate_all, prepare_eval_tasks
+from .run import DEFAULT_EXPERT, EXPERTS, FULL_MODEL, _write_atomic, evaluate_all, prepare_eval_tasks
 
 
 class TrainedModel:
@@ -50,12 +50,22 @@ def load(run_dir: str | Path, expert: str = DEFAULT_EXPERT) -> TrainedModel:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    if cfg.lora is None:  # the whole model was trained: no adapters, one weights file
+        from safetensors.torch import load_model
+        weights = run_dir / FULL_MODEL / "model.safetensors"
+        if not weights.is_file():
+            raise UserError(f"{run_dir}: no {FULL_MODEL}/model.safetensors (has the run finished?)")
+        model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision, args=cfg.model.args,
+                                   trust_remote_code=cfg.model.trust_remote_code)
+        load_model(model, str(weights))
+        model.eval()
+        return TrainedModel(run_dir, cfg, model, tok)
     adapter = run_dir / EXPERTS / expert
     if not (adapter / "adapter_config.json").is_file():
         have = sorted(p.name for p in (run_dir / EXPERTS).iterdir()) if (run_dir / EXPERTS).is_dir() else []
         raise UserError(f"{run_dir}: no expert {expert!r} (experts: {have or 'none — has the run finished?'})")
-    cfg = load_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision,
+    model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision, args=cfg.model.args,
                                trust_remote_code=cfg.model.trust_remote_code)
     model = PeftModel.from_pretrained(model, str(adapter), adapter_name=expert)
     model.eval()

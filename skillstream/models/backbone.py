@@ -101,8 +101,20 @@ def _from_hub_or_path(cls, name: str, revision, trust_remote_code, **kw):
 
 
 def load_backbone(name: str, *, seed: int = 0, revision: str | None = None, trust_remote_code: bool = False,
-                  freeze: bool = True):
-    """Return (model, tokenizer) for a model name; the backbone is frozen unless freeze=False."""
+                  freeze: bool = True, args: dict | None = None):
+    """Return (model, tokenizer) for a model name; the backbone is frozen unless freeze=False.
+
+    Names registered in `skillstream.components.MODELS` (e.g. 'bdh') are built by their builder
+    function `builder(seed=..., **args) -> (model, tokenizer)`; anything else is a Hugging Face
+    causal LM (bundled, hub id or local path).
+    """
+    from ..components import MODELS, resolve
+
+    if name in MODELS:
+        model, tokenizer = resolve(name, MODELS, "model")(seed=seed, **(args or {}))
+        if freeze:
+            model.requires_grad_(False)
+        return model, tokenizer
     tokenizer = load_tokenizer(name, revision, trust_remote_code)
     if name == "tiny":
         with torch.random.fork_rng():

@@ -11,6 +11,7 @@ import io
 import math
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 SEVERITY_COLOURS = {"info": "#1f77b4", "warning": "#e69500", "error": "#d62728", "critical": "#7b0000"}
 Series = tuple[list[float], list[float]]
@@ -80,6 +81,7 @@ def panels(groups: dict[str, dict[str, Series]], bounds: list[tuple[float, str]]
         for label, (xs, ys) in series.items():
             ax.plot(xs, ys, label=label, linewidth=1.2, marker="." if len(xs) < 30 else None)
         _boundaries(ax, bounds)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and stages are whole numbers
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(alpha=0.3)
@@ -99,6 +101,7 @@ def novelty(xs: list[float], entropy: list[float | None], similarity: list[float
         ax.plot(xs, [math.nan if v is None else v for v in similarity], marker="s", label="similarity")
     for i, x in enumerate(new_at):
         ax.axvline(x, color="#d62728", alpha=0.5, label="new expert" if i == 0 else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("chunk")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -90,9 +90,25 @@ def summary(run: RunData) -> Section | None:
     forgetting = r.get("forgetting")
     if forgetting and any(f is not None for f in forgetting):
         tab += table(["forgetting", *tasks], [["max earlier score − final", *[fmt(f) for f in forgetting]]], "num")
+    tab += _other_scores(r, [label for label, _ in rows])
     note = "" if len(tasks) > 1 else \
         '<p class="note">One task: BWT and FWT need at least two tasks, so they are not defined.</p>'
     return Section("summary", "Accuracy matrix", f'<div class="cards">{cards}</div>{note}{img}{tab}')
+
+
+def _other_scores(r: dict, row_labels: list[str]) -> str:
+    """Secondary per-task scores an evaluator reports beside the main one (e.g. bash 'structure')."""
+    evals = ([r["initial_details"]] if r.get("initial_details") and r.get("initial") else []) + (r.get("details") or [])
+    if len(evals) != len(row_labels):
+        return ""
+    rows = []
+    for j, task in enumerate(r["tasks"]):
+        metric = r.get("metric", {}).get(task)
+        keys = dict.fromkeys(k for ev in evals if j < len(ev) for k, v in ev[j].items()
+                             if isinstance(v, float) and k not in ("score", metric))
+        for k in keys:
+            rows.append([task, k, *[fmt(ev[j].get(k)) if j < len(ev) else "" for ev in evals]])
+    return table(["task", "also measured", *row_labels], rows, "num") if rows else ""
 
 
 def task_scores(run: RunData) -> Section | None:
@@ -135,8 +151,11 @@ def objective_metrics(run: RunData) -> Section | None:
             groups.setdefault(k.split("/")[0], {})[k] = s
     if not groups:
         return None
+    # numbers beside the plots: the final value is what a reader compares across runs
+    rows = [[k, fmt(ys[-1]), fmt(min(ys)), fmt(max(ys))] for g in groups.values() for k, (_, ys) in g.items()]
     return Section("objective", "Objective and plugin metrics",
-                   plots.panels(groups, bounds(run), "logged metrics by group"))
+                   plots.panels(groups, bounds(run), "logged metrics by group")
+                   + table(["metric", "last", "min", "max"], rows, "num"))
 
 
 def routing(run: RunData) -> Section | None:

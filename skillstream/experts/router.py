@@ -1,0 +1,244 @@
+"""A sequence-level router over what the frozen backbone sees, trained without forgetting old experts.
+
+The router reads `pooled_features` (mean of the backbone's last hidden states over real tokens,
+adapters off), so its input does not drift as experts train. It is trained by cross-entropy on
+which expert a chunk belongs to. Trained on the current expert's chunks only, a softmax head
+quickly sends everything to the newest expert; `FeatureMemory` prevents that: it keeps, per
+expert, a running-mean prototype and a reservoir of past features, and `RouterTrainer` draws a
+`feature_alpha` share of every router batch from that reservoir (plus one prototype per expert).
+Features are a few hundred floats, so this replay costs almost nothing, unlike replaying text.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+from .mixing import backbone_only
+
+ROUTER_WEIGHTS, ROUTER_CONFIG = "router.safetensors", "router.json"
+
+
+def _body(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer without its LM head (the head's vocabulary-sized matmul is not needed)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(hf, getattr(hf, "base_model_prefix", ""), hf)
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def pooled_features(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """(batch, hidden) mean of the frozen backbone's last hidden states over non-pad tokens."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(batch["input_ids"])
+    with backbone_only(model):
+        hidden = _body(model)(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+    return masked_mean(hidden.float(), mask)
+
+
+def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row divided by log(n): 0 = certain, 1 = uniform (0 when n < 2)."""
+    n = probs.shape[-1]
+    if n < 2:
+        return torch.zeros(probs.shape[:-1])
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(n)
+
+
+class Router(torch.nn.Module):
+    """Logits over experts from pooled features; kind "linear" or "mlp" (one hidden GELU layer)."""
+
+    def __init__(self, dim: int, n_experts: int = 1, kind: str = "linear", hidden: int = 128, seed: int = 0):
+        super().__init__()
+        if kind not in ("linear", "mlp"):
+            raise UserError(f"router kind must be 'linear' or 'mlp', got {kind!r}")
+        if n_experts < 1:
+            raise UserError(f"router needs at least one expert, got {n_experts}")
+        self.dim, self.kind, self.hidden, self.seed = dim, kind, hidden, seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.trunk = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU()) if kind == "mlp" \
+                else torch.nn.Identity()
+            self.head = torch.nn.Linear(hidden if kind == "mlp" else dim, n_experts)
+
+    @property
+    def n_experts(self) -> int:
+        return self.head.out_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # Per-sample standardisation: backbone features have large shared offsets and outlier
+        # dimensions; this keeps the head's scale sane without running statistics that would drift.
+        x = F.layer_norm(features.float(), (self.dim,))
+        return self.head(self.trunk(x))
+
+    def probs(self, features: torch.Tensor) -> torch.Tensor:
+        return self.forward(features).softmax(-1)
+
+    def entropy(self, features: torch.Tensor) -> torch.Tensor:
+        return normalized_entropy(self.probs(features))
+
+    def add_expert(self) -> int:
+        """Grow the output layer by one row; old rows are kept, the new one starts at zero."""
+        old = self.head
+        # built on the meta device and filled by hand: nn.Linear's own init would consume the global RNG
+        new = torch.nn.Linear(old.in_features, old.out_features + 1, device="meta", dtype=old.weight.dtype)
+        new = new.to_empty(device=old.weight.device)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.bias.zero_()
+            new.weight[: old.out_features] = old.weight
+            new.bias[: old.out_features] = old.bias
+        self.head = new
+        return self.n_experts - 1
+
+    def config(self) -> dict:
+        return {"dim": self.dim, "n_experts": self.n_experts, "kind": self.kind, "hidden": self.hidden, "seed": self.seed}
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(directory / ROUTER_WEIGHTS))
+        (directory / ROUTER_CONFIG).write_text(json.dumps(self.config(), indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Router":
+        directory = Path(directory)
+        router = cls(**json.loads((directory / ROUTER_CONFIG).read_text()))
+        router.load_state_dict(load_file(str(directory / ROUTER_WEIGHTS)))
+        return router
+
+
+class FeatureMemory:
+    """Per-expert prototypes (running means) and reservoirs of past features, reproducible by seed.
+
+    Every random choice is drawn from a generator seeded by (seed, expert, count), so the memory
+    has no RNG state to checkpoint: its tensors and counters are the whole state.
+    """
+
+    def __init__(self, capacity_per_expert: int = 64, seed: int = 0):
+        self.capacity, self.seed = capacity_per_expert, seed
+        self.buffers: list[torch.Tensor] = []     # per expert: (<= capacity, dim)
+        self.prototypes: list[torch.Tensor] = []  # per expert: (dim,)
+        self.seen: list[int] = []                 # features offered per expert
+        self.draws = 0                            # samples drawn so far (seeds the next draw)
+
+    def _grow(self, expert: int, dim: int) -> None:
+        while len(self.buffers) <= expert:
+            self.buffers.append(torch.zeros(0, dim))
+            self.prototypes.append(torch.zeros(dim))
+            self.seen.append(0)
+
+    def add(self, features: torch.Tensor, expert: int) -> None:
+        features = features.detach().float().cpu()
+        self._grow(expert, features.shape[-1])
+        for f in features:
+            n = self.seen[expert] = self.seen[expert] + 1
+            self.prototypes[expert] += (f - self.prototypes[expert]) / n
+            buf = self.buffers[expert]
+            if len(buf) < self.capacity:
+                self.buffers[expert] = torch.cat([buf, f[None]])
+            else:  # reservoir sampling: every feature seen so far is kept with equal probability
+                j = random.Random(f"{self.seed}:{expert}:{n}").randrange(n)
+                if j < self.capacity:
+                    buf[j] = f
+
+    def experts(self) -> list[int]:
+        return [e for e, b in enumerate(self.buffers) if len(b)]
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n stored features, experts chosen uniformly (old and new skills weigh the same)."""
+        experts = self.experts()
+        if n <= 0 or not experts:
+            return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+        rng = random.Random(f"{self.seed}:draw:{self.draws}")
+        self.draws += 1
+        labels = [rng.choice(experts) for _ in range(n)]
+        feats = torch.stack([self.buffers[e][rng.randrange(len(self.buffers[e]))] for e in labels])
+        return feats, torch.tensor(labels)
+
+    def prototype_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        experts = self.experts()
+        return torch.stack([self.prototypes[e] for e in experts]), torch.tensor(experts)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"buffer.{e}": b.contiguous() for e, b in enumerate(self.buffers)}
+        tensors.update({f"prototype.{e}": p.contiguous() for e, p in enumerate(self.prototypes)})
+        return tensors, {"capacity": self.capacity, "seed": self.seed, "seen": self.seen, "draws": self.draws}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.capacity, self.seed, self.seen, self.draws = meta["capacity"], meta["seed"], list(meta["seen"]), meta["draws"]
+        self.buffers = [tensors[f"buffer.{e}"] for e in range(len(self.seen))]
+        self.prototypes = [tensors[f"prototype.{e}"] for e in range(len(self.seen))]
+
+
+class RouterTrainer:
+    """Trains a Router by cross-entropy on which expert each chunk belongs to, with feature replay.
+
+    A batch of B current features gets round(B * feature_alpha / (1 - feature_alpha)) replayed
+    ones, so `feature_alpha` is the replayed share of the router batch, plus each known expert's
+    prototype. feature_alpha = 0 turns both off (the forgetting baseline).
+    """
+
+    def __init__(self, router: Router, *, feature_alpha: float = 0.5, lr: float = 1e-2,
+                 memory: FeatureMemory | None = None, capacity_per_expert: int = 64, seed: int = 0):
+        if not 0.0 <= feature_alpha < 1.0:
+            raise UserError(f"router feature_alpha must be in [0, 1), got {feature_alpha}")
+        self.router, self.feature_alpha = router, feature_alpha
+        self.memory = memory or FeatureMemory(capacity_per_expert, seed)
+        self.lr = lr
+        self.optimizer = torch.optim.Adam(router.parameters(), lr=lr)
+
+    def add_expert(self) -> int:
+        index = self.router.add_expert()
+        # the head's parameters were replaced: a fresh optimizer (Adam moments of old rows restart)
+        self.optimizer = torch.optim.Adam(self.router.parameters(), lr=self.lr)
+        return index
+
+    def loss(self, features: torch.Tensor, expert: int) -> torch.Tensor:
+        """Router loss for current chunk features labelled `expert`; the features then enter memory."""
+        feats = [features.float()]
+        labels = [torch.full((len(features),), expert, dtype=torch.long)]
+        if self.feature_alpha > 0 and self.memory.experts():
+            n_replay = round(len(features) * self.feature_alpha / (1 - self.feature_alpha))
+            f, y = self.memory.sample(n_replay)
+            p, py = self.memory.prototype_batch()
+            feats += [f.to(features.device), p.to(features.device)]
+            labels += [y, py]
+        logits = self.router(torch.cat(feats))
+        loss = F.cross_entropy(logits, torch.cat(labels).to(logits.device))
+        self.memory.add(features, expert)
+        return loss
+
+    def step(self, features: torch.Tensor, expert: int) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(features, expert)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def save(self, directory: str | Path) -> None:
+        """Router weights + config, and the feature memory (safetensors + JSON)."""
+        directory = Path(directory)
+        self.router.save(directory)
+        tensors, meta = self.memory.state_dict()
+        save_file(tensors, str(directory / "router_memory.safetensors"))
+        (directory / "router_memory.json").write_text(json.dumps({**meta, "feature_alpha": self.feature_alpha,
+                                                                  "lr": self.lr}))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "RouterTrainer":
+        directory = Path(directory)
+        meta = json.loads((directory / "router_memory.json").read_text())
+        memory = FeatureMemory()
+        memory.load_state_dict(load_file(str(directory / "router_memory.safetensors")), meta)
+        return cls(Router.load(directory), feature_alpha=meta["feature_alpha"], lr=meta["lr"], memory=memory)

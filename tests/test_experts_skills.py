@@ -1,0 +1,51 @@
+"""Three real, distinct "skills" for the expert tests, from data every install has.
+
+- bash:  NL2Bash requests (the nl2bash builtin, from the icalfa package),
+- math:  arithmetic questions generated from a seed,
+- prose: English sentences from Python's own documentation (pydoc_data.topics).
+
+Other test_experts_* files import `skill_texts` from here; the test below pins down their sizes.
+"""
+from __future__ import annotations
+
+import random
+import re
+from functools import lru_cache
+
+from skillstream.config import SourceConfig
+from skillstream.data.examples import load_examples
+
+SKILLS = ("bash", "math", "prose")
+
+
+@lru_cache(maxsize=None)
+def _all_texts() -> dict[str, tuple[str, ...]]:
+    bash = [ex.prompt for ex in load_examples(SourceConfig(source="nl2bash"))]
+    rng = random.Random(0)
+    ops = ["plus", "minus", "times", "+", "-", "*"]
+    math = [rng.choice([f"What is {rng.randint(2, 999)} {rng.choice(ops)} {rng.randint(2, 999)}?",
+                        f"Compute {rng.randint(2, 99)} {rng.choice(ops)} {rng.randint(2, 99)} {rng.choice(ops)} {rng.randint(2, 99)}.",
+                        f"If you have {rng.randint(2, 50)} apples and get {rng.randint(2, 50)} more, how many do you have?"])
+            for _ in range(240)]
+    from pydoc_data.topics import topics
+    prose = []
+    for key in sorted(topics):
+        for s in re.split(r"(?<=[.!?])\s+", " ".join(topics[key].split())):
+            # plain sentences only: no code, markup or parentheses
+            if 40 <= len(s) <= 160 and re.match(r"^[A-Z][a-z]", s) and not re.search(r"[{}\[\]()=<>*`'\"]", s):
+                prose.append(s)
+    random.Random(1).shuffle(prose)
+    return {"bash": tuple(bash), "math": tuple(math), "prose": tuple(prose[:240])}
+
+
+def skill_texts(skill: str, start: int = 0, n: int = 16) -> list[str]:
+    """n texts of one skill from position `start` (disjoint ranges give disjoint batches)."""
+    return list(_all_texts()[skill][start:start + n])
+
+
+def test_three_skills_are_distinct_and_large_enough():
+    texts = _all_texts()
+    assert [len(texts[s]) for s in SKILLS] == [240, 240, 240]
+    assert not set(texts["bash"]) & set(texts["prose"])
+    assert texts["bash"][0] == "list files in the current directory"
+    assert all(any(c.isdigit() for c in t) for t in texts["math"])
