@@ -67,7 +67,8 @@ def _overrides(spec: dict) -> dict:
     return {"model": spec["model"], "data.eval": [], "report_to": [],
             "train.steps": spec["steps"], "train.batch_size": spec["batch_size"], "train.grad_accum": 1,
             "train.bf16": spec["bf16"], "train.warmup_steps": spec["lr_warmup"],
-            "train.checkpoint_every": 10 ** 9}  # no checkpoint inside the timed loop (Trainer: save_strategy=no)
+            "train.checkpoint_every": 10 ** 9,  # no checkpoint inside the timed loop (Trainer: save_strategy=no)
+            **({"data.train.0.limit": spec["train_limit"]} if spec.get("train_limit") else {})}
 
 
 def _tokenized_train(cfg, tok):
@@ -359,16 +360,21 @@ def _versions() -> str:
     return ", ".join(out)
 
 
+def _fail(message: str) -> None:
+    print(f"bench/throughput: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Training tokens/s of skillstream vs Trainer+PEFT, and option scoring vs naive.")
     ap.add_argument("--quick", action="store_true", help="tiny model, few steps and examples (wiring check, < 2 min); records nothing unless --record")
     ap.add_argument("--model", default=None, help="backbone (default smollm2-135m; tiny with --quick)")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (default 40; 8 with --quick)")
-    ap.add_argument("--skip", type=int, default=None, help="first optimizer steps not timed, as warm-up (default 5; 2 with --quick)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (default 40; 4 with --quick)")
+    ap.add_argument("--skip", type=int, default=None, help="first optimizer steps not timed, as warm-up (default 5; 1 with --quick)")
+    ap.add_argument("--batch-size", type=int, default=None, help="examples per batch (default 8; 4 with --quick)")
     ap.add_argument("--bf16", choices=["both", "on", "off"], default=None, help="precision(s) to run (default both; off with --quick)")
-    ap.add_argument("--examples", type=int, default=None, help="SST-2 test examples to score (default 200; 24 with --quick)")
-    ap.add_argument("--score-batch", type=int, default=16, help="prompts per score_options call")
+    ap.add_argument("--examples", type=int, default=None, help="SST-2 test examples to score (default 200; 8 with --quick)")
+    ap.add_argument("--score-batch", type=int, default=None, help="prompts per score_options call (default 16; 4 with --quick)")
     ap.add_argument("--record", action="store_true", help="with --quick: append to bench/RESULTS.md anyway")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
@@ -378,14 +384,17 @@ def main(argv=None) -> None:
 
     q = args.quick
     args.model = args.model or ("tiny" if q else "smollm2-135m")
-    args.steps = args.steps or (8 if q else 40)
-    args.skip = args.skip if args.skip is not None else (2 if q else 5)
+    args.steps = args.steps or (4 if q else 40)
+    args.skip = args.skip if args.skip is not None else (1 if q else 5)
+    args.batch_size = args.batch_size or (4 if q else 8)
     args.bf16 = args.bf16 or ("off" if q else "both")
-    args.examples = args.examples or (24 if q else 200)
+    args.examples = args.examples or (8 if q else 200)
+    args.score_batch = args.score_batch or (4 if q else 16)
+    args.train_limit = 64 if q else None  # quick: tokenize only the first 64 training examples
     if not SST2.is_dir():
-        sys.exit(f"bench/throughput: SST-2 task folder not found at {SST2} (expected ../shared next to the repo)")
+        _fail(f"SST-2 task folder not found at {SST2} (expected ../shared next to the repository)")
     if args.steps <= args.skip:
-        sys.exit(f"bench/throughput: --steps ({args.steps}) must exceed --skip ({args.skip})")
+        _fail(f"--steps ({args.steps}) must exceed --skip ({args.skip})")
     from skillstream.config import load_recipe
     args.lr_warmup = min(load_recipe(RECIPE).train.warmup_steps, args.steps // 2)
 
@@ -394,7 +403,7 @@ def main(argv=None) -> None:
     print(f"bench/throughput: {args.model}, {args.steps} steps x batch {args.batch_size}, "
           f"precision {'/'.join('bf16' if p else 'fp32' for p in precisions)}", file=sys.stderr)
     base = {"model": args.model, "steps": args.steps, "skip": args.skip, "batch_size": args.batch_size,
-            "lr_warmup": args.lr_warmup, "examples": args.examples, "score_batch": args.score_batch}
+            "lr_warmup": args.lr_warmup, "examples": args.examples, "score_batch": args.score_batch, "train_limit": args.train_limit}
     runs = {}
     for bf16 in precisions:
         for kind in ("ours", "trainer", "trainer_grouped"):

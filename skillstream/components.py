@@ -17,11 +17,26 @@ from .errors import UserError
 OBJECTIVES = {
     "lm": "skillstream.objectives.lm:LMObjective",
     "sft": "skillstream.objectives.lm:LMObjective",
+    "dpo": "skillstream.objectives.dpo:DPOObjective",
+    "ppo": "skillstream.objectives.ppo:PPOObjective",
 }
-PLUGINS: dict[str, str] = {}
+PLUGINS: dict[str, str] = {
+    "auto_curriculum": "skillstream.curriculum.auto:AutoCurriculum",
+    "monitor": "skillstream.monitor.alerts:Monitor",
+    "bdh_monitor": "skillstream.monitor.alerts:Monitor",
+    "best_final": "skillstream.checkpoint_plugin:BestFinalCheckpoints",
+}
+# Data builders: functions run at the start of a stage on the current model to write a source
+# file (`data.train[].build`); called as fn(out_path, model=, tokenizer=, renderer=, recipe=, **kwargs).
+BUILDERS = {
+    "verifier_pairs": "skillstream.objectives.preference_pairs:verifier_pairs",
+}
 # model name -> builder(seed=..., **model.args) -> (model, tokenizer), for models that are not
 # Hugging Face causal LMs loaded by id or path (those need no entry).
-MODELS: dict[str, str] = {}
+MODELS: dict[str, str] = {
+    "bdh": "skillstream.models.bdh_lm:build_bdh",
+    "bdh-spiking": "skillstream.models.bdh_lm:build_spiking_bdh",
+}
 
 
 def resolve(name: str, registry: dict[str, str], what: str) -> Any:

@@ -51,19 +51,22 @@ class SourceConfig(_Strict):
 
     source: str = Field(..., description="'nl2bash', a classification task folder, a .jsonl/.json/.csv/.parquet file, or 'hf:NAME[:CONFIG]'.")
     split: str = Field("train", description="Split to read: 'train' or 'test' (builtins, task folders, HF datasets).")
-    format: Literal["auto", "prompt_completion", "messages", "text", "classification"] = Field(
+    format: Literal["auto", "prompt_completion", "messages", "text", "classification", "preference"] = Field(
         "auto", description="How rows become examples; 'auto' picks from the columns.")
     columns: dict[str, str] = Field(default_factory=dict, description="Column mapping {our name: your column}, e.g. {prompt: question, completion: answer}.")
     instruction: str | None = Field(None, description="Instruction put before each input (classification tasks, prompt/completion).")
     limit: int | None = Field(None, gt=0, description="Use only the first N examples (after the split).")
     weight: float = Field(1.0, gt=0, description="Relative sampling weight when several sources are mixed.")
+    build: ComponentConfig | None = Field(None, description="Produce this source at the start of its stage: a builder "
+                                          "(registered name, e.g. verifier_pairs, or module:function) run on the current model writes "
+                                          "the JSONL file `source`, a path relative to the run directory.")
 
 
 class EvalTaskConfig(SourceConfig):
     name: str = Field(..., description="Task name used in results.json.")
     split: str = "test"
-    metric: Literal["auto", "accuracy", "exact_match", "bash", "perplexity"] = Field(
-        "auto", description="accuracy (option scoring), exact_match / bash (greedy generation), perplexity.")
+    metric: Literal["auto", "accuracy", "exact_match", "bash", "perplexity", "tool_call"] = Field(
+        "auto", description="accuracy (option scoring), exact_match / bash / tool_call (greedy generation), perplexity.")
     max_new_tokens: int = Field(64, gt=0, description="Generation budget for generative metrics.")
 
 

@@ -47,7 +47,8 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
                 checkpoint: Callable[[StageState], None], show_progress: bool = True) -> StageState:
     rank, world = accelerator.process_index, accelerator.num_processes
     ctx = StepContext(model, stage, stage_index, state.step, cfg.steps,
-                      alert=lambda sev, kind, msg: log.alert(state.step, sev, kind, msg))
+                      alert=lambda sev, kind, msg: log.alert(state.step, sev, kind, msg),
+                      extras={"plan": plan})  # a curriculum may re-weight the plan's sources
     for p in plugins:
         p.before_stage(ctx)
     batches = plan.iterate(state.position)

@@ -27,7 +27,7 @@ from .engine import StageState, build_optimizer, train_stage, trainable_paramete
 from .errors import UserError
 from .evaluation.runner import evaluate_examples
 from .monitor.metrics_log import ALERTS, METRICS, MetricsLog, rewrite_jsonl
-from .components import OBJECTIVES, PLUGINS, build
+from .components import BUILDERS, OBJECTIVES, PLUGINS, build, resolve
 
 EXPERTS = "experts"
 DEFAULT_EXPERT = "default"
@@ -50,6 +50,8 @@ class PreparedStage:
     plan: BatchPlan | None
     truncated: int
     n_examples: int
+    data: Any = None          # the stage's DataConfig: sources with `build` are made when the stage begins
+    built: dict | None = None  # what the builders reported
 
 
 @dataclass
@@ -73,6 +75,9 @@ def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
         metric = default_metric(t, examples) if t.metric == "auto" else t.metric
         if metric == "accuracy" and examples[0].kind != "classification":
             raise UserError(f"data.eval[{t.name}]: metric 'accuracy' needs a classification task folder")
+        if metric == "tool_call":
+            from .evaluation.tool_metrics import require_tool_examples
+            require_tool_examples(t.name, examples)
         tasks.append(EvalTask(t.name, metric, examples, t.max_new_tokens))
     return tasks
 
@@ -83,14 +88,60 @@ def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tupl
         if train_cfg.steps and not data_cfg.train:
             raise UserError(f"stage {name!r}: data.train is empty but train.steps is {train_cfg.steps}")
         objective = build(objective_cfg, OBJECTIVES, "objective", **context)
-        sources = [[objective.tokenize(ex, renderer) for ex in load_examples(src)] for src in data_cfg.train]
-        truncated = sum(t.truncated for src in sources for t in src)
-        plan = BatchPlan(sources, [s.weight for s in data_cfg.train], train_cfg.batch_size, cfg.seed,
-                         length_grouped=train_cfg.batching == "length_grouped") if sources else None
-        stages.append(PreparedStage(name, train_cfg, objective, plan, truncated, sum(len(s) for s in sources)))
+        if any(src.build for src in data_cfg.train):  # made on the model as it is when the stage begins
+            for src in data_cfg.train:
+                if src.build:
+                    resolve(src.build.name, BUILDERS, "builder")
+                else:  # check the others now, before the run directory exists
+                    [objective.tokenize(ex, renderer) for ex in load_examples(src)]
+            stages.append(PreparedStage(name, train_cfg, objective, None, 0, 0, data_cfg))
+        else:
+            stages.append(PreparedStage(name, train_cfg, objective, *_plan(cfg, data_cfg, train_cfg, objective, renderer)))
         if eval_tasks is None:
             eval_tasks = prepare_eval_tasks(cfg, data_cfg)  # the recipe's evaluation suite
     return stages, eval_tasks or []
+
+
+def _plan(cfg, data_cfg, train_cfg, objective, renderer, root: Path | None = None):
+    """(batch plan, truncated examples, examples) of a stage's training sources."""
+    srcs = [src.model_copy(update={"source": str(root / src.source), "build": None}) if src.build and root else src
+            for src in data_cfg.train]
+    sources = [[objective.tokenize(ex, renderer) for ex in load_examples(src)] for src in srcs]
+    truncated = sum(t.truncated for src in sources for t in src)
+    plan = BatchPlan(sources, [s.weight for s in data_cfg.train], train_cfg.batch_size, cfg.seed,
+                     length_grouped=train_cfg.batching == "length_grouped") if sources else None
+    return plan, truncated, sum(len(s) for s in sources)
+
+
+def _build_sources(st: PreparedStage, cfg, run_dir: Path, model, tok, renderer, accelerator) -> None:
+    """Run the stage's data builders (once: a file already written is reused on resume), then plan."""
+    built = {}
+    for src in st.data.train:
+        if not src.build:
+            continue
+        out = run_dir / src.source
+        if out.is_file():
+            print(f"stage {st.name!r}: using {out} (built earlier)", flush=True)
+        elif accelerator.is_main_process:
+            fn = resolve(src.build.name, BUILDERS, "builder")
+            was_training = model.training
+            model.eval()
+            try:
+                built[src.source] = fn(out, model=model, tokenizer=tok, renderer=renderer, recipe=cfg,
+                                       **dict(src.build.model_extra or {}))
+            finally:
+                model.train(was_training)
+            print(f"stage {st.name!r}: built {out}: {built[src.source]}", flush=True)
+        accelerator.wait_for_everyone()
+    st.plan, st.truncated, st.n_examples = _plan(cfg, st.data, st.train_cfg, st.objective, renderer, run_dir)
+    st.built = built or None
+
+
+def _begin_stage(objective, model) -> None:
+    """Objectives that fix something from the model when a stage begins (DPO's reference)."""
+    begin = getattr(objective, "begin_stage", None)
+    if begin is not None:
+        begin(model)
 
 
 def attach_lora(model, cfg: RecipeConfig):
@@ -190,7 +241,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
         accelerator.init_trackers("tb", config=flat)
 
     results = {"initial": None, "rows": [], "details": [], "stages": []}
-    start_stage, stage_state, seq = 0, None, 0
+    start_stage, stage_state, seq, begun = 0, None, 0, set()
     latest = ckpt.list_checkpoints(ckpt_dir)[-1:] if resume else []
     optimizer_state = None
     if latest:
@@ -200,8 +251,10 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
             p.load_state_dict(state.get("plugins", {}).get(p.name, {}))
         start_stage = state["stage_index"] + (1 if state["stage_done"] else 0)
         objective = stages[state["stage_index"]].objective
-        _load_trainables(_all_trainables(model, objective), weights)
         objective.load_state_dict(state.get("objective", {}))
+        _begin_stage(objective, model)
+        begun.add(state["stage_index"])
+        _load_trainables(_all_trainables(model, objective), weights)
         if not state["stage_done"]:
             s = state["stage_state"]
             stage_state = StageState(s["step"], Position(**s["position"]), s["tokens"], s["seconds"])
@@ -222,6 +275,10 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
     for si in range(start_stage, len(stages)):
         st = stages[si]
         state = stage_state if (si == start_stage and stage_state) else StageState()
+        if st.data is not None and st.plan is None:
+            _build_sources(st, cfg, run_dir, model, tok, renderer, accelerator)
+        if si not in begun:
+            _begin_stage(st.objective, model)
         optimizer = build_optimizer(list(_all_trainables(model, st.objective).values()), st.train_cfg)
         if optimizer_state is not None and si == start_stage and stage_state:
             optimizer.load_state_dict(optimizer_state)
@@ -253,7 +310,8 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
         results["rows"].append([r["score"] for r in row])
         results["stages"].append({"name": st.name, "steps": state.step, "seconds": state.seconds,
                                   "tokens": state.tokens, "tokens_per_s": state.tokens / max(state.seconds, 1e-9),
-                                  "examples": st.n_examples, "truncated": st.truncated})
+                                  "examples": st.n_examples, "truncated": st.truncated,
+                                  **({"built": st.built} if st.built else {})})
         save(state, done=True)
 
     final = _finish(cfg, run_dir, model, eval_tasks, results) if main else {}

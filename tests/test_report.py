@@ -16,6 +16,7 @@ import yaml
 
 from conftest import run_cli
 from skillstream.monitor.metrics_log import MetricsLog
+from skillstream.report.html import write_report
 from skillstream.report.rundata import fmt
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -81,9 +82,15 @@ def make_run(path: Path, *, rich: bool = True, name: str = "dylora_moe", finishe
 
 
 def report(run_dirs, cwd, *extra):
+    """Through the CLI, as a user would run it."""
     res = run_cli("report", *map(str, run_dirs), *extra, cwd=cwd)
     assert res.returncode == 0, res.stderr
     return res
+
+
+def render(run_dirs) -> str:
+    """In process: the same writer without a Python start-up per test."""
+    return write_report(run_dirs).read_text()
 
 
 def section_ids(page: str) -> set[str]:
@@ -150,8 +157,7 @@ def test_real_run_report_renders_in_headless_chromium(smoke_run, tmp_path):
 
 def test_sections_appear_when_the_run_has_their_data(tmp_path):
     run = make_run(tmp_path / "rich")
-    report([run], tmp_path)
-    page = (run / "report.html").read_text()
+    page = render([run])
     assert set(OPTIONAL) <= section_ids(page)
     assert_self_contained(page)
     for text in ("e0", "e1", "1,179,648", "0.9300", "new expert", "task_agnostic_accuracy",
@@ -170,23 +176,21 @@ def test_sections_appear_when_the_run_has_their_data(tmp_path):
 
 def test_plain_run_leaves_optional_sections_out(tmp_path):
     run = make_run(tmp_path / "plain", rich=False)
-    report([run], tmp_path)
-    page = (run / "report.html").read_text()
+    page = render([run])
     assert section_ids(page) & set(OPTIONAL) == set()
     assert {"summary", "tasks", "training", "samples", "config"} <= section_ids(page)
 
 
 def test_run_in_progress_shows_training_but_no_results(tmp_path):
     run = make_run(tmp_path / "live", rich=False, finished=False)
-    report([run], tmp_path)
-    ids = section_ids((run / "report.html").read_text())
+    ids = section_ids(render([run]))
     assert "training" in ids and "summary" not in ids and "samples" not in ids
 
 
 def test_comparison_of_two_runs(tmp_path):
     a = make_run(tmp_path / "a", name="ewc")
     b = make_run(tmp_path / "b", rich=False, name="replay", avg_shift=-0.1)
-    report([a, b], tmp_path)
+    assert write_report([a, b]) == a / "report-compare.html"
     page = (a / "report-compare.html").read_text()
     assert_self_contained(page)
     rows = re.findall(r"<tr><td>(ewc|replay)</td><td>[^<]*</td><td>([0-9.]+)</td>", page)
@@ -194,16 +198,12 @@ def test_comparison_of_two_runs(tmp_path):
     assert dict(rows) == expected and expected["ewc"] != expected["replay"]
     assert "dpo + ewc + replay" in page                       # method column from objective and plugins
     assert "loss of each run (overlaid)" in page
-    out = tmp_path / "elsewhere" / "cmp.html"
-    res = report([a, b], tmp_path, "--out", str(out))
-    assert res.stdout.strip() == f"wrote {out}" and out.exists()
 
 
 def test_same_recipe_twice_is_told_apart_by_folder(tmp_path):
     a = make_run(tmp_path / "seed0", rich=False, name="quickstart")
     b = make_run(tmp_path / "seed1", rich=False, name="quickstart")
-    report([a, b], tmp_path)
-    page = (a / "report-compare.html").read_text()
+    page = render([a, b])
     assert "quickstart (seed0)" in page and "quickstart (seed1)" in page
 
 
@@ -225,9 +225,11 @@ def test_truncated_last_line_is_skipped_and_reported(tmp_path):
     run = make_run(tmp_path / "killed", rich=False, finished=False)
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 7, "stage": "boolq", "lo')          # killed mid-write
-    res = report([run], tmp_path)
-    assert "metrics.jsonl" in res.stderr and "cut off" in res.stderr
-    page = (run / "report.html").read_text()
+    out = tmp_path / "elsewhere" / "killed.html"
+    res = report([run], tmp_path, "--out", str(out))
+    assert res.stdout.strip() == f"wrote {out}"
+    assert res.stderr.strip() == f"warning: {run / 'metrics.jsonl'}: the last line was cut off (a run killed mid-write); it was skipped"
+    page = out.read_text()
     assert "the last line was cut off" in page and "training" in section_ids(page)
 
 

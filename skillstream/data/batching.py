@@ -34,6 +34,26 @@ class BatchPlan:
         self.offsets = [sum(len(s) for s in sources[:i]) for i in range(len(sources))]
         self.batch_size, self.seed = batch_size, seed
         self.length_grouped, self.group_factor = length_grouped, group_factor
+        self.mixed = False  # set_weights() switches to run-time mixing
+
+    def set_weights(self, weights: list[float]) -> None:
+        """Mix the sources by these weights from now on (a curriculum that re-weights at run time).
+
+        In this mode batch b of block e is drawn from the mixture with Random(seed:mix:e:b) under the
+        weights in force when it is drawn: source by weight, then an example of that source
+        uniformly, with replacement. A block has as many batches as an epoch of the plain plan. The
+        batches are a pure function of (seed, position, weights), so a resumed run that restores
+        the weights sees exactly the batches of the uninterrupted run. The switch happens at the
+        next block boundary when made mid-epoch (make it before iterating, as plugins do in
+        before_stage)."""
+        if len(weights) != len(self.sources) or any(not w >= 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"mixture weights must be {len(self.sources)} non-negative numbers, not all 0 (got {weights})")
+        self.weights, self.mixed = [float(w) for w in weights], True
+
+    def _mixed_batch(self, epoch: int, b: int) -> list[int]:
+        rng = random.Random(f"{self.seed}:mix:{epoch}:{b}")
+        picks = rng.choices(range(len(self.sources)), weights=self.weights, k=self.batch_size)
+        return [self.offsets[s] + rng.randrange(len(self.sources[s])) for s in picks]
 
     def _epoch_indices(self, rng: random.Random) -> list[int]:
         if len(set(self.weights)) <= 1:
@@ -72,9 +92,13 @@ class BatchPlan:
         """Yield (global batch indices, position after it) forever, starting at pos."""
         epoch, start = pos.epoch, pos.batch
         while True:
-            batches = self.epoch(epoch)
-            for b in range(start, len(batches)):
-                yield batches[b], Position(epoch, b + 1)
+            if self.mixed:  # weights are read as each batch is drawn
+                for b in range(start, max(1, len(self.items) // self.batch_size)):
+                    yield self._mixed_batch(epoch, b), Position(epoch, b + 1)
+            else:
+                batches = self.epoch(epoch)
+                for b in range(start, len(batches)):
+                    yield batches[b], Position(epoch, b + 1)
             epoch, start = epoch + 1, 0
 
 

@@ -1,5 +1,10 @@
 """Builtin datasets that ship inside PyPI packages (nothing is downloaded at run time).
 
+bfcl: the Berkeley Function-Calling Leaderboard from `bfcl-eval`, as tool-calling conversations
+(see skillstream/tools/bfcl.py); `bfcl:CAT1,CAT2` picks categories.
+
+pydoc_topics: English prose from the standard library's `pydoc_data.topics` (see its reader).
+
 nl2bash: the 300 requests of InterCode's NL2Bash file-system sets, shipped by `icalfa`.
 Split (fixed, documented): the sets are concatenated in file order 1..5 and every 5th request
 (index % 5 == 4) is the test split: 240 train, 60 test. Both gold commands are kept as references.
@@ -42,4 +47,47 @@ def nl2bash_rows(split: str) -> list[Row]:
     return rows
 
 
-BUILTINS = {"nl2bash": (nl2bash_rows, NL2BASH_INSTRUCTION, "bash")}
+def bfcl_rows(split: str, categories: str | None = None) -> list[Row]:
+    """BFCL as tool-calling conversations (`source: bfcl` = all six categories, or
+    `source: "bfcl:simple,multiple"`); split and format in skillstream/tools/bfcl.py."""
+    from ..tools.bfcl import CATEGORIES, bfcl_rows as rows
+
+    names = [c.strip() for c in categories.split(",") if c.strip()] if categories else list(CATEGORIES)
+    return rows(names, split)
+
+
+def pydoc_topics_rows(split: str, chunk_chars: int = 1200) -> list[Row]:
+    """English prose from the standard library: the help topics of `pydoc_data.topics` (the Python
+    language reference, about 465k characters in 79 topics). Each topic is cut at paragraph
+    boundaries into pieces of at most `chunk_chars` characters. Split (fixed): topics sorted by
+    name, every 5th (index % 5 == 4) is test."""
+    if split not in ("train", "test"):
+        raise UserError(f"pydoc_topics: unknown split {split!r} (expected 'train' or 'test')")
+    from pydoc_data.topics import topics
+
+    rows = []
+    for index, name in enumerate(sorted(topics)):
+        if (index % 5 == 4) != (split == "test"):
+            continue
+        piece = ""
+        for para in (p.strip() for p in topics[name].split("\n\n")):
+            if piece and len(piece) + len(para) + 2 > chunk_chars:
+                rows.append(Row({"text": piece}, f"pydoc topic {name!r}"))
+                piece = ""
+            piece = f"{piece}\n\n{para}" if piece else para[:chunk_chars]
+        if piece:
+            rows.append(Row({"text": piece}, f"pydoc topic {name!r}"))
+    return rows
+
+
+BUILTINS = {"nl2bash": (nl2bash_rows, NL2BASH_INSTRUCTION, "bash"),
+            "bfcl": (bfcl_rows, None, "tool_call"),
+            "pydoc_topics": (pydoc_topics_rows, None, "perplexity")}
+
+
+def builtin_source(source: str):
+    """((reader, instruction, metric), argument) for 'NAME' or 'NAME:ARGUMENT' of a builtin, else None."""
+    name, colon, arg = source.partition(":")
+    if name in BUILTINS:
+        return BUILTINS[name], (arg if colon else None)
+    return None

@@ -1,5 +1,7 @@
-"""Turn rows of any source into `Example`s: prompt/completion, chat messages, plain text or
-classification. Checks every row; a bad one stops the run with one line naming it."""
+"""Turn rows of any source into `Example`s: prompt/completion, chat messages (with tool calls and
+a `tools` column), plain text, classification, or preference pairs (TRL's prompt/chosen/rejected,
+plain or conversational, explicit or implicit prompt). Checks every row; a bad one stops the run
+with one line naming it."""
 from __future__ import annotations
 
 import json
@@ -8,15 +10,16 @@ from pathlib import Path
 
 from ..config import SourceConfig
 from ..errors import UserError
-from .builtin import BUILTINS
+from .builtin import BUILTINS, builtin_source
 from .readers import Row, read_file, read_split
+from .tool_chat import check_tool_calls, check_tools
 
 GENERIC_INSTRUCTION = "Choose the correct option."
 
 
 @dataclass
 class Example:
-    kind: str                                   # prompt_completion | messages | text | classification
+    kind: str                                   # prompt_completion | messages | text | classification | preference
     prompt: str = ""                            # the user's request (before chat templating)
     completion: str = ""                        # the target answer
     messages: list[dict] | None = None          # chat conversation (kind == messages)
@@ -25,6 +28,10 @@ class Example:
     references: list[str] = field(default_factory=list)  # acceptable answers for generative metrics
     instruction: str | None = None
     where: str = ""
+    tools: list[dict] | None = None             # JSON-Schema function descriptions (tool-calling chats)
+    chosen: str | list[dict] | None = None      # kind == preference: the preferred continuation
+    rejected: str | list[dict] | None = None    # ... and the dispreferred one (prompt in prompt / messages)
+    meta: dict = field(default_factory=dict)    # extra row fields a metric needs (tool_call: functions, ground_truth, category)
 
 
 def is_task_folder(path: Path) -> bool:
@@ -45,11 +52,11 @@ def _mapped(row: Row, columns: dict[str, str], needed: list[str]) -> dict:
 
 def _detect_format(row: Row, columns: dict[str, str]) -> str:
     keys = set(row.data) | set(columns)
-    for fmt, needed in (("messages", {"messages"}), ("prompt_completion", {"prompt", "completion"}), ("text", {"text"})):
+    for fmt, needed in (("preference", {"chosen", "rejected"}), ("messages", {"messages"}), ("prompt_completion", {"prompt", "completion"}), ("text", {"text"})):
         if needed <= keys:
             return fmt
     raise UserError(f"{row.where}: cannot tell the format from columns {sorted(row.data)}; "
-                    "expected 'messages', 'prompt'+'completion' or 'text' (or set format/columns)")
+                    "expected 'messages', 'prompt'+'completion', 'chosen'+'rejected' or 'text' (or set format/columns)")
 
 
 def _classification(folder: Path, src: SourceConfig) -> list[Example]:
@@ -82,7 +89,12 @@ def _from_row(row: Row, src: SourceConfig, fmt: str, instruction: str | None) ->
             raise UserError(f"{row.where}: 'messages' must be a list of {{role, content}} objects")
         if not any(m["role"] == "assistant" for m in msgs):
             raise UserError(f"{row.where}: 'messages' has no assistant turn to learn from")
-        return Example("messages", messages=msgs, where=row.where)
+        tools = check_tools(data["tools"], row.where) if data.get("tools") is not None else None
+        check_tool_calls(msgs, tools, row.where)
+        meta = {k: data[k] for k in META_FIELDS if k in data}
+        return Example("messages", messages=msgs, where=row.where, tools=tools, meta=meta)
+    if fmt == "preference":
+        return _preference(_mapped(row, src.columns, ["chosen", "rejected"]), row.where)
     if fmt == "text":
         data = _mapped(row, src.columns, ["text"])
         return Example("text", text=str(data["text"]), where=row.where)
@@ -92,11 +104,53 @@ def _from_row(row: Row, src: SourceConfig, fmt: str, instruction: str | None) ->
                    references=[str(r) for r in refs], instruction=instruction, where=row.where)
 
 
+META_FIELDS = ("functions", "ground_truth", "category", "id")
+
+
+def _messages_of(value, where: str, what: str) -> list[dict]:
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) and "role" in m for m in value):
+        raise UserError(f"{where}: {what!r} must be a list of {{role, content}} messages (conversational) "
+                        "or a string (plain), like the other columns of the row")
+    return value
+
+
+def _preference(data: dict, where: str) -> Example:
+    """TRL's preference format: prompt + chosen + rejected, all strings (plain) or all messages
+    (conversational); without a prompt, conversational chosen/rejected share it as a prefix."""
+    chosen, rejected, prompt = data["chosen"], data["rejected"], data.get("prompt")
+    tools = check_tools(data["tools"], where) if data.get("tools") is not None else None
+    meta = {k: data[k] for k in META_FIELDS if k in data}
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if not isinstance(prompt, str):
+            raise UserError(f"{where}: plain preference rows need a string 'prompt' (got {type(prompt).__name__})")
+        if chosen == rejected:
+            raise UserError(f"{where}: 'chosen' and 'rejected' are identical; a pair must differ")
+        return Example("preference", prompt=prompt, chosen=chosen, rejected=rejected, where=where, tools=tools, meta=meta)
+    chosen, rejected = _messages_of(chosen, where, "chosen"), _messages_of(rejected, where, "rejected")
+    if prompt is None:  # implicit prompt: the messages chosen and rejected share
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    prompt = _messages_of(prompt, where, "prompt")
+    if chosen == rejected:
+        raise UserError(f"{where}: 'chosen' and 'rejected' are identical; a pair must differ")
+    for what, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[-1]["role"] != "assistant":
+            raise UserError(f"{where}: {what!r} must end with an assistant message")
+        check_tool_calls(prompt + msgs, tools, where)
+    return Example("preference", messages=prompt, chosen=chosen, rejected=rejected, where=where, tools=tools, meta=meta)
+
+
 def load_examples(src: SourceConfig) -> list[Example]:
     """All examples of one source's split; raises UserError on an empty split or a bad row."""
-    if src.source in BUILTINS:
-        reader, instruction, _ = BUILTINS[src.source]
-        rows, fmt = reader(src.split), "prompt_completion"
+    builtin = builtin_source(src.source)
+    if builtin:
+        (reader, instruction, _), arg = builtin
+        rows = reader(src.split, arg) if arg is not None else reader(src.split)
+        fmt = src.format if src.format != "auto" else _detect_format(rows[0], src.columns) if rows else "text"
         examples = [_from_row(r, src, fmt, src.instruction or instruction) for r in rows]
     elif is_task_folder(Path(src.source)) or src.format == "classification":
         examples = _classification(Path(src.source), src)
@@ -112,7 +166,8 @@ def load_examples(src: SourceConfig) -> list[Example]:
 
 
 def default_metric(src: SourceConfig, examples: list[Example]) -> str:
-    if src.source in BUILTINS:
-        return BUILTINS[src.source][2]
+    builtin = builtin_source(src.source)
+    if builtin:
+        return builtin[0][2]
     kind = examples[0].kind
     return {"classification": "accuracy", "text": "perplexity", "messages": "perplexity"}.get(kind, "exact_match")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .examples import Example
+from .tool_chat import template_supports_tools, to_plain_messages
 
 IGNORE = -100
 
@@ -33,19 +34,27 @@ class Renderer:
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
 
     # -- text ------------------------------------------------------------------------------
-    def _chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            if not (self.has_template and template_supports_tools(self.tok)):  # see data/tool_chat.py
+                messages, tools = to_plain_messages(messages, tools, self.system_prompt), None
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}] + messages
         if self.has_template:
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                **({"tools": tools} if tools else {}))
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        """A conversation as text with the chat template (tool schemas and calls as in data/tool_chat.py)."""
+        return self._chat(messages, add_generation_prompt, tools)
 
     def prompt_text(self, ex: Example) -> str:
         """The text the model continues from at evaluation time."""
         if ex.kind == "messages":
             last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
-            return self._chat(ex.messages[:last], add_generation_prompt=True)
+            return self._chat(ex.messages[:last], add_generation_prompt=True, tools=ex.tools)
         return self._chat([{"role": "user", "content": user_text(ex)}], add_generation_prompt=True)
 
     def answer_text(self, ex: Example, answer: str) -> str:
@@ -67,10 +76,10 @@ class Renderer:
         if ex.kind == "messages":
             pieces, done = [], ""
             for i, m in enumerate(ex.messages):
-                upto = self._chat(ex.messages[: i + 1], add_generation_prompt=False)
+                upto = self._chat(ex.messages[: i + 1], add_generation_prompt=False, tools=ex.tools)
                 if m["role"] == "assistant":
                     # the assistant header belongs to the prompt; only the reply is learned
-                    head = self._chat(ex.messages[:i], add_generation_prompt=True) if i else ""
+                    head = self._chat(ex.messages[:i], add_generation_prompt=True, tools=ex.tools) if i else ""
                     if head.startswith(done) and upto.startswith(head):
                         pieces += [(head[len(done):], False), (upto[len(head):], True)]
                     else:

@@ -81,7 +81,8 @@ def _perplexity(model, renderer: Renderer, examples, batch_size, pad_id) -> dict
     return {"perplexity": math.exp(nll / max(count, 1)), "nll": nll / max(count, 1)}
 
 
-MAIN_METRIC = {"accuracy": "accuracy", "exact_match": "exact_match", "bash": "exact_match", "perplexity": "perplexity"}
+MAIN_METRIC = {"accuracy": "accuracy", "exact_match": "exact_match", "bash": "exact_match", "perplexity": "perplexity",
+               "tool_call": "ast_accuracy"}
 
 
 def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], metric: str,
@@ -94,6 +95,9 @@ def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], m
             out = _accuracy(model, tok, renderer, examples, batch_size)
         elif metric in ("exact_match", "bash"):
             out = _generative(model, tok, renderer, examples, batch_size, max_new_tokens, bash=metric == "bash")
+        elif metric == "tool_call":  # format, tool selection, AST argument and irrelevance accuracy
+            from .tool_metrics import evaluate_tool_calls
+            out = evaluate_tool_calls(model, tok, renderer, examples, batch_size, max_new_tokens)
         else:
             out = _perplexity(model, renderer, examples, batch_size, tok.pad_token_id)
     finally:

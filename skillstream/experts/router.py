@@ -190,10 +190,11 @@ class RouterTrainer:
     """
 
     def __init__(self, router: Router, *, feature_alpha: float = 0.5, lr: float = 1e-2,
-                 memory: FeatureMemory | None = None, capacity_per_expert: int = 64, seed: int = 0):
+                 memory: FeatureMemory | None = None, capacity_per_expert: int = 64, seed: int = 0,
+                 balanced: bool = True):
         if not 0.0 <= feature_alpha < 1.0:
             raise UserError(f"router feature_alpha must be in [0, 1), got {feature_alpha}")
-        self.router, self.feature_alpha = router, feature_alpha
+        self.router, self.feature_alpha, self.balanced = router, feature_alpha, balanced
         self.memory = memory or FeatureMemory(capacity_per_expert, seed)
         self.lr = lr
         self.optimizer = torch.optim.Adam(router.parameters(), lr=lr)
@@ -215,7 +216,14 @@ class RouterTrainer:
             feats += [f.to(features.device), p.to(features.device)]
             labels += [y, py]
         logits = self.router(torch.cat(feats))
-        loss = F.cross_entropy(logits, torch.cat(labels).to(logits.device))
+        y = torch.cat(labels).to(logits.device)
+        if self.balanced:
+            # every expert in the batch weighs the same, however many samples it has in it
+            counts = torch.bincount(y, minlength=logits.shape[-1]).float()
+            w = (1.0 / counts.clamp_min(1))[y]
+            loss = (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
+        else:
+            loss = F.cross_entropy(logits, y)
         self.memory.add(features, expert)
         return loss
 

@@ -75,14 +75,15 @@ def panels(groups: dict[str, dict[str, Series]], bounds: list[tuple[float, str]]
     cols = min(cols, n)
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(5.2 * cols, 2.8 * rows + 0.4))
-    fig.suptitle(title)
+    if n > 1:
+        fig.suptitle(title)
     for k, (name, series) in enumerate(groups.items()):
         ax = fig.add_subplot(rows, cols, k + 1)
         for label, (xs, ys) in series.items():
             ax.plot(xs, ys, label=label, linewidth=1.2, marker="." if len(xs) < 30 else None)
         _boundaries(ax, bounds)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and stages are whole numbers
-        ax.set_title(name, fontsize=10)
+        ax.set_title(name if n > 1 else f"{title}\n{name}", fontsize=10)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(alpha=0.3)
         if len(series) > 1:
@@ -123,6 +124,7 @@ def alert_timeline(points: list[tuple[float, str]], loss: Series | None, bounds:
             ax.axvline(x, color=SEVERITY_COLOURS.get(sev, "#555"), linewidth=2, alpha=0.8,
                        label=sev if i == 0 else None)
     _boundaries(ax, bounds)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step (whole run)")
     ax.set_title(title)
     ax.legend(fontsize=8)

@@ -171,3 +171,17 @@ def to_trl_example(record: dict) -> dict:
     calls = answer_to_calls(record["ground_truth"], record["functions"])
     answer = calls_to_message(calls) if calls else {"role": "assistant", "content": DECLINE}
     return {"messages": [*record["question"], answer], "tools": tool_schemas(record["functions"])}
+
+
+def bfcl_rows(categories: list[str] | None, split: str):
+    """Rows of the builtin data source ``bfcl``: TRL conversational examples (``messages``,
+    ``tools``) that keep what the ``tool_call`` metric checks against (``functions``,
+    ``ground_truth``, ``category``, ``id``)."""
+    from ..data.readers import Row
+
+    rows = []
+    for record in load_bfcl(categories, split):
+        example = to_trl_example(record)
+        rows.append(Row({**example, "functions": record["functions"], "ground_truth": record["ground_truth"],
+                         "category": record["category"], "id": record["id"]}, f"BFCL {record['id']}"))
+    return rows

@@ -1,0 +1,223 @@
+"""The Adaptive Learner's "triple signal" of a task, for reuse-or-create decisions.
+
+A `TaskSignal` describes a handful of a task's examples as the frozen backbone sees them:
+
+(a) embedding  — mean of `pooled_features` (last hidden states, mean over real tokens) over the
+                 examples, averaged half-and-half with the task description's when one is given;
+(b) gradient sketch — the gradient the examples' LM loss induces on the `lora_B` of a *fresh* LoRA
+                 (B = 0, A = a seeded Gaussian of rank `sketch_rank`) on every Linear whose name ends
+                 with one of `grad_modules` (default: each decoder layer's MLP `down_proj`), projected
+                 to `sketch_dim` numbers by a fixed seeded Gaussian. At B = 0 that gradient is
+                 scale * (dL/dW) A^T, so it is read from the frozen layer's input and output gradient
+                 through hooks, without adding an adapter to the model;
+(c) context statistics — mean next-token entropy of the backbone's predictions over real tokens
+                 (nats) and mean length in tokens.
+
+All three are computed with adapters off, so the signals of a new task and the profiles of every
+expert live in one space that does not move while experts train; an expert's profile is refreshed
+after it trains by folding in the signal of the examples it was trained and validated on.
+
+    similarity = 0.4 * cos(a) + 0.4 * cos(b) + 0.2 * context
+    context    = 1 - (|H1 - H2| / max(H1, H2) + |L1 - L2| / max(L1, L2)) / 2      (in [0, 1])
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batching import collate
+from ..data.examples import Example
+from ..data.render import IGNORE, Renderer, Tokenized
+from .mixing import backbone_only
+from .router import masked_mean
+
+
+@dataclass
+class SignalConfig:
+    grad_modules: tuple[str, ...] = ("down_proj",)  # Linear layers whose (sketched) gradient is read
+    sketch_rank: int = 4                            # rank of the virtual fresh LoRA's A
+    sketch_dim: int = 64                            # length of the gradient sketch
+    max_length: int = 128                           # tokens per example
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class SimilarityWeights:
+    embedding: float = 0.4
+    gradient: float = 0.4
+    context: float = 0.2
+
+
+@dataclass
+class TaskSignal:
+    embedding: torch.Tensor     # (hidden,)
+    sketch: torch.Tensor        # (sketch_dim,)
+    entropy: float              # mean next-token entropy, nats
+    length: float               # mean tokens per example
+    count: int = 1              # examples it summarises (weights running means)
+
+    def merged(self, other: "TaskSignal") -> "TaskSignal":
+        """Count-weighted mean of two signals (a profile covering both sets of examples)."""
+        a, b = self.count, other.count
+        mix = lambda x, y: (x * a + y * b) / (a + b)
+        return TaskSignal(mix(self.embedding, other.embedding), mix(self.sketch, other.sketch),
+                          mix(self.entropy, other.entropy), mix(self.length, other.length), a + b)
+
+    def state(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+        return ({f"{prefix}embedding": self.embedding.contiguous(), f"{prefix}sketch": self.sketch.contiguous()},
+                {"entropy": self.entropy, "length": self.length, "count": self.count})
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "") -> "TaskSignal":
+        return cls(tensors[f"{prefix}embedding"], tensors[f"{prefix}sketch"], meta["entropy"], meta["length"], meta["count"])
+
+
+@dataclass
+class ExpertProfile:
+    """An expert's signal, refreshed (count-weighted) with each new set of its examples."""
+    name: str
+    signal: TaskSignal | None = None
+    refreshed_step: int = 0
+    refreshes: int = 0
+
+    def refresh(self, signal: TaskSignal, step: int = 0) -> None:
+        self.signal = signal if self.signal is None else self.signal.merged(signal)
+        self.refreshed_step, self.refreshes = step, self.refreshes + 1
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        meta = {"name": self.name, "refreshed_step": self.refreshed_step, "refreshes": self.refreshes}
+        if self.signal is None:
+            return {}, meta
+        tensors, sig = self.signal.state(prefix=f"{self.name}.")
+        return tensors, {**meta, "signal": sig}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "ExpertProfile":
+        sig = TaskSignal.from_state(tensors, meta["signal"], prefix=f"{meta['name']}.") if "signal" in meta else None
+        return cls(meta["name"], sig, meta["refreshed_step"], meta["refreshes"])
+
+
+# -- computing a signal --------------------------------------------------------------------------
+
+def _gaussian(shape: tuple[int, ...], key: str, scale: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    return torch.randn(shape, generator=g) * scale
+
+
+def _chosen_linears(model: torch.nn.Module, suffixes: Sequence[str]) -> dict[str, torch.nn.Linear]:
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = {}
+    for name, mod in hf.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or "lora_" in name:
+            continue
+        # the same name with or without PEFT's wrapper, so sketches of both are comparable
+        key = name.removesuffix(".base_layer")
+        if key.split(".")[-1] in suffixes:
+            out[key] = mod
+    if not out:
+        raise ValueError(f"gradient sketch: no Linear layer named {list(suffixes)} in the model")
+    return out
+
+
+def _tokenize(tokenizer, examples: Sequence[Example | str], max_length: int) -> list[Tokenized]:
+    renderer = Renderer(tokenizer, max_length)
+    items = []
+    for ex in examples:
+        if isinstance(ex, str):  # plain text: the loss is on every token
+            ids = tokenizer(ex, truncation=True, max_length=max_length)["input_ids"]
+            items.append(Tokenized(ids, list(ids), False))
+        else:
+            items.append(renderer.tokenize(ex))
+    return items
+
+
+def compute_signal(model: torch.nn.Module, tokenizer, examples: Sequence[Example | str], *,
+                   description: str | None = None, config: SignalConfig | None = None) -> TaskSignal:
+    """The triple signal of a few examples (Examples are rendered as in training; strings as plain text)."""
+    cfg = config or SignalConfig()
+    if not examples:
+        raise ValueError("compute_signal: no examples")
+    linears = _chosen_linears(model, cfg.grad_modules)
+    A = {k: _gaussian((cfg.sketch_rank, m.in_features), f"{cfg.seed}:A:{k}", m.in_features ** -0.5)
+         for k, m in linears.items()}
+    P = {k: _gaussian((cfg.sketch_dim, m.out_features * cfg.sketch_rank), f"{cfg.seed}:P:{k}", cfg.sketch_dim ** -0.5)
+         for k, m in linears.items()}
+    items = _tokenize(tokenizer, examples, cfg.max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    emb_sum, sketch, ent_sum, ent_tokens = 0.0, torch.zeros(cfg.sketch_dim), 0.0, 0
+    for start in range(0, len(items), cfg.batch_size):
+        chunk = items[start:start + cfg.batch_size]
+        batch = collate(chunk, pad)
+        emb, grads, ent, n_tok = _one_batch(model, batch, linears, A)
+        emb_sum = emb_sum + emb.sum(0)
+        # token-weighted sum of per-batch mean gradients = gradient of the mean loss over all batches
+        n_label = int((batch["labels"][:, 1:] != IGNORE).sum())
+        for k, g in grads.items():
+            sketch += P[k] @ g.flatten() * n_label
+        ent_sum, ent_tokens = ent_sum + ent, ent_tokens + n_tok
+    embedding = emb_sum / len(items)
+    if description:
+        desc = _tokenize(tokenizer, [description], cfg.max_length)
+        d_emb, _, _, _ = _one_batch(model, collate(desc, pad), linears, A)
+        embedding = 0.5 * embedding + 0.5 * d_emb[0]
+    length = sum(len(t.input_ids) for t in items) / len(items)
+    return TaskSignal(embedding, sketch, ent_sum / max(1, ent_tokens), float(length), len(items))
+
+
+def _one_batch(model, batch, linears, A):
+    """Pooled embeddings (B, hidden), sketched lora_B gradients per layer, entropy sum and token count."""
+    inputs, zeros = {}, {}
+
+    def hook(key, module, args, output):
+        inputs[key] = args[0].detach().float()
+        zeros[key] = torch.zeros_like(output, requires_grad=True)
+        return output + zeros[key]  # dL/d(zero) = dL/d(output), and the graph starts here
+
+    handles = [m.register_forward_hook(lambda mod, a, o, k=k: hook(k, mod, a, o)) for k, m in linears.items()]
+    try:
+        with backbone_only(model), torch.enable_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["labels"], output_hidden_states=True)
+            keys = list(zeros)
+            grads = torch.autograd.grad(out.loss, [zeros[k] for k in keys], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    mask = batch["attention_mask"]
+    emb = masked_mean(out.hidden_states[-1].detach().float(), mask)
+    sketched = {}
+    for k, g in zip(keys, grads):
+        if g is None:
+            continue
+        # dL/dB of a fresh LoRA (B = 0): sum over tokens of g_t (A x_t)^T, shape (out, rank)
+        sketched[k] = torch.einsum("bto,btr->or", g.float(), inputs[k] @ A[k].T)
+    with torch.no_grad():
+        logp = out.logits.detach().float().log_softmax(-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        ent_sum = float((ent * mask).sum())
+    return emb, sketched, ent_sum, int(mask.sum())
+
+
+# -- comparing ---------------------------------------------------------------------------------
+
+def similarity_components(a: TaskSignal, b: TaskSignal) -> dict[str, float]:
+    ctx = 1 - 0.5 * (abs(a.entropy - b.entropy) / max(a.entropy, b.entropy, 1e-12)
+                     + abs(a.length - b.length) / max(a.length, b.length, 1e-12))
+    return {"embedding": F.cosine_similarity(a.embedding, b.embedding, dim=0).item(),
+            "gradient": F.cosine_similarity(a.sketch, b.sketch, dim=0).item(),
+            "context": ctx}
+
+
+def similarity(signal: TaskSignal, profile: ExpertProfile | TaskSignal,
+               weights: SimilarityWeights = SimilarityWeights()) -> float:
+    """Weighted sum of the three components (see the module docstring); in [-0.8, 1] with the defaults."""
+    other = profile.signal if isinstance(profile, ExpertProfile) else profile
+    if other is None:
+        raise ValueError(f"expert profile {profile.name!r} has no signal yet")
+    c = similarity_components(signal, other)
+    return weights.embedding * c["embedding"] + weights.gradient * c["gradient"] + weights.context * c["context"]

@@ -1,0 +1,241 @@
+"""Direct Preference Optimisation on prompt/chosen/rejected pairs (Rafailov et al., 2023).
+
+    objective: {name: dpo, beta: 0.1, loss: sigmoid, reference: auto}
+
+Per pair, with log-probabilities summed over the completion tokens (the final assistant turn of a
+conversation, or the completion of a plain prompt; the prompt, earlier turns included, is never
+scored), and ``delta = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))``:
+
+* ``sigmoid``: ``-log σ(β·delta)`` -- the DPO loss;
+* ``hinge``:   ``max(0, 1 - β·delta)`` (SLiC);
+* ``ipo``:     ``(delta' - 1/(2β))²`` where ``delta'`` uses log-ratios averaged per completion token
+  (Azar et al., 2023, in the length-normalised form TRL uses).
+
+These are TRL's formulas (``DPOTrainer._compute_loss``, TRL 1.16) and its metric names:
+``rewards/chosen`` = β·(log π(c) - log π_ref(c)), ``rewards/rejected``, ``rewards/margins`` (their
+difference), ``rewards/accuracies`` (share with chosen reward > rejected reward), ``logps/chosen``,
+``logps/rejected`` (policy log-probabilities, summed), averaged over the batch.
+
+Chosen and rejected are different sequences run in one forward pass: the batch holds the B chosen
+sequences followed by the B rejected ones. (MUSE's public code ran the same input twice, so
+delta was 0 and the loss stayed at log 2 whatever the model did.) The loss starts at exactly
+log 2 only when the policy equals the reference.
+
+The reference is never a second copy of the backbone (``reference``):
+
+* ``base``: the same model with its LoRA adapter disabled (``model.disable_adapter()``);
+* ``adapter``: a frozen copy of the trainable (adapter) weights taken when the stage begins, i.e.
+  the policy the stage starts from -- the SFT policy when DPO follows an SFT stage. Its weights
+  are swapped in for the reference pass (no extra modules, no copy of the backbone) and ride in
+  checkpoints as the objective's (frozen) parameters, so a resumed run keeps the same reference;
+* ``auto`` (default): ``adapter`` when the adapter has already been trained (any non-zero
+  ``lora_B``), else ``base`` (a fresh LoRA adapter is a no-op: both give the same reference).
+
+The reference pass runs in eval mode (no dropout) under ``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..data.examples import Example
+from ..data.render import IGNORE, Renderer
+from ..errors import UserError
+from .lm import _plain_head_parts
+
+LOSSES = ("sigmoid", "hinge", "ipo")
+REFERENCES = ("auto", "base", "adapter")
+
+
+@dataclass
+class PairItem:
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+    truncated: bool
+
+    @property
+    def length(self) -> int:  # what length grouping sorts by (see data/batching.item_length)
+        return len(self.chosen_ids) + len(self.rejected_ids)
+
+
+def preference_texts(ex: Example, renderer: Renderer) -> tuple[str, str, str]:
+    """(prompt text, chosen continuation, rejected continuation) with the chat template.
+
+    Conversational pairs render prompt + chosen (and prompt + rejected) as one conversation and
+    take what follows the prompt with its generation header; plain pairs are a user turn and an
+    assistant answer, as prompt/completion examples are rendered."""
+    if ex.kind != "preference":
+        raise UserError(f"{ex.where}: the dpo objective needs preference rows (prompt/chosen/rejected), got {ex.kind}")
+    if ex.messages is None:
+        prompt = renderer.prompt_text(Example("prompt_completion", prompt=ex.prompt))
+        probe = Example("prompt_completion", prompt=ex.prompt)
+        return prompt, renderer.answer_text(probe, ex.chosen), renderer.answer_text(probe, ex.rejected)
+    prompt = renderer.chat(ex.messages, add_generation_prompt=True, tools=ex.tools)
+    out = []
+    for side in (ex.chosen, ex.rejected):
+        full = renderer.chat(ex.messages + side, tools=ex.tools)
+        if not full.startswith(prompt):
+            raise UserError(f"{ex.where}: the chat template does not render the prompt as the start of prompt + answer")
+        out.append(full[len(prompt):])
+    return prompt, out[0], out[1]
+
+
+def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
+    """Cut to max_length keeping the completion's start and the prompt's end (nearest the answer)."""
+    if len(prompt) + len(completion) <= max_length:
+        return prompt, completion, False
+    completion = completion[: max(max_length - min(len(prompt), max_length // 2), 1)]
+    keep = max_length - len(completion)
+    return (prompt[-keep:] if keep > 0 else []), completion, True
+
+
+def sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Sum of log p(label token) per row, the LM head applied only where a label follows."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    parts = _plain_head_parts(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
+    else:
+        decoder, head = parts
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = head(hidden[:, :-1][keep])
+    token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(input_ids.shape[0], device=token_logps.device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss: str = "sigmoid",
+             chosen_tokens=None, rejected_tokens=None) -> torch.Tensor:
+    """Per-pair losses (see the module doc); token counts are needed for ``ipo``."""
+    chosen_lr, rejected_lr = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if loss == "sigmoid":
+        return -F.logsigmoid(beta * (chosen_lr - rejected_lr))
+    if loss == "hinge":
+        return torch.relu(1 - beta * (chosen_lr - rejected_lr))
+    if loss == "ipo":
+        delta = chosen_lr / chosen_tokens.clamp(min=1) - rejected_lr / rejected_tokens.clamp(min=1)
+        return (delta - 1 / (2 * beta)) ** 2
+    raise ValueError(loss)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DDP
+
+
+class DPOObjective:
+    """DPO / IPO / hinge on preference pairs; see the module doc. Follows the objective protocol
+    of :class:`skillstream.objectives.lm.LMObjective`, plus ``begin_stage(model)``."""
+
+    name = "dpo"
+
+    def __init__(self, beta: float = 0.1, loss: str = "sigmoid", reference: str = "auto", **context):
+        if loss not in LOSSES:
+            raise UserError(f"objective dpo: loss {loss!r} unknown (expected one of {', '.join(LOSSES)})")
+        if reference not in REFERENCES:
+            raise UserError(f"objective dpo: reference {reference!r} unknown (expected one of {', '.join(REFERENCES)})")
+        if not beta > 0:
+            raise UserError(f"objective dpo: beta must be > 0 (got {beta})")
+        self.beta, self.loss, self.reference = float(beta), loss, reference
+        self.resolved: str | None = None          # base | adapter, fixed when the stage begins
+        self._policy: dict[str, torch.nn.Parameter] = {}
+        self._frozen: dict[str, torch.nn.Parameter] = {}
+
+    # -- protocol ------------------------------------------------------------------------------
+    def tokenize(self, example: Example, renderer: Renderer) -> PairItem:
+        prompt, chosen, rejected = preference_texts(example, renderer)
+        tok = renderer.tok
+        p = tok(prompt, add_special_tokens=True)["input_ids"]
+        sides, truncated = [], False
+        for text in (chosen, rejected):
+            c = tok(text, add_special_tokens=False)["input_ids"]
+            pp, cc, cut = _fit(p, c, renderer.max_length)
+            truncated |= cut
+            sides.append((pp + cc, [IGNORE] * len(pp) + cc))
+        if sides[0][0] == sides[1][0]:
+            raise UserError(f"{example.where}: chosen and rejected render to the same tokens")
+        return PairItem(sides[0][0], sides[0][1], sides[1][0], sides[1][1], truncated)
+
+    def collate(self, items: list[PairItem], pad_id: int) -> dict[str, torch.Tensor]:
+        seqs = [(it.chosen_ids, it.chosen_labels) for it in items] + [(it.rejected_ids, it.rejected_labels) for it in items]
+        width = max(len(ids) for ids, _ in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (s, lab) in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            labels[i, : len(s)] = torch.tensor(lab)
+            mask[i, : len(s)] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    def extra_parameters(self) -> dict:
+        return {f"ref.{k}": v for k, v in self._frozen.items()}
+
+    def state_dict(self) -> dict:
+        return {"reference": self.resolved}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resolved = state.get("reference") or self.resolved
+
+    # -- reference -------------------------------------------------------------------------------
+    def begin_stage(self, model) -> None:
+        """Fix the reference: the policy as it stands when the stage begins (see the module doc)."""
+        inner = _unwrap(model)
+        self._policy = {n: p for n, p in inner.named_parameters() if p.requires_grad}
+        mode = self.resolved or self.reference
+        if mode == "auto":
+            trained = any(bool(p.detach().abs().sum() > 0) for n, p in self._policy.items() if "lora_B" in n)
+            mode = "adapter" if trained or not hasattr(inner, "disable_adapter") else "base"
+        if mode == "base" and not hasattr(inner, "disable_adapter"):
+            raise UserError("objective dpo: reference 'base' needs a LoRA (PEFT) model")
+        self.resolved = mode
+        self._frozen = {n: torch.nn.Parameter(p.detach().clone(), requires_grad=False) for n, p in self._policy.items()} \
+            if mode == "adapter" else {}
+
+    def _swap(self) -> None:
+        for n, p in self._policy.items():
+            frozen = self._frozen[n]
+            p.data, frozen.data = frozen.data, p.data
+
+    @torch.no_grad()
+    def reference_logps(self, model, batch) -> torch.Tensor:
+        if self.resolved is None:
+            self.begin_stage(model)
+        inner = _unwrap(model)
+        was_training = inner.training
+        inner.eval()
+        try:
+            if self.resolved == "base":
+                with inner.disable_adapter():
+                    return sequence_logps(inner, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            self._swap()
+            try:
+                return sequence_logps(inner, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            finally:
+                self._swap()
+        finally:
+            inner.train(was_training)
+
+    # -- loss --------------------------------------------------------------------------------------
+    def __call__(self, model, batch: dict[str, torch.Tensor]):
+        ref = self.reference_logps(model, batch)
+        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        tokens = (batch["labels"][:, 1:] != IGNORE).sum(-1).float()
+        pc, pr = logps.chunk(2)
+        rc, rr = ref.chunk(2)
+        tc, tr = tokens.chunk(2)
+        loss = dpo_loss(pc, pr, rc, rr, self.beta, self.loss, tc, tr).mean()
+        chosen_r, rejected_r = self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
+        metrics = {"rewards/chosen": chosen_r.mean().item(), "rewards/rejected": rejected_r.mean().item(),
+                   "rewards/margins": (chosen_r - rejected_r).mean().item(),
+                   "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
+                   "logps/chosen": pc.detach().mean().item(), "logps/rejected": pr.detach().mean().item()}
+        return loss, metrics, None
+
+
+LOG2 = math.log(2)
