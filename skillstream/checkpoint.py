@@ -1,8 +1,9 @@
 """Resumable checkpoints, written atomically.
 
 A checkpoint is a folder: trainable weights (safetensors), optimizer state (torch.save, read back
-with weights_only=True so nothing arbitrary is unpickled), RNG states, and a JSON `state.json`
-with the scheduler, data position, results so far and each plugin's state. It is written under a
+with weights_only=True so nothing arbitrary is unpickled), RNG states, and `state.json` with the
+data position, results so far and each plugin's and the objective's state (their tensors go to
+`state.safetensors`). It is written under a
 temporary name and renamed, so a kill at any instant leaves the previous checkpoint intact.
 """
 from __future__ import annotations
@@ -44,6 +45,29 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def split_tensors(obj, prefix: str = "", out: dict | None = None):
+    """Replace every tensor in a nested dict/list by {"__tensor__": key}; return (json_obj, tensors)."""
+    out = {} if out is None else out
+    if torch.is_tensor(obj):
+        out[prefix] = obj.detach().contiguous().cpu()
+        return {"__tensor__": prefix}, out
+    if isinstance(obj, dict):
+        return {k: split_tensors(v, f"{prefix}/{k}", out)[0] for k, v in obj.items()}, out
+    if isinstance(obj, (list, tuple)):
+        return [split_tensors(v, f"{prefix}/{i}", out)[0] for i, v in enumerate(obj)], out
+    return obj, out
+
+
+def join_tensors(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [join_tensors(v, tensors) for v in obj]
+    return obj
+
+
 def save(root: Path, name: str, weights: dict[str, torch.Tensor], optimizer_state: dict, state: dict,
          keep: int = 2) -> Path:
     root.mkdir(parents=True, exist_ok=True)
@@ -52,7 +76,9 @@ def save(root: Path, name: str, weights: dict[str, torch.Tensor], optimizer_stat
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_meta}))
+    state_json, state_tensors = split_tensors(state)  # plugin state such as EWC's Fisher stays binary
+    save_file(state_tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state_json, "rng": rng_meta}))
     for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
@@ -82,6 +108,7 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(weights, optimizer_state, state); restores the RNG states as a side effect."""
     state = json.loads((path / "state.json").read_text())
     set_rng_state(state.pop("rng"), load_file(str(path / "rng.safetensors")))
+    state = join_tensors(state, load_file(str(path / "state.safetensors")))
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     return load_file(str(path / "weights.safetensors")), optimizer_state, state
 

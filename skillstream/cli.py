@@ -105,6 +105,25 @@ def monitor(run_dir: Path = typer.Argument(..., help="A run directory, finished 
 
 
 @app.command()
+def toolformer(inp: Path = typer.Argument(..., metavar="IN.jsonl", help="Rows with 'text' (or 'original_text') or 'messages'."),
+               out: Path = typer.Argument(..., metavar="OUT.jsonl", help="Augmented rows: original_text, augmented_text, tool_calls."),
+               model: str = typer.Option("smollm2-135m", "--model", help="Model that proposes and scores the calls."),
+               tau: float = typer.Option(0.1, "--tau", help="Keep a call when it lowers the loss of the next tokens by at least this."),
+               tools: str = typer.Option("calculator,python,search", "--tools", help="Comma-separated tools."),
+               positions: int = typer.Option(3, "--positions", help="Candidate positions per text and tool."),
+               samples: int = typer.Option(2, "--samples", help="Calls sampled per position."),
+               threshold: float = typer.Option(0.0, "--threshold", help="Minimum probability of opening a call at a position."),
+               max_calls: int = typer.Option(3, "--max-calls", help="Most calls kept per text."),
+               seed: int = typer.Option(0, "--seed")):
+    """Annotate text with tool calls the Toolformer way: propose, execute, keep what lowers the loss."""
+    from .tools.toolformer import run_file
+
+    totals = run_file(inp, out, model, tau, [t.strip() for t in tools.split(",") if t.strip()], seed=seed,
+                      positions=positions, samples=samples, threshold=threshold, max_calls=max_calls)
+    print(f"wrote {out}: " + "  ".join(f"{k} {v}" for k, v in totals.items()))
+
+
+@app.command()
 def recipes():
     """List the bundled recipes."""
     from .config import list_recipes

@@ -25,6 +25,10 @@ PLUGINS: dict[str, str] = {
     "monitor": "skillstream.monitor.alerts:Monitor",
     "bdh_monitor": "skillstream.monitor.alerts:Monitor",
     "best_final": "skillstream.checkpoint_plugin:BestFinalCheckpoints",
+    "ewc": "skillstream.continual.ewc:EWC",
+    "replay": "skillstream.continual.replay:Replay",
+    "neuromod": "skillstream.continual.neuromod:Neuromodulation",
+    "early_stop": "skillstream.continual.early_stop:EarlyStopping",
 }
 # Data builders: functions run at the start of a stage on the current model to write a source
 # file (`data.train[].build`); called as fn(out_path, model=, tokenizer=, renderer=, recipe=, **kwargs).

@@ -26,6 +26,7 @@ class StageState:
     position: Position = None
     tokens: int = 0
     seconds: float = 0.0
+    stopped_early: bool = False
 
     def __post_init__(self):
         self.position = self.position or Position()
@@ -48,7 +49,7 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
     rank, world = accelerator.process_index, accelerator.num_processes
     ctx = StepContext(model, stage, stage_index, state.step, cfg.steps,
                       alert=lambda sev, kind, msg: log.alert(state.step, sev, kind, msg),
-                      extras={"plan": plan})  # a curriculum may re-weight the plan's sources
+                      extras={"plan": plan, "objective": objective, "pad_id": pad_id, "accelerator": accelerator})
     for p in plugins:
         p.before_stage(ctx)
     batches = plan.iterate(state.position)
@@ -57,14 +58,18 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
     window_tokens, window_t0 = 0, time.time()
     while state.step < cfg.steps:
         lr = cfg.lr * lr_factor(state.step, cfg)
+        for p in plugins:
+            lr *= p.lr_scale(ctx)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum, extra_metrics = 0.0, {}
         for micro in range(cfg.grad_accum):
             indices, state.position = next(batches)
-            local = indices[rank::world]  # the plan is global; each process takes its slice
+            items = [plan.items[i] for i in indices[rank::world]]  # the plan is global; each process takes its slice
+            for p in plugins:
+                items = p.transform_items(ctx, items)
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v
-                     for k, v in objective.collate([plan.items[i] for i in local], pad_id).items()}
+                     for k, v in objective.collate(items, pad_id).items()}
             window_tokens += int(batch["attention_mask"].sum()) * world
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 and world > 1 else _null()
             with sync, accelerator.autocast():
@@ -86,7 +91,7 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
         state.step += 1
         ctx.step = state.step
         record = None
-        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+        if state.step % cfg.log_every == 0 or state.step == cfg.steps or ctx.stop:
             elapsed = time.time() - window_t0
             loss_avg = accelerator.reduce(torch.tensor(loss_sum), reduction="mean").item() if world > 1 else loss_sum
             state.tokens += window_tokens
@@ -97,10 +102,14 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
                 record.update(p.after_step(ctx, record) or {})
             log.log(record)
             window_tokens, window_t0 = 0, time.time()
-        else:
+        else:  # plugins see every step's numbers; only log steps are written
             for p in plugins:
-                p.after_step(ctx, {"step": state.step, "loss": loss_sum})
+                p.after_step(ctx, {"step": state.step, "stage": stage, "loss": loss_sum, "lr": lr,
+                                   "grad_norm": float(grad_norm), **extra_metrics})
         progress.update(state.step, record)
+        if ctx.stop:
+            state.stopped_early = True
+            break
         if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
             checkpoint(state)
     progress.close()

@@ -2,8 +2,10 @@
 
 A plugin never reaches into the engine: each hook gets a `StepContext` with what it may read,
 `loss_term` returns a tensor that the engine adds to the loss (EWC, distillation...), and
-`after_step` returns extra metrics to log. `state_dict`/`load_state_dict` (JSON-able) ride in
-every checkpoint so a resumed run restores plugin state too.
+`after_step` returns extra metrics to log, `transform_items` may swap items of a micro-batch
+(replay), `lr_scale` multiplies the scheduled learning rate, and setting `ctx.stop` ends the stage
+(early stopping). `state_dict`/`load_state_dict` (JSON values and tensors) ride in every
+checkpoint so a resumed run restores plugin state too.
 """
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ class StepContext:
     step: int                        # optimizer steps done in this stage
     total_steps: int
     alert: Callable[..., None]       # alert(severity, kind, message)
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # plan, objective, pad_id, seed
+    stop: bool = False               # a plugin sets it to end the stage after this step (early stopping)
 
 
 class Plugin:
     name = "plugin"
 
     def before_stage(self, ctx: StepContext) -> None: ...
+    def transform_items(self, ctx: StepContext, items: list) -> list: return items  # e.g. mix in replay
+    def lr_scale(self, ctx: StepContext) -> float: return 1.0                       # e.g. neuromodulation
     def loss_term(self, ctx: StepContext, batch: dict, outputs: Any) -> torch.Tensor | None: return None
     def after_step(self, ctx: StepContext, metrics: dict) -> dict | None: return None
     def after_stage(self, ctx: StepContext) -> None: ...

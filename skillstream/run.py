@@ -311,6 +311,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
         results["stages"].append({"name": st.name, "steps": state.step, "seconds": state.seconds,
                                   "tokens": state.tokens, "tokens_per_s": state.tokens / max(state.seconds, 1e-9),
                                   "examples": st.n_examples, "truncated": st.truncated,
+                                  "stopped_early": state.stopped_early,
                                   **({"built": st.built} if st.built else {})})
         save(state, done=True)
 

@@ -2,7 +2,7 @@
 
 - bash:  NL2Bash requests (the nl2bash builtin, from the icalfa package),
 - math:  arithmetic questions generated from a seed,
-- prose: English sentences from Python's own documentation (pydoc_data.topics).
+- prose: long English sentences from Python's own documentation (pydoc_data.topics).
 
 Other test_experts_* files import `skill_texts` from here; the test below pins down their sizes.
 """
@@ -22,17 +22,14 @@ SKILLS = ("bash", "math", "prose")
 def _all_texts() -> dict[str, tuple[str, ...]]:
     bash = [ex.prompt for ex in load_examples(SourceConfig(source="nl2bash"))]
     rng = random.Random(0)
-    ops = ["plus", "minus", "times", "+", "-", "*"]
-    math = [rng.choice([f"What is {rng.randint(2, 999)} {rng.choice(ops)} {rng.randint(2, 999)}?",
-                        f"Compute {rng.randint(2, 99)} {rng.choice(ops)} {rng.randint(2, 99)} {rng.choice(ops)} {rng.randint(2, 99)}.",
-                        f"If you have {rng.randint(2, 50)} apples and get {rng.randint(2, 50)} more, how many do you have?"])
-            for _ in range(240)]
+    # short questions (about 9 tokens): styles that differ in length too, as real skills do
+    math = [f"What is {rng.randint(2, 999)} {rng.choice('+-*')} {rng.randint(2, 999)}?" for _ in range(240)]
     from pydoc_data.topics import topics
     prose = []
     for key in sorted(topics):
         for s in re.split(r"(?<=[.!?])\s+", " ".join(topics[key].split())):
             # plain sentences only: no code, markup or parentheses
-            if 40 <= len(s) <= 160 and re.match(r"^[A-Z][a-z]", s) and not re.search(r"[{}\[\]()=<>*`'\"]", s):
+            if 100 <= len(s) <= 220 and re.match(r"^[A-Z][a-z]", s) and not re.search(r"[{}\[\]()=<>*`'\"]", s):
                 prose.append(s)
     # shuffled (seeded) so that any range of a skill is a random sample of it, not one NL2Bash file
     random.Random(1).shuffle(prose)

@@ -16,7 +16,7 @@ def test_selective_head_loss_equals_full_logits_loss():
     model = attach_lora(model, load_recipe("quickstart")).eval()  # eval: no LoRA dropout, same randomness
     r = Renderer(tok, 128)
     batch = collate([r.tokenize(e) for e in load_examples(SourceConfig(source="nl2bash", limit=4))], tok.pad_token_id)
-    ours, _ = causal_lm_loss(model, batch)
+    ours, _, _ = causal_lm_loss(model, batch)
     ours.backward()
     ours_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()

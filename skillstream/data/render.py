@@ -15,6 +15,7 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    group: str | None = None  # the class label of a classification example (class-balanced replay)
 
 
 def user_text(ex: Example) -> str:
@@ -97,4 +98,5 @@ class Renderer:
             ids += piece
             labels += piece if trainable else [IGNORE] * len(piece)
         truncated = len(ids) > self.max_length
-        return Tokenized(ids[: self.max_length], labels[: self.max_length], truncated)
+        group = ex.completion if ex.kind == "classification" else None
+        return Tokenized(ids[: self.max_length], labels[: self.max_length], truncated, group)

@@ -181,10 +181,13 @@ def _one_batch(model, batch, linears, A):
     handles = [m.register_forward_hook(lambda mod, a, o, k=k: hook(k, mod, a, o)) for k, m in linears.items()]
     try:
         with backbone_only(model), torch.enable_grad():
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        labels=batch["labels"], output_hidden_states=True)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+            # one log-softmax serves the loss and the entropy (the vocabulary-sized passes dominate the cost)
+            logp = out.logits.float().log_softmax(-1)
+            labels = batch["labels"][:, 1:]
+            loss = F.nll_loss(logp[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
             keys = list(zeros)
-            grads = torch.autograd.grad(out.loss, [zeros[k] for k in keys], allow_unused=True)
+            grads = torch.autograd.grad(loss, [zeros[k] for k in keys], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
@@ -197,7 +200,7 @@ def _one_batch(model, batch, linears, A):
         # dL/dB of a fresh LoRA (B = 0): sum over tokens of g_t (A x_t)^T, shape (out, rank)
         sketched[k] = torch.einsum("bto,btr->or", g.float(), inputs[k] @ A[k].T)
     with torch.no_grad():
-        logp = out.logits.detach().float().log_softmax(-1)
+        logp = logp.detach()
         ent = -(logp.exp() * logp).sum(-1)
         ent_sum = float((ent * mask).sum())
     return emb, sketched, ent_sum, int(mask.sum())

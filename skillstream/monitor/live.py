@@ -173,7 +173,12 @@ def render(view: View):
         extra = [(k, numeric(v)) for k, v in last.items() if k not in SHOWN and numeric(v) is not None]
         if extra:  # what the objective and plugins add (rewards/margins, objective/kl, ...)
             grid.add_row("also", "  ".join(f"{k} {v:.4g}" for k, v in extra[:8]))
-    grid.add_row("ETA", "done" if view.finished else _duration(view.eta()))
+    if view.finished:
+        grid.add_row("ETA", "done")
+    elif last and view.global_step(last) >= view.total_steps:  # results come after the final evaluation
+        grid.add_row("ETA", "all steps done; evaluating")
+    else:
+        grid.add_row("ETA", _duration(view.eta()))
     experts = _experts(view)
     if experts:
         grid.add_row("experts", experts)

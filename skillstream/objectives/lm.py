@@ -30,17 +30,21 @@ def _plain_head_parts(model):
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]):
-    """(mean token loss, model outputs or None) with the head run only on labelled positions."""
+    """(mean token loss, logits at labelled positions (detached), their targets).
+
+    The head runs only on labelled positions where the model allows it."""
     parts = _plain_head_parts(model)
     if parts is None:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return out.loss, out
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE
+        return out.loss, out.logits[:, :-1][keep].detach().float(), targets[keep]
     decoder, head = parts
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep]), None
+    logits = head(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep]), logits.detach(), targets[keep]
 
 
 class LMObjective:
@@ -75,5 +79,9 @@ class LMObjective:
         pass
 
     def __call__(self, model, batch: dict[str, torch.Tensor]):
-        loss, outputs = causal_lm_loss(model, batch)
-        return loss, {}, outputs
+        loss, logits, targets = causal_lm_loss(model, batch)
+        # cheap training signals (neuromodulation reads them): only over the labelled positions
+        logp = torch.log_softmax(logits, -1)
+        metrics = {"lm/token_accuracy": (logits.argmax(-1) == targets).float().mean().item() if len(targets) else 0.0,
+                   "lm/entropy": -(logp.exp() * logp).sum(-1).mean().item() if len(targets) else 0.0}
+        return loss, metrics, None

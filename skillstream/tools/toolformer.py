@@ -3,8 +3,8 @@ that help it predict what follows, and only calls that help are kept.
 
 For each text and each tool:
 
-1. **Positions.** The text follows a few-shot prompt that shows the tool used inline
-   (``TOOL.prompt``). One forward pass gives, at every word boundary of the text, the probability
+1. **Positions.** The text is rewritten after a few-shot prompt that shows the tool used inline
+   (``Tool.prompt()`` + ``Input: TEXT\nOutput: ``; the conversation of a chat row is not shown here). One forward pass gives, at every word boundary of the text, the probability
    that the model opens a call there (the token `` <`` that starts `` <tool>``); the ``positions``
    most likely boundaries with probability >= ``threshold`` are candidates.
 2. **Calls.** At each candidate the model continues ``... <tool>`` ``samples`` times (sampling,
@@ -308,7 +308,7 @@ def boundaries(tok, text: str) -> list[int]:
 
 @torch.no_grad()
 def position_probs(model, tok, prompt: str, text: str) -> list[tuple[int, float]]:
-    """(offset, P(' <' opens a call there | few-shot prompt + text[:offset])) at each word boundary.
+    """(offset, P(' <' opens a call there | prompt + ' ' + text[:offset])) at each word boundary.
 
     One forward pass: the text is tokenised so that each boundary is a token boundary."""
     opener = tok(" <", add_special_tokens=False)["input_ids"][0]
@@ -316,7 +316,7 @@ def position_probs(model, tok, prompt: str, text: str) -> list[tuple[int, float]
     pieces, starts, pos = [], [], 0
     for off in offsets + [len(text)]:
         if off > pos:
-            pieces.append(tok(text[pos:off], add_special_tokens=False)["input_ids"])
+            pieces.append(tok((" " if pos == 0 else "") + text[pos:off], add_special_tokens=False)["input_ids"])
             starts.append(pos)
         pos = off
     prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
@@ -347,12 +347,12 @@ class Candidate:
 
 def propose(model, tok, tool: Tool, context: str, text: str, positions: int, threshold: float, samples: int,
             stats: dict) -> list[Candidate]:
-    prompt = context + tool.prompt() + text.replace("\n", " ")[:0]  # the text itself follows
+    prompt = tool.prompt() + " ".join(text.split()) + "\nOutput:"  # the model rewrites the text with calls
     probs = position_probs(model, tok, prompt, text)
     best = sorted((p for p in probs if p[1] >= threshold), key=lambda p: -p[1])[:positions]
     out = []
     for off, _ in sorted(best):
-        for payload in sample_calls(model, tok, prompt + text[:off] + " <tool>", samples):
+        for payload in sample_calls(model, tok, prompt + " " + text[:off] + " <tool>", samples):
             stats["proposed"] += 1
             calls, errors = _parse_payload(payload)
             if len(calls) == 1 and not errors and calls[0].name == tool.name:

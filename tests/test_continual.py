@@ -1,0 +1,138 @@
+"""Continual-learning pieces: Fisher, EWC penalty, replay memory, gamma gating, neuromodulation,
+early stopping, and the accuracy-matrix summaries."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import skillstream
+from skillstream.config import SourceConfig
+from skillstream.continual.ewc import EWC, diagonal_fisher, ewc_penalty
+from skillstream.continual.metrics import bwt, fwt, summarize
+from skillstream.continual.neuromod import Neuromodulation
+from skillstream.continual.replay import Replay, ReplayMemory
+from skillstream.data.render import Tokenized
+from skillstream.plugins import StepContext
+
+
+def test_fisher_of_a_quadratic_is_the_mean_squared_per_sample_gradient():
+    # nll_i(theta) = (theta - a_i)^2 / 2  ->  grad_i = theta - a_i,  F = mean_i (theta - a_i)^2
+    theta = torch.nn.Parameter(torch.tensor([0.5]))
+    a = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    fisher = diagonal_fisher({"theta": theta}, list(a), lambda ai: 0.5 * (theta - ai).pow(2).sum())
+    analytic = ((0.5 - a) ** 2).mean()
+    assert fisher["theta"].item() == pytest.approx(analytic.item())           # 1.75
+    batch_grad_squared = ((0.5 - a).mean()) ** 2                              # what a batch gradient gives
+    assert fisher["theta"].item() != pytest.approx(batch_grad_squared.item())  # 0.0625: far too small
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_its_gradient_is_2_lambda_f_delta():
+    anchor = {"w": torch.tensor([1.0, -2.0])}
+    fisher = {"w": torch.tensor([0.5, 3.0])}
+    w = torch.nn.Parameter(anchor["w"].clone())
+    assert ewc_penalty({"w": w}, fisher, anchor, lam=250.0).item() == 0.0
+    with torch.no_grad():
+        w += torch.tensor([0.1, -0.2])
+    ewc_penalty({"w": w}, fisher, anchor, lam=250.0).backward()
+    torch.testing.assert_close(w.grad, 2 * 250.0 * fisher["w"] * (w.detach() - anchor["w"]))
+
+
+def _item(group, n=3):
+    return Tokenized(list(range(n)), list(range(n)), False, group)
+
+
+def test_replay_memory_keeps_its_budget_and_balances_classes():
+    mem, rng = ReplayMemory(budget=12, policy="class_balanced"), random.Random(0)
+    mem.add([_item("pos") for _ in range(100)] + [_item("neg") for _ in range(5)], "sst2", rng)
+    assert mem.counts() == {"sst2/neg": 5, "sst2/pos": 7}  # the rare class keeps all it has, the rest fills up
+    mem.add([_item("yes") for _ in range(50)] + [_item("no") for _ in range(50)], "rte", rng)
+    counts = mem.counts()
+    assert sum(counts.values()) <= 12
+    assert counts == {"rte/no": 3, "rte/yes": 3, "sst2/neg": 3, "sst2/pos": 3}
+    res = ReplayMemory(budget=7, policy="reservoir")
+    res.add([_item(None) for _ in range(1000)], "t", rng)
+    assert len(res.items) == 7 and res.seen == 1000
+
+
+def test_replay_replaces_a_share_of_each_batch_deterministically():
+    plugin = Replay(budget=8, alpha=0.25, seed=1)
+    plugin.memory.add([_item("old", n=9) for _ in range(8)], "t0", random.Random(0))
+    batch = [_item("new") for _ in range(8)]
+    out = plugin.transform_items(None, batch)
+    assert len(out) == 8 and sum(len(t.input_ids) == 9 for t in out) == 2
+    again = Replay(budget=8, alpha=0.25, seed=1)
+    again.load_state_dict({**plugin.state_dict(), "draws": 0})
+    assert [t.input_ids for t in again.transform_items(None, batch)] == [t.input_ids for t in out]
+
+
+def test_neuromodulation_gain_is_one_when_nothing_changes_and_rises_on_a_loss_spike():
+    nm = Neuromodulation(scale=3.0)
+    ctx = StepContext(None, "s", 0, 0, 10, alert=print)
+    steady = [nm.after_step(ctx, {"loss": 2.0 + 0.01 * (i % 2), "grad_norm": 1.0})["neuromod/gain"] for i in range(20)]
+    assert abs(steady[-1] - 1.0) < 0.6
+    spike = nm.after_step(ctx, {"loss": 6.0, "grad_norm": 1.0})["neuromod/gain"]
+    assert spike > 2.5 and spike <= 3.0 and ctx.extras["neuromod/gain"] == spike
+
+
+def test_bwt_and_fwt_follow_their_formulas_on_a_hand_made_matrix():
+    matrix = [[0.9, 0.2, 0.1], [0.7, 0.8, 0.3], [0.6, 0.75, 0.85]]
+    initial = [0.5, 0.1, 0.2]
+    assert bwt(matrix) == pytest.approx(((0.6 - 0.9) + (0.75 - 0.8)) / 2)
+    assert fwt(matrix, initial) == pytest.approx(((0.2 - 0.1) + (0.3 - 0.2)) / 2)
+    s = summarize(["a", "b", "c"], {"a": "accuracy"}, initial, matrix)
+    assert s["avg_acc"] == pytest.approx((0.6 + 0.75 + 0.85) / 3)
+    assert s["forgetting"] == [pytest.approx(0.3), pytest.approx(0.05), None]
+
+
+def _two_task_recipe(sentiment_folder, tmp_path, plugins):
+    other = tmp_path / "topic"
+    other.mkdir()
+    import json
+    rows = [{"sentence": s, "label": l} for s, l in [("the striker scored twice", "Sports"), ("rates rose again", "Finance"),
+                                                     ("the goalie saved it", "Sports"), ("stocks fell sharply", "Finance")]]
+    for split in ("train", "test"):
+        (other / f"{split}.json").write_text(json.dumps(rows))
+    (other / "labels.json").write_text(json.dumps(["Sports", "Finance"]))
+    tasks = {"sentiment": sentiment_folder, "topic": other}
+    return {
+        "name": "two-tasks", "model": "tiny", "report_to": [], "seed": 0, "plugins": plugins,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"steps": 4, "batch_size": 2, "log_every": 1, "bf16": False, "lr": 1e-3},
+        "data": {"max_length": 96, "eval": [{"name": n, "source": str(f), "metric": "accuracy"} for n, f in tasks.items()]},
+        "stages": [{"name": n, "data": {"max_length": 96, "train": [{"source": str(f)}],
+                                        "eval": [{"name": m, "source": str(g), "metric": "accuracy"} for m, g in tasks.items()]}}
+                   for n, f in tasks.items()],
+    }
+
+
+def test_gamma_gated_ewc_scales_each_tasks_fisher_by_the_mean_gain(sentiment_folder, tmp_path):
+    plain, gated = EWC(lam=10.0, fisher_samples=4), EWC(lam=10.0, fisher_samples=4, gamma_gated=True)
+    recipe = _two_task_recipe(sentiment_folder, tmp_path, [])
+    skillstream.train(recipe, out=tmp_path / "plain", show_progress=False, plugins=[Neuromodulation(), plain])
+    skillstream.train(recipe, out=tmp_path / "gated", show_progress=False, plugins=[Neuromodulation(), gated])
+    assert plain.tasks == gated.tasks == 2
+    # same seed, same data: the same per-task Fisher; gating multiplies it by the gain of that task
+    gains = gated.state_dict()["gains"]
+    assert gains and all(g > 0 for g in gains)
+    k = next(iter(plain.fisher))
+    assert plain.fisher[k].abs().sum() > 0
+    assert not torch.allclose(plain.fisher[k], gated.fisher[k])
+
+
+def test_ewc_and_replay_run_in_a_recipe_and_survive_checkpoints(sentiment_folder, tmp_path):
+    recipe = _two_task_recipe(sentiment_folder, tmp_path, [{"name": "ewc", "lam": 100.0, "fisher_samples": 4},
+                                                            {"name": "replay", "budget": 4, "alpha": 0.5}])
+    run = skillstream.train(recipe, out=tmp_path / "run", show_progress=False)
+    import json
+    records = [json.loads(l) for l in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    second = [r for r in records if r["stage"] == "topic"]
+    penalties = [r["ewc/loss"] for r in second]
+    assert penalties[0] == 0.0 and all(b > a for a, b in zip(penalties, penalties[1:]))  # zero at theta*, then grows
+    assert all(r["replay/memory"] == 4 for r in second)
+    assert len(run.results["matrix"]) == 2 and run.results["bwt"] is not None
+    from skillstream import checkpoint
+    _, _, state = checkpoint.load(checkpoint.list_checkpoints(run.run_dir / "checkpoints")[-1])
+    assert torch.is_tensor(next(iter(state["plugins"]["ewc"]["fisher"].values())))
+    assert len(state["plugins"]["replay"]["items"]) == 4
