@@ -69,16 +69,19 @@ def join_tensors(obj, tensors: dict[str, torch.Tensor]):
 
 
 def save(root: Path, name: str, weights: dict[str, torch.Tensor], optimizer_state: dict, state: dict,
-         keep: int = 2) -> Path:
+         keep: int = 2, rank_rng: list | None = None) -> Path:
+    """`rank_rng`: every process's rng_state() (process 0 first) when several train; else this one's."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    rng_meta, rng_tensors = rng_state()
+    (rng_meta, rng_tensors), *others = rank_rng or [rng_state()]
+    rng_tensors = {**rng_tensors, **{f"rank{i}/{k}": v for i, (_, t) in enumerate(others, 1) for k, v in t.items()}}
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
     state_json, state_tensors = split_tensors(state)  # plugin state such as EWC's Fisher stays binary
     save_file(state_tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state_json, "rng": rng_meta}))
+    (tmp / "state.json").write_text(json.dumps({**state_json, "rng": rng_meta,
+                                                **({"rng_ranks": [m for m, _ in others]} if others else {})}))
     for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
@@ -104,10 +107,14 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(weights, optimizer_state, state); restores the RNG states as a side effect."""
+def load(path: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(weights, optimizer_state, state); restores process `rank`'s RNG states as a side effect
+    (process 0's where the checkpoint has none for it)."""
     state = json.loads((path / "state.json").read_text())
-    set_rng_state(state.pop("rng"), load_file(str(path / "rng.safetensors")))
+    meta, tensors, ranks = state.pop("rng"), load_file(str(path / "rng.safetensors")), state.pop("rng_ranks", [])
+    if 0 < rank <= len(ranks):
+        meta, tensors = ranks[rank - 1], {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"rank{rank}/")}
+    set_rng_state(meta, {k: v for k, v in tensors.items() if "/" not in k})
     state = join_tensors(state, load_file(str(path / "state.safetensors")))
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     return load_file(str(path / "weights.safetensors")), optimizer_state, state

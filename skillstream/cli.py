@@ -52,14 +52,52 @@ def train(recipe: str = typer.Argument(..., help="Bundled recipe name or path to
           out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/NAME)."),
           set_: list[str] = typer.Option([], "--set", help="Override: key.path=value (repeatable)."),
           resume: bool = typer.Option(False, "--resume", help="Continue the run in the run directory."),
-          smoke: bool = typer.Option(False, "--smoke", help="Every stage for a few steps on a few examples.")):
+          smoke: bool = typer.Option(False, "--smoke", help="Every stage for a few steps on a few examples."),
+          processes: int = typer.Option(1, "--processes", min=1,
+                                        help="Data-parallel processes (through `accelerate launch`; gloo on CPU). "
+                                             "train.batch_size is per process.")):
     """Train a recipe; writes a run directory."""
-    from .config import parse_override
+    from .config import load_recipe, parse_override
     from .run import train as run_train
 
     overrides = dict(parse_override(s) for s in set_)
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        if not resume:
+            load_recipe(recipe, overrides, smoke)  # bad input: status 2 and one line, before any process starts
+        args = ["train", recipe, *(["--out", str(out)] if out else []), *[a for s in set_ for a in ("--set", s)],
+                *(["--resume"] if resume else []), *(["--smoke"] if smoke else [])]
+        sys.exit(launch_processes(processes, args))
+    _die_with_launcher()
     run = run_train(recipe, out=out, resume=resume, smoke=smoke, overrides=overrides)
-    print_summary(run)
+    if run.results:  # the main process's; the others return none
+        print_summary(run)
+
+
+def launch_processes(n: int, args: list[str]) -> int:
+    """`accelerate launch` N copies of `skillstream ARGS` on this machine (torchrun underneath); exit status."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a free port, so runs side by side do not collide on 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # --multi_gpu picks torchrun; without CUDA, skillstream.run joins with gloo on the CPU (accelerate's
+    # own --cpu launcher would start one process and expect mpirun to start the rest).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", "skillstream.cli", *args]
+    return subprocess.run(cmd).returncode
+
+
+def _die_with_launcher() -> None:
+    """Under torchrun each process has its own session, so a launcher killed with SIGKILL would leave
+    them training and writing the run directory: ask Linux to kill this process with its parent."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @app.command("eval")

@@ -65,9 +65,12 @@ class SourceConfig(_Strict):
 class EvalTaskConfig(SourceConfig):
     name: str = Field(..., description="Task name used in results.json.")
     split: str = "test"
-    metric: Literal["auto", "accuracy", "exact_match", "bash", "perplexity", "tool_call"] = Field(
+    metric: Literal["auto", "accuracy", "exact_match", "bash", "perplexity", "tool_call", "function_call",
+                    "final_answer"] = Field(
         "auto", description="accuracy (option scoring), exact_match / bash / tool_call (greedy generation), perplexity.")
     max_new_tokens: int = Field(64, gt=0, description="Generation budget for generative metrics.")
+    also: list[Literal["accuracy", "exact_match"]] = Field(
+        default_factory=list, description="Further protocols scored on the same task (results.json 'protocols').")
 
 
 class DataConfig(_Strict):
@@ -76,6 +79,14 @@ class DataConfig(_Strict):
     max_length: int = Field(512, gt=8, description="Longer examples are truncated (and counted in the summary).")
     system_prompt: str | None = Field(None, description="System message for chat-formatted examples.")
     eval_batch_size: int = Field(16, gt=0, description="Examples per evaluation batch.")
+    validation_fraction: float = Field(0.0, ge=0, lt=1, description="Share of each training source held out for validation (early stopping).")
+    stream: str | None = Field(None, description="A stream folder: one stage per task, every task evaluated after each (replaces stages).")
+    stream_train_limit: int | None = Field(None, gt=0, description="Training examples per stream task.")
+    stream_test_limit: int | None = Field(None, gt=0, description="Test examples per stream task.")
+    stream_protocols: list[Literal["exact_match", "accuracy"]] = Field(
+        default_factory=lambda: ["exact_match", "accuracy"],
+        description="Evaluation protocols of stream tasks; the first fills results.json's matrix.")
+    stream_max_new_tokens: int = Field(8, gt=0, description="Generation budget when stream tasks are scored by exact match.")
 
 
 class TrainConfig(_Strict):
@@ -141,11 +152,14 @@ class RecipeConfig(_Strict):
     def _plugin_shorthand(cls, v):
         return [_component_shorthand(x) for x in v] if isinstance(v, list) else v
 
+    def _stream_stages(self) -> list[StageConfig]:
+        return _stream_stages_of(self) if self.data.stream else []
+
     def resolved_stages(self) -> list["ResolvedStage"]:
         """(name, data, train, objective) per stage, with stage overrides applied and smoke sizes."""
         if any(st.train.get("bf16", self.train.bf16) != self.train.bf16 for st in self.stages):
             raise UserError("stages[].train.bf16: precision is set once per run, in train.bf16")
-        raw = self.stages or [StageConfig(name="main")]
+        raw = self._stream_stages() or self.stages or [StageConfig(name="main")]
         out = []
         for st in raw:
             data = (st.data or self.data).model_copy(deep=True)
@@ -170,6 +184,22 @@ class ResolvedStage(NamedTuple):
     data: DataConfig
     train: TrainConfig
     objective: ComponentConfig
+
+
+def _stream_stages_of(recipe: "RecipeConfig") -> list[StageConfig]:
+    from .data.stream import read_stream
+
+    d = recipe.data
+    tasks = read_stream(d.stream)
+    evals = [EvalTaskConfig(name=t.name, source=str(t.folder), instruction=t.instruction, limit=d.stream_test_limit,
+                            metric=d.stream_protocols[0], also=d.stream_protocols[1:],
+                            max_new_tokens=d.stream_max_new_tokens) for t in tasks]
+    stages = []
+    for t in tasks:
+        data = d.model_copy(update={"stream": None, "eval": evals, "train": [
+            SourceConfig(source=str(t.folder), instruction=t.instruction, limit=d.stream_train_limit)]})
+        stages.append(StageConfig(name=t.name, data=data))
+    return stages
 
 
 def _first_error(e: ValidationError) -> str:

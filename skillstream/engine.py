@@ -49,20 +49,22 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
     rank, world = accelerator.process_index, accelerator.num_processes
     ctx = StepContext(model, stage, stage_index, state.step, cfg.steps,
                       alert=lambda sev, kind, msg: log.alert(state.step, sev, kind, msg),
-                      extras={"plan": plan, "objective": objective, "pad_id": pad_id, "accelerator": accelerator})
+                      extras={"plan": plan, "objective": objective, "pad_id": pad_id, "accelerator": accelerator,
+                              "validation": getattr(plan, "validation", []), "grad_accum": cfg.grad_accum})
     for p in plugins:
         p.before_stage(ctx)
     batches = plan.iterate(state.position)
     progress = Progress(cfg.steps, stage, state.step, enabled=show_progress and accelerator.is_main_process)
     model.train()
     window_tokens, window_t0 = 0, time.time()
+    weigh = getattr(objective, "loss_weight", None) if world > 1 else None
     while state.step < cfg.steps:
         lr = cfg.lr * lr_factor(state.step, cfg)
         for p in plugins:
             lr *= p.lr_scale(ctx)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, extra_metrics = 0.0, {}
+        loss_sum, extra_metrics, step_tokens = 0.0, {}, 0
         for micro in range(cfg.grad_accum):
             indices, state.position = next(batches)
             items = [plan.items[i] for i in indices[rank::world]]  # the plan is global; each process takes its slice
@@ -70,10 +72,14 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
                 items = p.transform_items(ctx, items)
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v
                      for k, v in objective.collate(items, pad_id).items()}
-            window_tokens += int(batch["attention_mask"].sum()) * world
+            step_tokens += int(batch["attention_mask"].sum())  # this process's; summed over processes below
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 and world > 1 else _null()
+            # several processes: each loss is weighted by its process's share of what it averages over
+            # (tokens for lm/sft), so the averaged gradient is that of the global batch as one process has it
+            share = _share(accelerator, weigh(batch)) if weigh is not None else 1.0
             with sync, accelerator.autocast():
                 loss, metrics, outputs = objective(model, batch)
+                loss = loss * share if share != 1.0 else loss
                 for p in plugins:
                     term = p.loss_term(ctx, batch, outputs)
                     if term is not None:
@@ -88,15 +94,17 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
             torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if world > 1:  # every step, so plugins (neuromodulation, early stop) see and decide alike everywhere
+            loss_sum, extra_metrics, step_tokens = _over_processes(accelerator, loss_sum, extra_metrics, step_tokens)
+        window_tokens += step_tokens
         state.step += 1
         ctx.step = state.step
         record = None
         if state.step % cfg.log_every == 0 or state.step == cfg.steps or ctx.stop:
             elapsed = time.time() - window_t0
-            loss_avg = accelerator.reduce(torch.tensor(loss_sum), reduction="mean").item() if world > 1 else loss_sum
             state.tokens += window_tokens
             state.seconds += elapsed
-            record = {"step": state.step, "stage": stage, "loss": loss_avg, "lr": lr, "grad_norm": float(grad_norm),
+            record = {"step": state.step, "stage": stage, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
                       "tokens_per_s": window_tokens / max(elapsed, 1e-9), "epoch": state.position.epoch, **extra_metrics}
             for p in plugins:
                 record.update(p.after_step(ctx, record) or {})
@@ -116,6 +124,21 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
     for p in plugins:
         p.after_stage(ctx)
     return state
+
+
+def _share(accelerator, n: int) -> float:
+    total = accelerator.reduce(torch.tensor([float(n)], dtype=torch.float64, device=accelerator.device), reduction="sum")
+    return n * accelerator.num_processes / max(float(total), 1.0)
+
+
+def _over_processes(accelerator, loss: float, metrics: dict, tokens: int) -> tuple[float, dict, int]:
+    """One all-reduce: loss and metrics averaged over processes (as DDP averages the gradients; with the
+    share weighting the loss is the global batch's), tokens summed."""
+    keys = sorted(metrics)
+    local = torch.tensor([loss, *(metrics[k] for k in keys), tokens], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum").tolist()
+    world = accelerator.num_processes
+    return total[0] / world, {k: v / world for k, v in zip(keys, total[1:-1])}, int(total[-1])
 
 
 class _null:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ class EvalTask:
     metric: str
     examples: list[Example]
     max_new_tokens: int
+    also: list[str] = field(default_factory=list)  # further protocols scored on the same examples
 
 
 @dataclass
@@ -78,7 +80,10 @@ def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
         if metric == "tool_call":
             from .evaluation.tool_metrics import require_tool_examples
             require_tool_examples(t.name, examples)
-        tasks.append(EvalTask(t.name, metric, examples, t.max_new_tokens))
+        for extra in t.also:
+            if extra == "accuracy" and examples[0].kind != "classification":
+                raise UserError(f"data.eval[{t.name}].also: 'accuracy' needs a classification task folder")
+        tasks.append(EvalTask(t.name, metric, examples, t.max_new_tokens, [a for a in t.also if a != metric]))
     return tasks
 
 
@@ -108,9 +113,31 @@ def _plan(cfg, data_cfg, train_cfg, objective, renderer, root: Path | None = Non
             for src in data_cfg.train]
     sources = [[objective.tokenize(ex, renderer) for ex in load_examples(src)] for src in srcs]
     truncated = sum(t.truncated for src in sources for t in src)
-    plan = BatchPlan(sources, [s.weight for s in data_cfg.train], train_cfg.batch_size, cfg.seed,
+    sources, validation = _hold_out(sources, data_cfg.validation_fraction, cfg.seed)
+    from accelerate import PartialState
+    # Planned at the global batch (per-process batch x processes) and sliced per process in the
+    # engine, so 1 process with batch 2B and 2 processes with batch B see the same batches.
+    plan = BatchPlan(sources, [s.weight for s in data_cfg.train], train_cfg.batch_size * PartialState().num_processes,
+                     cfg.seed,
                      length_grouped=train_cfg.batching == "length_grouped") if sources else None
+    if plan is not None:
+        plan.validation = validation  # early stopping reads it; never trained on
     return plan, truncated, sum(len(s) for s in sources)
+
+
+def _hold_out(sources: list[list], fraction: float, seed: int) -> tuple[list[list], list]:
+    """Split a seeded `fraction` of every source off as validation items."""
+    if not fraction:
+        return sources, []
+    kept, held = [], []
+    for i, items in enumerate(sources):
+        order = list(range(len(items)))
+        random.Random(f"{seed}:validation:{i}").shuffle(order)
+        n = max(1, round(fraction * len(items))) if len(items) > 1 else 0
+        cut = set(order[:n])
+        held += [items[j] for j in sorted(cut)]
+        kept.append([items[j] for j in range(len(items)) if j not in cut])
+    return kept, held
 
 
 def _build_sources(st: PreparedStage, cfg, run_dir: Path, model, tok, renderer, accelerator) -> None:
@@ -165,8 +192,14 @@ def bf16_enabled(setting, device_type: str) -> bool:
 # -- the run ---------------------------------------------------------------------------------------
 
 def evaluate_all(model, tok, renderer, tasks: list[EvalTask], cfg: RecipeConfig) -> list[dict]:
-    return [evaluate_examples(model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size, t.max_new_tokens)
-            for t in tasks]
+    rows = []
+    for t in tasks:
+        row = evaluate_examples(model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size, t.max_new_tokens)
+        for extra in t.also:  # e.g. option scoring beside generative exact match
+            other = evaluate_examples(model, tok, renderer, t.examples, extra, cfg.data.eval_batch_size, t.max_new_tokens)
+            row.setdefault("protocols", {})[other["metric"]] = other["score"]
+        rows.append(row)
+    return rows
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -183,9 +216,13 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
           smoke: bool = False, overrides: dict[str, Any] | None = None, show_progress: bool = True,
           plugins: list | None = None) -> Run:
     """Train a recipe and return the Run. `overrides` use dotted keys: {"train.lr": 1e-4, "model": "tiny"}."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
+    # Launched with several processes (accelerate launch / torchrun / --processes) this joins the
+    # process group: gloo on a machine without CUDA (accelerate needs cpu=True to pick it there).
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    dist = PartialState(cpu=cpu)
     cfg = load_recipe(recipe, overrides, smoke)
     run_dir = resolve_run_dir(cfg.name, out)
     if resume:
@@ -208,19 +245,22 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
     stages, eval_tasks = prepare_stages(cfg, renderer, context)
     plugins = [build(p, PLUGINS, "plugin", **context) for p in cfg.plugins] + list(plugins or [])
 
-    # Input is valid: from here on we write the run directory.
+    # Input is valid: from here on we write the run directory (the main process; every process has
+    # checked it above before any of them writes).
+    dist.wait_for_everyone()
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
-    ckpt.clean_temporaries(ckpt_dir)
-    if not resume:
-        _write_atomic(run_dir / "config.yaml", recipe_to_yaml(cfg))
+    if dist.is_main_process:
+        ckpt.clean_temporaries(ckpt_dir)
+        if not resume:
+            _write_atomic(run_dir / "config.yaml", recipe_to_yaml(cfg))
 
     if cfg.lora is not None:
         model = attach_lora(model, cfg)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     use_bf16 = bf16_enabled(cfg.train.bf16, device_type)
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", log_with=cfg.report_to or None,
-                              project_dir=str(run_dir))
+                              project_dir=str(run_dir), cpu=cpu)
     try:
         return _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
                     plugins, show_progress)
@@ -234,6 +274,8 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
          show_progress) -> Run:
     model.to(accelerator.device)
     main = accelerator.is_main_process
+    if accelerator.process_index > 0:  # its own dropout stream (the same seed would draw the same masks)
+        torch.manual_seed(cfg.seed + accelerator.process_index)
     log = MetricsLog(run_dir, accelerator, enabled=main)
     if cfg.report_to and main:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
@@ -245,7 +287,10 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
     latest = ckpt.list_checkpoints(ckpt_dir)[-1:] if resume else []
     optimizer_state = None
     if latest:
-        weights, optimizer_state, state = ckpt.load(latest[0])
+        weights, optimizer_state, state = ckpt.load(latest[0], rank=accelerator.process_index)
+        if state.get("processes", 1) != accelerator.num_processes:  # the global batch is part of the run
+            raise UserError(f"--resume: {run_dir} was trained with {state.get('processes', 1)} process(es), "
+                            f"not {accelerator.num_processes}: resume it with as many")
         results, seq = state["results"], state["seq"]
         for p in plugins:
             p.load_state_dict(state.get("plugins", {}).get(p.name, {}))
@@ -288,14 +333,17 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
         def save(s: StageState, done: bool = False):
             nonlocal seq
             seq += 1
+            # every process's RNG (LoRA dropout draws differ per process), so a resume is exact
+            from accelerate.utils import gather_object
+            rngs = gather_object([ckpt.rng_state()]) if accelerator.num_processes > 1 else None
             if main:
                 ckpt.save(ckpt_dir, f"{seq:06d}", _all_trainables(model, st.objective), optimizer.state_dict(),
                           {"seq": seq, "stage_index": si, "stage": st.name, "stage_done": done,
                            "stage_state": {"step": s.step, "position": asdict(s.position), "tokens": s.tokens,
                                            "seconds": s.seconds},
                            "results": results, "plugins": {p.name: p.state_dict() for p in plugins},
-                           "objective": st.objective.state_dict()},
-                          keep=st.train_cfg.keep_checkpoints)
+                           "objective": st.objective.state_dict(), "processes": accelerator.num_processes},
+                          keep=st.train_cfg.keep_checkpoints, rank_rng=rngs)
             accelerator.wait_for_everyone()
 
         if st.plan is not None and state.step < st.train_cfg.steps:
@@ -377,5 +425,11 @@ def _finish(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask],
                   "stages": results["stages"], "experts": [DEFAULT_EXPERT] if cfg.lora is not None else [],
                   "seconds": sum(s["seconds"] for s in results["stages"]),
                   "truncated": sum(s["truncated"] for s in results["stages"])})
+    protocols = sorted({p for row in [results["initial"], *results["details"]] for r in row for p in r.get("protocols", {})})
+    if protocols:  # the same accuracy-matrix summary for each further protocol
+        final["protocols"] = {p: summarize(names, {n: p for n in names},
+                                           [r.get("protocols", {}).get(p) for r in results["initial"]],
+                                           [[r.get("protocols", {}).get(p) for r in row] for row in results["details"]])
+                              for p in protocols}
     _write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
     return final

@@ -4,7 +4,8 @@
 - math:  arithmetic questions generated from a seed,
 - prose: long English sentences from Python's own documentation (pydoc_data.topics).
 
-Other test_experts_* files import `skill_texts` from here; the test below pins down their sizes.
+Other test_experts_* files import `skill_texts` and the `one_thread` fixture from here; the test
+below pins down the data.
 """
 from __future__ import annotations
 
@@ -12,10 +13,23 @@ import random
 import re
 from functools import lru_cache
 
+import pytest
+import torch
+
 from skillstream.config import SourceConfig
 from skillstream.data.examples import load_examples
 
 SKILLS = ("bash", "math", "prose")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The expert tests run many tiny ops; on a shared, busy CPU one thread is ~30x faster than
+    several threads waiting on each other. Restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @lru_cache(maxsize=None)
@@ -29,7 +43,7 @@ def _all_texts() -> dict[str, tuple[str, ...]]:
     for key in sorted(topics):
         for s in re.split(r"(?<=[.!?])\s+", " ".join(topics[key].split())):
             # plain sentences only: no code, markup or parentheses
-            if 100 <= len(s) <= 220 and re.match(r"^[A-Z][a-z]", s) and not re.search(r"[{}\[\]()=<>*`'\"]", s):
+            if 90 <= len(s) <= 220 and re.match(r"^[A-Z][a-z]", s) and not re.search(r"[{}\[\]()=<>*`'\"]", s):
                 prose.append(s)
     # shuffled (seeded) so that any range of a skill is a random sample of it, not one NL2Bash file
     random.Random(1).shuffle(prose)

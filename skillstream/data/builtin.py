@@ -84,6 +84,9 @@ BUILTINS = {"nl2bash": (nl2bash_rows, NL2BASH_INSTRUCTION, "bash"),
             "bfcl": (bfcl_rows, None, "tool_call"),
             "pydoc_topics": (pydoc_topics_rows, None, "perplexity")}
 
+from .dragon_tasks import DRAGON_BUILTINS  # noqa: E402  (pydoc_text, bfcl_calls, bfcl_tools, nl2bash_fenced, arithmetic)
+BUILTINS.update(DRAGON_BUILTINS)
+
 
 def builtin_source(source: str):
     """((reader, instruction, metric), argument) for 'NAME' or 'NAME:ARGUMENT' of a builtin, else None."""

@@ -101,7 +101,8 @@ def _from_row(row: Row, src: SourceConfig, fmt: str, instruction: str | None) ->
     data = _mapped(row, src.columns, ["prompt", "completion"])
     refs = data.get("references") or [str(data["completion"])]
     return Example("prompt_completion", prompt=str(data["prompt"]), completion=str(data["completion"]),
-                   references=[str(r) for r in refs], instruction=instruction, where=row.where)
+                   references=[str(r) for r in refs], instruction=instruction, where=row.where,
+                   meta={k: data[k] for k in META_FIELDS if k in data})
 
 
 META_FIELDS = ("functions", "ground_truth", "category", "id")

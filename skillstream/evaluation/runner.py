@@ -58,7 +58,8 @@ def _generative(model, tok, renderer, examples, batch_size, max_new_tokens, bash
         preds = [extract_command(o) for o in outputs]
         em = [bash_exact_match(p, ex.references) for p, ex in zip(preds, examples)]
         structure = [bash_structure_score(p, ex.references) for p, ex in zip(preds, examples)]
-        extra = {"structure": sum(structure) / len(structure)}
+        from .task_metrics import bash_extras
+        extra = {"structure": sum(structure) / len(structure), **bash_extras(outputs, preds)}
     else:
         preds = [o.strip() for o in outputs]
         em = [any(normalize_text(p) == normalize_text(r) for r in ex.references) for p, ex in zip(preds, examples)]
@@ -82,7 +83,7 @@ def _perplexity(model, renderer: Renderer, examples, batch_size, pad_id) -> dict
 
 
 MAIN_METRIC = {"accuracy": "accuracy", "exact_match": "exact_match", "bash": "exact_match", "perplexity": "perplexity",
-               "tool_call": "ast_accuracy"}
+               "tool_call": "ast_accuracy", "function_call": "ast_accuracy", "final_answer": "exact_match"}
 
 
 def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], metric: str,
@@ -95,6 +96,9 @@ def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], m
             out = _accuracy(model, tok, renderer, examples, batch_size)
         elif metric in ("exact_match", "bash"):
             out = _generative(model, tok, renderer, examples, batch_size, max_new_tokens, bash=metric == "bash")
+        elif metric in ("function_call", "final_answer"):  # see evaluation/task_metrics.py
+            from .task_metrics import evaluate_generated
+            out = evaluate_generated(metric, model, tok, renderer, examples, batch_size, max_new_tokens)
         elif metric == "tool_call":  # format, tool selection, AST argument and irrelevance accuracy
             from .tool_metrics import evaluate_tool_calls
             out = evaluate_tool_calls(model, tok, renderer, examples, batch_size, max_new_tokens)

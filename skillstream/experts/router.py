@@ -23,6 +23,7 @@ from ..errors import UserError
 from .mixing import backbone_only
 
 ROUTER_WEIGHTS, ROUTER_CONFIG = "router.safetensors", "router.json"
+TRAINER_WEIGHTS, TRAINER_CONFIG = "router_trainer.safetensors", "router_trainer.json"
 
 
 def _body(model: torch.nn.Module) -> torch.nn.Module:
@@ -235,18 +236,30 @@ class RouterTrainer:
         return loss.item()
 
     def save(self, directory: str | Path) -> None:
-        """Router weights + config, and the feature memory (safetensors + JSON)."""
+        """Router weights + config (what serving needs), and the trainer's memory and Adam state."""
         directory = Path(directory)
         self.router.save(directory)
         tensors, meta = self.memory.state_dict()
-        save_file(tensors, str(directory / "router_memory.safetensors"))
-        (directory / "router_memory.json").write_text(json.dumps({**meta, "feature_alpha": self.feature_alpha,
-                                                                  "lr": self.lr}))
+        tensors = {f"memory.{k}": v for k, v in tensors.items()}
+        opt = self.optimizer.state_dict()
+        for index, state in opt["state"].items():
+            tensors.update({f"adam.{index}.{k}": v.contiguous() for k, v in state.items()})
+        save_file(tensors, str(directory / TRAINER_WEIGHTS))
+        (directory / TRAINER_CONFIG).write_text(json.dumps({
+            "memory": meta, "feature_alpha": self.feature_alpha, "lr": self.lr, "balanced": self.balanced,
+            "adam_groups": opt["param_groups"], "adam_params": sorted(opt["state"])}, indent=1))
 
     @classmethod
     def load(cls, directory: str | Path) -> "RouterTrainer":
         directory = Path(directory)
-        meta = json.loads((directory / "router_memory.json").read_text())
+        meta = json.loads((directory / TRAINER_CONFIG).read_text())
+        tensors = load_file(str(directory / TRAINER_WEIGHTS))
         memory = FeatureMemory()
-        memory.load_state_dict(load_file(str(directory / "router_memory.safetensors")), meta)
-        return cls(Router.load(directory), feature_alpha=meta["feature_alpha"], lr=meta["lr"], memory=memory)
+        memory.load_state_dict({k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")},
+                               meta["memory"])
+        trainer = cls(Router.load(directory), feature_alpha=meta["feature_alpha"], lr=meta["lr"], memory=memory,
+                      balanced=meta["balanced"])
+        state = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
+                 for i in meta["adam_params"]}
+        trainer.optimizer.load_state_dict({"state": state, "param_groups": meta["adam_groups"]})
+        return trainer

@@ -55,6 +55,9 @@ class LMObjective:
       collate(items, pad_id) -> batch          tensors for one micro-batch
       __call__(model, batch) -> (loss, metrics, outputs)
       extra_parameters() -> {name: Parameter}  trainables outside the model (a value head...)
+      loss_weight(batch) -> int                optional: what the loss is a mean over (here labelled
+                                               tokens); with several processes each one's loss is
+                                               weighted by its share, so the result is the global mean
       state_dict() / load_state_dict(state)    JSON-able state that rides in checkpoints
     """
 
@@ -71,6 +74,9 @@ class LMObjective:
 
     def extra_parameters(self) -> dict:
         return {}
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
 
     def state_dict(self) -> dict:
         return {}

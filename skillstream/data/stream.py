@@ -1,0 +1,50 @@
+"""Stream folders (DESIGN.md contract): subfolders that are classification task folders, with an
+optional `stream.yaml` giving the order (`tasks: [...]`) and an instruction per task
+(`instructions: {name: ...}`); without it, alphabetical order and a generic instruction.
+
+`--set data.stream=PATH` turns any recipe into one stage per task of the stream, each evaluated
+on every task, so a method runs unchanged on a new stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+from .examples import GENERIC_INSTRUCTION
+
+
+@dataclass
+class StreamTask:
+    name: str
+    folder: Path
+    instruction: str
+
+
+def read_stream(path: str | Path) -> list[StreamTask]:
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"data.stream {str(root)!r}: not a folder")
+    spec = {}
+    if (root / "stream.yaml").is_file():
+        try:
+            spec = yaml.safe_load((root / "stream.yaml").read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{root / 'stream.yaml'}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(spec, dict):
+            raise UserError(f"{root / 'stream.yaml'}: expected keys 'tasks' and 'instructions'")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for p in folders:
+        if (p / "train.json").is_file() and not (p / "labels.json").is_file():
+            raise UserError(f"{p}: task folder has no labels.json (the list of options)")
+    tasks_here = {p.name: p for p in folders if (p / "labels.json").is_file()}
+    order = spec.get("tasks") or sorted(tasks_here)
+    if not order:
+        raise UserError(f"data.stream {str(root)!r}: no task folders (subfolders with train.json, test.json, labels.json)")
+    missing = [t for t in order if t not in tasks_here]
+    if missing:
+        raise UserError(f"{root / 'stream.yaml'}: tasks {missing} have no task folder in {root}")
+    instructions = spec.get("instructions") or {}
+    return [StreamTask(t, tasks_here[t], instructions.get(t, GENERIC_INSTRUCTION)) for t in order]

@@ -1,0 +1,194 @@
+"""Weighted per-sample mixing of LoRA experts, checked against PEFT's own outputs, and the hybrid policy."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+from skillstream.config import LoraConfig, RecipeConfig
+from skillstream.errors import UserError
+from skillstream.experts.mixing import hybrid_weights, mixing, one_hot, sparse_topk
+from skillstream.experts.pool import ExpertPool, MaturityRule
+from skillstream.experts.router import Router, pooled_features
+from skillstream.models.backbone import load_backbone
+from skillstream.run import attach_lora
+from test_experts_skills import one_thread, skill_texts  # noqa: F401
+
+NAMES = ["a", "b", "c"]
+
+
+def randomize(model, name: str, seed: int, scale: float = 0.05) -> None:
+    """Give an expert nonzero B (a fresh LoRA has B = 0 and would add nothing), as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f".lora_B.{name}." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    backbone, tok = load_backbone("tiny", seed=0)
+    model = attach_lora(backbone, RecipeConfig(name="t", lora=LoraConfig(r=4, alpha=8, dropout=0.0)))
+    pool = ExpertPool(model, rule=MaturityRule(mature_steps=10))
+    for i, name in enumerate(NAMES):
+        pool.create(name)
+        randomize(model, name, seed=i)
+    model.eval()
+    batch = tok(skill_texts("bash", 0, 2) + skill_texts("math", 0, 2), return_tensors="pt", padding=True)
+    return pool, batch
+
+
+def run(model, batch, **kw) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
+
+
+@torch.no_grad()
+def test_one_hot_mix_equals_peft_single_adapter(setup):
+    pool, batch = setup
+    for k, name in enumerate(NAMES):
+        pool.model.set_adapter(name)
+        expected = run(pool.model, batch)
+        with mixing(pool.model, NAMES, one_hot(torch.full((4,), k), 3)):
+            got = run(pool.model, batch)
+        assert (got - expected).abs().max().item() == 0.0, name  # same ops in the same order
+    # the block leaves PEFT's state as it was
+    pool.model.set_adapter("a")
+    assert pool.model.base_model.model.model.layers[0].self_attn.q_proj.active_adapters == ["a"]
+
+
+@torch.no_grad()
+def test_per_sample_top1_equals_peft_mixed_batch(setup):
+    pool, batch = setup
+    choice = ["c", "a", "b", "__base__"]
+    expected = run(pool.model, batch, adapter_names=choice)
+    w = torch.tensor([[0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.float)  # all-zero row = base
+    with mixing(pool.model, NAMES, w):
+        got = run(pool.model, batch)
+    assert (got - expected).abs().max().item() < 1e-6
+
+
+@torch.no_grad()
+def test_mixing_generates_like_peft_with_kv_cache(setup):
+    pool, batch = setup
+    pool.model.set_adapter("b")
+    kw = dict(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1], max_new_tokens=6,
+              do_sample=False)
+    expected = pool.model.generate(**kw)
+    with mixing(pool.model, NAMES, torch.tensor([[0.0, 1.0, 0.0]])):
+        got = pool.model.generate(**kw)
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_half_and_half_mix_of_one_linear_layer():
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 6))
+    model = get_peft_model(layer, PeftLoraConfig(r=2, lora_alpha=4, target_modules=["0"]), adapter_name="a")
+    model.add_adapter("b", PeftLoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    randomize(model, "a", 1, scale=0.5)
+    randomize(model, "b", 2, scale=0.5)
+    x = torch.randn(3, 8)
+    with model.disable_adapter():
+        base = model(x)
+    model.set_adapter("a")
+    out_a = model(x)
+    model.set_adapter("b")
+    out_b = model(x)
+    with mixing(model, ["a", "b"], torch.full((3, 2), 0.5)):
+        got = model(x)
+    expected = 0.5 * (out_a - base) + 0.5 * (out_b - base) + base
+    assert (got - expected).abs().max().item() < 1e-6
+    assert (out_a - out_b).abs().max().item() > 0.1  # the two experts really differ
+
+
+@torch.no_grad()
+def test_dense_mix_equals_peft_cat_merge(setup):
+    """Mixing is linear in each layer's LoRA delta, so a fixed 0.3/0.7 mix is PEFT's exact "cat" merge."""
+    pool, batch = setup
+    pool.merge(["a", "b"], [0.3, 0.7], "ab_cat", method="cat")
+    pool.model.set_adapter("ab_cat")
+    expected = run(pool.model, batch)
+    with mixing(pool.model, ["a", "b"], torch.tensor([[0.3, 0.7]]).expand(4, 2)):
+        got = run(pool.model, batch)
+    pool.prune("ab_cat")
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_gradients_reach_the_mixed_experts_and_the_router(setup):
+    pool, batch = setup
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    router = Router(64, 3, seed=0)
+    feats = pooled_features(pool.model, batch)
+    pool.set_trainable(["a", "b"])  # c stays frozen
+    pool.model.zero_grad(set_to_none=True)
+    w = sparse_topk(router.probs(feats), k=2)
+    with mixing(pool.model, NAMES, w):
+        pool.model(**batch, labels=labels).loss.backward()
+    grads = {n: p.grad for n, p in pool.model.named_parameters() if ".lora_" in n}
+    for name in ("a", "b"):
+        g = [v for n, v in grads.items() if f".{name}." in n]
+        assert all(v is not None for v in g) and sum(v.abs().sum().item() for v in g) > 0, name
+    assert all(v is None for n, v in grads.items() if ".c." in n)
+    assert router.head.weight.grad.abs().sum().item() > 0
+    assert all(p.grad is None for n, p in pool.model.named_parameters() if ".lora_" not in n)  # frozen backbone
+    pool.model.zero_grad(set_to_none=True)
+    pool.set_trainable([])
+
+
+def test_weight_gradient_matches_finite_difference(setup):
+    """dL/dw[b, k] through the mix equals (L(w + e) - L(w - e)) / 2e (float64; RMSNorm still rounds to float32)."""
+    pool, batch = setup
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    w = torch.tensor([[0.2, 0.5, 0.3]] * 4, dtype=torch.float64).requires_grad_()
+
+    def loss(weights):  # our own cross-entropy: transformers computes its loss in float32
+        with mixing(pool.model, NAMES, weights):
+            logits = run(pool.model, batch)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    pool.model.double()  # float32 losses are too coarse for a finite difference; float64 -> float32 is exact
+    try:
+        loss(w).backward()
+        eps = 1e-3
+        for b, k in ((0, 0), (3, 2)):
+            e = torch.zeros_like(w)
+            e[b, k] = eps
+            with torch.no_grad():
+                fd = (loss(w + e) - loss(w - e)).item() / (2 * eps)
+            assert w.grad[b, k].item() == pytest.approx(fd, rel=1e-3), (b, k)
+    finally:
+        pool.model.float()
+
+
+def test_sparse_topk_keeps_k_and_renormalises():
+    w = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
+    assert torch.allclose(sparse_topk(w, 1), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert torch.allclose(sparse_topk(w, 2), torch.tensor([[0.0, 2 / 3, 1 / 3], [0.625, 0.0, 0.375]]))
+
+
+def test_hybrid_policy_switches_from_dense_to_sparse_when_maturity_passes_threshold(setup):
+    pool, _ = setup
+    probs = torch.tensor([[0.7, 0.2, 0.1],    # top expert: a
+                          [0.1, 0.6, 0.3]])   # top expert: b
+    pool.record_training("a", 10)             # a is mature (10 of 10 steps), b has trained 4 of 10
+    pool.record_training("b", 4)
+    w = hybrid_weights(probs, pool.maturities(NAMES), threshold=0.8)
+    assert (w > 0).sum(-1).tolist() == [1, 3]  # a's input delegated, b's served densely
+    assert torch.allclose(w[1], probs[1])
+    pool.record_training("b", 4)              # 8 of 10 steps: maturity 0.8 reaches the threshold
+    w = hybrid_weights(probs, pool.maturities(NAMES), threshold=0.8)
+    assert (w > 0).sum(-1).tolist() == [1, 1]
+    assert w.argmax(-1).tolist() == [0, 1]
+    # top-2 delegation once mature
+    w2 = hybrid_weights(probs, pool.maturities(NAMES), threshold=0.8, k=2)
+    assert torch.allclose(w2[1], torch.tensor([0.0, 2 / 3, 1 / 3]))
+    with pytest.raises(UserError, match=r"in \[0, 1\]"):
+        hybrid_weights(probs, pool.maturities(NAMES), threshold=1.5)
+
+
+def test_unknown_expert_in_a_mix_is_a_user_error(setup):
+    pool, _ = setup
+    with pytest.raises(UserError, match="unknown expert"):
+        with mixing(pool.model, ["a", "nope"]):
+            pass

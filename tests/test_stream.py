@@ -1,0 +1,79 @@
+"""Stream folders: order and instructions from stream.yaml, one stage per task, both evaluation
+protocols in results.json, and one-line errors for a bad stream."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import skillstream
+from conftest import SHARED_DATA, run_cli, write_task_folder
+from skillstream.data.stream import read_stream
+from skillstream.errors import UserError
+
+
+def test_the_development_stream_is_read_in_its_order_with_its_instructions():
+    tasks = read_stream(SHARED_DATA / "glue_stream")
+    assert [t.name for t in tasks] == ["sst2", "rte", "mnli", "cb"]
+    assert tasks[1].instruction == "Does sentence 1 entail sentence 2?"
+
+
+def _stream(tmp_path: Path) -> Path:
+    root = tmp_path / "stream"
+    good = [{"sentence": s, "label": "Good"} for s in ("lovely", "great fun", "a joy")]
+    bad = [{"sentence": s, "label": "Bad"} for s in ("awful", "boring", "a mess")]
+    write_task_folder(root / "b_sentiment", good + bad, good + bad, ["Good", "Bad"])
+    sport = [{"sentence": s, "label": "Sports"} for s in ("a late goal", "the final whistle")]
+    money = [{"sentence": s, "label": "Finance"} for s in ("rates rose", "stocks fell")]
+    write_task_folder(root / "a_topic", sport + money, sport + money, ["Sports", "Finance"])
+    return root
+
+
+def test_without_stream_yaml_tasks_come_in_alphabetical_order(tmp_path):
+    assert [t.name for t in read_stream(_stream(tmp_path))] == ["a_topic", "b_sentiment"]
+
+
+def test_any_recipe_runs_on_a_stream_with_both_protocols(tmp_path):
+    run = skillstream.train("quickstart", out=tmp_path / "run", show_progress=False, overrides={
+        "model": "tiny", "report_to": [], "data.stream": str(_stream(tmp_path)), "train.steps": 2,
+        "train.batch_size": 2, "train.bf16": False})
+    r = run.results
+    assert r["tasks"] == ["a_topic", "b_sentiment"] and [s["name"] for s in r["stages"]] == r["tasks"]
+    assert len(r["matrix"]) == 2 and len(r["matrix"][0]) == 2
+    assert r["metric"] == {"a_topic": "exact_match", "b_sentiment": "exact_match"}
+    options = r["protocols"]["accuracy"]
+    assert len(options["matrix"]) == 2 and all(0 <= v <= 1 for row in options["matrix"] for v in row)
+    assert options["bwt"] is not None
+
+
+def test_early_stopping_ends_a_task_whose_validation_loss_stops_improving(tmp_path):
+    run = skillstream.train("quickstart", out=tmp_path / "run", show_progress=False, overrides={
+        "model": "tiny", "report_to": [], "data.stream": str(_stream(tmp_path)), "train.steps": 40,
+        "train.batch_size": 2, "train.bf16": False, "train.lr": 1e-9, "data.validation_fraction": 0.34,
+        "data.stream_protocols": ["accuracy"],
+        "plugins": [{"name": "early_stop", "patience": 2, "min_epochs": 1, "eval_every": 1, "min_delta": 1e-3}]})
+    stages = run.results["stages"]
+    assert all(s["stopped_early"] for s in stages) and all(s["steps"] < 40 for s in stages)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: root.mkdir(), "no task folders"),
+    (lambda root: write_task_folder(root / "t", [], [], ["A"]).joinpath("labels.json").unlink(), "has no labels.json"),
+])
+def test_bad_streams_are_named(tmp_path, make, message):
+    make(tmp_path / "s")
+    with pytest.raises(UserError, match=message):
+        read_stream(tmp_path / "s")
+    res = run_cli("train", "quickstart", "--out", str(tmp_path / "run"), "--set", "model=tiny",
+                  "--set", f"data.stream={tmp_path / 's'}", cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
+
+
+def test_a_label_missing_from_labels_json_is_named(tmp_path):
+    root = _stream(tmp_path)
+    (root / "a_topic" / "test.json").write_text(json.dumps([{"sentence": "x", "label": "Weather"}]))
+    res = run_cli("train", "quickstart", "--out", str(tmp_path / "run"), "--set", "model=tiny",
+                  "--set", f"data.stream={root}", cwd=tmp_path)
+    assert res.returncode == 2 and "test.json item 0: label 'Weather'" in res.stderr
+    assert not (tmp_path / "run").exists()
