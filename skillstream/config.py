@@ -44,6 +44,7 @@ class LoraConfig(_Strict):
     alpha: float = Field(32, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: str | list[str] = Field("all-linear", description="Module names to adapt, or 'all-linear' (every linear projection but the LM head).")
+    per_stage: bool = Field(False, description="One expert per stage (named after it); evaluation picks each task's expert by its name (the oracle-task-id baseline).")
 
 
 class SourceConfig(_Strict):

@@ -50,7 +50,8 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
     ctx = StepContext(model, stage, stage_index, state.step, cfg.steps,
                       alert=lambda sev, kind, msg: log.alert(state.step, sev, kind, msg),
                       extras={"plan": plan, "objective": objective, "pad_id": pad_id, "accelerator": accelerator,
-                              "validation": getattr(plan, "validation", []), "grad_accum": cfg.grad_accum})
+                              "validation": getattr(plan, "validation", []), "grad_accum": cfg.grad_accum,
+                              "run_dir": getattr(log, "run_dir", None)})
     for p in plugins:
         p.before_stage(ctx)
     batches = plan.iterate(state.position)

@@ -171,12 +171,25 @@ def _begin_stage(objective, model) -> None:
         begin(model)
 
 
+def expert_names(cfg: RecipeConfig) -> list[str]:
+    if cfg.lora is None:
+        return []
+    return [st.name for st in cfg.resolved_stages()] if cfg.lora.per_stage else [DEFAULT_EXPERT]
+
+
 def attach_lora(model, cfg: RecipeConfig):
+    """PEFT LoRA adapter(s): one 'default', or with lora.per_stage one per stage (created up front:
+    an untrained LoRA adds zero, and a resumed run finds every adapter its checkpoint names)."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora, adapter_name=DEFAULT_EXPERT)
+    first, *rest = expert_names(cfg)
+    model = get_peft_model(model, lora, adapter_name=first)
+    for name in rest:
+        model.add_adapter(name, lora)
+    model.set_adapter(first)
+    return model
 
 
 def bf16_enabled(setting, device_type: str) -> bool:
@@ -193,12 +206,18 @@ def bf16_enabled(setting, device_type: str) -> bool:
 
 def evaluate_all(model, tok, renderer, tasks: list[EvalTask], cfg: RecipeConfig) -> list[dict]:
     rows = []
+    oracle = cfg.lora is not None and cfg.lora.per_stage
+    active = model.active_adapter if oracle else None
     for t in tasks:
+        if oracle:  # the oracle baseline: each task answered by the expert trained on it
+            model.set_adapter(t.name if t.name in model.peft_config else active)
         row = evaluate_examples(model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size, t.max_new_tokens)
         for extra in t.also:  # e.g. option scoring beside generative exact match
             other = evaluate_examples(model, tok, renderer, t.examples, extra, cfg.data.eval_batch_size, t.max_new_tokens)
             row.setdefault("protocols", {})[other["metric"]] = other["score"]
         rows.append(row)
+    if oracle:
+        model.set_adapter(active)
     return rows
 
 
@@ -299,7 +318,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
         objective.load_state_dict(state.get("objective", {}))
         _begin_stage(objective, model)
         begun.add(state["stage_index"])
-        _load_trainables(_all_trainables(model, objective), weights)
+        _load_trainables(_checkpoint_params(model, objective), weights)
         if not state["stage_done"]:
             s = state["stage_state"]
             stage_state = StageState(s["step"], Position(**s["position"]), s["tokens"], s["seconds"])
@@ -319,6 +338,8 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
 
     for si in range(start_stage, len(stages)):
         st = stages[si]
+        if cfg.lora is not None and cfg.lora.per_stage:
+            model.set_adapter(st.name)  # only this stage's expert trains
         state = stage_state if (si == start_stage and stage_state) else StageState()
         if st.data is not None and st.plan is None:
             _build_sources(st, cfg, run_dir, model, tok, renderer, accelerator)
@@ -337,7 +358,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
             from accelerate.utils import gather_object
             rngs = gather_object([ckpt.rng_state()]) if accelerator.num_processes > 1 else None
             if main:
-                ckpt.save(ckpt_dir, f"{seq:06d}", _all_trainables(model, st.objective), optimizer.state_dict(),
+                ckpt.save(ckpt_dir, f"{seq:06d}", _checkpoint_params(model, st.objective), optimizer.state_dict(),
                           {"seq": seq, "stage_index": si, "stage": st.name, "stage_done": done,
                            "stage_state": {"step": s.step, "position": asdict(s.position), "tokens": s.tokens,
                                            "seconds": s.seconds},
@@ -380,6 +401,11 @@ def _all_trainables(model, objective) -> dict[str, torch.nn.Parameter]:
     return {**trainable_parameters(model), **extra}
 
 
+def _checkpoint_params(model, objective) -> dict[str, torch.nn.Parameter]:
+    """What a checkpoint holds: the trainables plus every adapter's weights (frozen experts too)."""
+    return {**{n: p for n, p in model.named_parameters() if "lora_" in n}, **_all_trainables(model, objective)}
+
+
 def _load_trainables(params: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
     missing = set(params) - set(weights)
     if missing:
@@ -406,7 +432,8 @@ def save_model_files(model, run_dir: Path, lora: bool) -> None:
     tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if lora:
-        model.save_pretrained(str(tmp / DEFAULT_EXPERT))
+        for name in model.peft_config:  # each expert as its own standard PEFT adapter folder
+            model.save_pretrained(str(tmp if name != DEFAULT_EXPERT else tmp / DEFAULT_EXPERT), selected_adapters=[name])
     else:
         from safetensors.torch import save_model
         tmp.mkdir(parents=True)
@@ -422,7 +449,7 @@ def _finish(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask],
     final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},
                       [r["score"] for r in results["initial"]], results["rows"])
     final.update({"initial_details": results["initial"], "details": results["details"],
-                  "stages": results["stages"], "experts": [DEFAULT_EXPERT] if cfg.lora is not None else [],
+                  "stages": results["stages"], "experts": expert_names(cfg),
                   "seconds": sum(s["seconds"] for s in results["stages"]),
                   "truncated": sum(s["truncated"] for s in results["stages"])})
     protocols = sorted({p for row in [results["initial"], *results["details"]] for r in row for p in r.get("protocols", {})})

@@ -77,3 +77,19 @@ def test_a_label_missing_from_labels_json_is_named(tmp_path):
                   "--set", f"data.stream={root}", cwd=tmp_path)
     assert res.returncode == 2 and "test.json item 0: label 'Weather'" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_one_expert_per_task_with_the_oracle_never_forgets(tmp_path):
+    """lora.per_stage: each task trains its own adapter; evaluation uses the task's own expert, so
+    a task's score cannot change after its stage (BWT exactly 0) and each expert is a PEFT folder."""
+    run = skillstream.train("quickstart", out=tmp_path / "run", show_progress=False, overrides={
+        "model": "tiny", "report_to": [], "data.stream": str(_stream(tmp_path)), "train.steps": 3,
+        "train.batch_size": 2, "train.bf16": False, "train.lr": 5e-3, "lora.per_stage": True,
+        "data.stream_protocols": ["accuracy"]})
+    r = run.results
+    assert r["experts"] == ["a_topic", "b_sentiment"]
+    assert r["bwt"] == 0.0 and r["matrix"][1][0] == r["matrix"][0][0]
+    for name in r["experts"]:
+        assert (run.run_dir / "experts" / name / "adapter_model.safetensors").exists()
+    a = skillstream.load(run.run_dir, expert="a_topic")
+    assert a.model.active_adapter == "a_topic"

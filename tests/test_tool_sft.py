@@ -1,5 +1,6 @@
 """Tool-calling conversations: rendering (fallback and native templates), SFT loss masking on the
 assistant turns only, the tool_call metric, and one-line errors for bad tool data."""
+import copy
 import json
 
 import pytest
@@ -74,7 +75,7 @@ def test_sft_loss_only_on_the_assistant_tool_call_and_schemas_in_the_prompt(tok,
 
 def test_multi_turn_tool_results_are_context_and_every_assistant_turn_is_learned(tok, bfcl_train):
     renderer = Renderer(tok, 2048)
-    ex = bfcl_train[0]
+    ex = copy.deepcopy(bfcl_train[0])
     call = ex.messages[-1]
     ex.messages = ex.messages + [{"role": "tool", "name": call["tool_calls"][0]["function"]["name"], "content": "RESULT-25"},
                                  {"role": "assistant", "content": "It is 25."}]

@@ -4,9 +4,10 @@ icalfa; nothing is downloaded). Each reader returns rows for split ``train`` or 
 ``pydoc_text`` -- English prose from ``pydoc_data.topics`` (the help texts that ship with Python;
 their content depends on the Python version, 3.11 here). Paragraphs that are prose are kept
 (indented code and grammar blocks, and heading underlines, are dropped), reflowed onto one line
-and packed in order into chunks of at most ``TEXT_CHUNK`` bytes. Split (fixed, documented): a
-topic is in ``test`` when the SHA-256 of its name, read as a number, is divisible by 10, else in
-``train``; whole topics, so no paragraph is in both.
+and packed in order into chunks of at most ``TEXT_CHUNK`` bytes. Split (fixed, documented): with
+h = the SHA-256 of the topic's name read as a number, a topic is in ``test`` when h % 10 == 0, in
+``validation`` when h % 10 == 1, else in ``train``; whole topics, so no paragraph is in two splits.
+(The ``pydoc_topics`` builtin is the same source as 1200-character pieces, code blocks included.)
 
 ``bfcl_calls`` -- function calling: BFCL ``simple`` + ``live_simple``. ``bfcl_tools`` -- tool use
 among several tools: BFCL ``multiple`` (choose among 2-4 functions) + ``parallel`` (several calls
@@ -26,8 +27,8 @@ category, functions, answer key) rides in the example's ``meta`` for the ``funct
 ``arithmetic`` -- SYNTHETIC: procedurally generated two-step arithmetic word problems with a worked
 solution (chain of thought) ending in ``Answer: N``; the ``final_answer`` metric compares N
 exactly. Problem i of a split comes from ``random.Random("arithmetic:<split>:<i>")``; the test
-split (``ARITH_TEST`` problems) is generated first and train problems whose text equals a test
-problem are skipped, so the two never overlap.
+split (``ARITH_TEST`` problems) is generated first, then ``validation`` (as many, skipping test
+texts), then ``train`` (skipping both), so no problem text is in two splits.
 """
 from __future__ import annotations
 
@@ -47,14 +48,15 @@ BASH_INSTRUCTION = "Write a bash command for this request, in a ```bash block."
 ARITH_INSTRUCTION = "Solve step by step."
 
 
-def _check_split(name: str, split: str) -> None:
-    if split not in ("train", "test"):
-        raise UserError(f"{name}: unknown split {split!r} (expected 'train' or 'test')")
+def _check_split(name: str, split: str, splits=("train", "test")) -> None:
+    if split not in splits:
+        raise UserError(f"{name}: unknown split {split!r} (expected {' or '.join(map(repr, splits))})")
 
 
 # -- English text --------------------------------------------------------------------------------
 def topic_split(name: str) -> str:
-    return "test" if int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10 == 0 else "train"
+    h = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10
+    return "test" if h == 0 else "validation" if h == 1 else "train"
 
 
 def _prose_paragraphs(text: str) -> list[str]:
@@ -92,7 +94,7 @@ def _chunks(paragraphs: list[str], size: int) -> list[str]:
 
 
 def pydoc_text_rows(split: str) -> list[Row]:
-    _check_split("pydoc_text", split)
+    _check_split("pydoc_text", split, ("train", "validation", "test"))
     from pydoc_data.topics import topics
     rows = []
     for name in sorted(topics):
@@ -186,18 +188,25 @@ def arithmetic_problem(rng: random.Random) -> tuple[str, str, int]:
     return q, " ".join(steps) + f" Answer: {ans}", ans
 
 
+def _arith_split(split: str, n: int, exclude: set[str]) -> list[tuple[str, str, int]]:
+    problems, i = [], 0
+    while len(problems) < n:
+        p = arithmetic_problem(random.Random(f"arithmetic:{split}:{i}"))
+        i += 1
+        if p[0] not in exclude:
+            problems.append(p)
+    return problems
+
+
 def arithmetic_rows(split: str) -> list[Row]:
-    _check_split("arithmetic", split)
+    _check_split("arithmetic", split, ("train", "validation", "test"))
     test = [arithmetic_problem(random.Random(f"arithmetic:test:{i}")) for i in range(ARITH_TEST)]
-    if split == "test":
-        problems = test
-    else:
-        seen, problems, i = {q for q, _, _ in test}, [], 0
-        while len(problems) < ARITH_TRAIN:
-            p = arithmetic_problem(random.Random(f"arithmetic:train:{i}"))
-            i += 1
-            if p[0] not in seen:
-                problems.append(p)
+    problems = test
+    if split != "test":
+        seen = {q for q, _, _ in test}
+        validation = _arith_split("validation", ARITH_TEST, seen)
+        problems = validation if split == "validation" else \
+            _arith_split("train", ARITH_TRAIN, seen | {q for q, _, _ in validation})
     return [Row({"prompt": q, "completion": sol, "references": [str(ans)]}, f"arithmetic {split} #{i}")
             for i, (q, sol, ans) in enumerate(problems)]
 

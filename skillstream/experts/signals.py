@@ -2,22 +2,27 @@
 
 A `TaskSignal` describes a handful of a task's examples as the frozen backbone sees them:
 
-(a) embedding  — mean of `pooled_features` (last hidden states, mean over real tokens) over the
-                 examples, averaged half-and-half with the task description's when one is given;
-(b) gradient sketch — the gradient the examples' LM loss induces on the `lora_B` of a *fresh* LoRA
-                 (B = 0, A = a seeded Gaussian of rank `sketch_rank`) on every Linear whose name ends
-                 with one of `grad_modules` (default: each decoder layer's MLP `down_proj`), projected
-                 to `sketch_dim` numbers by a fixed seeded Gaussian. At B = 0 that gradient is
-                 scale * (dL/dW) A^T, so it is read from the frozen layer's input and output gradient
-                 through hooks, without adding an adapter to the model;
+(a) embedding — mean of `pooled_features` (last hidden states, mean over real tokens) over the
+    examples, averaged half-and-half with the task description's when one is given.
+(b) gradient sketch — the gradients the examples' LM loss induces on the `lora_B` of a *fresh*
+    LoRA (B = 0, A = a seeded Gaussian of rank `sketch_rank`) on every Linear whose name ends with
+    one of `grad_modules` (default: each decoder layer's MLP `down_proj`). At B = 0 that gradient
+    is scale * (dL/dW) A^T, so it is read from the frozen layer's input and output gradient through
+    hooks, without adding an adapter to the model. Two fixed seeded Gaussian projections to
+    `sketch_dim` numbers each keep:
+      - `gradient`: the mean per-example gradient (where the examples would push a new expert),
+      - `fisher`:   the mean squared per-example gradient (which parameters they move: a diagonal
+                    Fisher, the Task2Vec task embedding). On a few diverse examples the mean
+                    gradient can average out (measured on the tiny backbone: cos ~ 0 between two
+                    batches of documentation prose) while the Fisher part stays stable (cos ~ 0.8).
 (c) context statistics — mean next-token entropy of the backbone's predictions over real tokens
-                 (nats) and mean length in tokens.
+    (nats) and mean length in tokens.
 
-All three are computed with adapters off, so the signals of a new task and the profiles of every
+All three are computed with adapters off, so the signal of a new task and the profiles of every
 expert live in one space that does not move while experts train; an expert's profile is refreshed
-after it trains by folding in the signal of the examples it was trained and validated on.
+after it trains by folding in (count-weighted) the signal of the examples it trained on.
 
-    similarity = 0.4 * cos(a) + 0.4 * cos(b) + 0.2 * context
+    similarity = 0.4 * cos(a) + 0.4 * (cos(gradient) + cos(fisher)) / 2 + 0.2 * context
     context    = 1 - (|H1 - H2| / max(H1, H2) + |L1 - L2| / max(L1, L2)) / 2      (in [0, 1])
 """
 from __future__ import annotations
@@ -40,7 +45,7 @@ from .router import masked_mean
 class SignalConfig:
     grad_modules: tuple[str, ...] = ("down_proj",)  # Linear layers whose (sketched) gradient is read
     sketch_rank: int = 4                            # rank of the virtual fresh LoRA's A
-    sketch_dim: int = 64                            # length of the gradient sketch
+    sketch_dim: int = 64                            # length of each gradient sketch (mean and Fisher)
     max_length: int = 128                           # tokens per example
     batch_size: int = 8
     seed: int = 0
@@ -56,7 +61,8 @@ class SimilarityWeights:
 @dataclass
 class TaskSignal:
     embedding: torch.Tensor     # (hidden,)
-    sketch: torch.Tensor        # (sketch_dim,)
+    gradient: torch.Tensor      # (sketch_dim,) projected mean per-example gradient
+    fisher: torch.Tensor        # (sketch_dim,) projected mean squared per-example gradient
     entropy: float              # mean next-token entropy, nats
     length: float               # mean tokens per example
     count: int = 1              # examples it summarises (weights running means)
@@ -65,16 +71,18 @@ class TaskSignal:
         """Count-weighted mean of two signals (a profile covering both sets of examples)."""
         a, b = self.count, other.count
         mix = lambda x, y: (x * a + y * b) / (a + b)
-        return TaskSignal(mix(self.embedding, other.embedding), mix(self.sketch, other.sketch),
-                          mix(self.entropy, other.entropy), mix(self.length, other.length), a + b)
+        return TaskSignal(mix(self.embedding, other.embedding), mix(self.gradient, other.gradient),
+                          mix(self.fisher, other.fisher), mix(self.entropy, other.entropy),
+                          mix(self.length, other.length), a + b)
 
     def state(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
-        return ({f"{prefix}embedding": self.embedding.contiguous(), f"{prefix}sketch": self.sketch.contiguous()},
-                {"entropy": self.entropy, "length": self.length, "count": self.count})
+        tensors = {f"{prefix}{k}": getattr(self, k).contiguous() for k in ("embedding", "gradient", "fisher")}
+        return tensors, {"entropy": self.entropy, "length": self.length, "count": self.count}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "") -> "TaskSignal":
-        return cls(tensors[f"{prefix}embedding"], tensors[f"{prefix}sketch"], meta["entropy"], meta["length"], meta["count"])
+        return cls(tensors[f"{prefix}embedding"], tensors[f"{prefix}gradient"], tensors[f"{prefix}fisher"],
+                   meta["entropy"], meta["length"], meta["count"])
 
 
 @dataclass
@@ -145,32 +153,32 @@ def compute_signal(model: torch.nn.Module, tokenizer, examples: Sequence[Example
     linears = _chosen_linears(model, cfg.grad_modules)
     A = {k: _gaussian((cfg.sketch_rank, m.in_features), f"{cfg.seed}:A:{k}", m.in_features ** -0.5)
          for k, m in linears.items()}
-    P = {k: _gaussian((cfg.sketch_dim, m.out_features * cfg.sketch_rank), f"{cfg.seed}:P:{k}", cfg.sketch_dim ** -0.5)
-         for k, m in linears.items()}
+    P = {(k, part): _gaussian((cfg.sketch_dim, m.out_features * cfg.sketch_rank), f"{cfg.seed}:{part}:{k}",
+                              cfg.sketch_dim ** -0.5)
+         for k, m in linears.items() for part in ("gradient", "fisher")}
     items = _tokenize(tokenizer, examples, cfg.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    emb_sum, sketch, ent_sum, ent_tokens = 0.0, torch.zeros(cfg.sketch_dim), 0.0, 0
+    emb_sum, ent_sum, ent_tokens = 0.0, 0.0, 0
+    sums = {"gradient": torch.zeros(cfg.sketch_dim), "fisher": torch.zeros(cfg.sketch_dim)}
     for start in range(0, len(items), cfg.batch_size):
-        chunk = items[start:start + cfg.batch_size]
-        batch = collate(chunk, pad)
+        batch = collate(items[start:start + cfg.batch_size], pad)
         emb, grads, ent, n_tok = _one_batch(model, batch, linears, A)
         emb_sum = emb_sum + emb.sum(0)
-        # token-weighted sum of per-batch mean gradients = gradient of the mean loss over all batches
-        n_label = int((batch["labels"][:, 1:] != IGNORE).sum())
-        for k, g in grads.items():
-            sketch += P[k] @ g.flatten() * n_label
+        for k, g in grads.items():  # g: (examples, out * rank) per-example gradients
+            sums["gradient"] += P[(k, "gradient")] @ g.sum(0)
+            sums["fisher"] += P[(k, "fisher")] @ (g ** 2).sum(0)
         ent_sum, ent_tokens = ent_sum + ent, ent_tokens + n_tok
-    embedding = emb_sum / len(items)
+    n = len(items)
+    embedding = emb_sum / n
     if description:
-        desc = _tokenize(tokenizer, [description], cfg.max_length)
-        d_emb, _, _, _ = _one_batch(model, collate(desc, pad), linears, A)
+        d_emb, _, _, _ = _one_batch(model, collate(_tokenize(tokenizer, [description], cfg.max_length), pad), linears, A)
         embedding = 0.5 * embedding + 0.5 * d_emb[0]
-    length = sum(len(t.input_ids) for t in items) / len(items)
-    return TaskSignal(embedding, sketch, ent_sum / max(1, ent_tokens), float(length), len(items))
+    length = sum(len(t.input_ids) for t in items) / n
+    return TaskSignal(embedding, sums["gradient"] / n, sums["fisher"] / n, ent_sum / max(1, ent_tokens), float(length), n)
 
 
 def _one_batch(model, batch, linears, A):
-    """Pooled embeddings (B, hidden), sketched lora_B gradients per layer, entropy sum and token count."""
+    """Pooled embeddings (B, hidden), per-example lora_B gradients per layer (B, out * rank), entropy sum, tokens."""
     inputs, zeros = {}, {}
 
     def hook(key, module, args, output):
@@ -185,7 +193,10 @@ def _one_batch(model, batch, linears, A):
             # one log-softmax serves the loss and the entropy (the vocabulary-sized passes dominate the cost)
             logp = out.logits.float().log_softmax(-1)
             labels = batch["labels"][:, 1:]
-            loss = F.nll_loss(logp[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+            nll = F.nll_loss(logp[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+            # the sum of per-example mean losses: its gradient at each example's tokens is that
+            # example's own gradient (examples do not interact), so one backward gives all of them
+            loss = (nll.sum(1) / (labels != IGNORE).sum(1).clamp_min(1)).sum()
             keys = list(zeros)
             grads = torch.autograd.grad(loss, [zeros[k] for k in keys], allow_unused=True)
     finally:
@@ -197,8 +208,8 @@ def _one_batch(model, batch, linears, A):
     for k, g in zip(keys, grads):
         if g is None:
             continue
-        # dL/dB of a fresh LoRA (B = 0): sum over tokens of g_t (A x_t)^T, shape (out, rank)
-        sketched[k] = torch.einsum("bto,btr->or", g.float(), inputs[k] @ A[k].T)
+        # dL/dB of a fresh LoRA (B = 0) per example: sum over its tokens of g_t (A x_t)^T, (out, rank)
+        sketched[k] = torch.einsum("bto,btr->bor", g.float(), inputs[k] @ A[k].T).flatten(1)
     with torch.no_grad():
         logp = logp.detach()
         ent = -(logp.exp() * logp).sum(-1)
@@ -211,8 +222,9 @@ def _one_batch(model, batch, linears, A):
 def similarity_components(a: TaskSignal, b: TaskSignal) -> dict[str, float]:
     ctx = 1 - 0.5 * (abs(a.entropy - b.entropy) / max(a.entropy, b.entropy, 1e-12)
                      + abs(a.length - b.length) / max(a.length, b.length, 1e-12))
-    return {"embedding": F.cosine_similarity(a.embedding, b.embedding, dim=0).item(),
-            "gradient": F.cosine_similarity(a.sketch, b.sketch, dim=0).item(),
+    cos = lambda x, y: F.cosine_similarity(x, y, dim=0).item()
+    return {"embedding": cos(a.embedding, b.embedding),
+            "gradient": 0.5 * cos(a.gradient, b.gradient) + 0.5 * cos(a.fisher, b.fisher),
             "context": ctx}
 
 

@@ -206,8 +206,8 @@ class PPOObjective:
             raise UserError(f"{where}: kl_target must be > 0 or null (got {kl_target!r})")
         if kl_coef < 0:
             raise UserError(f"{where}: kl_coef must be >= 0 (got {kl_coef!r})")
-        if recipe is not None and not recipe.model.freeze_backbone:
-            raise UserError(f"{where}: needs model.freeze_backbone: true (the reference is the backbone without the adapter)")
+        if recipe is not None and (not recipe.model.freeze_backbone or getattr(recipe, "lora", True) is None):
+            raise UserError(f"{where}: needs a LoRA adapter on a frozen backbone (the reference is the backbone with the adapter disabled)")
         self.tok, self.renderer = tokenizer, renderer
         smoke = bool(recipe is not None and recipe.smoke)
         self.max_new_tokens = min(max_new_tokens, 8) if smoke else max_new_tokens

@@ -1,0 +1,246 @@
+"""Auto-curriculum: re-weight several training sources while a stage runs (Destruct's idea, done
+with learning progress over time, plus an EXP3 bandit as in Online Data Mixing).
+
+    plugins:
+      - {name: auto_curriculum, mixing: bandit, freeze_interval: 20, sample_size: 16, stages: [mixture]}
+
+Every `freeze_interval` optimizer steps the current trainable weights become the new **frozen
+snapshot**, and the snapshot scores a small fixed sample of every source (`sample_size` examples
+drawn once per stage with a seeded RNG): per source, difficulty = the mean per-example loss, with
+its variance. The snapshot's only use is to score that fixed sample, so its scores are computed
+once, when it is taken, and kept in the plugin state -- the same numbers as holding a frozen copy
+of the weights and asking it later, and a checkpoint restores them exactly. Learning progress of a
+source is how its combined signal `c = difficulty + var_coef * variance` fell between two
+snapshots (a paired difference: the same examples, two snapshots).
+
+Mixing rules (weights always sum to 1; `floor` mixes in a uniform share so no source starves):
+  uniform     equal weights, never changed
+  fixed       the sources' `weight`s from the recipe, never changed
+  difficulty  the seed's update with the gradient over time:
+              w += eta * (c_prev - c_now); clip at 0; renormalise (unchanged if all clip to 0)
+  bandit      EXP3 over sources, rewarded by relative loss reduction r = (d_prev - d_now) / d_prev,
+              importance-weighted by the share p the source had while it was earned:
+              s += bandit_lr * r / p;  p = (1 - bandit_gamma) * softmax(s) + bandit_gamma / K
+  hardest     naive "sample the hardest": w proportional to c_now (over-samples unlearnable noise;
+              kept as the baseline that shows why progress matters)
+
+The batches follow the weights through `BatchPlan.set_weights` (per-batch mixture sampling, a pure
+function of seed, position and weights). Logged on every logged step: curriculum/weight/<source>,
+curriculum/difficulty/<source>, curriculum/variance/<source>, curriculum/progress/<source> (of the
+last refresh) and curriculum/refreshes; the whole history (one entry per refresh) is in the plugin
+state of every checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batching import collate
+from ..data.render import IGNORE
+from ..errors import UserError
+from ..plugins import Plugin, StepContext
+
+MIXINGS = ("uniform", "fixed", "difficulty", "bandit", "hardest")
+
+
+# -- update rules (pure functions; tested on hand-made sequences) ----------------------------------
+def normalise(weights: list[float], floor: float = 0.0) -> list[float]:
+    total = sum(weights)
+    k = len(weights)
+    return [(1 - floor) * w / total + floor / k for w in weights]
+
+
+def difficulty_update(weights: list[float], prev_signal: list[float], signal: list[float], eta: float,
+                      floor: float = 0.0) -> list[float]:
+    """w += eta * (c_prev - c_now), clipped at 0 and renormalised; unchanged if everything clips."""
+    moved = [max(0.0, w + eta * (p - c)) for w, p, c in zip(weights, prev_signal, signal)]
+    if sum(moved) <= 0:
+        return list(weights)
+    return normalise(moved, floor)
+
+
+def exp3_update(log_weights: list[float], probs: list[float], rewards: list[float], lr: float,
+                gamma: float) -> tuple[list[float], list[float]]:
+    """One EXP3 round with importance-weighted rewards r_i / p_i; returns (log weights, probabilities)."""
+    k = len(log_weights)
+    log_weights = [s + lr * r / p if p > 0 else s for s, r, p in zip(log_weights, rewards, probs)]
+    top = max(log_weights)
+    e = [math.exp(s - top) for s in log_weights]
+    z = sum(e)
+    return log_weights, [(1 - gamma) * x / z + gamma / k for x in e]
+
+
+def hardest_weights(signal: list[float], floor: float = 0.0) -> list[float]:
+    return normalise([max(c, 0.0) for c in signal], floor) if sum(max(c, 0.0) for c in signal) > 0 \
+        else [1 / len(signal)] * len(signal)
+
+
+def source_names(sources) -> list[str]:
+    """Short, unique names for a stage's sources: the builtin name or the file/folder stem."""
+    names = []
+    for src in sources:
+        if src.source.startswith("hf:"):
+            base = src.source[3:].split(":")[0].replace("/", "_")
+        elif Path(src.source).exists():
+            base = Path(src.source).stem
+        else:
+            base = src.source.split(":")[0]  # a builtin, e.g. bfcl:simple -> bfcl
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}_{n}", n + 1
+        names.append(name)
+    return names
+
+
+@torch.no_grad()
+def per_example_loss(model, items, pad_id: int, batch_size: int = 8) -> list[float]:
+    """Mean next-token loss of each item on its labelled tokens (eval mode, no dropout)."""
+    from ..objectives.lm import _plain_head_parts
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
+            targets = batch["labels"][:, 1:]
+            keep = targets != IGNORE
+            parts = _plain_head_parts(model)
+            if parts is not None:
+                decoder, head = parts
+                hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+                logits = head(hidden[:, :-1][keep]).float()
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep].float()
+            token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
+            row = keep.nonzero()[:, 0]
+            sums = torch.zeros(keep.shape[0], device=device).index_add_(0, row, token_loss)
+            out += (sums / keep.sum(1).clamp(min=1)).tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
+class AutoCurriculum(Plugin):
+    name = "curriculum"
+
+    def __init__(self, mixing: str = "difficulty", freeze_interval: int = 50, sample_size: int = 16,
+                 eta: float = 0.5, var_coef: float = 0.0, floor: float = 0.02, bandit_lr: float = 1.0,
+                 bandit_gamma: float = 0.1, eval_batch_size: int = 8, stages: list[str] | None = None,
+                 tokenizer=None, renderer=None, recipe=None, **context):
+        where = "plugins[auto_curriculum]"
+        if mixing not in MIXINGS:
+            raise UserError(f"{where}: mixing {mixing!r} is not one of {', '.join(MIXINGS)}")
+        for key, value in (("freeze_interval", freeze_interval), ("sample_size", sample_size),
+                           ("eval_batch_size", eval_batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"{where}: {key} must be a positive integer (got {value!r})")
+        if not 0 <= floor < 1:
+            raise UserError(f"{where}: floor must be in [0, 1) (got {floor!r})")
+        if not 0 <= bandit_gamma <= 1:
+            raise UserError(f"{where}: bandit_gamma must be in [0, 1] (got {bandit_gamma!r})")
+        if eta < 0 or bandit_lr < 0:
+            raise UserError(f"{where}: eta and bandit_lr must be >= 0 (got {eta!r}, {bandit_lr!r})")
+        if stages is not None and recipe is not None:
+            known = [s.name for s in recipe.stages] or ["main"]
+            for s in stages:
+                if s not in known:
+                    raise UserError(f"{where}: stage {s!r} is not a stage of the recipe ({', '.join(known)})")
+        smoke = bool(recipe is not None and recipe.smoke)
+        self.mixing, self.eta, self.var_coef, self.floor = mixing, eta, var_coef, floor
+        self.freeze_interval = 1 if smoke else freeze_interval
+        self.sample_size = min(sample_size, 4) if smoke else sample_size
+        self.bandit_lr, self.bandit_gamma, self.eval_batch_size = bandit_lr, bandit_gamma, eval_batch_size
+        self.stages, self.recipe = stages, recipe
+        self.seed = recipe.seed if recipe is not None else 0
+        self.active, self.plan = False, None
+        self.state: dict = {}
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def before_stage(self, ctx: StepContext) -> None:
+        plan = ctx.extras.get("plan")
+        self.active = plan is not None and len(plan.sources) >= 2 and (self.stages is None or ctx.stage in self.stages)
+        if not self.active:
+            return
+        self.plan, self.pad_id = plan, ctx.extras.get("pad_id", 0)
+        if self.state.get("stage") == ctx.stage and self.state.get("history"):  # resumed mid-stage
+            plan.set_weights(self.state["weights"])
+            return
+        k = len(plan.sources)
+        configured = normalise(list(plan.weights))
+        weights = [1 / k] * k if self.mixing == "uniform" else configured
+        self.state = {"stage": ctx.stage, "names": self._names(ctx.stage, k), "weights": weights,
+                      "history": [], "log_weights": [0.0] * k}
+        self._refresh(ctx)
+
+    def after_step(self, ctx: StepContext, metrics: dict) -> dict | None:
+        if not self.active:
+            return None
+        if ctx.step % self.freeze_interval == 0 and self.state["history"][-1]["step"] < ctx.step:
+            self._refresh(ctx)
+        return self.metrics()
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state or {})
+
+    # -- internals ------------------------------------------------------------------------------
+    def _names(self, stage: str, k: int) -> list[str]:
+        if self.recipe is not None:
+            for st in self.recipe.resolved_stages():
+                if st.name == stage and len(st.data.train) == k:
+                    return source_names(st.data.train)
+        return [f"source{i}" for i in range(k)]
+
+    def _sample(self, i: int) -> list:
+        src = self.plan.sources[i]
+        rng = random.Random(f"{self.seed}:curriculum:{self.state['stage']}:{i}")
+        return [src[j] for j in sorted(rng.sample(range(len(src)), min(self.sample_size, len(src))))]
+
+    def measure(self, model) -> tuple[list[float], list[float]]:
+        """(mean, variance) of the per-example loss of the model as it is now, per source."""
+        means, variances = [], []
+        for i in range(len(self.plan.sources)):
+            losses = per_example_loss(model, self._sample(i), self.pad_id, self.eval_batch_size)
+            m = sum(losses) / len(losses)
+            means.append(m)
+            variances.append(sum((x - m) ** 2 for x in losses) / max(len(losses) - 1, 1))
+        return means, variances
+
+    def _refresh(self, ctx: StepContext) -> None:
+        means, variances = self.measure(ctx.model)  # the new frozen snapshot's scores
+        signal = [m + self.var_coef * v for m, v in zip(means, variances)]
+        hist, weights = self.state["history"], self.state["weights"]
+        progress = [0.0] * len(means)
+        if hist:
+            prev = hist[-1]
+            progress = [p - c for p, c in zip(prev["signal"], signal)]
+            if self.mixing == "difficulty":
+                weights = difficulty_update(weights, prev["signal"], signal, self.eta, self.floor)
+            elif self.mixing == "bandit":
+                rewards = [max(-1.0, min(1.0, (p - m) / p)) if p > 0 else 0.0 for p, m in zip(prev["mean"], means)]
+                self.state["log_weights"], weights = exp3_update(self.state["log_weights"], weights, rewards,
+                                                                 self.bandit_lr, self.bandit_gamma)
+        if self.mixing == "hardest":
+            weights = hardest_weights(signal, self.floor)
+        self.state["weights"] = weights
+        hist.append({"step": ctx.step, "mean": means, "variance": variances, "signal": signal,
+                     "progress": progress, "weights": weights})
+        self.plan.set_weights(weights)
+
+    def metrics(self) -> dict:
+        last = self.state["history"][-1]
+        out = {"curriculum/refreshes": float(len(self.state["history"]))}
+        for i, n in enumerate(self.state["names"]):
+            out[f"curriculum/weight/{n}"] = self.state["weights"][i]
+            out[f"curriculum/difficulty/{n}"] = last["mean"][i]
+            out[f"curriculum/variance/{n}"] = last["variance"][i]
+            out[f"curriculum/progress/{n}"] = last["progress"][i]
+        return out

@@ -1,0 +1,53 @@
+"""The muse recipe end to end on the tiny model: SFT on BFCL conversations, verifier-built pairs
+made from the SFT model when the DPO stage begins, DPO, tool-call evaluation, full run directory."""
+import json
+import math
+
+import yaml
+
+from conftest import run_cli
+from skillstream.config import SourceConfig, load_recipe
+from skillstream.data.examples import load_examples
+
+
+def test_muse_smoke_writes_a_complete_run(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("train", "muse", "--smoke", "--set", "model=tiny", "--out", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "pairs.jsonl", "experts/default/adapter_config.json"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "experts").iterdir()) == ["default"]  # the DPO reference is no expert
+    assert list((run / "checkpoints").iterdir())
+
+    cfg = load_recipe(yaml.safe_load((run / "config.yaml").read_text()))
+    assert [s.name for s in cfg.stages] == ["sft", "dpo"] and cfg.stages[1].objective.name == "dpo"
+
+    # pairs: conversational prompt/chosen/rejected with tools, built from the SFT model's samples
+    pairs = load_examples(SourceConfig(source=str(run / "pairs.jsonl")))
+    assert pairs and all(p.kind == "preference" and p.tools and p.chosen != p.rejected for p in pairs)
+    rows = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    assert all(row["chosen_source"] in ("sample", "gold") for row in rows)
+
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    sft = [m for m in metrics if m["stage"] == "sft"]
+    dpo = [m for m in metrics if m["stage"] == "dpo"]
+    assert len(sft) == 3 and len(dpo) == 3
+    for m in dpo:
+        assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(m)
+        assert m["logps/chosen"] != m["logps/rejected"]
+    # the reference is the SFT policy: the first DPO loss is log 2 up to LoRA dropout
+    assert abs(dpo[0]["loss"] - math.log(2)) < 0.05
+
+    results = json.loads((run / "results.json").read_text())
+    assert results["tasks"] == ["bfcl"] and results["metric"] == {"bfcl": "ast_accuracy"}
+    assert len(results["matrix"]) == 2
+    built = results["stages"][1]["built"]["pairs.jsonl"]
+    assert built["prompts"] == 4 and built["pairs"] == len(rows) and built["samples"] == 8
+    for details in [results["initial_details"][0]] + [row[0] for row in results["details"]]:
+        assert {"format_validity", "tool_selection", "argument_accuracy", "ci95", "n"} <= set(details)
+        assert details["n"] == 4
+
+    ev = run_cli("eval", str(run), cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads((run / "eval.json").read_text())["tasks"]["bfcl"]["metric"] == "ast_accuracy"
