@@ -93,6 +93,7 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
         params = [p for g in optimizer.param_groups for p in g["params"]]
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else \
             torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # DeepSpeed may report none
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:  # every step, so plugins (neuromodulation, early stop) see and decide alike everywhere

@@ -280,6 +280,9 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
     use_bf16 = bf16_enabled(cfg.train.bf16, device_type)
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", log_with=cfg.report_to or None,
                               project_dir=str(run_dir), cpu=cpu)
+    if cpu and accelerator.is_main_process and any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"
+                                                   for k in ("FSDP", "DEEPSPEED")):
+        print("note: accelerate enables neither FSDP nor DeepSpeed on CPU: this runs as plain DDP (gloo)", flush=True)
     try:
         return _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
                     plugins, show_progress)
@@ -348,6 +351,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
         optimizer = build_optimizer(list(_all_trainables(model, st.objective).values()), st.train_cfg)
         if optimizer_state is not None and si == start_stage and stage_state:
             optimizer.load_state_dict(optimizer_state)
+        _check_sharding(accelerator, st.train_cfg)
         train_model, optimizer = accelerator.prepare(model, optimizer) if accelerator.num_processes > 1 \
             else (model, optimizer)
 
@@ -387,6 +391,23 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
     final = _finish(cfg, run_dir, model, eval_tasks, results) if main else {}
     accelerator.wait_for_everyone()
     return Run(run_dir, cfg, final)
+
+
+def _check_sharding(accelerator, train_cfg) -> None:
+    """DeepSpeed / FSDP chosen by an `accelerate launch --config_file`. Neither was run here (no GPU;
+    accelerate enables neither on CPU): see the README's "Multi-process and GPUs"."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("FSDP is not supported yet: checkpoints and experts/ are written from the main process's "
+                        "parameters, which FSDP shards (use DDP, or DeepSpeed ZeRO-2)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if train_cfg.grad_accum != 1:  # accelerator.backward steps the DeepSpeed engine on every micro-batch
+            raise UserError("DeepSpeed: set train.grad_accum to 1 (raise train.batch_size or processes instead)")
+        # no dataloader goes through prepare(), so DeepSpeed is told the batch here (accelerate's own advice)
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=train_cfg.batch_size, gradient_accumulation_steps=1,
+            gradient_clipping=train_cfg.max_grad_norm or 0.0)
 
 
 def _before(record: dict, stages, done_stage: int, done_step: int) -> bool:

@@ -14,7 +14,7 @@ from skillstream.models.backbone import load_backbone
 from skillstream.run import attach_lora
 from test_experts_skills import one_thread, skill_texts  # noqa: F401
 
-NAMES = ["a", "b", "c"]
+NAMES = ["e1", "e2", "e3"]
 
 
 def randomize(model, name: str, seed: int, scale: float = 0.05) -> None:
@@ -53,14 +53,14 @@ def test_one_hot_mix_equals_peft_single_adapter(setup):
             got = run(pool.model, batch)
         assert (got - expected).abs().max().item() == 0.0, name  # same ops in the same order
     # the block leaves PEFT's state as it was
-    pool.model.set_adapter("a")
-    assert pool.model.base_model.model.model.layers[0].self_attn.q_proj.active_adapters == ["a"]
+    pool.model.set_adapter("e1")
+    assert pool.model.base_model.model.model.layers[0].self_attn.q_proj.active_adapters == ["e1"]
 
 
 @torch.no_grad()
 def test_per_sample_top1_equals_peft_mixed_batch(setup):
     pool, batch = setup
-    choice = ["c", "a", "b", "__base__"]
+    choice = ["e3", "e1", "e2", "__base__"]
     expected = run(pool.model, batch, adapter_names=choice)
     w = torch.tensor([[0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.float)  # all-zero row = base
     with mixing(pool.model, NAMES, w):
@@ -71,7 +71,7 @@ def test_per_sample_top1_equals_peft_mixed_batch(setup):
 @torch.no_grad()
 def test_mixing_generates_like_peft_with_kv_cache(setup):
     pool, batch = setup
-    pool.model.set_adapter("b")
+    pool.model.set_adapter("e2")
     kw = dict(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1], max_new_tokens=6,
               do_sample=False)
     expected = pool.model.generate(**kw)
@@ -84,18 +84,18 @@ def test_mixing_generates_like_peft_with_kv_cache(setup):
 def test_half_and_half_mix_of_one_linear_layer():
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(8, 6))
-    model = get_peft_model(layer, PeftLoraConfig(r=2, lora_alpha=4, target_modules=["0"]), adapter_name="a")
-    model.add_adapter("b", PeftLoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
-    randomize(model, "a", 1, scale=0.5)
-    randomize(model, "b", 2, scale=0.5)
+    model = get_peft_model(layer, PeftLoraConfig(r=2, lora_alpha=4, target_modules=["0"]), adapter_name="x")
+    model.add_adapter("y", PeftLoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    randomize(model, "x", 1, scale=0.5)
+    randomize(model, "y", 2, scale=0.5)
     x = torch.randn(3, 8)
     with model.disable_adapter():
         base = model(x)
-    model.set_adapter("a")
+    model.set_adapter("x")
     out_a = model(x)
-    model.set_adapter("b")
+    model.set_adapter("y")
     out_b = model(x)
-    with mixing(model, ["a", "b"], torch.full((3, 2), 0.5)):
+    with mixing(model, ["x", "y"], torch.full((3, 2), 0.5)):
         got = model(x)
     expected = 0.5 * (out_a - base) + 0.5 * (out_b - base) + base
     assert (got - expected).abs().max().item() < 1e-6
@@ -106,12 +106,12 @@ def test_half_and_half_mix_of_one_linear_layer():
 def test_dense_mix_equals_peft_cat_merge(setup):
     """Mixing is linear in each layer's LoRA delta, so a fixed 0.3/0.7 mix is PEFT's exact "cat" merge."""
     pool, batch = setup
-    pool.merge(["a", "b"], [0.3, 0.7], "ab_cat", method="cat")
-    pool.model.set_adapter("ab_cat")
+    pool.merge(["e1", "e2"], [0.3, 0.7], "cat", "e12_cat")
+    pool.model.set_adapter("e12_cat")
     expected = run(pool.model, batch)
-    with mixing(pool.model, ["a", "b"], torch.tensor([[0.3, 0.7]]).expand(4, 2)):
+    with mixing(pool.model, ["e1", "e2"], torch.tensor([[0.3, 0.7]]).expand(4, 2)):
         got = run(pool.model, batch)
-    pool.prune("ab_cat")
+    pool.prune("e12_cat")
     assert (got - expected).abs().max().item() < 1e-5
 
 
@@ -120,16 +120,16 @@ def test_gradients_reach_the_mixed_experts_and_the_router(setup):
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     router = Router(64, 3, seed=0)
     feats = pooled_features(pool.model, batch)
-    pool.set_trainable(["a", "b"])  # c stays frozen
+    pool.set_trainable(["e1", "e2"])  # e3 stays frozen
     pool.model.zero_grad(set_to_none=True)
     w = sparse_topk(router.probs(feats), k=2)
     with mixing(pool.model, NAMES, w):
         pool.model(**batch, labels=labels).loss.backward()
     grads = {n: p.grad for n, p in pool.model.named_parameters() if ".lora_" in n}
-    for name in ("a", "b"):
+    for name in ("e1", "e2"):
         g = [v for n, v in grads.items() if f".{name}." in n]
         assert all(v is not None for v in g) and sum(v.abs().sum().item() for v in g) > 0, name
-    assert all(v is None for n, v in grads.items() if ".c." in n)
+    assert all(v is None for n, v in grads.items() if ".e3." in n)
     assert router.head.weight.grad.abs().sum().item() > 0
     assert all(p.grad is None for n, p in pool.model.named_parameters() if ".lora_" not in n)  # frozen backbone
     pool.model.zero_grad(set_to_none=True)
@@ -169,14 +169,14 @@ def test_sparse_topk_keeps_k_and_renormalises():
 
 def test_hybrid_policy_switches_from_dense_to_sparse_when_maturity_passes_threshold(setup):
     pool, _ = setup
-    probs = torch.tensor([[0.7, 0.2, 0.1],    # top expert: a
-                          [0.1, 0.6, 0.3]])   # top expert: b
-    pool.record_training("a", 10)             # a is mature (10 of 10 steps), b has trained 4 of 10
-    pool.record_training("b", 4)
+    probs = torch.tensor([[0.7, 0.2, 0.1],    # top expert: e1
+                          [0.1, 0.6, 0.3]])   # top expert: e2
+    pool.record_training("e1", 10)            # e1 is mature (10 of 10 steps), e2 has trained 4 of 10
+    pool.record_training("e2", 4)
     w = hybrid_weights(probs, pool.maturities(NAMES), threshold=0.8)
-    assert (w > 0).sum(-1).tolist() == [1, 3]  # a's input delegated, b's served densely
+    assert (w > 0).sum(-1).tolist() == [1, 3]  # e1's input delegated, e2's served densely
     assert torch.allclose(w[1], probs[1])
-    pool.record_training("b", 4)              # 8 of 10 steps: maturity 0.8 reaches the threshold
+    pool.record_training("e2", 4)             # 8 of 10 steps: maturity 0.8 reaches the threshold
     w = hybrid_weights(probs, pool.maturities(NAMES), threshold=0.8)
     assert (w > 0).sum(-1).tolist() == [1, 1]
     assert w.argmax(-1).tolist() == [0, 1]
@@ -190,5 +190,5 @@ def test_hybrid_policy_switches_from_dense_to_sparse_when_maturity_passes_thresh
 def test_unknown_expert_in_a_mix_is_a_user_error(setup):
     pool, _ = setup
     with pytest.raises(UserError, match="unknown expert"):
-        with mixing(pool.model, ["a", "nope"]):
+        with mixing(pool.model, ["e1", "nope"]):
             pass

@@ -119,13 +119,18 @@ def test_save_and_load_round_trip_outputs_and_metadata(tmp_path):
         out = alone(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     assert torch.equal(out, expected["math"])
 
+    # saving again after a prune leaves no folder that would read as an expert
+    pool.prune("bash")
+    pool.save(tmp_path / "experts")
+    assert sorted(p.name for p in (tmp_path / "experts").iterdir()) == ["default", "math", "pool.json"]
+
 
 def test_merging_one_expert_with_weight_one_reproduces_it():
     pool, tok = new_pool()
     probe = lm_batch(tok, skill_texts("bash", 100, 4))
     pool.create("bash")
     train(pool, "bash", lm_batch(tok, skill_texts("bash", 0, 8)))
-    pool.merge(["bash"], [1.0], "bash_copy", method="linear")
+    pool.merge(["bash"], [1.0], "linear", "bash_copy")
     gap = (logits(pool, "bash_copy", probe) - logits(pool, "bash", probe)).abs().max().item()
     assert gap < 1e-5, gap
     assert pool.record("bash_copy").merged_from == ["bash"]
@@ -134,7 +139,7 @@ def test_merging_one_expert_with_weight_one_reproduces_it():
     pool.create("math", fork_from="bash")
     train(pool, "math", lm_batch(tok, skill_texts("math", 0, 8)))
     for method in ("ties", "dare_linear"):
-        pool.merge(["bash", "math"], [0.5, 0.5], f"m_{method}", method=method, density=0.5)
+        pool.merge(["bash", "math"], [0.5, 0.5], method, f"m_{method}", density=0.5)
         out = logits(pool, f"m_{method}", probe)
         assert (out - logits(pool, "bash", probe)).abs().max() > 1e-4
         assert (out - logits(pool, "math", probe)).abs().max() > 1e-4
@@ -171,3 +176,5 @@ def test_unknown_and_duplicate_expert_names_are_user_errors():
         pool.create("default")
     with pytest.raises(UserError, match="letters, digits"):
         pool.create("a/b")
+    with pytest.raises(UserError, match="'lora_' prefix"):  # PEFT would re-initialise it on load
+        pool.create("a")

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import itertools
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from skillstream.config import LoraConfig, RecipeConfig, SourceConfig
 from skillstream.data.examples import load_examples
 from skillstream.data.render import Renderer
-from skillstream.experts.signals import (ExpertProfile, TaskSignal, compute_signal, similarity,
-                                         similarity_components)
+from skillstream.experts.signals import (ExpertProfile, TaskSignal, compute_signal, load_profiles, save_profiles,
+                                         similarity, similarity_components)
 from skillstream.models.backbone import load_backbone
 from skillstream.run import attach_lora
 from test_experts_skills import SKILLS, one_thread, skill_texts  # noqa: F401
@@ -109,11 +107,10 @@ def test_profile_refresh_and_save_load(signals, tmp_path):
     print(f"\nsimilarity of third batches to the bash profile: {third}")
     assert third["bash"] > max(third["math"], third["prose"])
 
-    tensors, meta = profile.state()
-    save_file(tensors, str(tmp_path / "profiles.safetensors"))
-    (tmp_path / "profiles.json").write_text(json.dumps(meta))
-    back = ExpertProfile.from_state(load_file(str(tmp_path / "profiles.safetensors")),
-                                    json.loads((tmp_path / "profiles.json").read_text()))
-    assert back.name == "bash" and back.refreshes == 2
-    assert similarity(signals[("bash", 2)], back) == pytest.approx(third["bash"])
-    assert isinstance(back.signal, TaskSignal)
+    empty = ExpertProfile("new")  # created, not yet trained: no signal
+    save_profiles(tmp_path / "profiles", {"bash": profile, "new": empty})
+    assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == ["profiles.json", "profiles.safetensors"]
+    back = load_profiles(tmp_path / "profiles")
+    assert back["bash"].refreshes == 2 and back["new"].signal is None
+    assert isinstance(back["bash"].signal, TaskSignal)
+    assert similarity(signals[("bash", 2)], back["bash"]) == pytest.approx(third["bash"])

@@ -51,3 +51,49 @@ def test_muse_smoke_writes_a_complete_run(tmp_path):
     ev = run_cli("eval", str(run), cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert json.loads((run / "eval.json").read_text())["tasks"]["bfcl"]["metric"] == "ast_accuracy"
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAtDPOStep3:
+    """Dies during DPO step 3, after the checkpoint of step 2 (what a SIGKILL there leaves behind)."""
+    name = "stop"
+
+    def before_stage(self, ctx): ...
+    def transform_items(self, ctx, items): return items
+    def lr_scale(self, ctx): return 1.0
+    def loss_term(self, ctx, batch, outputs): return None
+    def after_stage(self, ctx): ...
+    def state_dict(self): return {}
+    def load_state_dict(self, state): ...
+
+    def after_step(self, ctx, metrics):
+        if ctx.stage == "dpo" and ctx.step == 3:
+            raise _Interrupt()
+
+
+def test_resume_mid_dpo_keeps_the_pairs_and_the_sft_reference(tmp_path):
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    import skillstream
+
+    over = {"model": "tiny", "report_to": [], "data.eval.0.limit": 1, "data.eval.0.max_new_tokens": 4}
+    full = skillstream.train("muse", out=tmp_path / "full", smoke=True, overrides=over, show_progress=False)
+    broken = tmp_path / "broken"
+    with pytest.raises(_Interrupt):
+        skillstream.train("muse", out=broken, smoke=True, overrides=over, show_progress=False,
+                          plugins=[_StopAtDPOStep3()])
+    pairs = (broken / "pairs.jsonl").read_text()
+    skillstream.train("muse", out=broken, resume=True, show_progress=False)
+    assert (broken / "pairs.jsonl").read_text() == pairs == (full.run_dir / "pairs.jsonl").read_text()
+    a = load_file(str(full.run_dir / "experts/default/adapter_model.safetensors"))
+    b = load_file(str(broken / "experts/default/adapter_model.safetensors"))
+    for k in a:  # the reference (a frozen copy of the SFT adapter) came back from the checkpoint
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"], r["loss"]) for r in rows(broken)] == \
+        [(r["stage"], r["step"], r["loss"]) for r in rows(full.run_dir)]

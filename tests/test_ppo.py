@@ -156,7 +156,7 @@ def test_rewards_score_real_answers():
     bad = Sample("I cannot help with that", [5, 5, 5, 5, 5, 5], ex, 8, True)
     assert terms["bash_exact"](good) == 1.0 and terms["bash_exact"](bad) == 0.0
     assert terms["bash_structure"](good) == 1.0 and terms["bash_structure"](bad) < 0.5
-    assert terms["repetition"](good) == 0.0 and terms["repetition"](bad) == -1.0   # 4 trigrams, all repeats
+    assert terms["repetition"](good) == 0.0 and terms["repetition"](bad) == -0.75  # 4 trigrams, 3 repeat the first
     assert terms["length"](good) == 0.0 and terms["length"](bad) == -2 / 8
     tool = load_examples(SourceConfig(source="bfcl:simple", limit=1))[0]
     (name, args), = tool.meta["ground_truth"][0].items()
@@ -202,11 +202,11 @@ def test_ppo_games_an_easy_reward_while_kl_stays_bounded():
     model = attach_lora(model, cfg)  # freezes the pretrained weights: they are the reference
     yes = tok(" yes", add_special_tokens=False)["input_ids"] + tok("yes", add_special_tokens=False)["input_ids"]
     obj = PPOObjective(rewards={"token_fraction": {"weight": 1.0, "token_ids": yes}}, max_new_tokens=12,
-                       temperature=1.0, ppo_epochs=2, num_mini_batches=1, kl_coef=0.05,
+                       temperature=1.0, ppo_epochs=2, num_mini_batches=1, kl_coef=0.02,
                        tokenizer=tok, renderer=renderer, recipe=cfg)
     items = [obj.tokenize(e, renderer) for e in examples]
     params = [p for p in model.parameters() if p.requires_grad] + list(obj.extra_parameters().values())
-    opt = torch.optim.AdamW(params, lr=1e-2)
+    opt = torch.optim.AdamW(params, lr=3e-3)
     scores, kls = [], []
     for step in range(40):
         k = (step * 16) % 128
@@ -221,4 +221,4 @@ def test_ppo_games_an_easy_reward_while_kl_stays_bounded():
     print(f"mean reward first 5 rollouts {first:.3f}, last 5 {last:.3f}; KL per response {kls}")
     assert kls[0] == 0.0
     assert last > first + 0.08, scores
-    assert max(kls) < 10.0, kls            # nats per response of 12 tokens: the leash holds
+    assert max(kls) < 5.0, kls             # nats per response of up to 12 tokens: the leash holds

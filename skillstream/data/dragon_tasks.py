@@ -6,7 +6,9 @@ their content depends on the Python version, 3.11 here). Paragraphs that are pro
 (indented code and grammar blocks, and heading underlines, are dropped), reflowed onto one line
 and packed in order into chunks of at most ``TEXT_CHUNK`` bytes. Split (fixed, documented): with
 h = the SHA-256 of the topic's name read as a number, a topic is in ``test`` when h % 10 == 0, in
-``validation`` when h % 10 == 1, else in ``train``; whole topics, so no paragraph is in two splits.
+``validation`` when h % 10 == 1, else in ``train``; whole topics, and a paragraph that a topic
+shares with a topic of an earlier split (test, then validation) is dropped, so no paragraph is in
+two splits.
 (The ``pydoc_topics`` builtin is the same source as 1200-character pieces, code blocks included.)
 
 ``bfcl_calls`` -- function calling: BFCL ``simple`` + ``live_simple``. ``bfcl_tools`` -- tool use
@@ -96,11 +98,18 @@ def _chunks(paragraphs: list[str], size: int) -> list[str]:
 def pydoc_text_rows(split: str) -> list[Row]:
     _check_split("pydoc_text", split, ("train", "validation", "test"))
     from pydoc_data.topics import topics
+    # Some topics repeat paragraphs of others: a paragraph of a test topic is dropped from the
+    # validation and train topics, one of a validation topic from the train topics.
+    order = ("test", "validation", "train")
+    taken: set[str] = set()
+    for s in order[: order.index(split)]:
+        taken |= {p for name in topics if topic_split(name) == s for p in _prose_paragraphs(topics[name])}
     rows = []
     for name in sorted(topics):
         if topic_split(name) != split:
             continue
-        for i, chunk in enumerate(_chunks(_prose_paragraphs(topics[name]), TEXT_CHUNK)):
+        paragraphs = [p for p in _prose_paragraphs(topics[name]) if p not in taken]
+        for i, chunk in enumerate(_chunks(paragraphs, TEXT_CHUNK)):
             rows.append(Row({"text": chunk}, f"pydoc_data.topics[{name!r}] chunk {i}"))
     return rows
 

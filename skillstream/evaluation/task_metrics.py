@@ -16,7 +16,8 @@ share of outputs that gave one at all.
 Bash extras (added to the ``bash`` metric): ``bash_format`` -- the output has a fenced code block;
 ``command_validity`` -- the extracted command parses with ``bashlex`` and every utility it runs is in
 :data:`KNOWN_UTILITIES` (POSIX utilities, GNU coreutils/findutils and the shell builtins that
-NL2Bash's gold commands use; a made-up or misspelt command name is invalid).
+NL2Bash's gold commands use; a made-up or misspelt command name is invalid). Gold NL2Bash commands
+score 0.98 (``time echo`` is beyond bashlex).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ realpath rename rev rm rmdir rsync scp sed seq sh sha1sum sha256sum shuf sleep s
 strings sudo sum tac tail tar tee test time timeout top touch tr true truncate tty type uname unexpand
 uniq unzip uptime wc wget which whoami xargs xz yes zcat zip curl set source alias history ulimit
 umask wait exit return shift unset
+apt apt-get at base64 cal chroot dig dmesg dpkg fg bg getent gcc git host iconv ifconfig ip iptables jobs jq
+journalctl last lsblk lscpu lspci lsusb make nc netstat nice nslookup openssl passwd perl ping pip pstree
+python python3 renice route service su sysctl systemctl traceroute tree useradd users vim w watch who xxd
 """.split())
 
 _BLOCK = re.compile(r"<function_call>(.*?)</function_call>", re.S)

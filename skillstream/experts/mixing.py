@@ -78,7 +78,7 @@ def _add_mix(layer: LoraLinear, args, kwargs, output: torch.Tensor, *, mix: Mix)
     if kwargs.get("adapter_names") is not None:
         raise ValueError("mixing: do not pass adapter_names inside a mixing block")
     x = args[0] if args else kwargs["x"]
-    w = mix.check(x.shape[0])
+    w = mix.check(x.shape[0]).to(x.device)
     # When w carries gradient every entry needs its expert's output (dL/dw[b,k] = <dL/dy, delta_k>);
     # otherwise rows with w[b,k] == 0 contribute exactly nothing and are skipped (sparse delegation
     # then costs only the chosen experts' LoRA matmuls).

@@ -20,7 +20,7 @@ carries the thresholds, so the log says why each decision was taken.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from ..errors import UserError
 
@@ -65,6 +65,8 @@ class NoveltyDetector:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        known = {f.name for f in fields(self)}
         for key, value in state.items():
-            setattr(self, key, value)
+            if key in known:
+                setattr(self, key, value)
         self.__post_init__()

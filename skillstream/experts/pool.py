@@ -112,6 +112,8 @@ class ExpertPool:
             raise UserError(f"expert {name!r} already exists")
         if not name or not name.replace("_", "").replace("-", "").isalnum() or name == "__base__":
             raise UserError(f"expert name {name!r}: use letters, digits, '_' and '-' only")
+        if name in "lora_":  # PEFT matches saved keys by substring: "a" or "lo" would be re-initialised on load
+            raise UserError(f"expert name {name!r}: too short (it is part of PEFT's 'lora_' prefix)")
 
     # -- create / fork / merge / prune -----------------------------------------------------------
     def create(self, name: str, *, fork_from: str | None = None, skill: str | None = None, step: int = 0,
@@ -121,8 +123,8 @@ class ExpertPool:
         if fork_from is not None:
             self._check(fork_from)
         config = copy.deepcopy(self.model.peft_config[fork_from] if fork_from else self.template)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
+        with torch.random.fork_rng(devices=[]):  # LoRA init draws from the CPU generator, restored after
+            torch.random.default_generator.manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
             self.model.add_adapter(name, config)
         if fork_from is not None:
             with torch.no_grad():
@@ -136,15 +138,17 @@ class ExpertPool:
         self.records[name] = rec
         return rec
 
-    def merge(self, names: list[str], weights: list[float], new_name: str, *, method: str = "linear",
+    def merge(self, names: list[str], weights: list[float], method: str = "linear", new_name: str | None = None, *,
               density: float | None = None, skill: str | None = None, step: int = 0) -> ExpertRecord:
         """A new expert from PEFT's weighted merge of `names` ("linear", "cat", "ties", "dare_linear", ...).
 
         PEFT's "linear" scales A by sqrt(w)*scale and B by sqrt(w) and sums each, which is exact for
         one expert but only approximate for several (cross terms); "cat" is the exact sum of deltas.
+        The new expert is named `new_name`, by default "merged_" + the names joined by "_".
         """
         for n in names:
             self._check(n)
+        new_name = new_name or "merged_" + "_".join(names)
         self._check_new(new_name)
         if len(weights) != len(names):
             raise UserError(f"merge: {len(names)} experts but {len(weights)} weights")
@@ -158,6 +162,9 @@ class ExpertPool:
 
     def prune(self, name: str) -> None:
         self._check(name)
+        rest = [n for n in self.names if n != name]
+        if name in self.model.active_adapters and rest:
+            self.model.set_adapter(rest[0])  # chosen here, not by PEFT with a warning
         self.model.delete_adapter(name)
         del self.records[name]
 
@@ -237,6 +244,10 @@ class ExpertPool:
         meta = directory / f".{POOL_FILE}.tmp"
         meta.write_text(json.dumps(self.metadata(), indent=1))
         os.replace(meta, directory / POOL_FILE)
+        # adapter folders of experts pruned since an earlier save would read as experts: remove them
+        for stale in directory.iterdir():
+            if stale.is_dir() and stale.name not in self.records and (stale / "adapter_config.json").is_file():
+                shutil.rmtree(stale)
         return directory
 
     @classmethod

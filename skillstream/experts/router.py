@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import math
 import random
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,18 @@ def _body(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(hf, getattr(hf, "base_model_prefix", ""), hf)
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off while measuring (features and signals must not depend on the training mode)."""
+    modes = [(m, m.training) for m in model.modules()]  # restored per module: a frozen part may stay in eval
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
@@ -43,7 +57,7 @@ def pooled_features(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     mask = batch.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(batch["input_ids"])
-    with backbone_only(model):
+    with backbone_only(model), eval_mode(model):
         hidden = _body(model)(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
     return masked_mean(hidden.float(), mask)
 
@@ -66,8 +80,8 @@ class Router(torch.nn.Module):
         if n_experts < 1:
             raise UserError(f"router needs at least one expert, got {n_experts}")
         self.dim, self.kind, self.hidden, self.seed = dim, kind, hidden, seed
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.random.default_generator.manual_seed(seed)
             self.trunk = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU()) if kind == "mlp" \
                 else torch.nn.Identity()
             self.head = torch.nn.Linear(hidden if kind == "mlp" else dim, n_experts)
@@ -212,10 +226,13 @@ class RouterTrainer:
         labels = [torch.full((len(features),), expert, dtype=torch.long)]
         if self.feature_alpha > 0 and self.memory.experts():
             n_replay = round(len(features) * self.feature_alpha / (1 - self.feature_alpha))
-            f, y = self.memory.sample(n_replay)
+            if n_replay > 0:
+                f, y = self.memory.sample(n_replay)
+                feats.append(f.to(features.device))
+                labels.append(y)
             p, py = self.memory.prototype_batch()
-            feats += [f.to(features.device), p.to(features.device)]
-            labels += [y, py]
+            feats.append(p.to(features.device))
+            labels.append(py)
         logits = self.router(torch.cat(feats))
         y = torch.cat(labels).to(logits.device)
         if self.balanced:

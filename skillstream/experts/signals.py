@@ -27,18 +27,21 @@ after it trains by folding in (count-weighted) the signal of the examples it tra
 """
 from __future__ import annotations
 
+import json
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from ..data.batching import collate
 from ..data.examples import Example
 from ..data.render import IGNORE, Renderer, Tokenized
 from .mixing import backbone_only
-from .router import masked_mean
+from .router import eval_mode, masked_mean
 
 
 @dataclass
@@ -108,6 +111,26 @@ class ExpertProfile:
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "ExpertProfile":
         sig = TaskSignal.from_state(tensors, meta["signal"], prefix=f"{meta['name']}.") if "signal" in meta else None
         return cls(meta["name"], sig, meta["refreshed_step"], meta["refreshes"])
+
+
+def save_profiles(directory: str | Path, profiles: dict[str, ExpertProfile]) -> None:
+    """`profiles.safetensors` (the signals' tensors) and `profiles.json` (the rest), no pickle."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, metas = {}, []
+    for profile in profiles.values():
+        t, meta = profile.state()
+        tensors.update(t)
+        metas.append(meta)
+    save_file(tensors, str(directory / "profiles.safetensors"))
+    (directory / "profiles.json").write_text(json.dumps(metas, indent=1))
+
+
+def load_profiles(directory: str | Path) -> dict[str, ExpertProfile]:
+    directory = Path(directory)
+    tensors = load_file(str(directory / "profiles.safetensors"))
+    metas = json.loads((directory / "profiles.json").read_text())
+    return {m["name"]: ExpertProfile.from_state(tensors, m) for m in metas}
 
 
 # -- computing a signal --------------------------------------------------------------------------
@@ -188,17 +211,24 @@ def _one_batch(model, batch, linears, A):
 
     handles = [m.register_forward_hook(lambda mod, a, o, k=k: hook(k, mod, a, o)) for k, m in linears.items()]
     try:
-        with backbone_only(model), torch.enable_grad():
+        with backbone_only(model), eval_mode(model), torch.enable_grad():
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-            # one log-softmax serves the loss and the entropy (the vocabulary-sized passes dominate the cost)
-            logp = out.logits.float().log_softmax(-1)
-            labels = batch["labels"][:, 1:]
-            nll = F.nll_loss(logp[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-            # the sum of per-example mean losses: its gradient at each example's tokens is that
-            # example's own gradient (examples do not interact), so one backward gives all of them
-            loss = (nll.sum(1) / (labels != IGNORE).sum(1).clamp_min(1)).sum()
+            with torch.no_grad():
+                # The loss is the sum over examples of each one's mean next-token NLL, so one backward
+                # gives every example's own gradient (examples in a batch do not interact). Its gradient
+                # on the logits is w * (softmax - onehot): written out, it reuses the softmax that the
+                # entropy needs (the vocabulary-sized passes dominate the cost).
+                logp = out.logits.float().log_softmax(-1)
+                probs = logp.exp()
+                ent = -(probs * logp).sum(-1)
+                labels = batch["labels"][:, 1:]
+                keep = (labels != IGNORE).float()
+                w = F.pad(keep / keep.sum(1, keepdim=True).clamp_min(1), (0, 1)).unsqueeze(-1)  # 0 at the last position
+                d_logits = probs.mul_(w)  # in place: the softmax is not needed after the entropy
+                d_logits.scatter_add_(-1, F.pad(labels.clamp_min(0), (0, 1)).unsqueeze(-1), -w)
             keys = list(zeros)
-            grads = torch.autograd.grad(loss, [zeros[k] for k in keys], allow_unused=True)
+            grads = torch.autograd.grad(out.logits, [zeros[k] for k in keys], grad_outputs=d_logits.to(out.logits.dtype),
+                                        allow_unused=True)
     finally:
         for h in handles:
             h.remove()
@@ -210,10 +240,7 @@ def _one_batch(model, batch, linears, A):
             continue
         # dL/dB of a fresh LoRA (B = 0) per example: sum over its tokens of g_t (A x_t)^T, (out, rank)
         sketched[k] = torch.einsum("bto,btr->bor", g.float(), inputs[k] @ A[k].T).flatten(1)
-    with torch.no_grad():
-        logp = logp.detach()
-        ent = -(logp.exp() * logp).sum(-1)
-        ent_sum = float((ent * mask).sum())
+    ent_sum = float((ent * mask).sum())
     return emb, sketched, ent_sum, int(mask.sum())
 
 

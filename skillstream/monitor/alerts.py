@@ -77,6 +77,11 @@ class Monitor(Plugin):
 
     # -- hooks ----------------------------------------------------------------------------------
     def before_stage(self, ctx: StepContext) -> None:
+        run_dir = ctx.extras.get("run_dir")
+        acc = ctx.extras.get("accelerator")
+        if run_dir is not None and (acc is None or acc.is_main_process):
+            from .metrics_log import ALERTS
+            (run_dir / ALERTS).touch()  # present and empty when nothing went wrong
         self.losses.clear()
         self.history = []
         self.halted = False  # a resumed run starts again from its last checkpoint

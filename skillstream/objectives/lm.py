@@ -4,7 +4,8 @@ The LM head is applied only where a label follows. For SFT most tokens are promp
 template, instruction, request) and a 49k-word head over every one of them is a large share of
 the compute, so skipping them is the single largest saving on a small model. Models whose head
 does more than a linear map (logit soft-capping, scaling), and DDP-wrapped models (calling a
-submodule would bypass DDP's gradient hooks), take the plain full-logits path.
+submodule would bypass DDP's gradient hooks; likewise DeepSpeed's and FSDP's wrappers, which pass the
+model's attributes through, so every multi-process run goes this way), take the plain full-logits path.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from ..data.render import IGNORE
 
 
 def _plain_head_parts(model):
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        return None  # DeepSpeed and FSDP wrappers pass attributes through (DDP does not): go by the process group
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = getattr(base, "config", None)
     if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):

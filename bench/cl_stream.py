@@ -1,0 +1,129 @@
+"""Continual learning on a stream folder: methods x (AvgAcc, BWT, FWT, AvgAcc/MTL, time), both protocols.
+
+    python bench/cl_stream.py --stream ../shared/data/glue_stream --quick
+    python bench/cl_stream.py --stream DIR --methods seq_lora,ewc_replay,expert_per_task,mtl [--record]
+
+Every method is the `adaptive_learner` recipe with overrides, run in a fresh subprocess on the
+same stream, seed, sizes and step budget:
+  seq_lora         one shared LoRA, no protection (the forgetting lower bound)
+  ewc_replay       the recipe's defaults: gamma-gated EWC + replay + neuromodulation + early stopping
+  expert_per_task  one LoRA per task, chosen at evaluation by the oracle task id
+  mtl              one LoRA trained jointly on the union of all tasks (the upper bound), same total steps
+The main protocol is generative exact match (the answer must be the label); option scoring is
+reported beside it. Nothing here is tuned per task: sizes are per-stream settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = {
+    "seq_lora": {"plugins": []},
+    "ewc_replay": {},
+    "expert_per_task": {"plugins": [], "lora.per_stage": True},
+    "mtl": {"plugins": []},
+}
+SIZES = {  # (train examples per task, test examples per task, steps per task)
+    "quick": (200, 40, 25),
+    "full": (1000, 200, 150),
+}
+
+
+def mtl_overrides(stream: Path, train_limit: int, test_limit: int, steps_per_task: int, max_new: int) -> dict:
+    from skillstream.data.stream import read_stream
+
+    tasks = read_stream(stream)
+    return {"data.stream": None, "stages": [],
+            "data.train": [{"source": str(t.folder), "instruction": t.instruction, "limit": train_limit} for t in tasks],
+            "data.eval": [{"name": t.name, "source": str(t.folder), "instruction": t.instruction, "limit": test_limit,
+                           "metric": "exact_match", "also": ["accuracy"], "max_new_tokens": max_new} for t in tasks],
+            "train.steps": steps_per_task * len(tasks)}
+
+
+def run_method(method: str, args, out: Path) -> dict:
+    train_limit, test_limit, steps = SIZES["quick" if args.quick else "full"]
+    steps = args.steps or steps
+    overrides = {"model": args.model, "report_to": [], "seed": args.seed, "data.stream": str(args.stream),
+                 "data.stream_train_limit": train_limit, "data.stream_test_limit": test_limit, "train.steps": steps,
+                 **METHODS[method]}
+    if method == "mtl":
+        overrides.update(mtl_overrides(args.stream, train_limit, test_limit, steps, 8))
+    code = ("import json, sys, skillstream; o = json.loads(sys.argv[1]); "
+            "skillstream.train('adaptive_learner', out=sys.argv[2], overrides=o, show_progress=False)")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(overrides), str(out / method)],
+                          capture_output=True, text=True, env={**os.environ, "CI": "true"})
+    if proc.returncode:
+        raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
+    results = json.loads((out / method / "results.json").read_text())
+    steps_done = sum(s["steps"] for s in results["stages"])
+    return {"results": results, "wall_s": time.time() - t0, "train_s": results["seconds"],
+            "s_per_step": results["seconds"] / max(steps_done, 1)}
+
+
+def fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def table(rows: dict, protocol: str | None) -> str:
+    def pick(r):
+        return r["results"] if protocol is None else r["results"]["protocols"][protocol]
+    mtl = pick(rows["mtl"])["avg_acc"] if "mtl" in rows else None
+    lines = ["| method | AvgAcc | BWT | FWT | AvgAcc / MTL | train s | s/step |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        p = pick(r)
+        ratio = p["avg_acc"] / mtl if mtl else None
+        lines.append(f"| {name} | {fmt(p['avg_acc'])} | {fmt(p['bwt'])} | {fmt(p['fwt'])} | {fmt(ratio)} | "
+                     f"{r['train_s']:.0f} | {r['s_per_step']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stream", type=Path, default=ROOT.parent / "shared" / "data" / "glue_stream")
+    ap.add_argument("--methods", default="seq_lora,ewc_replay,expert_per_task,mtl")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int, default=None, help="steps per task (overrides the size)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    args = ap.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"error: unknown methods {unknown} (known: {', '.join(METHODS)})", file=sys.stderr)
+        sys.exit(2)
+    if not args.stream.is_dir():
+        print(f"error: --stream {args.stream}: not a folder", file=sys.stderr)
+        sys.exit(2)
+    out = args.out or Path(tempfile.mkdtemp(prefix="cl_stream-"))
+    rows = {}
+    for m in methods:
+        print(f"running {m} ...", file=sys.stderr, flush=True)
+        rows[m] = run_method(m, args, out)
+    size = "quick" if args.quick else "full"
+    cmd = "python bench/cl_stream.py " + " ".join(sys.argv[1:])
+    text = (f"## {date.today()} cl_stream ({size}, {args.model}, seed {args.seed})\n\n`{cmd}` on "
+            f"{platform.processor() or platform.machine()}, stream {args.stream.name}, run dirs in {out}\n\n"
+            f"Generative exact match (main protocol):\n\n{table(rows, None)}\n\n"
+            f"Option scoring:\n\n{table(rows, 'accuracy')}\n")
+    print(text)
+    if args.record:
+        with (ROOT / "bench" / "RESULTS.md").open("a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Auto-curriculum: each mixing rule on a hand-made sequence, run-time weights in the batch plan
+(deterministic and resumable), and a real run where an easy source gains weight over noise."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from skillstream.curriculum.auto import (AutoCurriculum, difficulty_update, exp3_update, hardest_weights,
+                                         normalise)
+from skillstream.data.batching import BatchPlan, Position
+from skillstream.data.render import Tokenized
+from skillstream.errors import UserError
+from skillstream.run import train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_difficulty_rule_follows_learning_progress_over_time():
+    w = [0.5, 0.5]
+    # refresh 1: source A's loss fell by 1.0, B's rose by 0.2 -> w += 0.5 * [1.0, -0.2] = [1.0, 0.4]
+    w = difficulty_update(w, [3.0, 5.0], [2.0, 5.2], eta=0.5)
+    assert w == pytest.approx([1.0 / 1.4, 0.4 / 1.4])
+    # refresh 2: B improves by 0.9, A by 0.1 -> [0.714 + 0.05, 0.286 + 0.45] renormalised
+    w2 = difficulty_update(w, [2.0, 5.2], [1.9, 4.3], eta=0.5)
+    raw = [1.0 / 1.4 + 0.05, 0.4 / 1.4 + 0.45]
+    assert w2 == pytest.approx([raw[0] / sum(raw), raw[1] / sum(raw)])
+    # a source whose loss goes up by more than its weight allows is clipped to 0 (then the floor)
+    w3 = difficulty_update([0.5, 0.5], [2.0, 2.0], [1.0, 4.0], eta=1.0, floor=0.1)
+    assert w3 == pytest.approx([0.9 * 1.0 + 0.05, 0.05])
+    # the levels themselves do not matter, only their change: a hard source that does not move
+    # gets nothing (Destruct's public code took np.gradient across the list of datasets instead)
+    assert difficulty_update([0.5, 0.5], [9.0, 1.0], [9.0, 1.0], eta=1.0) == [0.5, 0.5]
+    # everything clipped: the weights stay
+    assert difficulty_update([0.3, 0.7], [1.0, 1.0], [3.0, 3.0], eta=1.0) == [0.3, 0.7]
+
+
+def test_bandit_follows_exp3_on_a_scripted_reward_sequence():
+    lr, gamma, k = 0.5, 0.1, 3
+    s, p = [0.0, 0.0, 0.0], [1 / 3] * 3
+    script = [[0.10, 0.02, 0.0], [0.05, 0.04, -0.01], [0.0, 0.08, 0.0]]
+    for rewards in script:
+        expect_s = [si + lr * r / pi for si, r, pi in zip(s, rewards, p)]   # importance-weighted
+        z = sum(math.exp(x) for x in expect_s)
+        expect_p = [(1 - gamma) * math.exp(x) / z + gamma / k for x in expect_s]
+        s, p = exp3_update(s, p, rewards, lr, gamma)
+        assert s == pytest.approx(expect_s) and p == pytest.approx(expect_p)
+        assert sum(p) == pytest.approx(1.0) and min(p) >= gamma / k
+    # by hand for the first round: s = [0.15, 0.03, 0]
+    s1, _ = exp3_update([0.0] * 3, [1 / 3] * 3, script[0], lr, gamma)
+    assert s1 == pytest.approx([0.15, 0.03, 0.0])
+    assert p[0] > p[2] and p[1] > p[2]     # the source that never improved loses share
+
+
+def test_hardest_and_static_rules():
+    assert hardest_weights([2.0, 6.0]) == pytest.approx([0.25, 0.75])
+    assert hardest_weights([2.0, 6.0], floor=0.2) == pytest.approx([0.8 * 0.25 + 0.1, 0.8 * 0.75 + 0.1])
+    assert normalise([1.0, 3.0]) == [0.25, 0.75]
+
+
+def _plan(weights=(1.0, 1.0, 1.0)):
+    sources = [[Tokenized([s, i], [s, i], False) for i in range(n)] for s, n in ((0, 10), (1, 20), (2, 30))]
+    return BatchPlan(sources, list(weights), 4, seed=7)
+
+
+def test_run_time_weights_are_deterministic_resumable_and_respected():
+    a, b = _plan(), _plan()
+    a.set_weights([0.0, 1.0, 3.0])
+    b.set_weights([0.0, 1.0, 3.0])
+    it = a.iterate(Position())
+    seen = [next(it) for _ in range(40)]
+    assert seen == [x for x, _ in zip(b.iterate(Position()), range(40))]
+    picks = [a.items[i].input_ids[0] for batch, _ in seen for i in batch]
+    assert 0 not in picks                                       # weight 0: never drawn
+    assert 0.65 < picks.count(2) / len(picks) < 0.85            # about 3/4
+    resumed = b.iterate(seen[24][1])                            # resume after batch 25
+    assert [next(resumed) for _ in range(15)] == seen[25:]
+    a.set_weights([1.0, 0.0, 0.0])                               # read as each batch is drawn
+    assert {a.items[i].input_ids[0] for i in next(it)[0]} == {0}
+    with pytest.raises(ValueError):
+        a.set_weights([1.0, -1.0, 0.0])
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(UserError, match="freeze_interval must be a positive integer"):
+        AutoCurriculum(freeze_interval=0)
+    with pytest.raises(UserError, match="mixing 'hardest_first' is not one of"):
+        AutoCurriculum(mixing="hardest_first")
+
+
+def _write_sources(tmp_path):
+    rng = random.Random(0)
+    easy = " ".join("the cat sat on the mat".split() * 6)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    (tmp_path / "easy.jsonl").write_text("".join(json.dumps({"text": easy}) + "\n" for _ in range(32)))
+    (tmp_path / "noise.jsonl").write_text("".join(
+        json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(100))}) + "\n" for _ in range(32)))
+
+
+def test_a_real_run_moves_weight_from_noise_to_the_learnable_source(tmp_path):
+    """Full-weight training of the tiny model on a repetitive source and a random-character
+    source; the bandit rewards loss reduction, so the repetitive source gains weight."""
+    _write_sources(tmp_path)
+    recipe = {"name": "cur", "model": {"name": "tiny", "freeze_backbone": False}, "lora": None, "report_to": [],
+              "data": {"max_length": 48, "train": [{"source": str(tmp_path / "easy.jsonl")},
+                                                   {"source": str(tmp_path / "noise.jsonl")}]},
+              "train": {"steps": 24, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 4,
+                        "checkpoint_every": 100, "schedule": "constant", "bf16": False},
+              "plugins": [{"name": "auto_curriculum", "mixing": "bandit", "freeze_interval": 4, "sample_size": 6}]}
+    train(recipe, out=tmp_path / "run", show_progress=False)
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    w_easy = [r["curriculum/weight/easy"] for r in records]
+    w_noise = [r["curriculum/weight/noise"] for r in records]
+    d_easy = [r["curriculum/difficulty/easy"] for r in records]
+    print("weights easy", [round(x, 3) for x in w_easy], "difficulty easy", [round(x, 2) for x in d_easy])
+    assert records[-1]["curriculum/refreshes"] == 7.0          # step 0 and every 4 steps
+    assert d_easy[-1] < d_easy[0] - 2.0                         # the easy source is being learned
+    assert w_easy[-1] > 0.6 and w_noise[-1] < 0.4               # ... and got the larger share
+    assert all(b >= a - 1e-9 for a, b in zip(w_easy, w_easy[1:]))  # monotone here: it kept improving most
