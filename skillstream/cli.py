@@ -53,17 +53,19 @@ def train(recipe: str = typer.Argument(..., help="Bundled recipe name or path to
           set_: list[str] = typer.Option([], "--set", help="Override: key.path=value (repeatable)."),
           resume: bool = typer.Option(False, "--resume", help="Continue the run in the run directory."),
           smoke: bool = typer.Option(False, "--smoke", help="Every stage for a few steps on a few examples."),
-          processes: int = typer.Option(1, "--processes", min=1,
+          processes: int = typer.Option(1, "--processes",
                                         help="Data-parallel processes (through `accelerate launch`; gloo on CPU). "
                                              "train.batch_size is per process.")):
     """Train a recipe; writes a run directory."""
     from .config import load_recipe, parse_override
-    from .run import train as run_train
+    from .run import check_run_dir, resolve_run_dir, train as run_train
 
     overrides = dict(parse_override(s) for s in set_)
+    if processes < 1:
+        raise UserError(f"--processes must be 1 or more, not {processes}")
     if processes > 1 and "WORLD_SIZE" not in os.environ:
-        if not resume:
-            load_recipe(recipe, overrides, smoke)  # bad input: status 2 and one line, before any process starts
+        # bad input: status 2 and one line here, before any process starts (they would each say it)
+        check_run_dir(resolve_run_dir(load_recipe(recipe, overrides, smoke).name, out), resume, overrides)
         args = ["train", recipe, *(["--out", str(out)] if out else []), *[a for s in set_ for a in ("--set", s)],
                 *(["--resume"] if resume else []), *(["--smoke"] if smoke else [])]
         sys.exit(launch_processes(processes, args))

@@ -50,7 +50,7 @@ class LoraConfig(_Strict):
 class SourceConfig(_Strict):
     """One data source; `format` says how to turn its rows into examples."""
 
-    source: str = Field(..., description="'nl2bash', a classification task folder, a .jsonl/.json/.csv/.parquet file, or 'hf:NAME[:CONFIG]'.")
+    source: str = Field(..., description="'nl2bash', 'bfcl' or 'bfcl:CAT1,CAT2' (BFCL tool-calling conversations; categories simple, live_simple, multiple, live_multiple, parallel, irrelevance), a classification task folder, a .jsonl/.json/.csv/.parquet file, or 'hf:NAME[:CONFIG]'.")
     split: str = Field("train", description="Split to read: 'train' or 'test' (builtins, task folders, HF datasets).")
     format: Literal["auto", "prompt_completion", "messages", "text", "classification", "preference"] = Field(
         "auto", description="How rows become examples; 'auto' picks from the columns.")
@@ -67,7 +67,7 @@ class EvalTaskConfig(SourceConfig):
     name: str = Field(..., description="Task name used in results.json.")
     split: str = "test"
     metric: Literal["auto", "accuracy", "exact_match", "bash", "perplexity", "tool_call", "function_call",
-                    "final_answer"] = Field(
+                    "final_answer", "preference"] = Field(
         "auto", description="accuracy (option scoring), exact_match / bash / tool_call (greedy generation), perplexity.")
     max_new_tokens: int = Field(64, gt=0, description="Generation budget for generative metrics.")
     also: list[Literal["accuracy", "exact_match"]] = Field(

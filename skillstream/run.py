@@ -80,6 +80,9 @@ def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
         if metric == "tool_call":
             from .evaluation.tool_metrics import require_tool_examples
             require_tool_examples(t.name, examples)
+        if metric == "preference":
+            from .evaluation.preference import require_preference_examples
+            require_preference_examples(t.name, examples)
         for extra in t.also:
             if extra == "accuracy" and examples[0].kind != "classification":
                 raise UserError(f"data.eval[{t.name}].also: 'accuracy' needs a classification task folder")
@@ -231,6 +234,17 @@ def resolve_run_dir(cfg_name: str, out: str | Path | None) -> Path:
     return Path(out) if out else Path("runs") / cfg_name
 
 
+def check_run_dir(run_dir: Path, resume: bool, overrides: dict | None) -> None:
+    """--resume needs a run directory (and no --set); a new run needs an empty or new one."""
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
+        if overrides:
+            raise UserError("--resume: --set cannot change a run that is being resumed")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it or --out for a new one")
+
+
 def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = None, resume: bool = False,
           smoke: bool = False, overrides: dict[str, Any] | None = None, show_progress: bool = True,
           plugins: list | None = None) -> Run:
@@ -244,14 +258,9 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
     dist = PartialState(cpu=cpu)
     cfg = load_recipe(recipe, overrides, smoke)
     run_dir = resolve_run_dir(cfg.name, out)
+    check_run_dir(run_dir, resume, overrides)
     if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
-        if overrides:
-            raise UserError("--resume: --set cannot change a run that is being resumed")
         cfg = load_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it or --out for a new one")
 
     from .models.backbone import load_backbone
     set_seed(cfg.seed)

@@ -14,6 +14,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("CI", "true")            # plain progress lines, no live bar
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests use tiny models: one thread is as fast as two there, and it keeps the suite from
+# spinning OpenMP threads against each other (and against subprocesses, which inherit this).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

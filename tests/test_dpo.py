@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from skillstream.config import SourceConfig, load_recipe
-from skillstream.data.examples import load_examples
+from skillstream.data.examples import default_metric, load_examples
 from skillstream.data.render import IGNORE, Renderer
 from skillstream.models.backbone import load_backbone
 from skillstream.objectives.dpo import DPOObjective
@@ -248,3 +248,19 @@ def test_adapter_reference_is_a_frozen_copy_that_training_does_not_move(setup):
         for k, v in resumed.extra_parameters().items():
             v.copy_(frozen[k])
     torch.testing.assert_close(resumed.reference_logps(model, batch), ref0)
+
+
+def test_preference_metric_ranks_chosen_by_log_probability(setup, pairs_file):
+    from skillstream.evaluation.runner import evaluate_examples
+
+    model, tok, renderer, examples = setup
+    out = evaluate_examples(model, tok, renderer, examples, "preference", batch_size=2)
+    obj = DPOObjective()
+    batch = obj.collate([obj.tokenize(e, renderer) for e in examples], tok.pad_token_id)
+    logps, _ = _hand_logps(model, batch)
+    n = len(examples)
+    diffs = [logps[i] - logps[n + i] for i in range(n)]
+    assert out["metric"] == "preference_accuracy" and out["n"] == n
+    assert out["score"] == sum(d > 0 for d in diffs) / n
+    assert out["margin"] == pytest.approx(sum(diffs) / n, abs=1e-3)
+    assert default_metric(SourceConfig(source=str(pairs_file)), examples) == "preference"

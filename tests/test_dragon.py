@@ -18,8 +18,6 @@ from skillstream.models.byte_tokenizer import EOS_ID, PAD_ID, ByteTokenizer
 from skillstream.monitor.alerts import Monitor
 from skillstream.plugins import StepContext
 
-from conftest import run_cli
-
 TINY = dict(n_layer=2, n_embd=32, n_head=4, mlp_internal_dim_multiplier=8, dropout=0.0)
 
 
@@ -78,14 +76,18 @@ def test_padding_never_enters_the_loss_and_generation_ignores_left_padding():
         assert torch.equal(alone, batched[i, :n]) and (batched[i, n:] == PAD_ID).all()
 
 
-def test_generation_stops_at_eos():
+def test_generation_stops_a_row_at_eos_and_pads_after_it():
     model, _ = build_bdh(seed=0, **TINY)
-    with torch.no_grad():  # make EOS the argmax everywhere
-        model.bdh.lm_head.zero_()
-        model.bdh.lm_head[:, EOS_ID] = 1.0
-        model.bdh.lm_head[0, EOS_ID] = 0.0
-    out = model.generate(torch.tensor([[97, 98]]), max_new_tokens=10)
-    assert out.tolist()[0][2:] == [EOS_ID] or out.tolist()[0][2] == EOS_ID
+    prompts = torch.tensor([[97, 98, 99], [120, 121, 122]])
+    free = model.generate(prompts, max_new_tokens=10, eos_token_id=-1)[:, 3:]  # no EOS: 10 bytes each
+    assert free.shape == (2, 10)
+    eos = int(free[0, 2])  # pretend row 0's third byte is EOS
+    out = model.generate(prompts, max_new_tokens=10, eos_token_id=eos)[:, 3:]
+    first = next(i for i, t in enumerate(free[0].tolist()) if t == eos)
+    assert out[0, :first + 1].tolist() == free[0, :first + 1].tolist() and (out[0, first + 1:] == PAD_ID).all()
+    hit = [i for i, t in enumerate(free[1].tolist()) if t == eos]
+    n = hit[0] + 1 if hit else 10
+    assert out[1, :n].tolist() == free[1, :n].tolist()
 
 
 # -- tasks and metrics ------------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def test_function_call_targets_pass_the_bfcl_ast_checker_and_broken_ones_fail(so
     assert gold["ast_accuracy"] >= 0.99 and gold["function_format"] == 1.0 and gold["argument_accuracy"] >= 0.99
     broken = [e.completion.replace('"arguments": {', '"arguments": {"zz_unknown": 1, ', 1) for e in exs]
     bad = score_function_calls(broken, exs)
-    assert bad["ast_accuracy"] == 0.0 and bad["function_format"] == 1.0
+    assert bad["ast_accuracy"] == 0.0 and bad["function_format"] >= 0.99  # "{}" + ", " is not JSON
     prose = score_function_calls(["I would call a function."] * len(exs), exs)
     assert prose["function_format"] == 0.0 and prose["ast_accuracy"] == 0.0
     short = load_examples(SourceConfig(source=f"{source}:420", split="test"))
@@ -242,21 +244,3 @@ def test_spiking_bdh_learns_from_real_text_with_no_alert_and_best_final_checkpoi
     final = load_file(str(d / "checkpoints" / "final" / "model.safetensors"))
     saved = load_file(str(d / "model" / "model.safetensors"))
     assert all(torch.equal(final[k], saved[k]) for k in saved)
-
-
-def test_dragon_hatching_smoke_run_and_bad_input(tmp_path):
-    r = run_cli("train", "dragon_hatching", "--smoke", "--out", str(tmp_path / "run"), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    d = tmp_path / "run"
-    for p in ("alerts.jsonl", "metrics.jsonl", "validation.jsonl", "results.json", "model/model.safetensors",
-              "checkpoints/best/model.safetensors", "checkpoints/final/model.safetensors"):
-        assert (d / p).is_file(), p
-    assert list((d / "checkpoints").glob("ckpt-*"))
-    metrics = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    assert [m["stage"] for m in metrics[::3]] == ["text_coherence", "function_calls", "bash", "full_multitask"]
-    assert all("firing_rate/0" in m for m in metrics)
-    results = json.loads((d / "results.json").read_text())
-    assert len(results["matrix"]) == 4 and "function_format" in results["details"][-1][2]
-    bad = run_cli("train", "dragon_hatching", "--smoke", "--out", str(tmp_path / "bad"),
-                  "--set", "stages.1.data.train.1.source=no_such_task", cwd=tmp_path)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no_such_task" in bad.stderr

@@ -3,6 +3,7 @@ made from the SFT model when the DPO stage begins, DPO, tool-call evaluation, fu
 import json
 import math
 
+import pytest
 import yaml
 
 from conftest import run_cli
@@ -10,10 +11,20 @@ from skillstream.config import SourceConfig, load_recipe
 from skillstream.data.examples import load_examples
 
 
-def test_muse_smoke_writes_a_complete_run(tmp_path):
-    run = tmp_path / "run"
-    r = run_cli("train", "muse", "--smoke", "--set", "model=tiny", "--out", str(run), cwd=tmp_path)
+OVERRIDES = {"model": "tiny", "data.eval.0.limit": 3, "data.eval.0.max_new_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("muse")
+    sets = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={v}")]
+    r = run_cli("train", "muse", "--smoke", *sets, "--out", str(tmp / "run"), cwd=tmp)
     assert r.returncode == 0, r.stderr[-3000:]
+    return tmp / "run"
+
+
+def test_muse_smoke_writes_a_complete_run(smoke_run, tmp_path):
+    run = smoke_run
     for name in ("config.yaml", "metrics.jsonl", "results.json", "pairs.jsonl", "experts/default/adapter_config.json"):
         assert (run / name).is_file(), name
     assert sorted(p.name for p in (run / "experts").iterdir()) == ["default"]  # the DPO reference is no expert
@@ -46,7 +57,7 @@ def test_muse_smoke_writes_a_complete_run(tmp_path):
     assert built["prompts"] == 4 and built["pairs"] == len(rows) and built["samples"] == 8
     for details in [results["initial_details"][0]] + [row[0] for row in results["details"]]:
         assert {"format_validity", "tool_selection", "argument_accuracy", "ci95", "n"} <= set(details)
-        assert details["n"] == 4
+        assert details["n"] == 3
 
     ev = run_cli("eval", str(run), cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-2000:]
@@ -74,26 +85,24 @@ class _StopAtDPOStep3:
             raise _Interrupt()
 
 
-def test_resume_mid_dpo_keeps_the_pairs_and_the_sft_reference(tmp_path):
-    import pytest
+def test_resume_mid_dpo_keeps_the_pairs_and_the_sft_reference(smoke_run, tmp_path):
     import torch
     from safetensors.torch import load_file
 
     import skillstream
 
-    over = {"model": "tiny", "report_to": [], "data.eval.0.limit": 1, "data.eval.0.max_new_tokens": 4}
-    full = skillstream.train("muse", out=tmp_path / "full", smoke=True, overrides=over, show_progress=False)
+    full = smoke_run  # the same recipe and overrides, uninterrupted
     broken = tmp_path / "broken"
     with pytest.raises(_Interrupt):
-        skillstream.train("muse", out=broken, smoke=True, overrides=over, show_progress=False,
+        skillstream.train("muse", out=broken, smoke=True, overrides=OVERRIDES, show_progress=False,
                           plugins=[_StopAtDPOStep3()])
     pairs = (broken / "pairs.jsonl").read_text()
     skillstream.train("muse", out=broken, resume=True, show_progress=False)
-    assert (broken / "pairs.jsonl").read_text() == pairs == (full.run_dir / "pairs.jsonl").read_text()
-    a = load_file(str(full.run_dir / "experts/default/adapter_model.safetensors"))
+    assert (broken / "pairs.jsonl").read_text() == pairs == (full / "pairs.jsonl").read_text()
+    a = load_file(str(full / "experts/default/adapter_model.safetensors"))
     b = load_file(str(broken / "experts/default/adapter_model.safetensors"))
     for k in a:  # the reference (a frozen copy of the SFT adapter) came back from the checkpoint
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"], r["loss"]) for r in rows(broken)] == \
-        [(r["stage"], r["step"], r["loss"]) for r in rows(full.run_dir)]
+        [(r["stage"], r["step"], r["loss"]) for r in rows(full)]

@@ -171,4 +171,5 @@ def default_metric(src: SourceConfig, examples: list[Example]) -> str:
     if builtin:
         return builtin[0][2]
     kind = examples[0].kind
-    return {"classification": "accuracy", "text": "perplexity", "messages": "perplexity"}.get(kind, "exact_match")
+    return {"classification": "accuracy", "text": "perplexity", "messages": "perplexity",
+            "preference": "preference"}.get(kind, "exact_match")

@@ -83,7 +83,8 @@ def _perplexity(model, renderer: Renderer, examples, batch_size, pad_id) -> dict
 
 
 MAIN_METRIC = {"accuracy": "accuracy", "exact_match": "exact_match", "bash": "exact_match", "perplexity": "perplexity",
-               "tool_call": "ast_accuracy", "function_call": "ast_accuracy", "final_answer": "exact_match"}
+               "tool_call": "ast_accuracy", "function_call": "ast_accuracy", "final_answer": "exact_match",
+               "preference": "preference_accuracy"}
 
 
 def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], metric: str,
@@ -102,6 +103,9 @@ def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], m
         elif metric == "tool_call":  # format, tool selection, AST argument and irrelevance accuracy
             from .tool_metrics import evaluate_tool_calls
             out = evaluate_tool_calls(model, tok, renderer, examples, batch_size, max_new_tokens)
+        elif metric == "preference":  # held-out pairs: does the model rank chosen above rejected
+            from .preference import evaluate_preferences
+            out = evaluate_preferences(model, tok, renderer, examples, batch_size)
         else:
             out = _perplexity(model, renderer, examples, batch_size, tok.pad_token_id)
     finally:

@@ -39,7 +39,7 @@ def wilson(successes: float, n: int) -> list[float] | None:
     denom = 1 + Z95 ** 2 / n
     centre = (p + Z95 ** 2 / (2 * n)) / denom
     half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    return [round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)]
 
 
 def mean_interval(values: list[float]) -> list[float] | None:
@@ -50,7 +50,7 @@ def mean_interval(values: list[float]) -> list[float] | None:
         return [m, m]
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
     half = Z95 * sd / math.sqrt(n)
-    return [max(0.0, m - half), min(1.0, m + half)]
+    return [round(max(0.0, m - half), 6), round(min(1.0, m + half), 6)]
 
 
 def answer_key(ex: Example) -> tuple[list[dict], list[dict], str]:

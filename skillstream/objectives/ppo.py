@@ -253,9 +253,11 @@ class PPOObjective:
         return dict(self.value_head.named_parameters(prefix="value_head"))
 
     def begin_stage(self, model) -> None:
+        """Called by the run before the optimizer is built (and before a checkpoint is loaded)."""
         size = getattr(getattr(model, "config", None), "hidden_size", None)
         if size is not None and size != self.value_head.in_features:
             raise UserError(f"objective ppo: value head width {self.value_head.in_features} != backbone hidden size {size}")
+        self.value_head.to(next(model.parameters()).device)  # optimizer state is created where the head lives
 
     def state_dict(self) -> dict:
         buf = None
