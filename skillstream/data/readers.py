@@ -36,7 +36,7 @@ def _json_rows(path: Path) -> list[Row]:
 
 def _jsonl_rows(path: Path) -> list[Row]:
     rows = []
-    with path.open() as f:
+    with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -85,8 +85,9 @@ def _hf_rows(spec: str, split: str) -> list[Row]:
 FILE_READERS = {".json": _json_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
 
 
-def read_file(path: Path) -> list[Row]:
-    reader = FILE_READERS.get(path.suffix.lower())
+def read_file(path: Path, suffix: str | None = None) -> list[Row]:
+    """Rows of one file, read by its suffix (or by `suffix`, for files named otherwise)."""
+    reader = FILE_READERS.get((suffix or path.suffix).lower())
     if reader is None:
         raise UserError(f"{path}: unsupported file type {path.suffix!r} (expected .jsonl, .json, .csv or .parquet)")
     if not path.is_file():

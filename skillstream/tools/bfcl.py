@@ -23,6 +23,7 @@ import json
 import re
 from pathlib import Path
 
+from ..data.readers import read_file
 from ..errors import UserError
 from ..evaluation.tool_ast import answer_to_calls
 from .calls import calls_to_message
@@ -63,20 +64,11 @@ def _data_file(folder: Path, stem: str) -> Path:
 
 def _read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path} line {n}: expected a JSON object")
-            missing = [k for k in keys if k not in row]
-            if missing:
-                raise UserError(f"{path} line {n}: missing key {missing[0]!r}")
-            rows.append(row)
+    for row in read_file(path, suffix=".jsonl"):  # BFCL's .json files hold one object per line
+        missing = [k for k in keys if k not in row.data]
+        if missing:
+            raise UserError(f"{row.where}: missing key {missing[0]!r}")
+        rows.append(row.data)
     return rows
 
 
