@@ -204,12 +204,13 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; continue with --resume", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click's own usage errors
-        import click
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        # Usage errors (unknown option, missing argument) come from the click that typer vendors
+        # (typer._click); recognise them by their interface rather than a private import path.
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
             print(f"error: {e.format_message()}", file=sys.stderr)
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(130)
         raise
 

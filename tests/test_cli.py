@@ -98,3 +98,11 @@ def test_existing_run_is_never_overwritten(smoke_run):
 def test_resume_of_something_that_is_not_a_run(tmp_path):
     res = run_cli("train", "quickstart", "--out", str(tmp_path), "--resume", cwd=tmp_path)
     assert res.returncode == 2 and "not a run directory" in res.stderr
+
+
+@pytest.mark.parametrize("args, message", [(["train", "quickstart", "--bogus"], "No such option: --bogus"),
+                                           (["generate"], "Missing")])
+def test_usage_errors_are_one_line_with_status_2(tmp_path, args, message):
+    res = run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

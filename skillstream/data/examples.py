@@ -89,7 +89,7 @@ def _from_row(row: Row, src: SourceConfig, fmt: str, instruction: str | None) ->
             raise UserError(f"{row.where}: 'messages' must be a list of {{role, content}} objects")
         if not any(m["role"] == "assistant" for m in msgs):
             raise UserError(f"{row.where}: 'messages' has no assistant turn to learn from")
-        tools = check_tools(data["tools"], row.where) if data.get("tools") is not None else None
+        tools = check_tools(data["tools"], row.where) if data.get("tools") not in (None, "") else None
         check_tool_calls(msgs, tools, row.where)
         meta = {k: data[k] for k in META_FIELDS if k in data}
         return Example("messages", messages=msgs, where=row.where, tools=tools, meta=meta)
@@ -121,7 +121,7 @@ def _preference(data: dict, where: str) -> Example:
     """TRL's preference format: prompt + chosen + rejected, all strings (plain) or all messages
     (conversational); without a prompt, conversational chosen/rejected share it as a prefix."""
     chosen, rejected, prompt = data["chosen"], data["rejected"], data.get("prompt")
-    tools = check_tools(data["tools"], where) if data.get("tools") is not None else None
+    tools = check_tools(data["tools"], where) if data.get("tools") not in (None, "") else None
     meta = {k: data[k] for k in META_FIELDS if k in data}
     if isinstance(chosen, str) and isinstance(rejected, str):
         if not isinstance(prompt, str):
