@@ -100,6 +100,7 @@ def test_structure_falls_back_when_bashlex_cannot_parse():
 
 def test_structure_score_examples():
     assert bash_structure_score("ls -al", ["ls -la"]) == 1.0
+    assert bash_structure_score("", ["> /testbed/test.txt"]) == 0.0  # an empty answer is not a redirection
     assert bash_structure_score("ls", ["cd"]) == 0.0  # different utility, no flags anywhere
     assert bash_structure_score("rm -rf x", ["ls -rf x"]) == 0.0
     assert bash_structure_score("ls -l", ["ls -a"]) == 0.5  # right utility, wrong flags

@@ -144,8 +144,10 @@ def test_real_run_report_renders_in_headless_chromium(smoke_run, tmp_path):
         assert f'data-metric="{key}">{fmt(results[key])}</div>' in dom
     final_loss = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert final_loss["stage"] in dom and "nl2bash" in dom
-    # a plain run: one adapter, no router, no curriculum, no alerts -> those sections are left out
-    assert section_ids(dom) & set(OPTIONAL) == set()
+    # a plain run: one adapter, no router, no curriculum, no alerts -> those sections are left out;
+    # the LM objective's own signals (lm/token_accuracy, lm/entropy) are data the run has, so they show
+    assert section_ids(dom) & set(OPTIONAL) == {"objective"}
+    assert "lm/token_accuracy" in dom
     assert {"summary", "tasks", "training", "samples", "config"} <= section_ids(dom)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "report-smoke.png"

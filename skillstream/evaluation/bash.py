@@ -471,7 +471,7 @@ def bash_structure_score(pred: str, golds: str | Sequence[str]) -> float:
     wrong flags score 0.5. The result is 1.0 iff utilities, order and flags all agree,
     so every exact match scores 1.0.
     """
-    if not pred.strip():
-        return 0.0  # saying nothing never matches, even a gold that is a bare redirection
+    if not pred.strip():  # saying nothing matches only an empty gold, not one that is a bare redirection
+        return 1.0 if any(not g.strip() for g in _golds(golds)) else 0.0
     p = bash_structure(pred)
     return max(_similarity(p, bash_structure(g)) for g in _golds(golds))
