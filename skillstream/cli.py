@@ -109,7 +109,7 @@ def eval_(run_dir: Path = typer.Argument(..., help="A run directory.")):
 
     out = load(run_dir).evaluate()
     for name, r in out["tasks"].items():
-        extras = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and k != "score")
+        extras = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and k not in ("score", r["metric"]))
         print(f"{name}: {r['metric']} {r['score']:.4f}  {extras}".rstrip())
     print(f"wrote {Path(run_dir) / 'eval.json'}")
 
