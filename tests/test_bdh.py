@@ -12,14 +12,6 @@ TEXT = "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.top
 DATA = encode_bytes(TEXT)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is fastest, and far faster on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def small_model(seed=0, **overrides):
     torch.manual_seed(seed)

@@ -17,13 +17,6 @@ from skillstream.errors import UserError
 from skillstream.run import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_difficulty_rule_follows_learning_progress_over_time():
     w = [0.5, 0.5]

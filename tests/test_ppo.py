@@ -20,14 +20,6 @@ from skillstream.objectives.rewards import Sample, parse_rewards
 from skillstream.run import attach_lora
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model is latency-bound: one thread avoids OpenMP spinning on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_gae_on_a_hand_computed_four_token_example():
     rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.5, 1.0, 7.0]])
