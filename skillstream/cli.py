@@ -45,6 +45,13 @@ def print_summary(run) -> None:
     tps = sum(s["tokens"] for s in r["stages"]) / max(r["seconds"], 1e-9)
     console.print(f"train time {r['seconds']:.1f}s  ·  {tps:.0f} tokens/s  ·  truncated examples {r['truncated']}"
                   f"  ·  run directory {run.run_dir}")
+    if "routing" in r:  # a skill stream (experts:): how the learner found and routed the skills
+        nov = r["novelty"]
+        console.print(f"AvgAcc {r['avg_acc']:.4f} (oracle expert choice {r['oracle']['avg_acc'] or float('nan'):.4f})  ·  "
+                      f"BWT {r['bwt'] if r['bwt'] is not None else float('nan'):+.4f}  ·  routing accuracy "
+                      f"{r['routing']['task_agnostic_accuracy']:.4f}  ·  experts {r['experts_created']} for "
+                      f"{r['skills']} skills  ·  new experts at chunks {nov['created_at']} (true boundaries "
+                      f"{nov['true_boundaries']})  ·  wall {r['wall_seconds']:.0f}s")
 
 
 @app.command()
@@ -116,12 +123,17 @@ def eval_(run_dir: Path = typer.Argument(..., help="A run directory.")):
 
 @app.command()
 def generate(run_dir: Path, prompt: str,
-             expert: str = typer.Option("default", "--expert", help="Expert (adapter) to answer with."),
+             expert: Optional[str] = typer.Option(None, "--expert", help="Expert (adapter) to answer with "
+                                                  "(default: the router's choice, or the run's only adapter)."),
              max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens")):
     """Generate with the run's model."""
     from .trained import load
 
-    print(load(run_dir, expert).generate(prompt, max_new_tokens))
+    trained = load(run_dir, expert)
+    text = trained.generate(prompt, max_new_tokens)
+    if trained.last_routing is not None:  # which experts answered, with their weights
+        print(f"[experts: {trained.last_routing.describe(0)}]", file=sys.stderr)
+    print(text)
 
 
 @app.command()
@@ -184,6 +196,9 @@ def export(run_dir: Path, out: Path,
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: already exists and is not empty")
     shutil.copytree(src, out / EXPERTS, dirs_exist_ok=True)
+    from .experts.stream_run import ROUTER_DIR
+    if (Path(run_dir) / ROUTER_DIR).is_dir():  # skill-stream runs: router.safetensors + router.json (+ profiles)
+        shutil.copytree(Path(run_dir) / ROUTER_DIR, out / ROUTER_DIR, dirs_exist_ok=True)
     if merge:
         from .trained import load
 

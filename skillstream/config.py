@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -57,10 +57,13 @@ class SourceConfig(_Strict):
     columns: dict[str, str] = Field(default_factory=dict, description="Column mapping {our name: your column}, e.g. {prompt: question, completion: answer}.")
     instruction: str | None = Field(None, description="Instruction put before each input (classification tasks, prompt/completion).")
     limit: int | None = Field(None, gt=0, description="Use only the first N examples (after the split).")
-    weight: float = Field(1.0, gt=0, description="Relative sampling weight when several sources are mixed.")
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="Relative sampling weight when several sources are mixed (finite, > 0).")
     build: ComponentConfig | None = Field(None, description="Produce this source at the start of its stage: a builder "
                                           "(registered name, e.g. verifier_pairs, or module:function) run on the current model writes "
                                           "the JSONL file `source`, a path relative to the run directory.")
+    invalid_labels: Literal["error", "skip"] | None = Field(
+        None, description="Classification task folders: what a row whose label is not in labels.json does "
+                          "(see data.invalid_labels, which a source without its own setting follows).")
 
 
 class EvalTaskConfig(SourceConfig):
@@ -70,6 +73,7 @@ class EvalTaskConfig(SourceConfig):
                     "final_answer", "preference"] = Field(
         "auto", description="accuracy (option scoring), exact_match / bash / tool_call (greedy generation), perplexity.")
     max_new_tokens: int = Field(64, gt=0, description="Generation budget for generative metrics.")
+    expert: str | None = Field(None, description="Skill-stream recipes: answer this task with this expert (e.g. expert_0) instead of the router's choice.")
     also: list[Literal["accuracy", "exact_match"]] = Field(
         default_factory=list, description="Further protocols scored on the same task (results.json 'protocols').")
 
@@ -88,6 +92,18 @@ class DataConfig(_Strict):
         default_factory=lambda: ["exact_match", "accuracy"],
         description="Evaluation protocols of stream tasks; the first fills results.json's matrix.")
     stream_max_new_tokens: int = Field(8, gt=0, description="Generation budget when stream tasks are scored by exact match.")
+    invalid_labels: Literal["error", "skip"] = Field(
+        "error", description="A row of a classification task folder whose label is not in labels.json (e.g. MNLI's '-' rows): "
+                             "'error' stops with one line naming the file and row; 'skip' drops such rows, printing one warning "
+                             "per file (file, count, first items) and recording them in results.json's skipped_rows. "
+                             "Applies to data.train, data.eval and data.stream tasks.")
+
+    @model_validator(mode="after")
+    def _invalid_labels_to_sources(self):  # sources without their own setting follow data.invalid_labels
+        for src in [*self.train, *self.eval]:
+            if src.invalid_labels is None:
+                src.invalid_labels = self.invalid_labels
+        return self
 
 
 class TrainConfig(_Strict):
@@ -121,6 +137,49 @@ class StageConfig(_Strict):
         return _component_shorthand(v)
 
 
+class NoveltyConfig(_Strict):
+    similarity_threshold: float = Field(0.5, ge=0, le=1, description="A chunk whose best similarity to every expert profile is below this is novel.")
+    entropy_threshold: float = Field(0.5, ge=0, le=1, description="Reuse the best-matching expert only when the router's normalised entropy on the chunk is at most this.")
+    window: int = Field(2, ge=1, description="Consecutive novel chunks that create a new expert (held back, untrained, until then).")
+    signal_examples: int = Field(4, gt=0, description="Examples of each chunk whose triple signal (embedding, gradient sketch, context) is compared with the expert profiles.")
+    weights: dict[str, float] = Field(default_factory=lambda: {"embedding": 0.4, "gradient": 0.4, "context": 0.2},
+                                      description="Weights of the similarity's three components.")
+
+
+class RouterConfig(_Strict):
+    kind: Literal["linear", "mlp"] = Field("linear", description="Router head over pooled backbone features.")
+    lr: float = Field(1e-2, gt=0, description="Router learning rate (Adam).")
+    steps_per_chunk: int = Field(10, ge=0, description="Router updates on each chunk's features.")
+    feature_alpha: float = Field(0.5, ge=0, lt=1, description="Share of each router batch replayed from earlier experts' stored features.")
+    capacity_per_expert: int = Field(64, gt=0, description="Stored features per expert (reservoir).")
+    maturity_threshold: float = Field(0.5, ge=0, le=1, description="Hybrid policy: inputs whose top expert's maturity is at least this are served by their top-k experts alone, others by the dense mix.")
+    top_k: int = Field(1, gt=0, description="Experts that serve an input sparsely.")
+    mature_steps: int = Field(20, gt=0, description="Steps an expert trains before it counts as mature (with a flat validation trend).")
+
+
+class PhaseConfig(_Strict):
+    lr: float = Field(..., gt=0, description="Learning rate of the phase (absolute, not a multiplier).")
+    steps: int = Field(0, ge=0, description="Steps of the expert spent in this phase (seeding only).")
+    shape: Literal["wsd", "cyclic", "constant"] = Field("wsd", description="wsd: warmup, stable, then a decay to the consolidation rate; cyclic: triangular cycles between the two rates.")
+    warmup_steps: int = Field(2, ge=0)
+    decay_fraction: float = Field(0.3, gt=0, le=1, description="wsd: share of the seeding steps spent decaying.")
+    cycles: int = Field(2, gt=0, description="cyclic: cycles over the seeding steps.")
+
+
+class ExpertsConfig(_Strict):
+    """The DyLoRA-MoE skill lifecycle: an unlabelled stream of chunks, novelty -> new expert -> seed ->
+    consolidate, and a router trained beside the experts (skillstream/experts/lifecycle.py)."""
+    chunk_size: int = Field(16, gt=0, description="Examples per chunk of the stream (the learner sees chunks, never task labels).")
+    chunk_epochs: float = Field(1.0, gt=0, description="Passes over each chunk's examples.")
+    prefix: str = Field("expert_", description="Experts are named PREFIX0, PREFIX1, ... in creation order.")
+    max_experts: int = Field(8, gt=0, description="At most this many experts; beyond it the best match is reused.")
+    fork: bool = Field(False, description="Warm-start a new expert from the best-matching one instead of a fresh LoRA.")
+    novelty: NoveltyConfig = Field(default_factory=NoveltyConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    seeding: PhaseConfig = Field(default_factory=lambda: PhaseConfig(lr=1e-3, steps=16))
+    consolidation: PhaseConfig = Field(default_factory=lambda: PhaseConfig(lr=2e-4, shape="constant"))
+
+
 class GenerationConfig(_Strict):
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -142,6 +201,14 @@ class RecipeConfig(_Strict):
     plugins: list[ComponentConfig] = Field(default_factory=list, description="Plugins attached to the engine's hooks.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Accelerate trackers: tensorboard, wandb, mlflow, ... ([] for none).")
     smoke: bool = Field(False, description="Run every stage for a few steps on a few examples (wiring check).")
+    stage: str = Field("all", description="Which stages run: 'all' (default), or the name of one stage (e.g. muse's sft, "
+                                          "pairs or dpo), which then starts from `init_from` (else from the bare model) and "
+                                          "is scored on the evaluation suite a full run uses.")
+    init_from: str | None = Field(None, description="A finished run directory to start from: its final expert adapter(s) "
+                                                    "(experts/NAME) or model (model/) are loaded before anything else, and "
+                                                    "files that stages this run skips would have built (e.g. pairs.jsonl) are "
+                                                    "copied from it instead of built again. Same model and LoRA shape required.")
+    experts: ExpertsConfig | None = Field(None, description="Learn the stages as an unlabelled stream of chunks with a growing pool of LoRA experts and a router (DyLoRA-MoE).")
 
     @field_validator("model", "objective", mode="before")
     @classmethod
@@ -177,7 +244,20 @@ class RecipeConfig(_Strict):
                     task.limit = min(task.limit or 4, 4)
                     task.max_new_tokens = min(task.max_new_tokens, 16)
             out.append(ResolvedStage(st.name, data, train, st.objective or self.objective))
-        return out
+        i = self._pick([st.name for st in out])
+        if i is None:
+            return out
+        out[i].data.eval = out[0].data.eval  # scored on the suite of a full run (a stage's data may replace it)
+        return [out[i]]
+
+    def _pick(self, names: list[str]) -> int | None:
+        """Index of the stage `stage` names (None for 'all'); an unknown name is a UserError."""
+        if self.stage == "all":
+            return None
+        if self.stage not in names:
+            raise UserError(f"stage {self.stage!r}: recipe {self.name!r} has no such stage "
+                            f"(stages: {', '.join(names)}; or all)")
+        return names.index(self.stage)
 
 
 class ResolvedStage(NamedTuple):
@@ -194,11 +274,12 @@ def _stream_stages_of(recipe: "RecipeConfig") -> list[StageConfig]:
     tasks = read_stream(d.stream)
     evals = [EvalTaskConfig(name=t.name, source=str(t.folder), instruction=t.instruction, limit=d.stream_test_limit,
                             metric=d.stream_protocols[0], also=d.stream_protocols[1:],
-                            max_new_tokens=d.stream_max_new_tokens) for t in tasks]
+                            max_new_tokens=d.stream_max_new_tokens, invalid_labels=d.invalid_labels) for t in tasks]
     stages = []
     for t in tasks:
         data = d.model_copy(update={"stream": None, "eval": evals, "train": [
-            SourceConfig(source=str(t.folder), instruction=t.instruction, limit=d.stream_train_limit)]})
+            SourceConfig(source=str(t.folder), instruction=t.instruction, limit=d.stream_train_limit,
+                         invalid_labels=d.invalid_labels)]})
         stages.append(StageConfig(name=t.name, data=data))
     return stages
 
@@ -279,9 +360,24 @@ def load_recipe(recipe: str | Path | dict, overrides: dict[str, Any] | None = No
     if smoke:
         raw["smoke"] = True
     try:
-        return RecipeConfig(**raw)
+        cfg = RecipeConfig(**raw)
     except ValidationError as e:
         raise UserError(f"{where}: {_first_error(e)}") from None
+    _check_curriculum_steps(cfg, where)
+    if cfg.stage != "all" and not cfg.data.stream:  # an unknown stage name is bad input: say so before any work
+        cfg._pick([st.name for st in cfg.stages] or ["main"])
+    return cfg
+
+
+def _check_curriculum_steps(cfg: RecipeConfig, where: str) -> None:
+    """A curriculum (explicit `stages`) whose stages cover zero optimizer steps in all trains nothing: bad input."""
+    if not cfg.stages or cfg.data.stream or getattr(cfg, "experts", None) is not None:
+        return
+    steps = {st.name: st.train.get("steps", cfg.train.steps) for st in cfg.stages}
+    if all(type(n) is int for n in steps.values()) and sum(max(n, 0) for n in steps.values()) == 0:
+        per_stage = ", ".join(f"{name}: {n}" for name, n in steps.items())
+        raise UserError(f"{where}: the curriculum's stages cover zero training steps ({per_stage}); "
+                        f"set train.steps (or a stage's train.steps) to at least 1")
 
 
 def recipe_to_yaml(cfg: RecipeConfig) -> str:

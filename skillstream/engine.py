@@ -64,7 +64,10 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
         for p in plugins:
             lr *= p.lr_scale(ctx)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group_lr = lr
+            for p in plugins:
+                group_lr = p.group_lr(ctx, group, group_lr)
+            group["lr"] = group_lr
         loss_sum, extra_metrics, step_tokens = 0.0, {}, 0
         for micro in range(cfg.grad_accum):
             indices, state.position = next(batches)

@@ -3,7 +3,8 @@
 A plugin never reaches into the engine: each hook gets a `StepContext` with what it may read,
 `loss_term` returns a tensor that the engine adds to the loss (EWC, distillation...), and
 `after_step` returns extra metrics to log, `transform_items` may swap items of a micro-batch
-(replay), `lr_scale` multiplies the scheduled learning rate, and setting `ctx.stop` ends the stage
+(replay), `lr_scale` multiplies the scheduled learning rate, `group_lr` sets one parameter group's rate
+(per-expert seeding/consolidation), and setting `ctx.stop` ends the stage
 (early stopping). `state_dict`/`load_state_dict` (JSON values and tensors) ride in every
 checkpoint so a resumed run restores plugin state too.
 """
@@ -33,6 +34,7 @@ class Plugin:
     def before_stage(self, ctx: StepContext) -> None: ...
     def transform_items(self, ctx: StepContext, items: list) -> list: return items  # e.g. mix in replay
     def lr_scale(self, ctx: StepContext) -> float: return 1.0                       # e.g. neuromodulation
+    def group_lr(self, ctx: StepContext, group: dict, lr: float) -> float: return lr  # e.g. per-expert rates
     def loss_term(self, ctx: StepContext, batch: dict, outputs: Any) -> torch.Tensor | None: return None
     def after_step(self, ctx: StepContext, metrics: dict) -> dict | None: return None
     def after_stage(self, ctx: StepContext) -> None: ...

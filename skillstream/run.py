@@ -114,7 +114,8 @@ def _plan(cfg, data_cfg, train_cfg, objective, renderer, root: Path | None = Non
     """(batch plan, truncated examples, examples) of a stage's training sources."""
     srcs = [src.model_copy(update={"source": str(root / src.source), "build": None}) if src.build and root else src
             for src in data_cfg.train]
-    sources = [[objective.tokenize(ex, renderer) for ex in load_examples(src)] for src in srcs]
+    examples = [load_examples(src) for src in srcs]
+    sources = [[objective.tokenize(ex, renderer) for ex in exs] for exs in examples]
     truncated = sum(t.truncated for src in sources for t in src)
     sources, validation = _hold_out(sources, data_cfg.validation_fraction, cfg.seed)
     from accelerate import PartialState
@@ -125,6 +126,7 @@ def _plan(cfg, data_cfg, train_cfg, objective, renderer, root: Path | None = Non
                      length_grouped=train_cfg.batching == "length_grouped") if sources else None
     if plan is not None:
         plan.validation = validation  # early stopping reads it; never trained on
+        plan.validation_examples = _hold_out(examples, data_cfg.validation_fraction, cfg.seed)[1]  # the same, as examples
     return plan, truncated, sum(len(s) for s in sources)
 
 
@@ -177,6 +179,8 @@ def _begin_stage(objective, model) -> None:
 def expert_names(cfg: RecipeConfig) -> list[str]:
     if cfg.lora is None:
         return []
+    if cfg.experts is not None:  # a skill stream starts with its first expert; the rest are made as skills appear
+        return [f"{cfg.experts.prefix}0"]
     return [st.name for st in cfg.resolved_stages()] if cfg.lora.per_stage else [DEFAULT_EXPERT]
 
 
@@ -261,6 +265,8 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
     check_run_dir(run_dir, resume, overrides)
     if resume:
         cfg = load_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    from .init_from import check_init_from, copy_inherited_files, load_init_from
+    cfg = check_init_from(cfg)  # a run to start from (stage: dpo after an sft run): same model, same LoRA
 
     from .models.backbone import load_backbone
     set_seed(cfg.seed)
@@ -272,6 +278,9 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
     context = {"tokenizer": tok, "renderer": renderer, "recipe": cfg}
     stages, eval_tasks = prepare_stages(cfg, renderer, context)
     plugins = [build(p, PLUGINS, "plugin", **context) for p in cfg.plugins] + list(plugins or [])
+    if cfg.experts is not None:
+        from .experts.stream_run import check_stream_recipe
+        check_stream_recipe(cfg, stages, eval_tasks, dist.num_processes)
 
     # Input is valid: from here on we write the run directory (the main process; every process has
     # checked it above before any of them writes).
@@ -282,9 +291,11 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
         ckpt.clean_temporaries(ckpt_dir)
         if not resume:
             _write_atomic(run_dir / "config.yaml", recipe_to_yaml(cfg))
+        copy_inherited_files(cfg, run_dir)  # init_from's files built by stages this run skips (pairs.jsonl)
 
     if cfg.lora is not None:
         model = attach_lora(model, cfg)
+    model = load_init_from(model, cfg)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     use_bf16 = bf16_enabled(cfg.train.bf16, device_type)
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", log_with=cfg.report_to or None,
@@ -312,6 +323,12 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
                 for k, v in _flatten(cfg.model_dump(mode="json")).items()}
         accelerator.init_trackers("tb", config=flat)
+
+    if cfg.experts is not None:  # DyLoRA-MoE: the stages are skills of one unlabelled stream
+        from .experts.stream_run import run_skill_stream
+        final = run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator,
+                                 resume, plugins, show_progress, log)
+        return Run(run_dir, cfg, final)
 
     results = {"initial": None, "rows": [], "details": [], "stages": []}
     start_stage, stage_state, seq, begun = 0, None, 0, set()
@@ -381,6 +398,8 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
             accelerator.wait_for_everyone()
 
         if st.plan is not None and state.step < st.train_cfg.steps:
+            if state.step == 0:
+                _score_heldout(results, st, "before", model, tok, renderer, cfg)
             state = train_stage(accelerator=accelerator, model=train_model, optimizer=optimizer, objective=st.objective,
                                 plan=st.plan, cfg=st.train_cfg, stage=st.name, stage_index=si, state=state,
                                 plugins=plugins, log=log, pad_id=tok.pad_token_id, checkpoint=save,
@@ -390,16 +409,34 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
         row = evaluate_all(model, tok, renderer, eval_tasks, cfg)
         results["details"].append(row)
         results["rows"].append([r["score"] for r in row])
+        heldout = _score_heldout(results, st, "after", model, tok, renderer, cfg)
         results["stages"].append({"name": st.name, "steps": state.step, "seconds": state.seconds,
                                   "tokens": state.tokens, "tokens_per_s": state.tokens / max(state.seconds, 1e-9),
                                   "examples": st.n_examples, "truncated": st.truncated,
                                   "stopped_early": state.stopped_early,
-                                  **({"built": st.built} if st.built else {})})
+                                  **({"built": st.built} if st.built else {}),
+                                  **({"heldout": heldout} if heldout else {})})
         save(state, done=True)
 
     final = _finish(cfg, run_dir, model, eval_tasks, results) if main else {}
     accelerator.wait_for_everyone()
     return Run(run_dir, cfg, final)
+
+
+def _score_heldout(results: dict, st: PreparedStage, when: str, model, tok, renderer, cfg) -> dict | None:
+    """Preference pairs a training stage holds out (data.validation_fraction), scored by the
+    `preference` metric before and after it trains; kept in `results` (so in checkpoints: a resumed
+    stage keeps its 'before'). Returns the stage's {'before': ..., 'after': ...} or None."""
+    examples = [e for e in getattr(st.plan, "validation_examples", None) or [] if e.kind == "preference"]
+    if not examples or (when == "after" and st.name not in results.get("heldout", {})):
+        return None
+    scores = results.setdefault("heldout", {}).setdefault(st.name, {})
+    if when not in scores:
+        scores[when] = evaluate_examples(model, tok, renderer, examples, "preference", cfg.data.eval_batch_size)
+    if when == "after":
+        print(f"stage {st.name!r}: held-out pairs (n={len(examples)}): preference accuracy "
+              f"{scores['before']['score']:.3f} before, {scores['after']['score']:.3f} after", flush=True)
+    return scores
 
 
 def _check_sharding(accelerator, train_cfg) -> None:

@@ -17,8 +17,10 @@ from .run import DEFAULT_EXPERT, EXPERTS, FULL_MODEL, _write_atomic, evaluate_al
 class TrainedModel:
     """Backbone + the run's LoRA expert(s). `generate(prompt)` and `evaluate()` use the recipe's format."""
 
-    def __init__(self, run_dir: Path, cfg, model, tokenizer):
+    def __init__(self, run_dir: Path, cfg, model, tokenizer, router=None, expert: str | None = None):
         self.run_dir, self.config, self.model, self.tokenizer = run_dir, cfg, model, tokenizer
+        # a skill-stream run: the router picks experts per input unless `expert` names one
+        self.router, self.expert, self.last_routing = router, expert, None
         self.renderer = Renderer(tokenizer, cfg.data.max_length, cfg.data.system_prompt)
         first = (cfg.resolved_stages()[0].data.train or [None])[0]
         builtin = BUILTINS.get(first.source) if first else None
@@ -28,21 +30,48 @@ class TrainedModel:
         from .evaluation.runner import generate
         ex = Example("prompt_completion", prompt=prompt, instruction=self.instruction)
         gen = self.config.generation
-        return generate(self.model, self.tokenizer, [self.renderer.prompt_text(ex)],
-                        max_new_tokens or gen.max_new_tokens, temperature=gen.temperature if temperature is None
-                        else temperature, top_p=gen.top_p)[0]
+        with self._routing() as routing:
+            out = generate(self.model, self.tokenizer, [self.renderer.prompt_text(ex)],
+                           max_new_tokens or gen.max_new_tokens, temperature=gen.temperature if temperature is None
+                           else temperature, top_p=gen.top_p)[0]
+        self.last_routing = routing
+        return out
+
+    def _routing(self):
+        """Inside: the router's (or the named expert's) mixing; a no-op for single-adapter runs."""
+        from contextlib import nullcontext
+        if self.config.experts is None:
+            return nullcontext()
+        from .experts.routed import routed
+        pool = self.pool
+        e = self.config.experts.router
+        return routed(self.model, self.router, pool.names, pool.maturities(pool.names), threshold=e.maturity_threshold,
+                      top_k=e.top_k, expert=self.expert)
 
     def evaluate(self, write: bool = True) -> dict:
         """Scores on the recipe's evaluation tasks; written to RUN_DIR/eval.json."""
         tasks = prepare_eval_tasks(self.config, self.config.resolved_stages()[0].data)
-        rows = evaluate_all(self.model, self.tokenizer, self.renderer, tasks, self.config)
+        if self.config.experts is not None:
+            from collections import Counter
+            from .evaluation.runner import evaluate_examples
+            rows = []
+            for t in tasks:
+                with self._routing() as routing:
+                    row = evaluate_examples(self.model, self.tokenizer, self.renderer, t.examples, t.metric,
+                                            self.config.data.eval_batch_size, t.max_new_tokens)
+                top = Counter(routing.top())
+                rows.append({**row, "routed_to": {n: c / len(routing.choices) for n, c in top.items()}})
+        else:
+            rows = evaluate_all(self.model, self.tokenizer, self.renderer, tasks, self.config)
         out = {"tasks": {t.name: r for t, r in zip(tasks, rows)}}
         if write:
             _write_atomic(self.run_dir / "eval.json", json.dumps(out, indent=1))
         return out
 
 
-def load(run_dir: str | Path, expert: str = DEFAULT_EXPERT) -> TrainedModel:
+def load(run_dir: str | Path, expert: str | None = None) -> TrainedModel:
+    """The run's model. Skill-stream runs route each input with the trained router unless `expert` names
+    one; other runs answer with `expert` (default: their only adapter)."""
     from peft import PeftModel
 
     from .models.backbone import load_backbone
@@ -61,6 +90,9 @@ def load(run_dir: str | Path, expert: str = DEFAULT_EXPERT) -> TrainedModel:
         load_model(model, str(weights))
         model.eval()
         return TrainedModel(run_dir, cfg, model, tok)
+    if cfg.experts is not None:
+        return _load_pool(run_dir, cfg, expert)
+    expert = expert or DEFAULT_EXPERT
     adapter = run_dir / EXPERTS / expert
     if not (adapter / "adapter_config.json").is_file():
         have = sorted(p.name for p in (run_dir / EXPERTS).iterdir()) if (run_dir / EXPERTS).is_dir() else []
@@ -70,3 +102,24 @@ def load(run_dir: str | Path, expert: str = DEFAULT_EXPERT) -> TrainedModel:
     model = PeftModel.from_pretrained(model, str(adapter), adapter_name=expert)
     model.eval()
     return TrainedModel(run_dir, cfg, model, tok)
+
+
+def _load_pool(run_dir: Path, cfg, expert: str | None) -> TrainedModel:
+    from .experts.pool import POOL_FILE, ExpertPool
+    from .experts.router import Router
+    from .experts.stream_run import ROUTER_DIR
+    from .models.backbone import load_backbone
+
+    if not (run_dir / EXPERTS / POOL_FILE).is_file() or not (run_dir / ROUTER_DIR).is_dir():
+        raise UserError(f"{run_dir}: no {EXPERTS}/{POOL_FILE} or {ROUTER_DIR}/ (has the run finished?)")
+    model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision, args=cfg.model.args,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    pool = ExpertPool.load(run_dir / EXPERTS, model, is_trainable=False)
+    if expert is not None and expert not in pool:
+        raise UserError(f"{run_dir}: no expert {expert!r} (experts: {pool.names})")
+    if expert is not None:
+        pool.activate(expert)  # e.g. export --merge: PEFT merges the active adapter
+    pool.model.eval()
+    trained = TrainedModel(run_dir, cfg, pool.model, tok, Router.load(run_dir / ROUTER_DIR), expert)
+    trained.pool = pool
+    return trained

@@ -59,6 +59,7 @@ class Mix:
     def __init__(self, names: Sequence[str], weights: torch.Tensor | None = None):
         self.names = list(names)
         self.weights = weights
+        self.paused = False  # True: the layers add nothing (e.g. while a router reads the backbone's features)
 
     def check(self, batch: int) -> torch.Tensor:
         w = self.weights
@@ -73,7 +74,7 @@ class Mix:
 
 
 def _add_mix(layer: LoraLinear, args, kwargs, output: torch.Tensor, *, mix: Mix) -> torch.Tensor:
-    if layer.disable_adapters:  # inside PEFT's disable_adapter(): the backbone's view was asked for
+    if layer.disable_adapters or mix.paused:  # the backbone's view was asked for
         return output
     if kwargs.get("adapter_names") is not None:
         raise ValueError("mixing: do not pass adapter_names inside a mixing block")

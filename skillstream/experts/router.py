@@ -57,8 +57,11 @@ def pooled_features(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     mask = batch.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(batch["input_ids"])
+    # positions counted over real tokens, so a left-padded prompt (generation) and a right-padded one
+    # (training) give the same features
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
     with backbone_only(model), eval_mode(model):
-        hidden = _body(model)(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        hidden = _body(model)(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).last_hidden_state
     return masked_mean(hidden.float(), mask)
 
 
@@ -220,8 +223,9 @@ class RouterTrainer:
         self.optimizer = torch.optim.Adam(self.router.parameters(), lr=self.lr)
         return index
 
-    def loss(self, features: torch.Tensor, expert: int) -> torch.Tensor:
-        """Router loss for current chunk features labelled `expert`; the features then enter memory."""
+    def loss(self, features: torch.Tensor, expert: int, remember: bool = True) -> torch.Tensor:
+        """Router loss for current chunk features labelled `expert`; the features then enter memory
+        (remember=False for further updates on the same features: stored once, not once per update)."""
         feats = [features.float()]
         labels = [torch.full((len(features),), expert, dtype=torch.long)]
         if self.feature_alpha > 0 and self.memory.experts():
@@ -242,12 +246,13 @@ class RouterTrainer:
             loss = (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
         else:
             loss = F.cross_entropy(logits, y)
-        self.memory.add(features, expert)
+        if remember:
+            self.memory.add(features, expert)
         return loss
 
-    def step(self, features: torch.Tensor, expert: int) -> float:
+    def step(self, features: torch.Tensor, expert: int, remember: bool = True) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(features, expert)
+        loss = self.loss(features, expert, remember)
         loss.backward()
         self.optimizer.step()
         return loss.item()

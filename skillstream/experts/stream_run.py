@@ -1,0 +1,277 @@
+"""A recipe with `experts:` set: its stages are skills, learned as ONE unlabelled stream of chunks.
+
+The harness knows the skills (to cut the stream, to score the accuracy matrix at the true skill
+boundaries, and to measure routing); the learner does not: for each chunk, `Lifecycle.decide`
+compares the chunk's signal with the expert profiles and the router's entropy, and the chunk
+trains the expert it picks. Novel chunks are held back (not trained) until novelty has lasted
+`novelty.window` chunks, so the first chunks of a new skill train the new expert, not the old one.
+
+Evaluation is task-agnostic (the router picks experts per input, with the hybrid policy); at the
+end every task is also scored with the oracle choice (the expert that trained most of its skill's
+chunks) for comparison. Checkpoints are written after every chunk; a resumed run restarts the
+chunk that was interrupted from that checkpoint's exact state (weights, optimizer, router, its
+memory and Adam state, profiles, novelty streak, RNG).
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..continual.metrics import summarize
+from ..data.batching import BatchPlan
+from ..data.examples import load_examples
+from ..engine import StageState, train_stage
+from ..errors import UserError
+from ..evaluation.runner import evaluate_examples
+from ..monitor.metrics_log import ALERTS, METRICS, rewrite_jsonl
+from ..monitor.progress import Progress
+from .lifecycle import Lifecycle, chunk_steps, expert_groups
+from .routed import routed
+
+DECISIONS = "decisions.jsonl"
+ROUTER_DIR = "router"
+
+
+@dataclass
+class Chunk:
+    index: int
+    skill: int          # the true skill: measurement only, never shown to the learner
+    examples: list
+    items: list
+
+
+def make_chunks(stages, renderer, cfg) -> list[Chunk]:
+    """Each skill's examples in a seeded order, cut into chunks of `experts.chunk_size`, skills in order."""
+    size = min(cfg.experts.chunk_size, 4) if cfg.smoke else cfg.experts.chunk_size
+    chunks = []
+    for si, (st, resolved) in enumerate(zip(stages, cfg.resolved_stages())):
+        examples = [ex for src in resolved.data.train for ex in load_examples(src)]
+        if not examples:
+            raise UserError(f"stage {st.name!r}: the skill has no training examples (an empty chunk of the stream)")
+        order = list(range(len(examples)))
+        random.Random(f"{cfg.seed}:stream:{st.name}").shuffle(order)
+        examples = [examples[i] for i in order]
+        for start in range(0, len(examples), size):
+            part = examples[start:start + size]
+            chunks.append(Chunk(len(chunks), si, part, [st.objective.tokenize(ex, renderer) for ex in part]))
+    return chunks
+
+
+def check_stream_recipe(cfg, stages, eval_tasks, world: int) -> None:
+    """Input checks before the run directory exists."""
+    if world > 1:
+        raise UserError("experts: the skill stream runs in one process (drop --processes / accelerate launch)")
+    if cfg.lora is None:
+        raise UserError("experts: needs lora settings (each expert is a LoRA adapter)")
+    if cfg.lora.per_stage:
+        raise UserError("experts: lora.per_stage and experts are two ways to make experts: choose one")
+    possible = [f"{cfg.experts.prefix}{i}" for i in range(cfg.experts.max_experts)]
+    resolved = cfg.resolved_stages()
+    for t, src in zip(eval_tasks, resolved[0].data.eval):
+        if src.expert is not None and src.expert not in possible:
+            raise UserError(f"data.eval[{src.name}].expert: unknown expert {src.expert!r} "
+                            f"(experts are named {possible[0]} .. {possible[-1]})")
+    for st in resolved:
+        if not st.data.train:
+            raise UserError(f"stage {st.name!r}: data.train is empty (an empty chunk of the stream)")
+
+
+def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str] | None = None) -> list[dict]:
+    rows = []
+    names = life.pool.names
+    for t, src in zip(tasks, cfg.resolved_stages()[0].data.eval):
+        expert = (forced or {}).get(t.name) or src.expert
+        if expert is not None and expert not in names:
+            rows.append({"score": None, "metric": t.metric, "error": f"expert {expert!r} was never created"})
+            continue
+        with routed(life.model, life.router, names, life.maturities(), threshold=cfg.experts.router.maturity_threshold,
+                    top_k=cfg.experts.router.top_k, expert=expert) as routing:
+            row = evaluate_examples(life.model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size,
+                                    t.max_new_tokens)
+        top = Counter(routing.top())
+        row["routed_to"] = {n: top[n] / max(1, sum(top.values())) for n in names if top[n]}
+        if expert is not None:
+            row["expert"] = expert
+        rows.append(row)
+    return rows
+
+
+def _routing_accuracy(life: Lifecycle, tasks, skill_expert: dict[int, str]) -> dict:
+    per_task, hits, total = {}, 0, 0
+    for j, t in enumerate(tasks):
+        if j not in skill_expert:
+            continue
+        with torch.no_grad():
+            probs = life.router.probs(life.prompt_features(t.examples).cpu())
+        chosen = [life.pool.names[i] for i in probs.argmax(-1).tolist()]
+        ok = sum(c == skill_expert[j] for c in chosen)
+        per_task[t.name] = {"accuracy": ok / len(chosen), "expert": skill_expert[j], "n": len(chosen)}
+        hits, total = hits + ok, total + len(chosen)
+    return {"task_agnostic_accuracy": hits / max(total, 1), "per_task": per_task}
+
+
+def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
+                     plugins, show_progress, log) -> dict:
+    main = accelerator.is_main_process
+    ecfg = cfg.experts
+    chunks = make_chunks(stages, renderer, cfg)
+    life = Lifecycle(model, tok, renderer, ecfg, seed=cfg.seed, max_length=cfg.data.max_length)
+    plugins = [life.schedule, *plugins]
+    train_cfg0 = stages[0].train_cfg
+    state = {"chunk": -1, "pending": [], "seq": 0, "results": {"initial": None, "rows": [], "details": []},
+             "assignments": {}, "skill_stats": {}, "global_step": 0}
+    decisions: list[dict] = []
+    optimizer_state = None
+    latest = ckpt.list_checkpoints(ckpt_dir)[-1:] if resume else []
+    if latest:
+        weights, optimizer_state, saved = ckpt.load(latest[0])
+        life.load_state_dict(saved.pop("lifecycle"))
+        params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(weights[n])
+        state = saved
+        decisions = state.pop("decisions")
+        if main:
+            done = state["chunk"]
+            rewrite_jsonl(run_dir / METRICS, lambda r: int(str(r.get("stage", "chunk_-1")).rsplit("_", 1)[-1]) <= done)
+            rewrite_jsonl(run_dir / ALERTS, lambda r: True)
+            rewrite_jsonl(run_dir / DECISIONS, lambda r: r["chunk"] <= done)
+        print(f"resuming {run_dir} after chunk {state['chunk'] + 1} of {len(chunks)}", flush=True)
+    groups = [g for name in life.pool.names for g in expert_groups(life.pool, name, train_cfg0.weight_decay)]
+    optimizer = torch.optim.AdamW(groups, lr=train_cfg0.lr, betas=train_cfg0.betas)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    results = state["results"]
+    if results["initial"] is None:
+        results["initial"] = _eval_row(life, tok, renderer, eval_tasks, cfg)
+
+    last_of_skill = {c.skill: c.index for c in chunks}
+    progress = Progress(len(chunks), "skill stream", state["chunk"] + 1, enabled=show_progress and main)
+    t_stream = time.time()
+    for chunk in chunks[state["chunk"] + 1:]:
+        record, signal, features = life.decide(chunk.examples)
+        record.update(skill=stages[chunk.skill].name, examples=len(chunk.examples))  # logged, not used
+        novel_wait = record["decision"] == "wait" and record["streak"] > 0
+        if novel_wait and chunk.index != len(chunks) - 1:
+            state["pending"].append(chunk.index)  # held back until novelty lasts a window
+            record["trained"] = None
+        else:
+            if life.adopt(record, state["global_step"]):
+                for g in expert_groups(life.pool, record["expert"], train_cfg0.weight_decay):
+                    optimizer.add_param_group({**g, "lr": train_cfg0.lr, "betas": train_cfg0.betas})
+            name = record["expert"]
+            batch = [chunks[i] for i in state["pending"]] + [chunk]
+            state["pending"] = []
+            steps, seconds, tokens = _train_expert(life, name, batch, cfg, stages[0].objective, accelerator, model,
+                                                   optimizer, plugins, log, tok)
+            stats = state["skill_stats"].setdefault(str(chunk.skill), {"steps": 0, "seconds": 0.0, "tokens": 0})
+            stats["steps"], stats["seconds"], stats["tokens"] = (stats["steps"] + steps, stats["seconds"] + seconds,
+                                                                 stats["tokens"] + tokens)
+            router_loss = life.learn_chunk(name, signal, features, steps, state["global_step"])
+            state["global_step"] += steps
+            for c in batch:
+                state["assignments"].setdefault(str(c.skill), []).append(name)
+            record.update(trained=name, chunks_trained=[c.index for c in batch], steps=steps, seconds=round(seconds, 2),
+                          router_loss=router_loss, lr=life.schedule.rate(name))
+        decisions.append(record)
+        if main:
+            with (run_dir / DECISIONS).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if last_of_skill[chunk.skill] == chunk.index:  # the harness scores the matrix at true boundaries
+            row = _eval_row(life, tok, renderer, eval_tasks, cfg)
+            results["details"].append(row)
+            results["rows"].append([r["score"] for r in row])
+        state["chunk"] = chunk.index
+        progress.update(chunk.index + 1, {"loss": life.schedule.last_loss, "lr": record.get("lr") or 0.0,
+                                          "tokens_per_s": life.schedule.tokens_per_s})
+        _save(ckpt_dir, state, decisions, life, model, optimizer, train_cfg0, main)
+    progress.close()
+    return _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, decisions, state,
+                          time.time() - t_stream, main)
+
+
+def _train_expert(life, name, batch, cfg, objective, accelerator, model, optimizer, plugins, log, tok) -> tuple[int, float, int]:
+    """The named expert alone trains (PEFT's own single-adapter path) on the chunks' examples."""
+    life.pool.set_trainable([name])
+    life.model.set_adapter(name)
+    life.schedule.current = name
+    items = [it for c in batch for it in c.items]
+    st_cfg = life_stage_cfg(cfg, len(items))
+    plan = BatchPlan([items], [1.0], st_cfg.batch_size, cfg.seed + batch[-1].index,
+                     length_grouped=st_cfg.batching == "length_grouped")
+    state = train_stage(accelerator=accelerator, model=model, optimizer=optimizer, objective=objective, plan=plan,
+                        cfg=st_cfg, stage=f"chunk_{batch[-1].index:04d}", stage_index=batch[-1].index,
+                        state=StageState(), plugins=plugins, log=log, pad_id=tok.pad_token_id,
+                        checkpoint=lambda s: None, show_progress=False)
+    return state.step, state.seconds, state.tokens
+
+
+def life_stage_cfg(cfg, n_items: int):
+    t = cfg.resolved_stages()[0].train
+    steps = chunk_steps(n_items, cfg.experts.chunk_epochs, t.batch_size * t.grad_accum)
+    return t.model_copy(update={"steps": steps, "schedule": "constant", "warmup_steps": 0,
+                                "log_every": min(t.log_every, steps), "checkpoint_every": 10 ** 9})
+
+
+def _save(ckpt_dir, state, decisions, life, model, optimizer, train_cfg, main) -> None:
+    if not main:
+        return
+    state["seq"] += 1
+    weights = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    ckpt.save(ckpt_dir, f"{state['seq']:06d}", weights, optimizer.state_dict(),
+              {**state, "decisions": decisions, "lifecycle": life.state_dict(), "processes": 1,
+               "kind": "skill_stream"}, keep=train_cfg.keep_checkpoints)
+
+
+def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, decisions, state, seconds, main) -> dict:
+    from ..run import EXPERTS, _write_atomic
+
+    results = state["results"]
+    # the expert trained on each skill: the one that trained most of its chunks (ties: the first)
+    skill_expert = {int(s): Counter(names).most_common(1)[0][0] for s, names in state["assignments"].items()}
+    task_skill = {j: j for j in range(len(eval_tasks))} if len(eval_tasks) == len(stages) else {}
+    oracle = {eval_tasks[j].name: skill_expert[s] for j, s in task_skill.items() if s in skill_expert}
+    oracle_row = _eval_row(life, tok, renderer, eval_tasks, cfg, forced=oracle) if oracle else []
+    names = [t.name for t in eval_tasks]
+    final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},
+                      [r["score"] for r in results["initial"]], results["rows"])
+    routing = _routing_accuracy(life, eval_tasks, {j: skill_expert[s] for j, s in task_skill.items() if s in skill_expert})
+    routing["policy"] = {"maturity_threshold": cfg.experts.router.maturity_threshold, "top_k": cfg.experts.router.top_k,
+                         "maturity": dict(zip(life.pool.names, [round(float(m), 4) for m in life.maturities()]))}
+    boundaries = [c.index for c in chunks if c.index and chunks[c.index - 1].skill != c.skill]
+    created = [d["chunk"] for d in decisions if d["decision"] == "create"]
+    oracle_scores = [r["score"] for r in oracle_row]
+    final.update({
+        "routing": routing,
+        "oracle": {"experts": oracle, "scores": oracle_scores,
+                   "avg_acc": sum(oracle_scores) / len(oracle_scores) if oracle_scores and None not in oracle_scores else None,
+                   "details": oracle_row},
+        "experts": life.pool.names, "experts_created": len(life.pool), "skills": len(stages),
+        "skill_expert": {stages[int(s)].name: e for s, e in skill_expert.items()},
+        "novelty": {"true_boundaries": boundaries, "created_at": created[1:], "first_expert_at": created[:1],
+                    "chunks": len(chunks), "decisions": dict(Counter(d["decision"] for d in decisions)),
+                    "thresholds": {"similarity": cfg.experts.novelty.similarity_threshold,
+                                   "entropy": cfg.experts.novelty.entropy_threshold, "window": cfg.experts.novelty.window}},
+        "initial_details": results["initial"], "details": results["details"],
+        "stages": [{"name": st.name, "chunks": sum(c.skill == i for c in chunks),
+                    "examples": sum(len(c.examples) for c in chunks if c.skill == i),
+                    "truncated": sum(it.truncated for c in chunks if c.skill == i for it in c.items),
+                    **{k: 0 for k in ("steps", "seconds", "tokens")}, **state["skill_stats"].get(str(i), {})}
+                   for i, st in enumerate(stages)],
+        "truncated": sum(it.truncated for c in chunks for it in c.items),
+        "seconds": sum(v["seconds"] for v in state["skill_stats"].values()),  # training only
+        "wall_seconds": seconds, "steps": state["global_step"]})
+    if main:
+        life.pool.save(run_dir / EXPERTS)
+        life.router.save(run_dir / ROUTER_DIR)
+        from .signals import save_profiles
+        save_profiles(run_dir / ROUTER_DIR, life.profiles)
+        _write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
+    return final
