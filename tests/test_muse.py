@@ -1,5 +1,6 @@
 """The muse recipe end to end on the tiny model: SFT on BFCL conversations, verifier-built pairs
-made from the SFT model when the DPO stage begins, DPO, tool-call evaluation, full run directory."""
+made from the SFT model (stage pairs), DPO with held-out pairs scored by the preference metric,
+tool-call evaluation, full run directory; one stage at a time (`stage`, `init_from`)."""
 import json
 import math
 
@@ -9,6 +10,7 @@ import yaml
 from conftest import run_cli
 from skillstream.config import SourceConfig, load_recipe
 from skillstream.data.examples import load_examples
+from skillstream.plugins import Plugin
 
 
 OVERRIDES = {"model": "tiny", "data.eval.0.limit": 3, "data.eval.0.max_new_tokens": 8}
@@ -31,7 +33,8 @@ def test_muse_smoke_writes_a_complete_run(smoke_run, tmp_path):
     assert list((run / "checkpoints").iterdir())
 
     cfg = load_recipe(yaml.safe_load((run / "config.yaml").read_text()))
-    assert [s.name for s in cfg.stages] == ["sft", "dpo"] and cfg.stages[1].objective.name == "dpo"
+    assert [s.name for s in cfg.stages] == ["sft", "pairs", "dpo"] and cfg.stages[2].objective.name == "dpo"
+    assert cfg.stage == "all" and cfg.init_from is None
 
     # pairs: conversational prompt/chosen/rejected with tools, built from the SFT model's samples
     pairs = load_examples(SourceConfig(source=str(run / "pairs.jsonl")))
@@ -42,7 +45,7 @@ def test_muse_smoke_writes_a_complete_run(smoke_run, tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     sft = [m for m in metrics if m["stage"] == "sft"]
     dpo = [m for m in metrics if m["stage"] == "dpo"]
-    assert len(sft) == 3 and len(dpo) == 3
+    assert len(sft) == 3 and len(dpo) == 3 and len(sft) + len(dpo) == len(metrics)  # stage pairs trains nothing
     for m in dpo:
         assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(m)
@@ -52,12 +55,24 @@ def test_muse_smoke_writes_a_complete_run(smoke_run, tmp_path):
 
     results = json.loads((run / "results.json").read_text())
     assert results["tasks"] == ["bfcl"] and results["metric"] == {"bfcl": "ast_accuracy"}
-    assert len(results["matrix"]) == 2
+    assert len(results["matrix"]) == 3 and [s["name"] for s in results["stages"]] == ["sft", "pairs", "dpo"]
     built = results["stages"][1]["built"]["pairs.jsonl"]
     assert built["prompts"] == 4 and built["pairs"] == len(rows) and built["samples"] == 8
     for details in [results["initial_details"][0]] + [row[0] for row in results["details"]]:
         assert {"format_validity", "tool_selection", "argument_accuracy", "ci95", "n"} <= set(details)
         assert details["n"] == 3
+
+    # held-out pairs (data.validation_fraction of the dpo stage): never trained on, scored by the
+    # preference metric when the stage begins (the SFT policy) and after it
+    dpo_stage = results["stages"][2]
+    heldout = dpo_stage["heldout"]
+    n = heldout["after"]["n"]
+    assert n >= 1 and dpo_stage["examples"] + n == len(rows)
+    for when in ("before", "after"):
+        h = heldout[when]
+        assert h["metric"] == "preference_accuracy" and h["n"] == n and 0 <= h["score"] <= 1
+        assert h["score"] == h["preference_accuracy"] and len(h["ci95"]["preference_accuracy"]) == 2
+    assert "heldout" not in results["stages"][0] and "heldout" not in results["stages"][1]
 
     ev = run_cli("eval", str(run), cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-2000:]
@@ -68,17 +83,9 @@ class _Interrupt(Exception):
     pass
 
 
-class _StopAtDPOStep3:
+class _StopAtDPOStep3(Plugin):
     """Dies during DPO step 3, after the checkpoint of step 2 (what a SIGKILL there leaves behind)."""
     name = "stop"
-
-    def before_stage(self, ctx): ...
-    def transform_items(self, ctx, items): return items
-    def lr_scale(self, ctx): return 1.0
-    def loss_term(self, ctx, batch, outputs): return None
-    def after_stage(self, ctx): ...
-    def state_dict(self): return {}
-    def load_state_dict(self, state): ...
 
     def after_step(self, ctx, metrics):
         if ctx.stage == "dpo" and ctx.step == 3:
@@ -106,3 +113,72 @@ def test_resume_mid_dpo_keeps_the_pairs_and_the_sft_reference(smoke_run, tmp_pat
     rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"], r["loss"]) for r in rows(broken)] == \
         [(r["stage"], r["step"], r["loss"]) for r in rows(full)]
+
+
+def test_one_stage_at_a_time_hands_over_adapter_and_pairs(smoke_run, tmp_path, capsys):
+    """sft -> pairs (init_from the sft run) -> dpo (init_from the pairs run): the same SFT adapter
+    and pairs as the run of all stages; dpo from an sft run builds its pairs itself."""
+    import torch
+    from safetensors.torch import load_file
+
+    import skillstream
+
+    def stage(name, out, init=None):
+        over = {**OVERRIDES, "report_to": [], "stage": name, **({"init_from": str(init)} if init else {})}
+        return skillstream.train("muse", out=tmp_path / out, smoke=True, overrides=over, show_progress=False)
+
+    sft = stage("sft", "sft")
+    assert [s["name"] for s in sft.results["stages"]] == ["sft"] and not (sft.run_dir / "pairs.jsonl").exists()
+    pairs = stage("pairs", "pairs", sft.run_dir)
+    dpo = stage("dpo", "dpo", pairs.run_dir)
+    out = capsys.readouterr().out
+    assert f"copied {pairs.run_dir / 'pairs.jsonl'}" in out
+
+    adapter = lambda run: load_file(str(run / "experts/default/adapter_model.safetensors"))
+    a, b = adapter(sft.run_dir), adapter(pairs.run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # loaded, not retrained
+    # the SFT stage alone trains as it does in the full run, so it samples the same pairs
+    assert (pairs.run_dir / "pairs.jsonl").read_text() == (smoke_run / "pairs.jsonl").read_text()
+    assert (dpo.run_dir / "pairs.jsonl").read_text() == (smoke_run / "pairs.jsonl").read_text()
+    assert pairs.results["stages"][0]["built"]["pairs.jsonl"]["pairs"] == len(
+        (pairs.run_dir / "pairs.jsonl").read_text().splitlines())
+
+    # dpo starts from the SFT adapter: it is the reference (a frozen copy), the first loss is log 2
+    assert dpo.config.init_from == str(pairs.run_dir.resolve())
+    state = json.loads(sorted((dpo.run_dir / "checkpoints").glob("ckpt-*/state.json"))[-1].read_text())
+    assert state["objective"] == {"reference": "adapter"}
+    losses = [json.loads(line)["loss"] for line in (dpo.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and abs(losses[0] - math.log(2)) < 0.05
+    r = dpo.results
+    assert r["tasks"] == ["bfcl"] and len(r["matrix"]) == 1 and r["initial_details"][0]["n"] == 3  # the full run's suite
+    assert {"before", "after"} <= set(r["stages"][0]["heldout"])
+
+    # no pairs in the run it starts from: the dpo stage builds them from the SFT adapter it loaded
+    dpo2 = stage("dpo", "dpo2", sft.run_dir)
+    assert dpo2.results["stages"][0]["built"]["pairs.jsonl"]["pairs"] >= 1
+    assert (dpo2.run_dir / "pairs.jsonl").read_text() == (smoke_run / "pairs.jsonl").read_text()
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["stage=rl"], "error: stage 'rl': recipe 'muse' has no such stage (stages: sft, pairs, dpo; or all)"),
+    (["stage=dpo", "init_from=nowhere"], "error: init_from nowhere: not a run directory (no config.yaml)"),
+])
+def test_bad_stage_or_init_from_is_one_line_and_status_2(tmp_path, sets, message):
+    args = [a for kv in ["model=tiny", *sets] for a in ("--set", kv)]
+    r = run_cli("train", "muse", "--smoke", *args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == message and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_must_match_model_and_lora(smoke_run, tmp_path):
+    from skillstream.errors import UserError
+
+    import skillstream
+
+    with pytest.raises(UserError, match=r"init_from .*: trained with lora.r 16, this recipe has 8"):
+        skillstream.train("muse", out=tmp_path / "r", smoke=True,
+                          overrides={**OVERRIDES, "lora.r": 8, "stage": "dpo", "init_from": str(smoke_run)})
+    with pytest.raises(UserError, match=r"trained with model.name 'tiny', this recipe has 'smollm2-135m'"):
+        skillstream.train("muse", out=tmp_path / "r", smoke=True,
+                          overrides={"stage": "dpo", "init_from": str(smoke_run)})
+    assert not (tmp_path / "r").exists()
