@@ -123,7 +123,9 @@ class Lifecycle:
         for i in range(0, len(examples), 8):
             items = []
             for ex in examples[i:i + 8]:
-                ids = self.tok(self.renderer.prompt_text(ex), add_special_tokens=True)["input_ids"]
+                # plain text has no prompt: a served request is the text itself
+                text = ex.text if ex.kind == "text" else self.renderer.prompt_text(ex)
+                ids = self.tok(text, add_special_tokens=True)["input_ids"]
                 ids = ids[-self.signal_cfg.max_length:]  # keep the end: the request sits after the tool schemas
                 items.append(Tokenized(ids, list(ids), False))
             batch = collate(items, pad)
@@ -138,7 +140,8 @@ class Lifecycle:
         features = self.prompt_features(examples)
         sims = {n: similarity(signal, p, self.weights) for n, p in self.profiles.items()}
         best = max(sims, key=sims.get) if sims else None
-        entropy = float(self.router.entropy(features).mean()) if self.router.n_experts >= 2 else None
+        with torch.no_grad():
+            entropy = float(self.router.entropy(features).mean()) if self.router.n_experts >= 2 else None
         record = self.novelty.observe(entropy, sims[best] if best else None, best)
         if record["decision"] == "create" and self.novelty.created > self.cfg.max_experts:
             self.novelty.created -= 1  # the pool is full: the closest expert takes the skill
