@@ -11,6 +11,11 @@ same stream, seed, sizes and step budget:
   mtl              one LoRA trained jointly on the union of all tasks (the upper bound), same total steps
 The main protocol is generative exact match (the answer must be the label); option scoring is
 reported beside it. Nothing here is tuned per task: sizes are per-stream settings.
+
+Rows of a task folder whose label is not in its labels.json (the shared MNLI test split has 20 rows
+labelled '-', MNLI's "no gold label") are skipped with `data.invalid_labels=skip` (`--invalid-labels`,
+default skip here; the library's default is error): each run prints one warning per file (passed on
+here) and the recorded text names the skipped rows per file.
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ def run_method(method: str, args, out: Path) -> dict:
     train_limit, test_limit, steps = SIZES["quick" if args.quick else "full"]
     steps = args.steps or steps
     overrides = {"model": args.model, "report_to": [], "seed": args.seed, "data.stream": str(args.stream),
+                 "data.invalid_labels": args.invalid_labels,
                  "data.stream_train_limit": train_limit, "data.stream_test_limit": test_limit, "train.steps": steps,
                  **METHODS[method]}
     if method == "mtl":
@@ -66,10 +72,25 @@ def run_method(method: str, args, out: Path) -> dict:
                           capture_output=True, text=True, env={**os.environ, "CI": "true"})
     if proc.returncode:
         raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
+    for line in proc.stderr.splitlines():  # skipped rows: one warning per file, passed on
+        if line.startswith("warning:") and "data.invalid_labels=skip" in line:
+            print(f"  {method}: {line}", file=sys.stderr, flush=True)
     results = json.loads((out / method / "results.json").read_text())
     steps_done = sum(s["steps"] for s in results["stages"])
     return {"results": results, "wall_s": time.time() - t0, "train_s": results["seconds"],
             "s_per_step": results["seconds"] / max(steps_done, 1)}
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
 
 
 def fmt(v) -> str:
@@ -89,6 +110,32 @@ def table(rows: dict, protocol: str | None) -> str:
     return "\n".join(lines)
 
 
+def skipped_note(stream: Path, invalid_labels: str) -> str:
+    """One line naming the rows every method skipped (the same files and rows for all of them)."""
+    if invalid_labels != "skip":
+        return ""
+    from skillstream.config import load_recipe
+    from skillstream.data.examples import skipped_rows
+
+    cfg = load_recipe("adaptive_learner", overrides={"data.stream": str(stream), "data.invalid_labels": "skip"})
+    skipped = skipped_rows(cfg)
+    if not skipped:
+        return ""
+    parts = [f"{Path(f).parent.name}/{Path(f).name}: {v['skipped']} of {v['rows']} (labels {v['labels']})"
+             for f, v in skipped.items()]
+    return f"Rows skipped (label not in labels.json, `data.invalid_labels=skip`): {'; '.join(parts)}.\n\n"
+
+
+def overhead_note(rows: dict) -> str:
+    if "seq_lora" not in rows or "ewc_replay" not in rows:
+        return ""
+    base, ewc = rows["seq_lora"], rows["ewc_replay"]
+    per_step = ewc["s_per_step"] / base["s_per_step"] - 1
+    return (f"EWC+replay time overhead vs seq_lora (same run): {per_step:+.1%} per step "
+            f"({ewc['s_per_step']:.2f} vs {base['s_per_step']:.2f} s/step; goal <= +15%), "
+            f"{ewc['train_s'] / base['train_s'] - 1:+.1%} in total train time.\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stream", type=Path, default=ROOT.parent / "shared" / "data" / "glue_stream")
@@ -99,6 +146,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    ap.add_argument("--invalid-labels", choices=["error", "skip"], default="skip",
+                    help="rows whose label is not in labels.json: skip them, counted and reported (default), or stop")
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -116,9 +165,10 @@ def main() -> None:
     size = "quick" if args.quick else "full"
     cmd = "python bench/cl_stream.py " + " ".join(sys.argv[1:])
     text = (f"## {date.today()} cl_stream ({size}, {args.model}, seed {args.seed})\n\n`{cmd}` on "
-            f"{platform.processor() or platform.machine()}, stream {args.stream.name}, run dirs in {out}\n\n"
+            f"{machine()}, stream {args.stream.name}, run dirs in {out}\n\n"
+            f"{skipped_note(args.stream, args.invalid_labels)}"
             f"Generative exact match (main protocol):\n\n{table(rows, None)}\n\n"
-            f"Option scoring:\n\n{table(rows, 'accuracy')}\n")
+            f"Option scoring:\n\n{table(rows, 'accuracy')}\n\n{overhead_note(rows)}")
     print(text)
     if args.record:
         with (ROOT / "bench" / "RESULTS.md").open("a") as f:

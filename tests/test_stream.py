@@ -9,6 +9,8 @@ import pytest
 
 import skillstream
 from conftest import SHARED_DATA, run_cli, write_task_folder
+from skillstream.config import SourceConfig, load_recipe
+from skillstream.data.examples import load_examples, skipped_rows
 from skillstream.data.stream import read_stream
 from skillstream.errors import UserError
 
@@ -93,3 +95,55 @@ def test_one_expert_per_task_with_the_oracle_never_forgets(tmp_path):
         assert (run.run_dir / "experts" / name / "adapter_model.safetensors").exists()
     a = skillstream.load(run.run_dir, expert="a_topic")
     assert a.model.active_adapter == "a_topic"
+
+
+# -- rows whose label is not among the options (MNLI's '-' rows): error by default, skip on request --
+
+def _stream_with_unlabelled_rows(tmp_path: Path) -> tuple[Path, Path]:
+    """The small stream, with two rows of a_topic/test.json labelled '-' (items 1 and 3)."""
+    root = _stream(tmp_path)
+    test = root / "a_topic" / "test.json"
+    rows = json.loads(test.read_text())
+    rows[1]["label"] = rows[3]["label"] = "-"
+    test.write_text(json.dumps(rows))
+    return root, test
+
+
+def test_an_invalid_label_stops_the_run_by_default_and_names_the_way_out(tmp_path):
+    root, test = _stream_with_unlabelled_rows(tmp_path)
+    res = run_cli("train", "quickstart", "--out", str(tmp_path / "run"), "--set", "model=tiny", "--set", "report_to=[]",
+                  "--smoke", "--set", f"data.stream={root}", cwd=tmp_path)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"{test} item 1: label '-' is not one of the options ['Sports', 'Finance'] in labels.json" in lines[0]
+    assert "data.invalid_labels=skip" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_invalid_labels_skip_drops_counts_and_reports_the_rows(tmp_path, capsys):
+    root, test = _stream_with_unlabelled_rows(tmp_path)
+    src = SourceConfig(source=str(test.parent), split="test", invalid_labels="skip")
+    examples = load_examples(src)
+    assert [e.where.rsplit(" ", 1)[1] for e in examples] == ["0", "2"]  # items 1 and 3 skipped, the others kept
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith(f"warning: {test}: skipped 2 of 4 rows")
+    assert "item 1, item 3" in warning[0] and "data.invalid_labels=skip" in warning[0]
+    cfg = load_recipe("quickstart", overrides={"model": "tiny", "data.stream": str(root), "data.invalid_labels": "skip"})
+    assert skipped_rows(cfg) == {str(test): {"file": str(test), "skipped": 2, "rows": 4,
+                                             "items": ["item 1", "item 3"], "labels": ["-"]}}
+    # the data-level key reaches every source, including those written out in data.train / data.eval
+    cfg = load_recipe("quickstart", overrides={"data.invalid_labels": "skip", "data.train.0.source": str(test.parent)})
+    assert all(s.invalid_labels == "skip" for s in [*cfg.data.train, *cfg.data.eval])
+    assert load_recipe("quickstart").data.train[0].invalid_labels == "error"
+    with pytest.raises(UserError, match="invalid_labels"):
+        load_recipe("quickstart", overrides={"data.invalid_labels": "drop"})
+
+
+def test_a_stream_runs_with_invalid_labels_skip_and_warns_once_per_file(tmp_path):
+    root, test = _stream_with_unlabelled_rows(tmp_path)
+    res = run_cli("train", "quickstart", "--out", str(tmp_path / "run"), "--set", "model=tiny", "--set", "report_to=[]",
+                  "--smoke", "--set", f"data.stream={root}", "--set", "data.invalid_labels=skip", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    warnings = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("warning:") and "skipped" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {test}: skipped 2 of 4 rows"), warnings
+    assert (tmp_path / "run" / "results.json").exists()

@@ -5,6 +5,7 @@ with one line naming it."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,24 @@ def _detect_format(row: Row, columns: dict[str, str]) -> str:
 
 
 def _classification(folder: Path, src: SourceConfig) -> list[Example]:
+    path, rows, options, bad = _classification_rows(folder, src)
+    if bad and src.invalid_labels != "skip":
+        row, label = bad[0]
+        raise UserError(f"{row.where}: label {label!r} is not one of the options {options} in labels.json "
+                        "(set data.invalid_labels=skip to skip such rows, counted and reported)")
+    if bad:  # skipped on request: counted and reported, never silently
+        info = _skip_info(str(path), len(rows), bad)
+        shown = ", ".join(info["items"][:5]) + (", ..." if len(bad) > 5 else "")
+        print(f"warning: {info['file']}: skipped {len(bad)} of {len(rows)} rows whose label is not in labels.json "
+              f"({shown}; data.invalid_labels=skip)", file=sys.stderr, flush=True)
+    skip = {id(row) for row, _ in bad}
+    return [Example("classification", prompt=str(data["sentence"]), completion=label, options=options,
+                    references=[label], instruction=src.instruction or GENERIC_INSTRUCTION, where=row.where)
+            for row, data, label in rows if id(row) not in skip]
+
+
+def _classification_rows(folder: Path, src: SourceConfig) -> tuple[Path, list, list[str], list]:
+    """(split file, [(row, mapped data, label)], options, [(row, label) whose label is not an option])."""
     labels_path = folder / "labels.json"
     try:
         options = json.loads(labels_path.read_text())
@@ -70,15 +89,33 @@ def _classification(folder: Path, src: SourceConfig) -> list[Example]:
     path = folder / f"{src.split}.json"
     if not path.is_file():
         raise UserError(f"{folder}: missing {src.split}.json (a task folder has train.json, test.json, labels.json)")
-    examples = []
+    rows = []
     for row in read_file(path):
         data = _mapped(row, src.columns, ["sentence", "label"])
-        label = str(data["label"])
-        if label not in options:
-            raise UserError(f"{row.where}: label {label!r} is not one of the options {options} in {labels_path.name}")
-        examples.append(Example("classification", prompt=str(data["sentence"]), completion=label, options=options,
-                                references=[label], instruction=src.instruction or GENERIC_INSTRUCTION, where=row.where))
-    return examples
+        rows.append((row, data, str(data["label"])))
+    return path, rows, options, [(row, label) for row, _, label in rows if label not in options]
+
+
+def _skip_info(file: str, n_rows: int, bad: list) -> dict:
+    items = [row.where[len(file):].strip() for row, _ in bad]  # "item 56" (JSON) / "line 57" (JSONL)
+    return {"file": file, "skipped": len(bad), "rows": n_rows, "items": items[:20],
+            "labels": sorted({label for _, label in bad})}
+
+
+def skipped_rows(cfg) -> dict[str, dict]:
+    """{file: {skipped, rows, items (first 20), labels}} of the classification files a recipe reads
+    whose rows it skips under `invalid_labels: skip` (results.json's `skipped_rows`)."""
+    out = {}
+    for _, data, _, _ in cfg.resolved_stages():
+        for src in [*data.train, *data.eval]:
+            folder = Path(src.source)
+            if src.invalid_labels != "skip" or src.build or builtin_source(src.source) or not (
+                    is_task_folder(folder) or src.format == "classification"):
+                continue
+            path, rows, _, bad = _classification_rows(folder, src)
+            if bad:
+                out[str(path)] = _skip_info(str(path), len(rows), bad)
+    return out
 
 
 def _from_row(row: Row, src: SourceConfig, fmt: str, instruction: str | None) -> Example:
