@@ -188,7 +188,7 @@ def recipes():
 def export(run_dir: Path, out: Path,
            merge: Optional[str] = typer.Option(None, "--merge", help="Also write a merged full model for this expert.")):
     """Copy the run's experts (PEFT adapter folders) to OUT; optionally a merged model for one expert."""
-    from .run import EXPERTS
+    from .run_files import EXPERTS
 
     src = Path(run_dir) / EXPERTS
     if not src.is_dir():

@@ -38,7 +38,7 @@ def check_init_from(cfg):
     run finds it from any directory). Raises UserError (one line) on a mismatch."""
     if not cfg.init_from:
         return cfg
-    from .run import EXPERTS, FULL_MODEL, expert_names
+    from .run_files import EXPERTS, FULL_MODEL, expert_names
 
     src = Path(cfg.init_from).expanduser().resolve()
     where = f"init_from {cfg.init_from}"
@@ -73,7 +73,7 @@ def load_init_from(model, cfg):
         return model
     from safetensors.torch import load_file, load_model
 
-    from .run import EXPERTS, FULL_MODEL, expert_names
+    from .run_files import EXPERTS, FULL_MODEL, expert_names
 
     src = Path(cfg.init_from)
     if cfg.lora is None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,41 +17,18 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
+from .components import PLUGINS, build
 from .config import RecipeConfig, load_recipe, recipe_to_yaml
-from .continual.metrics import summarize
-from .data.batching import BatchPlan, Position
-from .data.examples import Example, default_metric, load_examples
+from .data.batching import Position
 from .data.render import Renderer
 from .engine import StageState, build_optimizer, train_stage, trainable_parameters
 from .errors import UserError
 from .evaluation.runner import evaluate_examples
+from .evaluation.suite import evaluate_all
+from .model_setup import attach_lora, bf16_enabled  # attach_lora is also imported from here by tests and benches
 from .monitor.metrics_log import ALERTS, METRICS, MetricsLog, rewrite_jsonl
-from .components import BUILDERS, OBJECTIVES, PLUGINS, build, resolve
-
-EXPERTS = "experts"
-DEFAULT_EXPERT = "default"
-FULL_MODEL = "model"  # recipes with lora: null save the whole model here (safetensors)
-
-
-@dataclass
-class EvalTask:
-    name: str
-    metric: str
-    examples: list[Example]
-    max_new_tokens: int
-    also: list[str] = field(default_factory=list)  # further protocols scored on the same examples
-
-
-@dataclass
-class PreparedStage:
-    name: str
-    train_cfg: Any
-    objective: Any
-    plan: BatchPlan | None
-    truncated: int
-    n_examples: int
-    data: Any = None          # the stage's DataConfig: sources with `build` are made when the stage begins
-    built: dict | None = None  # what the builders reported
+from .run_files import _finish, _write_atomic
+from .stages import PreparedStage, _begin_stage, _build_sources, prepare_stages
 
 
 @dataclass
@@ -68,171 +43,7 @@ class Run:
         return load(self.run_dir)
 
 
-# -- preparation (all input checks happen here, before the run directory exists) ----------------
-
-def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
-    tasks = []
-    for t in data_cfg.eval:
-        examples = load_examples(t)
-        metric = default_metric(t, examples) if t.metric == "auto" else t.metric
-        if metric == "accuracy" and examples[0].kind != "classification":
-            raise UserError(f"data.eval[{t.name}]: metric 'accuracy' needs a classification task folder")
-        if metric == "tool_call":
-            from .evaluation.tool_metrics import require_tool_examples
-            require_tool_examples(t.name, examples)
-        if metric == "preference":
-            from .evaluation.preference import require_preference_examples
-            require_preference_examples(t.name, examples)
-        for extra in t.also:
-            if extra == "accuracy" and examples[0].kind != "classification":
-                raise UserError(f"data.eval[{t.name}].also: 'accuracy' needs a classification task folder")
-        tasks.append(EvalTask(t.name, metric, examples, t.max_new_tokens, [a for a in t.also if a != metric]))
-    return tasks
-
-
-def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tuple[list[PreparedStage], list[EvalTask]]:
-    stages, eval_tasks = [], None
-    for name, data_cfg, train_cfg, objective_cfg in cfg.resolved_stages():
-        if train_cfg.steps and not data_cfg.train:
-            raise UserError(f"stage {name!r}: data.train is empty but train.steps is {train_cfg.steps}")
-        objective = build(objective_cfg, OBJECTIVES, "objective", **context)
-        if any(src.build for src in data_cfg.train):  # made on the model as it is when the stage begins
-            for src in data_cfg.train:
-                if src.build:
-                    resolve(src.build.name, BUILDERS, "builder")
-                else:  # check the others now, before the run directory exists
-                    [objective.tokenize(ex, renderer) for ex in load_examples(src)]
-            stages.append(PreparedStage(name, train_cfg, objective, None, 0, 0, data_cfg))
-        else:
-            stages.append(PreparedStage(name, train_cfg, objective, *_plan(cfg, data_cfg, train_cfg, objective, renderer)))
-        if eval_tasks is None:
-            eval_tasks = prepare_eval_tasks(cfg, data_cfg)  # the recipe's evaluation suite
-    return stages, eval_tasks or []
-
-
-def _plan(cfg, data_cfg, train_cfg, objective, renderer, root: Path | None = None):
-    """(batch plan, truncated examples, examples) of a stage's training sources."""
-    srcs = [src.model_copy(update={"source": str(root / src.source), "build": None}) if src.build and root else src
-            for src in data_cfg.train]
-    examples = [load_examples(src) for src in srcs]
-    sources = [[objective.tokenize(ex, renderer) for ex in exs] for exs in examples]
-    truncated = sum(t.truncated for src in sources for t in src)
-    sources, validation = _hold_out(sources, data_cfg.validation_fraction, cfg.seed)
-    from accelerate import PartialState
-    # Planned at the global batch (per-process batch x processes) and sliced per process in the
-    # engine, so 1 process with batch 2B and 2 processes with batch B see the same batches.
-    plan = BatchPlan(sources, [s.weight for s in data_cfg.train], train_cfg.batch_size * PartialState().num_processes,
-                     cfg.seed,
-                     length_grouped=train_cfg.batching == "length_grouped") if sources else None
-    if plan is not None:
-        plan.validation = validation  # early stopping reads it; never trained on
-        plan.validation_examples = _hold_out(examples, data_cfg.validation_fraction, cfg.seed)[1]  # the same, as examples
-    return plan, truncated, sum(len(s) for s in sources)
-
-
-def _hold_out(sources: list[list], fraction: float, seed: int) -> tuple[list[list], list]:
-    """Split a seeded `fraction` of every source off as validation items."""
-    if not fraction:
-        return sources, []
-    kept, held = [], []
-    for i, items in enumerate(sources):
-        order = list(range(len(items)))
-        random.Random(f"{seed}:validation:{i}").shuffle(order)
-        n = max(1, round(fraction * len(items))) if len(items) > 1 else 0
-        cut = set(order[:n])
-        held += [items[j] for j in sorted(cut)]
-        kept.append([items[j] for j in range(len(items)) if j not in cut])
-    return kept, held
-
-
-def _build_sources(st: PreparedStage, cfg, run_dir: Path, model, tok, renderer, accelerator) -> None:
-    """Run the stage's data builders (once: a file already written is reused on resume), then plan."""
-    built = {}
-    for src in st.data.train:
-        if not src.build:
-            continue
-        out = run_dir / src.source
-        if out.is_file():
-            print(f"stage {st.name!r}: using {out} (built earlier)", flush=True)
-        elif accelerator.is_main_process:
-            fn = resolve(src.build.name, BUILDERS, "builder")
-            was_training = model.training
-            model.eval()
-            try:
-                built[src.source] = fn(out, model=model, tokenizer=tok, renderer=renderer, recipe=cfg,
-                                       **dict(src.build.model_extra or {}))
-            finally:
-                model.train(was_training)
-            print(f"stage {st.name!r}: built {out}: {built[src.source]}", flush=True)
-        accelerator.wait_for_everyone()
-    st.plan, st.truncated, st.n_examples = _plan(cfg, st.data, st.train_cfg, st.objective, renderer, run_dir)
-    st.built = built or None
-
-
-def _begin_stage(objective, model) -> None:
-    """Objectives that fix something from the model when a stage begins (DPO's reference)."""
-    begin = getattr(objective, "begin_stage", None)
-    if begin is not None:
-        begin(model)
-
-
-def expert_names(cfg: RecipeConfig) -> list[str]:
-    if cfg.lora is None:
-        return []
-    if cfg.experts is not None:  # a skill stream starts with its first expert; the rest are made as skills appear
-        return [f"{cfg.experts.prefix}0"]
-    return [st.name for st in cfg.resolved_stages()] if cfg.lora.per_stage else [DEFAULT_EXPERT]
-
-
-def attach_lora(model, cfg: RecipeConfig):
-    """PEFT LoRA adapter(s): one 'default', or with lora.per_stage one per stage (created up front:
-    an untrained LoRA adds zero, and a resumed run finds every adapter its checkpoint names)."""
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    first, *rest = expert_names(cfg)
-    model = get_peft_model(model, lora, adapter_name=first)
-    for name in rest:
-        model.add_adapter(name, lora)
-    model.set_adapter(first)
-    return model
-
-
-def bf16_enabled(setting, device_type: str) -> bool:
-    if setting == "auto":
-        # Only where the hardware has bf16 arithmetic: on a CPU without AVX512-BF16/AMX, torch
-        # emulates bf16 matmuls and autocast is slower than fp32 (measured in bench/throughput).
-        if device_type == "cuda":
-            return torch.cuda.is_bf16_supported()
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return bool(setting)
-
-
 # -- the run ---------------------------------------------------------------------------------------
-
-def evaluate_all(model, tok, renderer, tasks: list[EvalTask], cfg: RecipeConfig) -> list[dict]:
-    rows = []
-    oracle = cfg.lora is not None and cfg.lora.per_stage
-    active = model.active_adapter if oracle else None
-    for t in tasks:
-        if oracle:  # the oracle baseline: each task answered by the expert trained on it
-            model.set_adapter(t.name if t.name in model.peft_config else active)
-        row = evaluate_examples(model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size, t.max_new_tokens)
-        for extra in t.also:  # e.g. option scoring beside generative exact match
-            other = evaluate_examples(model, tok, renderer, t.examples, extra, cfg.data.eval_batch_size, t.max_new_tokens)
-            row.setdefault("protocols", {})[other["metric"]] = other["score"]
-        rows.append(row)
-    if oracle:
-        model.set_adapter(active)
-    return rows
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def resolve_run_dir(cfg_name: str, out: str | Path | None) -> Path:
     return Path(out) if out else Path("runs") / cfg_name
@@ -493,37 +304,3 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def save_model_files(model, run_dir: Path, lora: bool) -> None:
-    """experts/default/ (a PEFT adapter folder) or, without LoRA, model/model.safetensors; atomically."""
-    final = run_dir / (EXPERTS if lora else FULL_MODEL)
-    tmp = run_dir / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if lora:
-        for name in model.peft_config:  # each expert as its own standard PEFT adapter folder
-            model.save_pretrained(str(tmp if name != DEFAULT_EXPERT else tmp / DEFAULT_EXPERT), selected_adapters=[name])
-    else:
-        from safetensors.torch import save_model
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
-def _finish(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask], results: dict) -> dict:
-    save_model_files(model, run_dir, lora=cfg.lora is not None)
-
-    names = [t.name for t in eval_tasks]
-    final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},
-                      [r["score"] for r in results["initial"]], results["rows"])
-    final.update({"initial_details": results["initial"], "details": results["details"],
-                  "stages": results["stages"], "experts": expert_names(cfg),
-                  "seconds": sum(s["seconds"] for s in results["stages"]),
-                  "truncated": sum(s["truncated"] for s in results["stages"])})
-    protocols = sorted({p for row in [results["initial"], *results["details"]] for r in row for p in r.get("protocols", {})})
-    if protocols:  # the same accuracy-matrix summary for each further protocol
-        final["protocols"] = {p: summarize(names, {n: p for n in names},
-                                           [r.get("protocols", {}).get(p) for r in results["initial"]],
-                                           [[r.get("protocols", {}).get(p) for r in row] for row in results["details"]])
-                              for p in protocols}
-    _write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
-    return final

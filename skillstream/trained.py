@@ -11,7 +11,8 @@ from .data.builtin import BUILTINS
 from .data.examples import Example
 from .data.render import Renderer
 from .errors import UserError
-from .run import DEFAULT_EXPERT, EXPERTS, FULL_MODEL, _write_atomic, evaluate_all, prepare_eval_tasks
+from .evaluation.suite import evaluate_all, prepare_eval_tasks
+from .run_files import DEFAULT_EXPERT, EXPERTS, FULL_MODEL, _write_atomic
 
 
 class TrainedModel:

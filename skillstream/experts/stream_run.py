@@ -18,7 +18,7 @@ import json
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -231,7 +231,7 @@ def _save(ckpt_dir, state, decisions, life, model, optimizer, train_cfg, main) -
 
 
 def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, decisions, state, seconds, main) -> dict:
-    from ..run import EXPERTS, _write_atomic
+    from ..run_files import EXPERTS, _write_atomic
 
     results = state["results"]
     # the expert trained on each skill: the one that trained most of its chunks (ties: the first)

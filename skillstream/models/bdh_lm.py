@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .bdh import BDH, BDHConfig, BDHState, masked_lm_loss

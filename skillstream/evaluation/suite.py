@@ -1,0 +1,55 @@
+"""A recipe's evaluation suite: its tasks, checked before a run starts, and scored together."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import RecipeConfig
+from ..data.examples import Example, default_metric, load_examples
+from ..errors import UserError
+from .runner import evaluate_examples
+
+
+@dataclass
+class EvalTask:
+    name: str
+    metric: str
+    examples: list[Example]
+    max_new_tokens: int
+    also: list[str] = field(default_factory=list)  # further protocols scored on the same examples
+
+
+def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
+    tasks = []
+    for t in data_cfg.eval:
+        examples = load_examples(t)
+        metric = default_metric(t, examples) if t.metric == "auto" else t.metric
+        if metric == "accuracy" and examples[0].kind != "classification":
+            raise UserError(f"data.eval[{t.name}]: metric 'accuracy' needs a classification task folder")
+        if metric == "tool_call":
+            from .evaluation.tool_metrics import require_tool_examples
+            require_tool_examples(t.name, examples)
+        if metric == "preference":
+            from .evaluation.preference import require_preference_examples
+            require_preference_examples(t.name, examples)
+        for extra in t.also:
+            if extra == "accuracy" and examples[0].kind != "classification":
+                raise UserError(f"data.eval[{t.name}].also: 'accuracy' needs a classification task folder")
+        tasks.append(EvalTask(t.name, metric, examples, t.max_new_tokens, [a for a in t.also if a != metric]))
+    return tasks
+
+
+def evaluate_all(model, tok, renderer, tasks: list[EvalTask], cfg: RecipeConfig) -> list[dict]:
+    rows = []
+    oracle = cfg.lora is not None and cfg.lora.per_stage
+    active = model.active_adapter if oracle else None
+    for t in tasks:
+        if oracle:  # the oracle baseline: each task answered by the expert trained on it
+            model.set_adapter(t.name if t.name in model.peft_config else active)
+        row = evaluate_examples(model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size, t.max_new_tokens)
+        for extra in t.also:  # e.g. option scoring beside generative exact match
+            other = evaluate_examples(model, tok, renderer, t.examples, extra, cfg.data.eval_batch_size, t.max_new_tokens)
+            row.setdefault("protocols", {})[other["metric"]] = other["score"]
+        rows.append(row)
+    if oracle:
+        model.set_adapter(active)
+    return rows

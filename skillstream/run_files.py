@@ -1,0 +1,69 @@
+"""What a finished run leaves in its directory: the model files (experts/NAME/ PEFT adapter folders,
+or model/model.safetensors) and results.json (the accuracy-matrix summary of DESIGN.md)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import RecipeConfig
+from .continual.metrics import summarize
+
+EXPERTS = "experts"
+DEFAULT_EXPERT = "default"
+FULL_MODEL = "model"  # recipes with lora: null save the whole model here (safetensors)
+
+if TYPE_CHECKING:
+    from .evaluation.suite import EvalTask
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def expert_names(cfg: RecipeConfig) -> list[str]:
+    if cfg.lora is None:
+        return []
+    if cfg.experts is not None:  # a skill stream starts with its first expert; the rest are made as skills appear
+        return [f"{cfg.experts.prefix}0"]
+    return [st.name for st in cfg.resolved_stages()] if cfg.lora.per_stage else [DEFAULT_EXPERT]
+
+
+def save_model_files(model, run_dir: Path, lora: bool) -> None:
+    """experts/default/ (a PEFT adapter folder) or, without LoRA, model/model.safetensors; atomically."""
+    final = run_dir / (EXPERTS if lora else FULL_MODEL)
+    tmp = run_dir / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if lora:
+        for name in model.peft_config:  # each expert as its own standard PEFT adapter folder
+            model.save_pretrained(str(tmp if name != DEFAULT_EXPERT else tmp / DEFAULT_EXPERT), selected_adapters=[name])
+    else:
+        from safetensors.torch import save_model
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _finish(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask], results: dict) -> dict:
+    save_model_files(model, run_dir, lora=cfg.lora is not None)
+
+    names = [t.name for t in eval_tasks]
+    final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},
+                      [r["score"] for r in results["initial"]], results["rows"])
+    final.update({"initial_details": results["initial"], "details": results["details"],
+                  "stages": results["stages"], "experts": expert_names(cfg),
+                  "seconds": sum(s["seconds"] for s in results["stages"]),
+                  "truncated": sum(s["truncated"] for s in results["stages"])})
+    protocols = sorted({p for row in [results["initial"], *results["details"]] for r in row for p in r.get("protocols", {})})
+    if protocols:  # the same accuracy-matrix summary for each further protocol
+        final["protocols"] = {p: summarize(names, {n: p for n in names},
+                                           [r.get("protocols", {}).get(p) for r in results["initial"]],
+                                           [[r.get("protocols", {}).get(p) for r in row] for row in results["details"]])
+                              for p in protocols}
+    _write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
+    return final

@@ -1,0 +1,113 @@
+"""Stages prepared before a run: objective, batch plan (with a held-out share) and data builders."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .components import BUILDERS, OBJECTIVES, build, resolve
+from .config import RecipeConfig
+from .data.batching import BatchPlan
+from .data.examples import load_examples
+from .data.render import Renderer
+from .errors import UserError
+from .evaluation.suite import EvalTask, prepare_eval_tasks
+
+
+@dataclass
+class PreparedStage:
+    name: str
+    train_cfg: Any
+    objective: Any
+    plan: BatchPlan | None
+    truncated: int
+    n_examples: int
+    data: Any = None          # the stage's DataConfig: sources with `build` are made when the stage begins
+    built: dict | None = None  # what the builders reported
+
+
+def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tuple[list[PreparedStage], list[EvalTask]]:
+    stages, eval_tasks = [], None
+    for name, data_cfg, train_cfg, objective_cfg in cfg.resolved_stages():
+        if train_cfg.steps and not data_cfg.train:
+            raise UserError(f"stage {name!r}: data.train is empty but train.steps is {train_cfg.steps}")
+        objective = build(objective_cfg, OBJECTIVES, "objective", **context)
+        if any(src.build for src in data_cfg.train):  # made on the model as it is when the stage begins
+            for src in data_cfg.train:
+                if src.build:
+                    resolve(src.build.name, BUILDERS, "builder")
+                else:  # check the others now, before the run directory exists
+                    [objective.tokenize(ex, renderer) for ex in load_examples(src)]
+            stages.append(PreparedStage(name, train_cfg, objective, None, 0, 0, data_cfg))
+        else:
+            stages.append(PreparedStage(name, train_cfg, objective, *_plan(cfg, data_cfg, train_cfg, objective, renderer)))
+        if eval_tasks is None:
+            eval_tasks = prepare_eval_tasks(cfg, data_cfg)  # the recipe's evaluation suite
+    return stages, eval_tasks or []
+
+
+def _plan(cfg, data_cfg, train_cfg, objective, renderer, root: Path | None = None):
+    """(batch plan, truncated examples, examples) of a stage's training sources."""
+    srcs = [src.model_copy(update={"source": str(root / src.source), "build": None}) if src.build and root else src
+            for src in data_cfg.train]
+    examples = [load_examples(src) for src in srcs]
+    sources = [[objective.tokenize(ex, renderer) for ex in exs] for exs in examples]
+    truncated = sum(t.truncated for src in sources for t in src)
+    sources, validation = _hold_out(sources, data_cfg.validation_fraction, cfg.seed)
+    from accelerate import PartialState
+    # Planned at the global batch (per-process batch x processes) and sliced per process in the
+    # engine, so 1 process with batch 2B and 2 processes with batch B see the same batches.
+    plan = BatchPlan(sources, [s.weight for s in data_cfg.train], train_cfg.batch_size * PartialState().num_processes,
+                     cfg.seed,
+                     length_grouped=train_cfg.batching == "length_grouped") if sources else None
+    if plan is not None:
+        plan.validation = validation  # early stopping reads it; never trained on
+        plan.validation_examples = _hold_out(examples, data_cfg.validation_fraction, cfg.seed)[1]  # the same, as examples
+    return plan, truncated, sum(len(s) for s in sources)
+
+
+def _hold_out(sources: list[list], fraction: float, seed: int) -> tuple[list[list], list]:
+    """Split a seeded `fraction` of every source off as validation items."""
+    if not fraction:
+        return sources, []
+    kept, held = [], []
+    for i, items in enumerate(sources):
+        order = list(range(len(items)))
+        random.Random(f"{seed}:validation:{i}").shuffle(order)
+        n = max(1, round(fraction * len(items))) if len(items) > 1 else 0
+        cut = set(order[:n])
+        held += [items[j] for j in sorted(cut)]
+        kept.append([items[j] for j in range(len(items)) if j not in cut])
+    return kept, held
+
+
+def _build_sources(st: PreparedStage, cfg, run_dir: Path, model, tok, renderer, accelerator) -> None:
+    """Run the stage's data builders (once: a file already written is reused on resume), then plan."""
+    built = {}
+    for src in st.data.train:
+        if not src.build:
+            continue
+        out = run_dir / src.source
+        if out.is_file():
+            print(f"stage {st.name!r}: using {out} (built earlier)", flush=True)
+        elif accelerator.is_main_process:
+            fn = resolve(src.build.name, BUILDERS, "builder")
+            was_training = model.training
+            model.eval()
+            try:
+                built[src.source] = fn(out, model=model, tokenizer=tok, renderer=renderer, recipe=cfg,
+                                       **dict(src.build.model_extra or {}))
+            finally:
+                model.train(was_training)
+            print(f"stage {st.name!r}: built {out}: {built[src.source]}", flush=True)
+        accelerator.wait_for_everyone()
+    st.plan, st.truncated, st.n_examples = _plan(cfg, st.data, st.train_cfg, st.objective, renderer, run_dir)
+    st.built = built or None
+
+
+def _begin_stage(objective, model) -> None:
+    """Objectives that fix something from the model when a stage begins (DPO's reference)."""
+    begin = getattr(objective, "begin_stage", None)
+    if begin is not None:
+        begin(model)
