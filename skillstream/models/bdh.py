@@ -75,13 +75,21 @@ def rope_frequencies(n: int, theta: float, dtype: torch.dtype = torch.float32) -
     return 1.0 / (theta ** (paired / n)) / (2 * math.pi)
 
 
-def apply_rope(v: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of the last dim of ``v`` (…, T, N) by ``positions * freqs`` turns."""
+def rope_cos_sin(positions: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, N) cosines and sines of the rotation by ``positions * freqs`` turns."""
     phases = positions.to(freqs.dtype).view(-1, 1) * freqs.view(1, -1)  # (T, N)
     phases = (phases % 1) * (2 * math.pi)
-    cos, sin = torch.cos(phases).to(v.dtype), torch.sin(phases).to(v.dtype)
+    return torch.cos(phases).to(dtype), torch.sin(phases).to(dtype)
+
+
+def _rotate(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     v_rot = torch.stack((-v[..., 1::2], v[..., ::2]), dim=-1).view(*v.shape)
     return v * cos + v_rot * sin
+
+
+def apply_rope(v: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of the last dim of ``v`` (…, T, N) by ``positions * freqs`` turns."""
+    return _rotate(v, *rope_cos_sin(positions, freqs, v.dtype))
 
 
 def masked_lm_loss(
@@ -126,6 +134,7 @@ class BDH(nn.Module):
         self.ln = nn.LayerNorm(D, elementwise_affine=False, bias=False)
         self.drop = nn.Dropout(config.dropout)
         self.register_buffer("freqs", rope_frequencies(N, config.rope_theta), persistent=False)
+        self._rope_memo = None  # ((pos0, T, device, dtype), (cos, sin)) of the current pass
 
     # ------------------------------------------------------------------ core
     def _attention(
@@ -136,8 +145,11 @@ class BDH(nn.Module):
         Returns the (B,nh,T,D) output and, when ``keep_state``, the updated state
         S' = S + sum_t rope(q_t)^T v_t."""
         T = q.size(2)
-        positions = torch.arange(pos0, pos0 + T, device=q.device)
-        qr = apply_rope(q, positions, self.freqs)
+        key = (pos0, T, q.device, q.dtype)
+        if self._rope_memo is None or self._rope_memo[0] != key:  # the same rotation at every layer of a pass
+            positions = torch.arange(pos0, pos0 + T, device=q.device)
+            self._rope_memo = (key, rope_cos_sin(positions, self.freqs, q.dtype))
+        qr = _rotate(q, *self._rope_memo[1])
         out = (qr @ qr.mT).tril(diagonal=-1) @ v if T > 1 else None
         if S is not None:
             past = qr @ S
@@ -146,8 +158,11 @@ class BDH(nn.Module):
             out = torch.zeros(q.shape[:-1] + (v.size(-1),), dtype=v.dtype, device=v.device)
         new_S = None
         if keep_state:
-            upd = qr.mT @ v  # (B,nh,N,D)
-            new_S = upd if S is None else S + upd
+            if S is not None and T == 1:  # one byte: a fused outer-product update (generation's hot path)
+                new_S = torch.addcmul(S, qr.mT, v)
+            else:
+                upd = qr.mT @ v  # (B,nh,N,D)
+                new_S = upd if S is None else S + upd
         return out, new_S
 
     def _layer(
@@ -171,6 +186,7 @@ class BDH(nn.Module):
         self, idx: torch.Tensor, state: BDHState | None = None, keep_state: bool = False
     ) -> tuple[torch.Tensor, BDHState | None]:
         B, T = idx.shape
+        self._rope_memo = None
         self._begin(idx)
         pos0 = 0 if state is None else state.pos
         x = self.ln(self.embed(idx).unsqueeze(1))  # B, 1, T, D
