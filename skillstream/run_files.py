@@ -59,11 +59,18 @@ def _finish(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask],
                   "stages": results["stages"], "experts": expert_names(cfg),
                   "seconds": sum(s["seconds"] for s in results["stages"]),
                   "truncated": sum(s["truncated"] for s in results["stages"])})
-    protocols = sorted({p for row in [results["initial"], *results["details"]] for r in row for p in r.get("protocols", {})})
-    if protocols:  # the same accuracy-matrix summary for each further protocol
-        final["protocols"] = {p: summarize(names, {n: p for n in names},
-                                           [r.get("protocols", {}).get(p) for r in results["initial"]],
-                                           [[r.get("protocols", {}).get(p) for r in row] for row in results["details"]])
-                              for p in protocols}
+    final.update(protocol_summaries(names, results))
     _write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
     return final
+
+
+def protocol_summaries(names: list[str], results: dict) -> dict:
+    """{'protocols': {name: accuracy-matrix summary}} for each further protocol the rows carry (or {})."""
+    rows = [results["initial"], *results["details"]]
+    protocols = sorted({p for row in rows for r in row for p in r.get("protocols", {})})
+    if not protocols:
+        return {}
+    return {"protocols": {p: summarize(names, {n: p for n in names},
+                                       [r.get("protocols", {}).get(p) for r in results["initial"]],
+                                       [[r.get("protocols", {}).get(p) for r in row] for row in results["details"]])
+                          for p in protocols}}

@@ -26,10 +26,10 @@ def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
         if metric == "accuracy" and examples[0].kind != "classification":
             raise UserError(f"data.eval[{t.name}]: metric 'accuracy' needs a classification task folder")
         if metric == "tool_call":
-            from .evaluation.tool_metrics import require_tool_examples
+            from .tool_metrics import require_tool_examples
             require_tool_examples(t.name, examples)
         if metric == "preference":
-            from .evaluation.preference import require_preference_examples
+            from .preference import require_preference_examples
             require_preference_examples(t.name, examples)
         for extra in t.also:
             if extra == "accuracy" and examples[0].kind != "classification":

@@ -94,6 +94,10 @@ def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str]
                     top_k=cfg.experts.router.top_k, expert=expert) as routing:
             row = evaluate_examples(life.model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size,
                                     t.max_new_tokens)
+            for extra in t.also:  # e.g. option scoring beside generative exact match, routed the same way
+                other = evaluate_examples(life.model, tok, renderer, t.examples, extra, cfg.data.eval_batch_size,
+                                          t.max_new_tokens)
+                row.setdefault("protocols", {})[other["metric"]] = other["score"]
         top = Counter(routing.top())
         row["routed_to"] = {n: top[n] / max(1, sum(top.values())) for n in names if top[n]}
         if expert is not None:
@@ -231,7 +235,7 @@ def _save(ckpt_dir, state, decisions, life, model, optimizer, train_cfg, main) -
 
 
 def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, decisions, state, seconds, main) -> dict:
-    from ..run_files import EXPERTS, _write_atomic
+    from ..run_files import EXPERTS, _write_atomic, protocol_summaries
 
     results = state["results"]
     # the expert trained on each skill: the one that trained most of its chunks (ties: the first)
@@ -266,6 +270,7 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
                     **{k: 0 for k in ("steps", "seconds", "tokens")}, **state["skill_stats"].get(str(i), {})}
                    for i, st in enumerate(stages)],
         "truncated": sum(it.truncated for c in chunks for it in c.items),
+        **protocol_summaries(names, results),
         "seconds": sum(v["seconds"] for v in state["skill_stats"].values()),  # training only
         "wall_seconds": seconds, "steps": state["global_step"]})
     if main:
