@@ -84,6 +84,10 @@ def _add_mix(layer: LoraLinear, args, kwargs, output: torch.Tensor, *, mix: Mix)
     # otherwise rows with w[b,k] == 0 contribute exactly nothing and are skipped (sparse delegation
     # then costs only the chosen experts' LoRA matmuls).
     every_row = torch.is_grad_enabled() and w.requires_grad
+    # Without autograd (inference) the mix is accumulated in place into the layer's fresh output
+    # (as PEFT's own mixed-batch forward does): no copy of the whole output per expert. A weight of
+    # exactly 1 (top-1 delegation) is not multiplied in, which changes no bit (x * 1.0 == x).
+    in_place = not torch.is_grad_enabled()
     shape = (-1,) + (1,) * (output.ndim - 1)
     result = output
     for k, name in enumerate(mix.names):
@@ -103,6 +107,11 @@ def _add_mix(layer: LoraLinear, args, kwargs, output: torch.Tensor, *, mix: Mix)
         xs = x if rows is None else x[rows]
         delta = lora_B(lora_A(dropout(xs.to(lora_A.weight.dtype)))) * scaling
         wk = wk if rows is None else wk[rows]
+        if in_place:
+            term = delta if bool((wk == 1).all()) else wk.to(delta.dtype).view(shape) * delta
+            term = term.to(result.dtype)
+            result.add_(term) if rows is None else result.index_add_(0, rows, term)
+            continue
         term = (wk.to(delta.dtype).view(shape) * delta).to(result.dtype)
         result = result + term if rows is None else result.index_add(0, rows, term)
     return result

@@ -1,0 +1,574 @@
+"""bench/routing: per-sample routing and mixing of LoRA experts vs a single PEFT adapter, and memory per expert.
+
+Measured side by side in ONE invocation, each measurement in a fresh subprocess (so its peak
+memory is its own), all on the same NL2Bash prompts, the same batches and the same seeds:
+  1. inference throughput (no grad) of a single PEFT adapter (plain PEFT, one adapter active: the
+     baseline) vs top-1 per-sample routing over 4 experts in mixed batches, (a) through PEFT's own
+     mixed-batch path `model(..., adapter_names=[...])` and (b) through
+     `skillstream.experts.mixing.mixing(model, names, one_hot_weights)`: forward tokens/s (prefill)
+     and greedy generation tokens/s; target >= 0.9x the single adapter;
+  2. dense mixing over the same 4 experts (per-sample softmax weights, every expert contributes to
+     every sample) through `mixing`; target >= 0.5x the single adapter;
+  3. memory added per expert: bytes of LoRA parameters per expert, and the resident-memory growth
+     of one process while the pool grows from 1 to 2, 4 and 8 experts (the backbone's weights are
+     checked to stay the same tensors: no copy).
+Every expert gets a non-zero LoRA B (PEFT initialises B = 0, which would make every expert the
+backbone), and a verification child checks that the routed output of each sample equals that
+sample's single-adapter output (logits and generated tokens), and that dense mixing equals
+PEFT's exact "cat" merge of the row's weights -- so the timed runs do equal work.
+
+    python bench/routing.py            # SmolLM2-135M, LoRA r=16 on all linear layers, appends to bench/RESULTS.md
+    python bench/routing.py --quick    # tiny model, few reps: wiring check, records nothing
+
+See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+RESULTS_MD = REPO / "bench" / "RESULTS.md"
+MARK = "BENCH_RESULT "
+MiB = 1024 ** 2
+TARGETS = {"peft_top1": 0.9, "mix_top1": 0.9, "mix_dense": 0.5}
+LABELS = {"single": "single PEFT adapter (baseline)", "peft_top1": "top-1 routing, PEFT `adapter_names`",
+          "mix_top1": "top-1 routing, `mixing` one-hot", "mix_dense": "dense mixing, `mixing` softmax"}
+MODES = tuple(LABELS)
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATOL = 1e-4
+# dense mixing sums 4 deltas per layer, PEFT's "cat" merge does one rank-4r product: the same sum in a
+# different float32 order, which over 30 layers moves logits of size ~20 by a few 1e-4
+DENSE_ATOL = 1e-3
+
+
+def expert_names(n: int) -> list[str]:
+    return [f"e{k}" for k in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers shared by the children
+# ------------------------------------------------------------------------------------------------
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss() -> int:
+    import gc
+    gc.collect()
+    return _status_bytes("VmRSS")
+
+
+def _one_thread() -> None:
+    import torch
+    torch.set_num_threads(1)
+
+
+def lora_config(spec: dict):
+    from peft import LoraConfig
+    return LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=TARGET_MODULES,
+                      task_type="CAUSAL_LM")
+
+
+def randomize_b(model, name: str, seed: int, std: float) -> None:
+    """A non-zero LoRA B for expert `name` (PEFT initialises B = 0: every expert would be the backbone)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if f".lora_B.{name}." in key:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def lora_bytes(model, name: str) -> int:
+    return sum(p.numel() * p.element_size() for key, p in model.named_parameters()
+               if f".lora_A.{name}." in key or f".lora_B.{name}." in key)
+
+
+def build_model(spec: dict, n_experts: int):
+    """Backbone + n experts (plain PEFT adapters e0..e{n-1}, non-zero B), e0 active, eval mode."""
+    import torch
+    from peft import get_peft_model
+
+    from skillstream.models.backbone import load_backbone
+
+    torch.manual_seed(spec["seed"])
+    backbone, tok = load_backbone(spec["model"], seed=spec["seed"])
+    names = expert_names(n_experts)
+    model = get_peft_model(backbone, lora_config(spec), adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, lora_config(spec))
+    for k, name in enumerate(names):
+        randomize_b(model, name, spec["seed"] * 1000 + k, spec["b_std"])
+    model.set_adapter(names[0])
+    model.eval()
+    return model, tok, names
+
+
+def build_inputs(spec: dict, tok) -> list[dict]:
+    """Batches of NL2Bash prompts (chat template, left padding, lengths as they are) and each batch's routing.
+
+    Routing: each batch is split evenly over the experts (a seeded shuffle of 0,1,..,n-1 repeated),
+    so a mixed batch really mixes; dense weights are a softmax of seeded Gaussian logits.
+    """
+    import torch
+
+    from skillstream.config import SourceConfig
+    from skillstream.data.examples import load_examples
+    from skillstream.data.render import Renderer
+
+    n, bs = spec["experts"], spec["batch_size"]
+    examples = load_examples(SourceConfig(source="nl2bash", split="train", limit=bs * spec["batches"]))
+    renderer = Renderer(tok, 1024, None)
+    texts = [renderer.prompt_text(ex) for ex in examples]
+    tok.padding_side = "left"  # generation continues every row from its last token
+    g = torch.Generator().manual_seed(spec["seed"])
+    batches = []
+    for i in range(0, len(texts), bs):
+        enc = tok(texts[i:i + bs], return_tensors="pt", padding=True, add_special_tokens=True)
+        b = enc["input_ids"].shape[0]
+        route = torch.arange(b) % n
+        route = route[torch.randperm(b, generator=g)]
+        dense = torch.softmax(torch.randn(b, n, generator=g), dim=-1)
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                        "route": route, "dense": dense})
+    return batches
+
+
+def forward_fn(model, names: list[str], mode: str, logits: str):
+    """f(batch) -> logits: one inference forward of `mode` on a batch (the block is entered per batch)."""
+    import torch
+
+    from skillstream.experts.mixing import mixing, one_hot
+
+    keep = 1 if logits == "last" else 0  # last: the prefill a generation does (no full-vocabulary head)
+    n = len(names)
+
+    def call(b, **kw):
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False,
+                     logits_to_keep=keep, **kw).logits
+
+    if mode == "single":
+        return call
+    if mode == "peft_top1":
+        return lambda b: call(b, adapter_names=[names[k] for k in b["route"].tolist()])
+
+    def mixed(b):
+        w = one_hot(b["route"], n) if mode == "mix_top1" else b["dense"]
+        with mixing(model, names, w):
+            return call(b)
+    if mode not in ("mix_top1", "mix_dense"):
+        raise ValueError(mode)
+    return mixed
+
+
+def generate_fn(model, names: list[str], mode: str, new_tokens: int):
+    """f(batch) -> token ids: greedy generation of exactly `new_tokens` tokens per row."""
+    from skillstream.experts.mixing import mixing, one_hot
+
+    n = len(names)
+
+    def gen(b, **kw):
+        return model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=False,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+
+    if mode == "single":
+        return gen
+    if mode == "peft_top1":
+        return lambda b: gen(b, adapter_names=[names[k] for k in b["route"].tolist()])
+
+    def mixed(b):
+        w = one_hot(b["route"], n) if mode == "mix_top1" else b["dense"]
+        with mixing(model, names, w):
+            return gen(b)
+    return mixed
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
+
+
+# ------------------------------------------------------------------------------------------------
+# children
+# ------------------------------------------------------------------------------------------------
+
+def child_throughput(spec: dict) -> dict:
+    """Forward and generation tokens/s of one mode: warm-up, then `reps` timed passes over all batches."""
+    import torch
+    mode = spec["mode"]
+    model, tok, names = build_model(spec, spec["experts"])
+    batches = build_inputs(spec, tok)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    fwd = forward_fn(model, names, mode, spec["logits"])
+    out: dict = {"mode": mode, "prompt_tokens": tokens, "padded_tokens": sum(b["input_ids"].numel() for b in batches),
+                 "batches": len(batches), "batch_size": spec["batch_size"]}
+    with torch.inference_mode():
+        for _ in range(spec["warmup"]):
+            for b in batches:
+                fwd(b)
+        times = []
+        for _ in range(spec["reps"]):
+            t0 = time.perf_counter()
+            for b in batches:
+                fwd(b)
+            times.append(time.perf_counter() - t0)
+        out.update(forward_seconds=times, forward_tokens_per_s=[tokens / t for t in times])
+        if spec["gen_tokens"] > 0:
+            gen = generate_fn(model, names, mode, spec["gen_tokens"])
+            b = batches[0]
+            gen(b)  # warm-up
+            gtimes = []
+            for _ in range(spec["gen_reps"]):
+                t0 = time.perf_counter()
+                ids = gen(b)
+                gtimes.append(time.perf_counter() - t0)
+            new = (ids.shape[1] - b["input_ids"].shape[1]) * ids.shape[0]
+            out.update(gen_batch=ids.shape[0], gen_new_tokens=new, gen_seconds=gtimes,
+                       gen_tokens_per_s=[new / t for t in gtimes])
+    return out
+
+
+def routed_rows_match(single: dict, routed, route, *, exact_tokens: bool = False) -> tuple[bool, float]:
+    """Does row i of `routed` equal row i of the single-adapter output of its expert route[i]? (ok, max abs diff)."""
+    import torch
+    worst, ok = 0.0, True
+    for i, k in enumerate(route.tolist()):
+        ref, got = single[k][i], routed[i]
+        if exact_tokens:
+            ok &= bool(torch.equal(ref, got))
+            worst = max(worst, float((ref != got).sum()))
+        else:
+            d = float((ref - got).abs().max())
+            worst = max(worst, d)
+            ok &= bool(torch.allclose(got, ref, atol=ATOL, rtol=ATOL))
+    return ok, worst
+
+
+def child_verify(spec: dict) -> dict:
+    """Equal work: routed outputs equal the chosen expert's single-adapter outputs; dense = PEFT's cat merge."""
+    import torch
+    model, tok, names = build_model(spec, spec["experts"])
+    batches = build_inputs(spec, tok)
+    out: dict = {"checks": {}}
+    with torch.inference_mode():
+        for bi, b in enumerate(batches[:spec["verify_batches"]]):
+            single = {}
+            for k, name in enumerate(names):
+                model.set_adapter(name)
+                single[k] = forward_fn(model, names, "single", "all")(b)
+            model.set_adapter(names[0])
+            with model.disable_adapter():
+                base = forward_fn(model, names, "single", "all")(b)
+            out["expert_vs_expert_max_abs_logit_diff"] = float((single[0] - single[1]).abs().max())
+            out["expert_vs_backbone_max_abs_logit_diff"] = float((single[0] - base).abs().max())
+            for mode in ("peft_top1", "mix_top1"):
+                ok, diff = routed_rows_match(single, forward_fn(model, names, mode, "all")(b), b["route"])
+                out["checks"][f"{mode} logits, batch {bi}"] = {"ok": ok, "max_abs_diff": diff}
+        b = batches[0]
+        if spec["gen_tokens"] > 0:
+            single = {}
+            for k, name in enumerate(names):
+                model.set_adapter(name)
+                single[k] = generate_fn(model, names, "single", spec["gen_tokens"])(b)
+            model.set_adapter(names[0])
+            for mode in ("peft_top1", "mix_top1"):
+                ok, diff = routed_rows_match(single, generate_fn(model, names, mode, spec["gen_tokens"])(b),
+                                             b["route"], exact_tokens=True)
+                out["checks"][f"{mode} generated tokens"] = {"ok": ok, "max_abs_diff": diff}
+            out["experts_generate_differently"] = not torch.equal(single[0], single[1])
+        dense = forward_fn(model, names, "mix_dense", "all")(b)
+    for row in range(min(2, b["dense"].shape[0])):  # dense row r == PEFT's exact "cat" merge with w[r]
+        merged = f"cat{row}"
+        model.add_weighted_adapter(names, b["dense"][row].tolist(), merged, combination_type="cat")
+        model.set_adapter(merged)
+        with torch.inference_mode():
+            ref = forward_fn(model, names, "single", "all")(b)[row]
+        model.set_adapter(names[0])
+        model.delete_adapter(merged)
+        d = float((dense[row] - ref).abs().max())
+        out["checks"][f"mix_dense row {row} vs PEFT cat merge"] = {
+            "ok": bool(torch.allclose(dense[row], ref, atol=DENSE_ATOL, rtol=ATOL)), "max_abs_diff": d}
+    out["ok"] = all(c["ok"] for c in out["checks"].values())
+    return out
+
+
+def child_memory(spec: dict) -> dict:
+    """RSS of one process as the pool grows 0 -> 1 -> 2 -> 4 -> 8 experts; the backbone's tensors are never copied."""
+    import torch
+    from peft import get_peft_model
+
+    from skillstream.experts.pool import ExpertPool
+    from skillstream.models.backbone import load_backbone
+
+    torch.manual_seed(spec["seed"])
+    backbone, tok = load_backbone(spec["model"], seed=spec["seed"])
+    base_ptrs = {p.data_ptr() for p in backbone.parameters()}
+    base_bytes = sum(p.numel() * p.element_size() for p in backbone.parameters())
+    counts = sorted(set(spec["memory_counts"]))
+    rss = {0: _rss()}
+    names = expert_names(max(counts))
+    model = get_peft_model(backbone, lora_config(spec), adapter_name=names[0])
+    pool = ExpertPool(model, seed=spec["seed"])
+    randomize_b(model, names[0], spec["seed"] * 1000, spec["b_std"])
+    rss[1] = _rss()
+    for k, name in enumerate(names[1:], start=1):
+        pool.create(name)  # how skillstream adds an expert (a seeded PEFT add_adapter)
+        randomize_b(model, name, spec["seed"] * 1000 + k, spec["b_std"])
+        if k + 1 in counts:
+            rss[k + 1] = _rss()
+    non_lora = [p for key, p in model.named_parameters() if ".lora_" not in key]
+    per_expert = [lora_bytes(model, n) for n in names]
+    return {"backbone_bytes": base_bytes, "lora_bytes_per_expert": per_expert[0],
+            "lora_bytes_all_equal": len(set(per_expert)) == 1,
+            "lora_params_per_expert": per_expert[0] // 4,
+            "rss_bytes": {str(k): v for k, v in rss.items()},
+            "backbone_tensors_shared": {p.data_ptr() for p in non_lora} == base_ptrs
+                                       and sum(p.numel() * p.element_size() for p in non_lora) == base_bytes,
+            "experts": len(pool)}
+
+
+CHILDREN = {"throughput": child_throughput, "verify": child_verify, "memory": child_memory}
+
+
+def child_main(kind: str, spec_json: str) -> None:
+    _one_thread()
+    import torch
+    spec = json.loads(spec_json)
+    out = CHILDREN[kind](spec)
+    out.update(kind=kind, peak_rss_bytes=_status_bytes("VmHWM"), torch_threads=torch.get_num_threads())
+    print(MARK + json.dumps(out), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# parent
+# ------------------------------------------------------------------------------------------------
+
+def run_child(kind: str, spec: dict) -> dict:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CI="true", TRANSFORMERS_VERBOSITY="error",
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0 = time.time()
+    label = spec.get("mode", kind)
+    print(f"  {kind:<10} {label:<10} ...", end="", flush=True, file=sys.stderr)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child", kind, json.dumps(spec)],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        print(" failed", file=sys.stderr)
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        sys.exit(f"bench/routing: the {kind} {label} run failed (exit {proc.returncode}):\n{tail}")
+    print(f" {time.time() - t0:.0f}s", file=sys.stderr)
+    return json.loads(lines[-1][len(MARK):])
+
+
+def run_inline(kind: str, spec: dict) -> dict:
+    """The same child in this process (tests): no separate peak memory."""
+    _one_thread()
+    out = CHILDREN[kind](json.loads(json.dumps(spec)))
+    out.update(kind=kind, peak_rss_bytes=_status_bytes("VmHWM"), torch_threads=1)
+    return out
+
+
+def measure(spec: dict, runner=run_child) -> dict:
+    """Every measurement of one invocation: throughput per mode (rounds in alternating order), verify, memory."""
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    for r in range(spec["rounds"]):
+        for mode in (MODES if r % 2 == 0 else MODES[::-1]):  # ABBA: drift on a shared machine hits all modes alike
+            runs[mode].append(runner("throughput", {**spec, "mode": mode}))
+    return {"throughput": runs, "verify": runner("verify", spec), "memory": runner("memory", spec)}
+
+
+def summarize(results: dict) -> dict:
+    """Median tokens/s per mode over every timed rep of every round, and ratios to the single adapter."""
+    out = {}
+    for mode, rounds in results["throughput"].items():
+        fwd = [x for r in rounds for x in r["forward_tokens_per_s"]]
+        gen = [x for r in rounds for x in r.get("gen_tokens_per_s", [])]
+        out[mode] = {"forward": _median(fwd), "forward_min": min(fwd), "forward_max": max(fwd), "forward_n": len(fwd),
+                     "generate": _median(gen) if gen else None,
+                     "generate_min": min(gen) if gen else None, "generate_max": max(gen) if gen else None,
+                     "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds)}
+    for mode in out:
+        for what in ("forward", "generate"):
+            base = out["single"][what]
+            out[mode][f"{what}_ratio"] = out[mode][what] / base if base and out[mode][what] else None
+    return out
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**NOT met**"
+
+
+def build_report(spec: dict, results: dict) -> str:
+    s = summarize(results)
+    v, mem = results["verify"], results["memory"]
+    first = results["throughput"]["single"][0]
+    rows = ["| measurement | forward tokens/s (min-max) | ratio | generate tokens/s (min-max) | ratio | target | status | peak GiB |",
+            "|---|---:|---:|---:|---:|---|---|---:|"]
+    for mode in MODES:
+        m = s[mode]
+        target = TARGETS.get(mode)
+        gen = (f"{m['generate']:.1f} ({m['generate_min']:.1f}-{m['generate_max']:.1f})" if m["generate"] else "-")
+        gratio = f"{m['generate_ratio']:.2f}x" if m["generate_ratio"] else "-"
+        if target is None:
+            tgt, status = "baseline", ""
+        else:
+            tgt = f"≥ {target}x"
+            status = f"forward {verdict(m['forward_ratio'] >= target)}"
+            if m["generate_ratio"]:
+                status += f", generate {verdict(m['generate_ratio'] >= target)}"
+        rows.append(f"| {LABELS[mode]} | {m['forward']:.0f} ({m['forward_min']:.0f}-{m['forward_max']:.0f}) | "
+                    f"{m['forward_ratio']:.2f}x | {gen} | {gratio} | {tgt} | {status} | {m['peak_rss_bytes'] / 1024 ** 3:.2f} |")
+    checks = ["| equal-work check | max abs diff | status |", "|---|---:|---|"]
+    for name, c in v["checks"].items():
+        unit = " tokens differ" if "tokens" in name else ""
+        checks.append(f"| {name} | {c['max_abs_diff']:.2g}{unit} | {'ok' if c['ok'] else '**FAILED**'} |")
+    checks.append(f"| (experts really differ: max abs logit diff e0 vs e1 {v['expert_vs_expert_max_abs_logit_diff']:.2f}, "
+                  f"e0 vs backbone {v['expert_vs_backbone_max_abs_logit_diff']:.2f}"
+                  + (f"; greedy generations of e0 and e1 differ: {'yes' if v.get('experts_generate_differently') else 'no'}"
+                     if "experts_generate_differently" in v else "") + ") | | |")
+    rss = {int(k): b for k, b in mem["rss_bytes"].items()}
+    lora = mem["lora_bytes_per_expert"]
+    memrows = ["| experts | LoRA MiB (params) | RSS MiB | RSS growth vs 1 expert MiB | growth per added expert MiB | growth / LoRA bytes |",
+               "|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted(rss):
+        grow = (rss[n] - rss[1]) / MiB if n >= 1 else None
+        per = (rss[n] - rss[1]) / (n - 1) if n > 1 else None
+        memrows.append(f"| {n} | {n * lora / MiB:.1f} | {rss[n] / MiB:.0f} | "
+                       f"{'-' if grow is None else f'{grow:.1f}'} | {'-' if per is None else f'{per / MiB:.1f}'} | "
+                       f"{'-' if per is None else f'{per / lora:.2f}'} |")
+    big = max(rss)
+    per_added = (rss[big] - rss[1]) / max(1, big - 1)
+    memnote = (f"LoRA r={spec['r']} on {', '.join(TARGET_MODULES)}: {mem['lora_params_per_expert']:,} parameters = "
+               f"{lora / MiB:.1f} MiB per expert (fp32), {100 * lora / mem['backbone_bytes']:.1f}% of the backbone's "
+               f"{mem['backbone_bytes'] / MiB:.0f} MiB; measured RSS growth {per_added / MiB:.1f} MiB per added expert "
+               f"({per_added / lora:.2f}x its LoRA bytes). Backbone tensors after adding {mem['experts']} experts are the "
+               f"same storages as before (no copy): {'yes' if mem['backbone_tensors_shared'] else '**NO**'}.")
+    notes = (f"model {spec['model']}, LoRA r={spec['r']} alpha={spec['alpha']} dropout 0 on all linear layers, "
+             f"{spec['experts']} experts with LoRA B ~ N(0, {spec['b_std']}); inputs: the first "
+             f"{first['batches'] * spec['batch_size']} NL2Bash train prompts (chat template), {first['batches']} batches "
+             f"of {spec['batch_size']}, left padding, {first['prompt_tokens']} prompt tokens ({first['padded_tokens']} with "
+             f"padding); each mixed batch routed evenly over the experts (seeded shuffle), dense weights a softmax "
+             f"of seeded Gaussian logits. Forward: inference mode, use_cache=False, "
+             f"logits {'of the last position only (the prefill of a generation)' if spec['logits'] == 'last' else 'of every position'}; "
+             f"tokens/s = non-pad prompt tokens / time of one pass over all batches, {spec['warmup']} untimed pass(es), "
+             f"median of {spec['reps']} reps x {spec['rounds']} round(s) (alternating order, each mode a fresh subprocess). "
+             f"Generation: the first batch ({first.get('gen_batch', '-')} rows, prefill included), greedy, exactly {spec['gen_tokens']} new tokens "
+             f"(KV cache), tokens/s = new tokens / wall time, median of {spec['gen_reps']} x {spec['rounds']}. "
+             f"The `mixing` block is entered per call (hooks registered and removed each time). "
+             f"torch threads {first['torch_threads']}.")
+    return ("\n".join(rows) + "\n\n" + "\n".join(checks) + "\n\n" + "\n".join(memrows) + "\n\n" + memnote + "\n\n"
+            + notes + "\n")
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        info = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
+        return f"{info.get('Model name', platform.machine())}, {info.get('CPU(s)', os.cpu_count())} CPUs"
+    except OSError:
+        return f"{platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    out = []
+    for pkg in ("torch", "transformers", "peft"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def record(report: str, command: str, machine_text: str, quick: bool) -> None:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with RESULTS_MD.open("a") as f:
+        f.write(f"\n## {stamp}: bench/routing{' (quick: wiring check, not a measurement)' if quick else ''}\n\n"
+                f"- command: `{command}`\n- machine: {machine_text}\n- python {platform.python_version()}, "
+                f"{_versions()}\n\n{report}")
+
+
+def make_spec(args) -> dict:
+    q = args.quick
+    pick = lambda value, quick, full: value if value is not None else (quick if q else full)  # noqa: E731
+    return {"model": args.model or ("tiny" if q else "smollm2-135m"), "seed": args.seed,
+            "r": args.r, "alpha": args.alpha, "experts": args.experts, "b_std": args.b_std,
+            "batch_size": pick(args.batch_size, 8, 16), "batches": pick(args.batches, 2, 2),
+            "warmup": pick(args.warmup, 1, 1), "reps": pick(args.reps, 2, 3), "rounds": pick(args.rounds, 1, 2),
+            "gen_tokens": pick(args.gen_tokens, 4, 16), "gen_reps": pick(args.gen_reps, 2, 2),
+            "verify_batches": pick(args.verify_batches, 1, 1), "logits": args.logits,
+            "memory_counts": [1, 2, 4, 8]}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Per-sample routing / dense mixing of LoRA experts vs a single PEFT adapter, "
+                                             "and memory per expert, side by side.")
+    ap.add_argument("--quick", action="store_true", help="tiny model, few reps (wiring check); records nothing")
+    ap.add_argument("--model", default=None, help="backbone (default smollm2-135m; tiny with --quick)")
+    ap.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default 16; 8 with --quick)")
+    ap.add_argument("--batches", type=int, default=None, help="batches per timed pass (default 2)")
+    ap.add_argument("--reps", type=int, default=None, help="timed passes per subprocess (default 3; 2 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed passes first (default 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="subprocesses per mode, in alternating order (default 2; 1 with --quick)")
+    ap.add_argument("--gen-tokens", type=int, default=None, help="new tokens per generation, 0 = no generation (default 16; 4 with --quick)")
+    ap.add_argument("--gen-reps", type=int, default=None, help="timed generations per subprocess (default 2)")
+    ap.add_argument("--verify-batches", type=int, default=None, help="batches checked for equal logits (default 1)")
+    ap.add_argument("--logits", choices=["last", "all"], default="last",
+                    help="forward computes the logits of the last position (default, a generation's prefill) or of every position")
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--alpha", type=int, default=32)
+    ap.add_argument("--b-std", type=float, default=0.01, help="std of the random LoRA B given to every expert")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--machine", default=None, help="machine description written to bench/RESULTS.md (default: lscpu)")
+    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None, runner=run_child) -> dict | None:
+    args = parser().parse_args(argv)
+    if args._child:
+        return child_main(*args._child)
+    spec = make_spec(args)
+    for key in ("batch_size", "batches", "reps", "rounds", "experts", "r", "gen_reps", "verify_batches"):
+        if spec[key] < 1:
+            print(f"bench/routing: --{key.replace('_', '-')} must be at least 1", file=sys.stderr)
+            sys.exit(2)
+    if spec["experts"] < 2:
+        print("bench/routing: --experts must be at least 2 (routing needs a choice)", file=sys.stderr)
+        sys.exit(2)
+    command = "python bench/routing.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])
+                                           if (argv if argv is not None else sys.argv[1:]) else "")
+    print(f"bench/routing: {spec['model']}, {spec['experts']} experts r={spec['r']}, {spec['batches']} batches x "
+          f"{spec['batch_size']}, {spec['reps']} reps x {spec['rounds']} rounds", file=sys.stderr)
+    results = measure(spec, runner)
+    report = build_report(spec, results)
+    machine_text = args.machine or machine()
+    print(f"\n{command}\nmachine: {machine_text}\n\n{report}")
+    if not results["verify"]["ok"]:
+        print("bench/routing: the equal-work check FAILED (see the table)", file=sys.stderr)
+    if not args.quick and not args.no_record:
+        record(report, command, machine_text, False)
+        print(f"appended to {RESULTS_MD.relative_to(REPO)}", file=sys.stderr)
+    return {"spec": spec, "results": results, "summary": summarize(results), "report": report}
+
+
+if __name__ == "__main__":
+    main()
