@@ -193,3 +193,30 @@ def test_a_skill_with_no_examples_is_an_empty_chunk_error(tmp_path):
                           str(tmp_path / "run")], capture_output=True, text=True)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "empty.jsonl" in out.stderr or "math" in out.stderr
+
+
+def test_held_chunks_go_to_the_new_expert_only_if_they_resemble_it():
+    from types import SimpleNamespace
+
+    from skillstream.experts.signals import SimilarityWeights, TaskSignal
+    from skillstream.experts.stream_run import _assign_held
+
+    def sig(direction):
+        v = torch.tensor(direction, dtype=torch.float)
+        return TaskSignal(v, v, v, 1.0, 10.0)
+
+    life = SimpleNamespace(weights=SimilarityWeights(1.0, 0.0, 0.0))
+    new_skill, old_skill = sig([1.0, 0.0]), sig([0.0, 1.0])
+
+    def held(chunk, signal, best_sim):
+        tensors, meta = signal.state()
+        return {"chunk": chunk, "signal": tensors, "signal_meta": meta, "features": torch.zeros(1, 2),
+                "best": "expert_0", "best_sim": best_sim}
+
+    # chunk 4 was a dip of the old skill (0.8 to expert_0, 0 to the new chunk); chunk 5 is the new skill
+    plan = _assign_held(life, {"decision": "create", "expert": "expert_1"}, new_skill,
+                        [held(4, old_skill, 0.8), held(5, new_skill, 0.1)])
+    assert {k: [c for c, _, _ in v] for k, v in plan.items()} == {"expert_0": [4], "expert_1": [5]}
+    # novelty that did not last: each held chunk returns to the expert it was closest to
+    plan = _assign_held(life, {"decision": "reuse", "expert": "expert_2"}, old_skill, [held(4, new_skill, 0.3)])
+    assert list(plan) == ["expert_0"]

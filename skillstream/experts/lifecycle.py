@@ -164,9 +164,10 @@ class Lifecycle:
     def index(self, name: str) -> int:
         return self.pool.names.index(name)
 
-    def learn_chunk(self, name: str, signal: TaskSignal, features: torch.Tensor, steps: int, step: int) -> float:
-        """After the expert trained on a chunk: refresh its profile, count its steps, train the router."""
-        self.profiles.setdefault(name, ExpertProfile(name)).refresh(signal, step)
+    def learn_chunk(self, name: str, signals: list[TaskSignal], features: torch.Tensor, steps: int, step: int) -> float:
+        """After the expert trained on chunks: refresh its profile, count its steps, train the router."""
+        for signal in signals:
+            self.profiles.setdefault(name, ExpertProfile(name)).refresh(signal, step)
         self.pool.record_training(name, steps)
         loss = float("nan")
         for i in range(self.cfg.router.steps_per_chunk):

@@ -164,26 +164,36 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
         record.update(skill=stages[chunk.skill].name, examples=len(chunk.examples))  # logged, not used
         novel_wait = record["decision"] == "wait" and record["streak"] > 0
         if novel_wait and chunk.index != len(chunks) - 1:
-            state["pending"].append(chunk.index)  # held back until novelty lasts a window
+            # held back until novelty lasts a window; its signal decides later where it goes
+            sig_tensors, sig_meta = signal.state()
+            state["pending"].append({"chunk": chunk.index, "signal": sig_tensors, "signal_meta": sig_meta,
+                                     "features": features, "best": record["best"], "best_sim": record["similarity"]})
             record["trained"] = None
         else:
             if life.adopt(record, state["global_step"]):
                 for g in expert_groups(life.pool, record["expert"], train_cfg0.weight_decay):
                     optimizer.add_param_group({**g, "lr": train_cfg0.lr, "betas": train_cfg0.betas})
             name = record["expert"]
-            batch = [chunks[i] for i in state["pending"]] + [chunk]
+            plan = _assign_held(life, record, signal, state["pending"])
+            plan.setdefault(name, []).append((chunk.index, signal, features))
             state["pending"] = []
-            steps, seconds, tokens = _train_expert(life, name, batch, cfg, stages[0].objective, accelerator, model,
-                                                   optimizer, plugins, log, tok)
-            stats = state["skill_stats"].setdefault(str(chunk.skill), {"steps": 0, "seconds": 0.0, "tokens": 0})
-            stats["steps"], stats["seconds"], stats["tokens"] = (stats["steps"] + steps, stats["seconds"] + seconds,
-                                                                 stats["tokens"] + tokens)
-            router_loss = life.learn_chunk(name, signal, features, steps, state["global_step"])
-            state["global_step"] += steps
-            for c in batch:
-                state["assignments"].setdefault(str(c.skill), []).append(name)
-            record.update(trained=name, chunks_trained=[c.index for c in batch], steps=steps, seconds=round(seconds, 2),
-                          router_loss=router_loss, lr=life.schedule.rate(name))
+            for target in sorted(plan, key=lambda n: n == name):  # the decided expert trains last
+                batch = [chunks[i] for i, _, _ in plan[target]]
+                steps, seconds, tokens = _train_expert(life, target, batch, cfg, stages[0].objective, accelerator,
+                                                       model, optimizer, plugins, log, tok)
+                for c in batch:  # time and tokens by the true skill of the chunks (measurement only)
+                    stats = state["skill_stats"].setdefault(str(c.skill), {"steps": 0, "seconds": 0.0, "tokens": 0})
+                    share = len(c.items) / sum(len(b.items) for b in batch)
+                    stats["steps"] += steps * share
+                    stats["seconds"] += seconds * share
+                    stats["tokens"] += round(tokens * share)
+                    state["assignments"].setdefault(str(c.skill), []).append(target)
+                router_loss = life.learn_chunk(target, [sg for _, sg, _ in plan[target]],
+                                               torch.cat([f for _, _, f in plan[target]]), steps, state["global_step"])
+                state["global_step"] += steps
+            record.update(trained=name, chunks_trained=[i for i, _, _ in plan[name]], steps=steps,
+                          seconds=round(seconds, 2), router_loss=router_loss, lr=life.schedule.rate(name),
+                          reassigned={str(i): t for t in plan if t != name for i, _, _ in plan[t]})
         decisions.append(record)
         if main:
             with (run_dir / DECISIONS).open("a") as f:
@@ -199,6 +209,26 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
     progress.close()
     return _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, decisions, state,
                           time.time() - t_stream, main)
+
+
+def _assign_held(life: Lifecycle, record: dict, signal, held: list[dict]) -> dict[str, list]:
+    """Where the held-back chunks go once a decision is taken: {expert: [(chunk, signal, features)]}.
+
+    On "create", a held chunk joins the new expert if it is at least as close to the chunk that
+    confirmed the novelty as it was to its best old expert (chunks of the new skill), else its best
+    old expert (one odd chunk of an old skill is not a skill). When the novelty did not last, each
+    held chunk goes to the expert it was closest to.
+    """
+    from .signals import TaskSignal, similarity
+
+    plan: dict[str, list] = {}
+    for h in held:
+        sig = TaskSignal.from_state(h["signal"], h["signal_meta"])
+        target = h["best"] or record["expert"]
+        if record["decision"] == "create" and similarity(sig, signal, life.weights) >= (h["best_sim"] or 0.0):
+            target = record["expert"]
+        plan.setdefault(target, []).append((h["chunk"], sig, h["features"]))
+    return plan
 
 
 def _train_expert(life, name, batch, cfg, objective, accelerator, model, optimizer, plugins, log, tok) -> tuple[int, float, int]:
