@@ -9,7 +9,7 @@ from conftest import run_cli
 from skillstream.config import list_recipes, load_recipe
 
 
-def _bad(tmp_path, *sets: str) -> str:
+def _bad_cli(tmp_path, *sets: str) -> str:
     args = [a for s in ("report_to=[]", *sets) for a in ("--set", s)]
     res = run_cli("train", "dragon_hatching", "--out", str(tmp_path / "run"), *args, cwd=tmp_path, timeout=300)
     lines = res.stderr.strip().splitlines()
@@ -19,7 +19,31 @@ def _bad(tmp_path, *sets: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("weight", ["0", "-1", ".nan", ".inf"])
+def _bad(tmp_path, *sets: str) -> str:
+    """The same checks in-process (the CLI turns this UserError into one line and exit status 2, as
+    the two CLI tests below show), so the suite does not start a process per case."""
+    from skillstream.config import parse_override
+    from skillstream.errors import UserError
+    from skillstream.run import train
+
+    overrides = dict(parse_override(s) for s in ("report_to=[]", *sets))
+    with pytest.raises(UserError) as err:
+        train("dragon_hatching", out=tmp_path / "run", overrides=overrides, show_progress=False)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists(), "bad input must leave no run directory"
+    return str(err.value)
+
+
+def test_through_the_cli_a_weight_of_inf_is_one_line_and_status_2(tmp_path):
+    assert "stages.1.data.train.0.weight" in _bad_cli(tmp_path, "stages.1.data.train.0.weight=.inf")
+
+
+def test_through_the_cli_zero_steps_is_one_line_and_status_2(tmp_path):
+    line = _bad_cli(tmp_path, "train.steps=0")
+    assert "zero training steps" in line and "text_coherence: 0" in line and "full_multitask: 0" in line
+
+
+@pytest.mark.parametrize("weight", ["0", "-1", ".nan"])
 def test_stage_weights_that_do_not_sum_to_a_positive_number(tmp_path, weight):
     line = _bad(tmp_path, f"stages.1.data.train.0.weight={weight}")
     assert "stages.1.data.train.0.weight" in line
@@ -32,11 +56,6 @@ def test_stage_without_sources(tmp_path):
 @pytest.mark.parametrize("key", ["stages.2.data.train.1.source", "data.eval.0.source"])
 def test_unknown_task_name(tmp_path, key):
     assert "'no_such_task'" in _bad(tmp_path, f"{key}=no_such_task")
-
-
-def test_curriculum_covering_zero_steps(tmp_path):
-    line = _bad(tmp_path, "train.steps=0")
-    assert "zero training steps" in line and "text_coherence: 0" in line and "full_multitask: 0" in line
 
 
 def test_zero_steps_through_stage_overrides_too(tmp_path):
