@@ -9,6 +9,8 @@ same stream, seed, sizes and step budget:
   ewc_replay       the recipe's defaults: gamma-gated EWC + replay + neuromodulation + early stopping
   expert_per_task  one LoRA per task, chosen at evaluation by the oracle task id
   mtl              one LoRA trained jointly on the union of all tasks (the upper bound), same total steps
+  expert_pool      the expert-pool regime: one unlabelled stream of chunks, a new expert when novelty lasts,
+                   a router choosing experts at evaluation (no task id); one pass over each task's examples
 The main protocol is generative exact match (the answer must be the label); option scoring is
 reported beside it. Nothing here is tuned per task: sizes are per-stream settings.
 
@@ -38,6 +40,13 @@ METHODS = {
     "ewc_replay": {},
     "expert_per_task": {"plugins": [], "lora.per_stage": True},
     "mtl": {"plugins": []},
+    # the expert-pool regime (skillstream/experts/stream_run.py): the tasks as one unlabelled stream of
+    # chunks, reuse-or-create by novelty, a router picks experts at evaluation (task-agnostic); the
+    # novelty settings are dylora_moe's, not tuned on this stream
+    "expert_pool": {"plugins": [], "experts": {
+        "chunk_size": 40, "novelty": {"similarity_threshold": 0.85, "window": 2, "signal_examples": 4,
+                                      "weights": {"embedding": 0.2, "gradient": 0.3, "context": 0.5}},
+        "seeding": {"lr": 1.0e-3, "steps": 10}, "consolidation": {"lr": 2.0e-4}}},
 }
 SIZES = {  # (train examples per task, test examples per task, steps per task)
     "quick": (200, 40, 25),

@@ -47,7 +47,8 @@ def print_summary(run) -> None:
                   f"  ·  run directory {run.run_dir}")
     if "routing" in r:  # a skill stream (experts:): how the learner found and routed the skills
         nov = r["novelty"]
-        console.print(f"AvgAcc {r['avg_acc']:.4f} (oracle expert choice {r['oracle']['avg_acc'] or float('nan'):.4f})  ·  "
+        oracle = r["oracle"]["avg_acc"]
+        console.print(f"AvgAcc {r['avg_acc']:.4f} (oracle expert choice {float('nan') if oracle is None else oracle:.4f})  ·  "
                       f"BWT {r['bwt'] if r['bwt'] is not None else float('nan'):+.4f}  ·  routing accuracy "
                       f"{r['routing']['task_agnostic_accuracy']:.4f}  ·  experts {r['experts_created']} for "
                       f"{r['skills']} skills  ·  new experts at chunks {nov['created_at']} (true boundaries "
