@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from .config import RecipeConfig
 from .continual.metrics import summarize
+from .data.examples import skipped_rows
 
 EXPERTS = "experts"
 DEFAULT_EXPERT = "default"
@@ -58,7 +59,8 @@ def _finish(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask],
     final.update({"initial_details": results["initial"], "details": results["details"],
                   "stages": results["stages"], "experts": expert_names(cfg),
                   "seconds": sum(s["seconds"] for s in results["stages"]),
-                  "truncated": sum(s["truncated"] for s in results["stages"])})
+                  "truncated": sum(s["truncated"] for s in results["stages"]),
+                  "skipped_rows": skipped_rows(cfg)})  # rows dropped under data.invalid_labels=skip, per file
     final.update(protocol_summaries(names, results))
     _write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
     return final

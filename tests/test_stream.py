@@ -146,4 +146,6 @@ def test_a_stream_runs_with_invalid_labels_skip_and_warns_once_per_file(tmp_path
     assert res.returncode == 0, res.stderr[-2000:]
     warnings = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("warning:") and "skipped" in ln]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: {test}: skipped 2 of 4 rows"), warnings
-    assert (tmp_path / "run" / "results.json").exists()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["skipped_rows"] == {str(test): {"file": str(test), "skipped": 2, "rows": 4,
+                                                   "items": ["item 1", "item 3"], "labels": ["-"]}}

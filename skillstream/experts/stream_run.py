@@ -25,7 +25,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..continual.metrics import summarize
 from ..data.batching import BatchPlan
-from ..data.examples import load_examples
+from ..data.examples import load_examples, skipped_rows
 from ..engine import StageState, train_stage
 from ..errors import UserError
 from ..evaluation.runner import evaluate_examples
@@ -300,6 +300,7 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
                     **{k: 0 for k in ("steps", "seconds", "tokens")}, **state["skill_stats"].get(str(i), {})}
                    for i, st in enumerate(stages)],
         "truncated": sum(it.truncated for c in chunks for it in c.items),
+        "skipped_rows": skipped_rows(cfg),  # rows dropped under data.invalid_labels=skip, per file
         **protocol_summaries(names, results),
         "seconds": sum(v["seconds"] for v in state["skill_stats"].values()),  # training only
         "wall_seconds": seconds, "steps": state["global_step"]})
