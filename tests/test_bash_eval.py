@@ -130,3 +130,12 @@ def test_nl2bash_gold_vs_gold2_agreement():
     assert all(0.0 <= s <= 1.0 for s in scores)
     # an exact match always has full structure score
     assert all(s == 1.0 for r, s in zip(rows, scores) if bash_exact_match(r["gold2"], [r["gold"]]))
+
+
+def test_a_bash_c_wrapper_is_scored_as_the_command_it_runs():
+    from skillstream.evaluation.bash import extract_command
+
+    assert extract_command('```bash\nbash -c "ls -la /tmp"\n```') == "ls -la /tmp"
+    assert extract_command("sh -c 'find . -name \"*.py\"'") == 'find . -name "*.py"'
+    assert extract_command("bash script.sh") == "bash script.sh"          # not a -c wrapper
+    assert extract_command('bash -c "echo unbalanced') == 'bash -c "echo unbalanced'

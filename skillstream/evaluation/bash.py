@@ -57,7 +57,21 @@ def extract_command(model_output: str) -> str:
         lines.append(line)
         if not _continues("\n".join(lines)):
             break
-    return "\n".join(lines)
+    return unwrap_shell_c("\n".join(lines))
+
+
+def unwrap_shell_c(cmd: str) -> str:
+    """`bash -c "ls -la"` (or sh/zsh -c) runs `ls -la`: score the command it runs, not the wrapper.
+    SmolLM2-135M wraps most answers so; left wrapped, every one scored as the utility `bash`."""
+    import shlex
+
+    try:
+        parts = shlex.split(cmd)
+    except ValueError:  # unbalanced quotes: leave it to the scorer
+        return cmd
+    if len(parts) == 3 and parts[0] in ("bash", "sh", "zsh", "/bin/bash", "/bin/sh") and parts[1] == "-c":
+        return parts[2].strip()
+    return cmd
 
 
 def _continues(cmd: str) -> bool:
