@@ -27,6 +27,7 @@ PLUGINS: dict[str, str] = {
     "best_final": "skillstream.checkpoint_plugin:BestFinalCheckpoints",
     "ewc": "skillstream.continual.ewc:EWC",
     "replay": "skillstream.continual.replay:Replay",
+    "generative_replay": "skillstream.continual.generative_replay:GenerativeReplay",
     "neuromod": "skillstream.continual.neuromod:Neuromodulation",
     "early_stop": "skillstream.continual.early_stop:EarlyStopping",
 }
