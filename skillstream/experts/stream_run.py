@@ -203,7 +203,9 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
             results["details"].append(row)
             results["rows"].append([r["score"] for r in row])
         state["chunk"] = chunk.index
-        progress.update(chunk.index + 1, {"loss": life.schedule.last_loss, "lr": record.get("lr") or 0.0,
+        # a held-back chunk trained nothing: the line shows the last expert's rate
+        last_lr = life.schedule.rate(life.schedule.current) if life.schedule.current else 0.0
+        progress.update(chunk.index + 1, {"loss": life.schedule.last_loss, "lr": record.get("lr") or last_lr,
                                           "tokens_per_s": life.schedule.tokens_per_s})
         _save(ckpt_dir, state, decisions, life, model, optimizer, train_cfg0, main)
     progress.close()
