@@ -48,6 +48,8 @@ import torch.nn.functional as F  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py)
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 TARGET_GEN = 10.0
 
@@ -304,23 +306,11 @@ def build_report(res: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(curve) + "\n\n" + "\n".join(gen) + "\n\n" + notes + "\n"
 
 
-def machine() -> str:
-    name = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core {name}, shared with other jobs"
-
-
 def record(report: str, command: str, res: dict) -> None:
     from importlib.metadata import version
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with RESULTS_MD.open("a") as f:
-        f.write(f"\n## {stamp} — bench/bdh\n\n- command: `{command}`\n- machine: {machine()}\n"
+        f.write(f"\n## {stamp} — bench/bdh\n\n- command: `{command}`\n- machine: {common.machine()}\n"
                 f"- python {platform.python_version()}, torch {version('torch')}, transformers {version('transformers')}\n\n"
                 f"{report}")
 
@@ -348,7 +338,7 @@ def main(argv=None) -> None:
     command = "python bench/bdh.py" + ("" if not sys.argv[1:] or argv is not None else " " + shlex.join(sys.argv[1:]))
     res = run(args)
     report = build_report(res)
-    print(f"\n{command}\nmachine: {machine()}\n\n{report}")
+    print(f"\n{command}\nmachine: {common.machine()}\n\n{report}")
     print("BENCH_RESULT " + json.dumps({k: v for k, v in res.items()}, default=float))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=float))

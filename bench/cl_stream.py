@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py)
 
 METHODS = {
     "seq_lora": {"plugins": []},
@@ -88,18 +89,6 @@ def run_method(method: str, args, out: Path) -> dict:
     steps_done = sum(s["steps"] for s in results["stages"])
     return {"results": results, "wall_s": time.time() - t0, "train_s": results["seconds"],
             "s_per_step": results["seconds"] / max(steps_done, 1)}
-
-
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
 
 
 def fmt(v) -> str:
@@ -174,7 +163,7 @@ def main() -> None:
     size = "quick" if args.quick else "full"
     cmd = "python bench/cl_stream.py " + " ".join(sys.argv[1:])
     text = (f"## {date.today()} cl_stream ({size}, {args.model}, seed {args.seed})\n\n`{cmd}` on "
-            f"{machine()}, stream {args.stream.name}, run dirs in {out}\n\n"
+            f"{common.machine()}, stream {args.stream.name}, run dirs in {out}\n\n"
             f"{skipped_note(args.stream, args.invalid_labels)}"
             f"Generative exact match (main protocol):\n\n{table(rows, None)}\n\n"
             f"Option scoring:\n\n{table(rows, 'accuracy')}\n\n{overhead_note(rows)}")

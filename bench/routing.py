@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,8 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py)
+from common import MARK  # noqa: E402
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
-MARK = "BENCH_RESULT "
 MiB = 1024 ** 2
 TARGETS = {"peft_top1": 0.9, "mix_top1": 0.9, "mix_dense": 0.5}
 LABELS = {"single": "single PEFT adapter (baseline)", "peft_top1": "top-1 routing, PEFT `adapter_names`",
@@ -151,8 +151,6 @@ def build_inputs(spec: dict, tok) -> list[dict]:
 
 def forward_fn(model, names: list[str], mode: str, logits: str):
     """f(batch) -> logits: one inference forward of `mode` on a batch (the block is entered per batch)."""
-    import torch
-
     from skillstream.experts.mixing import mixing, one_hot
 
     keep = 1 if logits == "last" else 0  # last: the prefill a generation does (no full-vocabulary head)
@@ -360,20 +358,8 @@ def child_main(kind: str, spec_json: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def run_child(kind: str, spec: dict) -> dict:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CI="true", TRANSFORMERS_VERBOSITY="error",
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    t0 = time.time()
-    label = spec.get("mode", kind)
-    print(f"  {kind:<10} {label:<10} ...", end="", flush=True, file=sys.stderr)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child", kind, json.dumps(spec)],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        print(" failed", file=sys.stderr)
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-        sys.exit(f"bench/routing: the {kind} {label} run failed (exit {proc.returncode}):\n{tail}")
-    print(f" {time.time() - t0:.0f}s", file=sys.stderr)
-    return json.loads(lines[-1][len(MARK):])
+    return common.run_child(__file__, kind, spec, label=f"{kind:<10} {spec.get('mode', kind):<10}", bench="bench/routing",
+                            cwd=REPO, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 
 
 def run_inline(kind: str, spec: dict) -> dict:
@@ -476,15 +462,6 @@ def build_report(spec: dict, results: dict) -> str:
             + notes + "\n")
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
-        return f"{info.get('Model name', platform.machine())}, {info.get('CPU(s)', os.cpu_count())} CPUs"
-    except OSError:
-        return f"{platform.machine()}, {os.cpu_count()} CPUs"
-
-
 def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
     out = []
@@ -560,7 +537,7 @@ def main(argv=None, runner=run_child) -> dict | None:
           f"{spec['batch_size']}, {spec['reps']} reps x {spec['rounds']} rounds", file=sys.stderr)
     results = measure(spec, runner)
     report = build_report(spec, results)
-    machine_text = args.machine or machine()
+    machine_text = args.machine or common.machine()
     print(f"\n{command}\nmachine: {machine_text}\n\n{report}")
     if not results["verify"]["ok"]:
         print("bench/routing: the equal-work check FAILED (see the table)", file=sys.stderr)

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,9 @@ SHARED = REPO.parent / "shared"
 SST2 = SHARED / "data" / "glue_stream" / "sst2"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 RECIPE = "quickstart"
-MARK = "BENCH_RESULT "
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py)
+from common import MARK  # noqa: E402
 GiB = 1024 ** 3
 
 TARGET_TRAIN, TARGET_SCORE, TARGET_PEAK_GIB = 1.3, 1.8, 3.0
@@ -265,35 +265,8 @@ def child_main(kind: str, spec_json: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def run_child(kind: str, spec: dict) -> dict:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CI="true", TRANSFORMERS_VERBOSITY="error",
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    t0 = time.time()
-    print(f"  {kind:<16} bf16={spec['bf16']!s:<5} ...", end="", flush=True, file=sys.stderr)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child", kind, json.dumps(spec)],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        print(" failed", file=sys.stderr)
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-        sys.exit(f"bench/throughput: the {kind} run failed (exit {proc.returncode}):\n{tail}")
-    print(f" {time.time() - t0:.0f}s", file=sys.stderr)
-    return json.loads(lines[-1][len(MARK):])
-
-
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
-        name = info.get("Model name", name)
-        sockets, per = int(info.get("Socket(s)", 1)), int(info.get("Core(s) per socket", 0))
-        cores = f"{sockets * per} cores" if per else f"{os.cpu_count()} CPUs"
-        threads = info.get("CPU(s)", str(os.cpu_count()))
-        flags = info.get("Flags", "").split()
-        bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-        return f"{name}, {cores} / {threads} CPUs, native bf16: {'yes' if bf16 else 'no'}"
-    except (OSError, ValueError):
-        return f"{name}, {os.cpu_count()} CPUs"
+    return common.run_child(__file__, kind, spec, label=f"{kind:<16} bf16={spec['bf16']!s:<5}", bench="bench/throughput",
+                            cwd=REPO)
 
 
 def verdict(ok: bool) -> str:
@@ -345,7 +318,7 @@ def record(report: str, command: str, quick: bool) -> None:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with RESULTS_MD.open("a") as f:
         f.write(f"\n## {stamp}{' (quick: wiring check, not a measurement)' if quick else ''}\n\n"
-                f"- command: `{command}`\n- machine: {machine()}\n- python {platform.python_version()}, "
+                f"- command: `{command}`\n- machine: {common.machine()}\n- python {platform.python_version()}, "
                 f"{_versions()}\n\n{report}")
 
 
@@ -413,7 +386,7 @@ def main(argv=None) -> None:
     scoring = run_child("scoring", {**base, "bf16": False})
 
     report = build_report(args, runs, scoring, args.model)
-    print(f"\n{command}\nmachine: {machine()}\n\n{report}")
+    print(f"\n{command}\nmachine: {common.machine()}\n\n{report}")
     if (not q or args.record) and not args.no_record:
         record(report, command, q)
         print(f"appended to {RESULTS_MD.relative_to(REPO)}", file=sys.stderr)

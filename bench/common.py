@@ -1,0 +1,45 @@
+"""What every benchmark script shares: the machine line of a RESULTS.md entry, and running one
+measurement in a fresh subprocess that prints its result as one marked JSON line."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MARK = "BENCH_RESULT "
+QUIET_ENV = {"CUDA_VISIBLE_DEVICES": "", "CI": "true", "TRANSFORMERS_VERBOSITY": "error",
+             "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+
+
+def machine() -> str:
+    """'AMD EPYC ..., 2 CPUs, OMP_NUM_THREADS=1' (the CPU model from /proc/cpuinfo where there is one)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
+def run_child(script: str | Path, kind: str, spec: dict, *, label: str, bench: str, cwd: Path,
+              env: dict | None = None) -> dict:
+    """Run `script --_child KIND SPEC` in a fresh process (its own peak memory, no warm caches) and
+    return the JSON it printed after MARK; a failure stops the benchmark with the child's last lines."""
+    t0 = time.time()
+    print(f"  {label} ...", end="", flush=True, file=sys.stderr)
+    proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--_child", kind, json.dumps(spec)],
+                          cwd=cwd, env={**os.environ, **QUIET_ENV, **(env or {})}, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        print(" failed", file=sys.stderr)
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        sys.exit(f"{bench}: the {label.strip()} run failed (exit {proc.returncode}):\n{tail}")
+    print(f" {time.time() - t0:.0f}s", file=sys.stderr)
+    return json.loads(lines[-1][len(MARK):])
