@@ -220,3 +220,12 @@ def test_held_chunks_go_to_the_new_expert_only_if_they_resemble_it():
     # novelty that did not last: each held chunk returns to the expert it was closest to
     plan = _assign_held(life, {"decision": "reuse", "expert": "expert_2"}, old_skill, [held(4, new_skill, 0.3)])
     assert list(plan) == ["expert_0"]
+
+
+def test_report_shows_routing_per_task_and_the_novelty_decisions(stream_run):
+    from skillstream.report.html import write_report
+
+    _, run = stream_run
+    html = write_report([run.run_dir], None).read_text()
+    assert "Expert pool and novelty decisions" in html and "expert of its skill" in html
+    assert "after math" in html  # which experts answered each task after each skill

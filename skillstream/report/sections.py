@@ -162,7 +162,20 @@ def routing(run: RunData) -> Section | None:
     parts = []
     info = (run.results or {}).get("routing")
     if isinstance(info, dict) and info:
-        parts.append(table(["routing", "value"], [[k, fmt(v) if isinstance(v, float) else v] for k, v in info.items()], "num"))
+        flat = {k: v for k, v in info.items() if not isinstance(v, dict)}
+        parts.append(table(["routing", "value"], [[k, fmt(v) if isinstance(v, float) else v] for k, v in flat.items()], "num"))
+        per_task = info.get("per_task") or {}
+        if per_task:  # a skill stream: each task's test inputs routed to the expert trained on its skill
+            parts.append(table(["task", "expert of its skill", "routed there", "inputs"],
+                               [[t, d.get("expert"), fmt(d.get("accuracy")), d.get("n")] for t, d in per_task.items()], "num"))
+    details = (run.results or {}).get("details") or []
+    tasks = (run.results or {}).get("tasks") or []
+    if details and any("routed_to" in r for row in details for r in row):  # which experts answered each task, per stage
+        stages = [s.get("name", f"stage {i}") for i, s in enumerate((run.results or {}).get("stages") or [])]
+        rows = [[t] + [", ".join(f"{e} {fmt(v)}" for e, v in sorted(row[j].get("routed_to", {}).items(),
+                                                                       key=lambda kv: -kv[1]))
+                       for row in details] for j, t in enumerate(tasks)]
+        parts.append(table(["task"] + [f"after {n}" for n in stages][:len(details)], rows))
     shares = {k.removeprefix("router/share/"): merged(run, k) for k in _keys(run, "router/share/")}
     if shares:
         parts.append(plots.panels({"share of routed inputs": shares}, bounds(run), "router share per expert over time", cols=1))
@@ -179,16 +192,27 @@ def experts(run: RunData) -> Section | None:
         parts.append(table(cols, [[_cell(e.get(c)) for c in cols] for e in detailed], "num"))
     elif len(pool) > 1:  # plain names: only a pool (not the single default adapter) is worth a section
         parts.append(table(["expert"], [[e] for e in pool]))
-    decisions = (run.results or {}).get("novelty") or []
+    decisions = read_decisions(run)
     if decisions:
         xs = [d["chunk"] if isinstance(d.get("chunk"), (int, float)) else i for i, d in enumerate(decisions)]
-        new_at = [x for x, d in zip(xs, decisions) if "new" in str(d.get("decision", "")).lower()]
+        new_at = [x for x, d in zip(xs, decisions) if str(d.get("decision", "")).lower() in ("create", "new")]
         parts.append(plots.novelty(xs, [numeric(d.get("entropy")) for d in decisions],
                                    [numeric(d.get("similarity")) for d in decisions], new_at, "novelty per chunk"))
         parts.append(table(["chunk", "entropy", "similarity", "decision", "expert"],
                            [[d.get("chunk"), _cell(d.get("entropy")), _cell(d.get("similarity")),
                              d.get("decision"), d.get("expert", "")] for d in decisions], "num novelty"))
     return Section("experts", "Expert pool and novelty decisions", "".join(parts)) if parts else None
+
+
+def read_decisions(run: RunData) -> list[dict]:
+    """A skill stream's reuse-or-create decisions: RUN_DIR/decisions.jsonl (or a list in results.json)."""
+    from ..monitor.metrics_log import read_jsonl
+
+    path = run.path / "decisions.jsonl"
+    if path.exists():
+        return read_jsonl(path)
+    listed = (run.results or {}).get("novelty")
+    return listed if isinstance(listed, list) else []
 
 
 def _cell(v) -> str:
