@@ -151,49 +151,41 @@ def build_inputs(spec: dict, tok) -> list[dict]:
 
 def forward_fn(model, names: list[str], mode: str, logits: str):
     """f(batch) -> logits: one inference forward of `mode` on a batch (the block is entered per batch)."""
-    from skillstream.experts.mixing import mixing, one_hot
-
     keep = 1 if logits == "last" else 0  # last: the prefill a generation does (no full-vocabulary head)
-    n = len(names)
 
     def call(b, **kw):
         return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False,
                      logits_to_keep=keep, **kw).logits
 
-    if mode == "single":
-        return call
-    if mode == "peft_top1":
-        return lambda b: call(b, adapter_names=[names[k] for k in b["route"].tolist()])
+    return routed_fn(call, model, names, mode)
 
-    def mixed(b):
-        w = one_hot(b["route"], n) if mode == "mix_top1" else b["dense"]
-        with mixing(model, names, w):
-            return call(b)
+
+def routed_fn(fn, model, names: list[str], mode: str):
+    """fn(batch, **kw) served the way `mode` says: one adapter, PEFT's per-row adapter_names, or `mixing`."""
+    from skillstream.experts.mixing import mixing, one_hot
+
+    if mode == "single":
+        return fn
+    if mode == "peft_top1":
+        return lambda b: fn(b, adapter_names=[names[k] for k in b["route"].tolist()])
     if mode not in ("mix_top1", "mix_dense"):
         raise ValueError(mode)
+
+    def mixed(b):
+        w = one_hot(b["route"], len(names)) if mode == "mix_top1" else b["dense"]
+        with mixing(model, names, w):
+            return fn(b)
     return mixed
 
 
 def generate_fn(model, names: list[str], mode: str, new_tokens: int):
     """f(batch) -> token ids: greedy generation of exactly `new_tokens` tokens per row."""
-    from skillstream.experts.mixing import mixing, one_hot
-
-    n = len(names)
 
     def gen(b, **kw):
         return model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=False,
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
 
-    if mode == "single":
-        return gen
-    if mode == "peft_top1":
-        return lambda b: gen(b, adapter_names=[names[k] for k in b["route"].tolist()])
-
-    def mixed(b):
-        w = one_hot(b["route"], n) if mode == "mix_top1" else b["dense"]
-        with mixing(model, names, w):
-            return gen(b)
-    return mixed
+    return routed_fn(gen, model, names, mode)
 
 
 def _median(xs: list[float]) -> float:

@@ -16,6 +16,7 @@ class EvalTask:
     examples: list[Example]
     max_new_tokens: int
     also: list[str] = field(default_factory=list)  # further protocols scored on the same examples
+    expert: str | None = None  # skill streams: answer with this expert instead of the router's choice
 
 
 def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
@@ -34,7 +35,7 @@ def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
         for extra in t.also:
             if extra == "accuracy" and examples[0].kind != "classification":
                 raise UserError(f"data.eval[{t.name}].also: 'accuracy' needs a classification task folder")
-        tasks.append(EvalTask(t.name, metric, examples, t.max_new_tokens, [a for a in t.also if a != metric]))
+        tasks.append(EvalTask(t.name, metric, examples, t.max_new_tokens, [a for a in t.also if a != metric], t.expert))
     return tasks
 
 

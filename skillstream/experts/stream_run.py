@@ -72,12 +72,11 @@ def check_stream_recipe(cfg, stages, eval_tasks, world: int) -> None:
     if cfg.lora.per_stage:
         raise UserError("experts: lora.per_stage and experts are two ways to make experts: choose one")
     possible = [f"{cfg.experts.prefix}{i}" for i in range(cfg.experts.max_experts)]
-    resolved = cfg.resolved_stages()
-    for t, src in zip(eval_tasks, resolved[0].data.eval):
-        if src.expert is not None and src.expert not in possible:
-            raise UserError(f"data.eval[{src.name}].expert: unknown expert {src.expert!r} "
+    for t in eval_tasks:
+        if t.expert is not None and t.expert not in possible:
+            raise UserError(f"data.eval[{t.name}].expert: unknown expert {t.expert!r} "
                             f"(experts are named {possible[0]} .. {possible[-1]})")
-    for st in resolved:
+    for st in cfg.resolved_stages():
         if not st.data.train:
             raise UserError(f"stage {st.name!r}: data.train is empty (an empty chunk of the stream)")
 
@@ -85,8 +84,8 @@ def check_stream_recipe(cfg, stages, eval_tasks, world: int) -> None:
 def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str] | None = None) -> list[dict]:
     rows = []
     names = life.pool.names
-    for t, src in zip(tasks, cfg.resolved_stages()[0].data.eval):
-        expert = (forced or {}).get(t.name) or src.expert
+    for t in tasks:
+        expert = (forced or {}).get(t.name) or t.expert
         if expert is not None and expert not in names:
             rows.append({"score": None, "metric": t.metric, "error": f"expert {expert!r} was never created"})
             continue
@@ -179,8 +178,8 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
             state["pending"] = []
             for target in sorted(plan, key=lambda n: n == name):  # the decided expert trains last
                 batch = [chunks[i] for i, _, _ in plan[target]]
-                steps, seconds, tokens = _train_expert(life, target, batch, cfg, stages[0].objective, accelerator,
-                                                       model, optimizer, plugins, log, tok)
+                steps, seconds, tokens = _train_expert(life, target, batch, cfg, train_cfg0, stages[0].objective,
+                                                       accelerator, model, optimizer, plugins, log, tok)
                 for c in batch:  # time and tokens by the true skill of the chunks (measurement only)
                     stats = state["skill_stats"].setdefault(str(c.skill), {"steps": 0, "seconds": 0.0, "tokens": 0})
                     share = len(c.items) / sum(len(b.items) for b in batch)
@@ -233,13 +232,14 @@ def _assign_held(life: Lifecycle, record: dict, signal, held: list[dict]) -> dic
     return plan
 
 
-def _train_expert(life, name, batch, cfg, objective, accelerator, model, optimizer, plugins, log, tok) -> tuple[int, float, int]:
+def _train_expert(life, name, batch, cfg, train_cfg, objective, accelerator, model, optimizer, plugins, log,
+                  tok) -> tuple[int, float, int]:
     """The named expert alone trains (PEFT's own single-adapter path) on the chunks' examples."""
     life.pool.set_trainable([name])
     life.model.set_adapter(name)
     life.schedule.current = name
     items = [it for c in batch for it in c.items]
-    st_cfg = life_stage_cfg(cfg, len(items))
+    st_cfg = life_stage_cfg(cfg, train_cfg, len(items))
     plan = BatchPlan([items], [1.0], st_cfg.batch_size, cfg.seed + batch[-1].index,
                      length_grouped=st_cfg.batching == "length_grouped")
     state = train_stage(accelerator=accelerator, model=model, optimizer=optimizer, objective=objective, plan=plan,
@@ -249,8 +249,8 @@ def _train_expert(life, name, batch, cfg, objective, accelerator, model, optimiz
     return state.step, state.seconds, state.tokens
 
 
-def life_stage_cfg(cfg, n_items: int):
-    t = cfg.resolved_stages()[0].train
+def life_stage_cfg(cfg, t, n_items: int):
+    """A chunk's train settings: the recipe's, for the steps its examples need; rates come from ExpertLR."""
     steps = chunk_steps(n_items, cfg.experts.chunk_epochs, t.batch_size * t.grad_accum)
     return t.model_copy(update={"steps": steps, "schedule": "constant", "warmup_steps": 0,
                                 "log_every": min(t.log_every, steps), "checkpoint_every": 10 ** 9})
