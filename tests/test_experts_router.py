@@ -81,6 +81,29 @@ def test_pooled_features_ignore_padding_and_adapters(tiny):
     assert flags == {n: p.requires_grad for n, p in peft_model.named_parameters()}
 
 
+def test_last_token_features_at_a_depth_are_that_layers_state_whatever_the_padding(tiny):
+    model, tok = tiny
+    texts = ["list files", "What is 2 + 2? And what is 3 + 3?"]
+    n_layers = model.config.num_hidden_layers
+    depth = 0.5
+    layer = round(depth * n_layers)  # hidden_states[layer] is the output of that many decoder layers
+    for side in ("left", "right"):
+        tok.padding_side = side
+        batch = tok(texts, return_tensors="pt", padding=True)
+        feats = pooled_features(model, batch, pooling="last", depth=depth)
+        for i, text in enumerate(texts):
+            alone = model.model(**tok([text], return_tensors="pt"), output_hidden_states=True).hidden_states[layer][0, -1]
+            assert torch.allclose(feats[i], alone, atol=1e-5), side
+    tok.padding_side = "right"
+    # depth 1.0 is the final normed output, as before; a router remembers how it reads
+    full = pooled_features(model, tok(texts, return_tensors="pt", padding=True), pooling="last")
+    assert not torch.allclose(full, feats)
+    router = Router(full.shape[1], 2, pooling="last", depth=depth)
+    assert Router(**router.config()).read(model, tok(texts[:1], return_tensors="pt")).shape == (1, full.shape[1])
+    with pytest.raises(Exception, match="depth must be in"):
+        Router(8, 2, depth=1.5)
+
+
 def test_router_does_not_forget_skill_one_with_feature_replay(features):
     with_replay = accuracy(train_sequentially(features, feature_alpha=0.5).router, features)
     without = accuracy(train_sequentially(features, feature_alpha=0.0).router, features)

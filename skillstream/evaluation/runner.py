@@ -19,15 +19,21 @@ def normalize_text(s: str) -> str:
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
              temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-    """Batched decoding with a KV cache (greedy unless temperature > 0); returns the new text only."""
+    """Batched decoding with a KV cache (greedy unless temperature > 0); returns the new text only,
+    in the order of `prompts`. Prompts are batched by length (longest first), so a batch pads little:
+    tool-call prompts differ by hundreds of tokens of schemas, and padding is computed like tokens."""
     old_side, tok.padding_side = tok.padding_side, "left"
-    outs = []
+    lengths = [len(ids) for ids in tok(prompts, add_special_tokens=True)["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    outs: list[str | None] = [None] * len(prompts)
     try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            enc = tok([prompts[j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
             kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
-            outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j, text in zip(idx, tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+                outs[j] = text
     finally:
         tok.padding_side = old_side
     return outs

@@ -21,7 +21,7 @@ from ..config import ExpertsConfig, PhaseConfig
 from ..plugins import Plugin, StepContext
 from .novelty import NoveltyDetector
 from .pool import ExpertPool, ExpertRecord, MaturityRule
-from .router import FeatureMemory, Router, RouterTrainer, pooled_features
+from .router import FeatureMemory, Router, RouterTrainer
 from .signals import ExpertProfile, SignalConfig, SimilarityWeights, TaskSignal, compute_signal, similarity
 
 
@@ -102,7 +102,7 @@ class Lifecycle:
         self.model, self.tok, self.renderer, self.cfg = model, tokenizer, renderer, cfg
         self.pool = ExpertPool(model, rule=MaturityRule(mature_steps=cfg.router.mature_steps), seed=seed)
         dim = model.get_base_model().config.hidden_size
-        self.router = Router(dim, 1, kind=cfg.router.kind, seed=seed)
+        self.router = Router(dim, 1, kind=cfg.router.kind, seed=seed, pooling=cfg.router.pooling, depth=cfg.router.depth)
         self.trainer = RouterTrainer(self.router, feature_alpha=cfg.router.feature_alpha, lr=cfg.router.lr,
                                      capacity_per_expert=cfg.router.capacity_per_expert, seed=seed)
         self.novelty = NoveltyDetector(cfg.novelty.entropy_threshold, cfg.novelty.similarity_threshold,
@@ -129,8 +129,8 @@ class Lifecycle:
                 ids = ids[-self.signal_cfg.max_length:]  # keep the end: the request sits after the tool schemas
                 items.append(Tokenized(ids, list(ids), False))
             batch = collate(items, pad)
-            feats.append(pooled_features(self.model, {k: batch[k].to(self.model.device)
-                                                      for k in ("input_ids", "attention_mask")}))
+            feats.append(self.router.read(self.model, {k: batch[k].to(self.model.device)
+                                                       for k in ("input_ids", "attention_mask")}))
         return torch.cat(feats)
 
     def decide(self, examples) -> tuple[dict, TaskSignal, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 `routed(model, router, names, maturity, ...)` is a context manager. Inside it, every forward pass
 that starts a new sequence (no KV cache yet: a generate's prefill, option scoring's prompt pass,
-a perplexity pass) reads the frozen backbone's pooled features of its inputs, asks the router for
+a perplexity pass) reads the frozen backbone's features of its inputs (`Router.read`), asks the router for
 per-sample probabilities, turns them into mixing weights with the hybrid policy (a sample whose
 top expert is mature is delegated to its top-k experts; otherwise it is served by the dense mix),
 and keeps them for the cached decoding steps that follow. With `expert=NAME` every sample is
@@ -19,7 +19,7 @@ import torch
 
 from ..errors import UserError
 from .mixing import hybrid_weights, mixing, one_hot
-from .router import Router, pooled_features
+from .router import Router
 
 
 @dataclass
@@ -66,7 +66,7 @@ def routed(model, router: Router | None, names: list[str], maturity: torch.Tenso
                 else:
                     mix.paused = True  # the router reads the backbone alone
                     try:
-                        feats = pooled_features(model, {"input_ids": ids, "attention_mask": mask})
+                        feats = router.read(model, {"input_ids": ids, "attention_mask": mask})
                     finally:
                         mix.paused = False
                     with torch.no_grad():

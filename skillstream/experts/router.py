@@ -1,7 +1,11 @@
 """A sequence-level router over what the frozen backbone sees, trained without forgetting old experts.
 
-The router reads `pooled_features` (mean of the backbone's last hidden states over real tokens,
-adapters off), so its input does not drift as experts train. It is trained by cross-entropy on
+The router reads `pooled_features` of the frozen backbone (adapters off), so its input does not
+drift as experts train: the hidden states at a relative `depth` of the layer stack (1.0 = the final,
+normed output), pooled over real tokens (`mean`) or read at the last real token (`last`, the state
+from which the model is about to answer). Mean-pooling the final layer is the classic choice; on
+SmolLM2-135M it could not tell "a question this function answers" from "one it does not" (BFCL
+simple vs irrelevance), while the last token at 0.4 depth could (bench/RESULTS.md, 2026-11-23). It is trained by cross-entropy on
 which expert a chunk belongs to. Trained on the current expert's chunks only, a softmax head
 quickly sends everything to the newest expert; `FeatureMemory` prevents that: it keeps, per
 expert, a running-mean prototype and a reservoir of past features, and `RouterTrainer` draws a
@@ -51,9 +55,61 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+POOLINGS = ("mean", "last")
+
+
+class _Reached(Exception):
+    """Raised by the hook on the chosen layer: the layers above it are not computed."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+def _decoder_layers(body: torch.nn.Module) -> torch.nn.ModuleList:
+    n = getattr(getattr(body, "config", None), "num_hidden_layers", None)
+    layers = getattr(body, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        return layers
+    for module in body.modules():  # GPT-2 style: `h`; others: the ModuleList as long as the model is deep
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise UserError(f"router depth < 1: cannot find the decoder layers of {type(body).__name__}")
+
+
+def _hidden_at(body: torch.nn.Module, depth: float, **inputs) -> torch.Tensor:
+    """Hidden states after round(depth * n_layers) decoder layers (depth 1.0: the final normed output)."""
+    if depth >= 1.0:
+        return body(**inputs).last_hidden_state
+    layers = _decoder_layers(body)
+    index = min(len(layers), max(1, round(depth * len(layers)))) - 1
+
+    def stop(module, args, output):
+        raise _Reached(output[0] if isinstance(output, tuple) else output)
+
+    handle = layers[index].register_forward_hook(stop)
+    try:
+        body(**inputs)
+    except _Reached as reached:
+        return reached.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError("router features: the chosen decoder layer never ran")
+
+
+def last_real(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's hidden state at its last real token (left or right padding alike)."""
+    index = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0]), index]
+
+
 @torch.no_grad()
-def pooled_features(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """(batch, hidden) mean of the frozen backbone's last hidden states over non-pad tokens."""
+def pooled_features(model: torch.nn.Module, batch: dict, pooling: str = "mean", depth: float = 1.0) -> torch.Tensor:
+    """(batch, hidden) features of the frozen backbone: its hidden states at `depth`, averaged over
+    non-pad tokens (`mean`) or taken at the last real token (`last`)."""
+    if pooling not in POOLINGS:
+        raise UserError(f"router pooling must be one of {POOLINGS}, got {pooling!r}")
+    if not 0.0 < depth <= 1.0:
+        raise UserError(f"router depth must be in (0, 1], got {depth}")
     mask = batch.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(batch["input_ids"])
@@ -61,8 +117,9 @@ def pooled_features(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     # (training) give the same features
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     with backbone_only(model), eval_mode(model):
-        hidden = _body(model)(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).last_hidden_state
-    return masked_mean(hidden.float(), mask)
+        hidden = _hidden_at(_body(model), depth, input_ids=batch["input_ids"], attention_mask=mask,
+                            position_ids=positions, use_cache=False).float()
+    return masked_mean(hidden, mask) if pooling == "mean" else last_real(hidden, mask)
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -76,13 +133,19 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
 class Router(torch.nn.Module):
     """Logits over experts from pooled features; kind "linear" or "mlp" (one hidden GELU layer)."""
 
-    def __init__(self, dim: int, n_experts: int = 1, kind: str = "linear", hidden: int = 128, seed: int = 0):
+    def __init__(self, dim: int, n_experts: int = 1, kind: str = "linear", hidden: int = 128, seed: int = 0,
+                 pooling: str = "mean", depth: float = 1.0):
         super().__init__()
         if kind not in ("linear", "mlp"):
             raise UserError(f"router kind must be 'linear' or 'mlp', got {kind!r}")
         if n_experts < 1:
             raise UserError(f"router needs at least one expert, got {n_experts}")
+        if pooling not in POOLINGS:
+            raise UserError(f"router pooling must be one of {POOLINGS}, got {pooling!r}")
+        if not 0.0 < depth <= 1.0:
+            raise UserError(f"router depth must be in (0, 1], got {depth}")
         self.dim, self.kind, self.hidden, self.seed = dim, kind, hidden, seed
+        self.pooling, self.depth = pooling, depth
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.random.default_generator.manual_seed(seed)
             self.trunk = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU()) if kind == "mlp" \
@@ -92,6 +155,10 @@ class Router(torch.nn.Module):
     @property
     def n_experts(self) -> int:
         return self.head.out_features
+
+    def read(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The features this router was trained on, for a batch of token ids."""
+        return pooled_features(model, batch, self.pooling, self.depth)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # Per-sample standardisation: backbone features have large shared offsets and outlier
@@ -120,7 +187,8 @@ class Router(torch.nn.Module):
         return self.n_experts - 1
 
     def config(self) -> dict:
-        return {"dim": self.dim, "n_experts": self.n_experts, "kind": self.kind, "hidden": self.hidden, "seed": self.seed}
+        return {"dim": self.dim, "n_experts": self.n_experts, "kind": self.kind, "hidden": self.hidden, "seed": self.seed,
+                "pooling": self.pooling, "depth": self.depth}
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -1,0 +1,142 @@
+"""bench/router_features: which frozen-backbone features let a router tell a recipe's skills apart.
+
+For every stage (skill) of a recipe, the training prompts (`--train` per skill) and the held-out
+prompts of the evaluation task of the same name (`--test` per skill) are rendered exactly as the
+router sees them at generation time. One forward pass per prompt gives every layer's hidden states;
+for each (pooling, depth) a `skillstream.experts.router.Router` (the router the skill stream trains,
+per-sample layer norm and all) is fitted on the training features of all skills at once (the
+jointly trained ceiling of a linear router on those features) and scored on the held-out ones.
+A check confirms that the features taken here are what `pooled_features` (the router's reader)
+returns for one configuration.
+
+    python bench/router_features.py                      # dylora_moe on SmolLM2-135M, appends to bench/RESULTS.md
+    python bench/router_features.py --quick              # tiny model, 8 prompts per skill: wiring check, records nothing
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py)
+
+
+def skill_prompts(recipe: str, model: str, n_train: int, n_test: int):
+    """{skill: (train examples, test examples)}: each stage's training source and its eval task."""
+    from skillstream.config import load_recipe
+    from skillstream.data.examples import load_examples
+
+    cfg = load_recipe(recipe, overrides={"model": model})
+    out = {}
+    for st in cfg.resolved_stages():
+        task = next((t for t in st.data.eval if t.name == st.name), None)
+        if task is None or not st.data.train:
+            raise SystemExit(f"error: recipe {recipe!r} stage {st.name!r} has no eval task of the same name")
+        train = load_examples(st.data.train[0].model_copy(update={"limit": n_train}))
+        test = load_examples(task.model_copy(update={"limit": n_test}))
+        out[st.name] = (train, test)
+    return cfg, out
+
+
+@torch.no_grad()
+def layer_features(model, tok, renderer, examples, depths: list[float], max_length: int) -> dict:
+    """{(pooling, depth): (n, hidden)} from one forward per prompt (batch 1: no padding at all)."""
+    from skillstream.experts.router import _body, _decoder_layers
+
+    body = _body(model)
+    n_layers = len(_decoder_layers(body))
+    feats: dict[tuple[str, float], list[torch.Tensor]] = {}
+    for ex in examples:
+        ids = tok(renderer.prompt_text(ex), add_special_tokens=True)["input_ids"][-max_length:]
+        hidden = body(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for d in depths:
+            # hidden_states[k] is the output of k decoder layers; the last entry is the final normed output
+            h = hidden[-1] if d >= 1.0 else hidden[min(n_layers, max(1, round(d * n_layers)))]
+            feats.setdefault(("mean", d), []).append(h[0].float().mean(0))
+            feats.setdefault(("last", d), []).append(h[0, -1].float())
+    return {k: torch.stack(v) for k, v in feats.items()}
+
+
+def fit_router(train: list[torch.Tensor], test: list[torch.Tensor], steps: int, seed: int) -> list[float]:
+    """Held-out accuracy per skill of a Router fitted jointly on every skill's training features."""
+    from skillstream.experts.router import Router
+
+    x = torch.cat(train)
+    y = torch.cat([torch.full((len(t),), i) for i, t in enumerate(train)])
+    router = Router(x.shape[1], len(train), seed=seed)
+    opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(router(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        return [float((router(t).argmax(-1) == i).float().mean()) for i, t in enumerate(test)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="dylora_moe")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--train", type=int, default=32, help="training prompts per skill")
+    ap.add_argument("--test", type=int, default=40, help="held-out prompts per skill")
+    ap.add_argument("--depths", default="0.2,0.3,0.4,0.5,0.6,0.8,1.0")
+    ap.add_argument("--steps", type=int, default=300, help="full-batch Adam steps of the router fit")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.train, args.test = "tiny", 8, 8
+    from skillstream.data.render import Renderer
+    from skillstream.experts.router import pooled_features
+    from skillstream.models.backbone import load_backbone
+
+    torch.manual_seed(args.seed)
+    depths = [float(d) for d in args.depths.split(",")]
+    t0 = time.time()
+    cfg, skills = skill_prompts(args.recipe, args.model, args.train, args.test)
+    model, tok = load_backbone(args.model, seed=args.seed)
+    model.eval()
+    renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
+    feats = {s: tuple(layer_features(model, tok, renderer, part, depths, cfg.data.max_length) for part in parts)
+             for s, parts in skills.items()}
+    # what the router's own reader returns for the first prompt: must be the feature measured here
+    first = next(iter(skills.values()))[0][:1]
+    ids = tok(renderer.prompt_text(first[0]), add_special_tokens=True, return_tensors="pt")
+    ids = {k: v[:, -cfg.data.max_length:] for k, v in ids.items()}
+    for pooling in ("mean", "last"):
+        reader = pooled_features(model, ids, pooling=pooling, depth=depths[0])[0]
+        here = feats[next(iter(skills))][0][(pooling, depths[0])][0]
+        if not torch.allclose(reader, here, atol=1e-4):
+            raise SystemExit(f"error: features differ from the router's reader ({pooling}, depth {depths[0]})")
+    names = list(skills)
+    rows = []
+    for pooling in ("mean", "last"):
+        for d in depths:
+            per = fit_router([feats[s][0][(pooling, d)] for s in names], [feats[s][1][(pooling, d)] for s in names],
+                             args.steps, args.seed)
+            n = [len(skills[s][1]) for s in names]
+            overall = sum(p * k for p, k in zip(per, n)) / sum(n)
+            rows.append(f"| {pooling} | {d:.1f} | {overall:.3f} | " + " | ".join(f"{p:.2f}" for p in per) + " |")
+            print(rows[-1], flush=True)
+    cmd = "python bench/router_features.py " + " ".join(sys.argv[1:])
+    text = (f"## {date.today()} router_features ({args.recipe}, {args.model}, seed {args.seed})\n\n`{cmd}` on "
+            f"{common.machine()}, {time.time() - t0:.0f} s. Linear Router fitted jointly on {args.train} training "
+            f"prompts per skill, held-out accuracy on {args.test} per skill (test split), features from the "
+            f"frozen backbone at a relative depth (1.0 = final normed output).\n\n"
+            f"| pooling | depth | held-out acc. | " + " | ".join(names) + " |\n|---|---:|---:|"
+            + "---:|" * len(names) + "\n" + "\n".join(rows) + "\n")
+    print(text)
+    if not args.quick:
+        with (ROOT / "bench" / "RESULTS.md").open("a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""bench/router_features --quick: the feature table is produced from the router's own reader."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_prints_a_row_per_pooling_and_depth():
+    proc = subprocess.run([sys.executable, "bench/router_features.py", "--quick", "--depths", "0.5,1.0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| mean |") or ln.startswith("| last |")]
+    assert len(rows) == 2 * 2 * 2  # printed as measured, then in the recorded table
+    header = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| pooling |"))
+    assert header.split("|")[4:8] == [" bash ", " call ", " choose ", " decline "]
+    for row in rows:
+        accuracies = [float(c) for c in row.strip("|").split("|")[2:]]
+        assert all(0.0 <= a <= 1.0 for a in accuracies)
