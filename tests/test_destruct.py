@@ -106,7 +106,10 @@ def test_sigkill_in_the_middle_of_ppo_resumes_to_the_uninterrupted_weights(tmp_p
     resumed = run_cli("train", "destruct", "--out", str(broken), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     (a_adapter, a_obj), (b_adapter, b_obj) = _final_weights(full), _final_weights(broken)
-    assert a_obj.keys() == b_obj.keys() == {"objective.value_head.weight", "objective.value_head.bias"}
+    assert a_obj.keys() == b_obj.keys()
+    assert {k for k in a_obj if not k.startswith("objective.ref.")} == {"objective.value_head.weight", "objective.value_head.bias"}
+    # PPO follows the mixture stage: its KL reference is a frozen copy of that stage's adapter, checkpointed
+    assert any(k.startswith("objective.ref.") and "lora_B" in k for k in a_obj)
     for a, b in ((a_adapter, b_adapter), (a_obj, b_obj)):
         assert a.keys() == b.keys()
         for k in a:

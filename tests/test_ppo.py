@@ -102,7 +102,7 @@ def test_kl_is_zero_when_the_policy_is_the_reference_and_ratio_is_one_on_the_fir
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    obj = _objective(cfg, tok, renderer, kl_estimator="k3", kl_target=1e-3)
+    obj = _objective(cfg, tok, renderer, kl_estimator="k3", kl_target=1e-3, reference="base")
     params = [p for p in model.parameters() if p.requires_grad] + list(obj.extra_parameters().values())
     opt = torch.optim.SGD(params, lr=0.5)
     batch = obj.collate(items, tok.pad_token_id)
@@ -120,6 +120,15 @@ def test_kl_is_zero_when_the_policy_is_the_reference_and_ratio_is_one_on_the_fir
         opt.zero_grad()
     _, m3, _ = obj(model, batch)          # a new rollout: ratio back to exactly 1
     assert m3["objective/rollouts"] == 2.0 and m3["val/ratio"] == 1.0 and m3["policy/clipfrac_avg"] == 0.0
+    # PPO after SFT (a trained adapter at the stage start): by default the KL leash holds the policy
+    # to that adapter, as TRL's reference model does -- not to the bare backbone
+    after_sft = _objective(cfg, tok, renderer, kl_estimator="k3")
+    after_sft.begin_stage(model)
+    assert after_sft.reference.resolved == "adapter" and "ref.base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight" in \
+        after_sft.extra_parameters()
+    _, m4, _ = after_sft(model, batch)
+    assert m4["objective/kl"] == 0.0
+    assert after_sft.state_dict()["reference"] == "adapter"
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in saved:

@@ -21,16 +21,8 @@ sequences followed by the B rejected ones. (MUSE's public code ran the same inpu
 delta was 0 and the loss stayed at log 2 whatever the model did.) The loss starts at exactly
 log 2 only when the policy equals the reference.
 
-The reference is never a second copy of the backbone (``reference``):
-
-* ``base``: the same model with its LoRA adapter disabled (``model.disable_adapter()``);
-* ``adapter``: a frozen copy of the trainable (adapter) weights taken when the stage begins, i.e.
-  the policy the stage starts from -- the SFT policy when DPO follows an SFT stage. Its weights
-  are swapped in for the reference pass (no extra modules, no copy of the backbone) and ride in
-  checkpoints as the objective's (frozen) parameters, so a resumed run keeps the same reference;
-* ``auto`` (default): ``adapter`` when the adapter has already been trained (any non-zero
-  ``lora_B``), else ``base`` (a fresh LoRA adapter is a no-op: both give the same reference).
-
+The reference is never a second copy of the backbone (``reference``: auto | base | adapter, see
+objectives/reference.py): by default the policy the stage starts from (the SFT adapter after SFT).
 The reference pass runs in eval mode (no dropout) under ``torch.no_grad()``.
 """
 from __future__ import annotations
@@ -45,9 +37,9 @@ from ..data.examples import Example
 from ..data.render import IGNORE, Renderer
 from ..errors import UserError
 from .lm import _plain_head_parts
+from .reference import Reference
 
 LOSSES = ("sigmoid", "hinge", "ipo")
-REFERENCES = ("auto", "base", "adapter")
 
 
 @dataclass
@@ -137,14 +129,10 @@ class DPOObjective:
     def __init__(self, beta: float = 0.1, loss: str = "sigmoid", reference: str = "auto", **context):
         if loss not in LOSSES:
             raise UserError(f"objective dpo: loss {loss!r} unknown (expected one of {', '.join(LOSSES)})")
-        if reference not in REFERENCES:
-            raise UserError(f"objective dpo: reference {reference!r} unknown (expected one of {', '.join(REFERENCES)})")
+        self.reference = Reference(reference, "objective dpo")
         if not beta > 0:
             raise UserError(f"objective dpo: beta must be > 0 (got {beta})")
-        self.beta, self.loss, self.reference = float(beta), loss, reference
-        self.resolved: str | None = None          # base | adapter, fixed when the stage begins
-        self._policy: dict[str, torch.nn.Parameter] = {}
-        self._frozen: dict[str, torch.nn.Parameter] = {}
+        self.beta, self.loss = float(beta), loss
 
     # -- protocol ------------------------------------------------------------------------------
     def tokenize(self, example: Example, renderer: Renderer) -> PairItem:
@@ -174,50 +162,31 @@ class DPOObjective:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     def extra_parameters(self) -> dict:
-        return {f"ref.{k}": v for k, v in self._frozen.items()}
+        return self.reference.parameters()
 
     def state_dict(self) -> dict:
-        return {"reference": self.resolved}
+        return self.reference.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.resolved = state.get("reference") or self.resolved
+        self.reference.load_state_dict(state)
+
+    @property
+    def resolved(self) -> str | None:
+        return self.reference.resolved
 
     # -- reference -------------------------------------------------------------------------------
     def begin_stage(self, model) -> None:
-        """Fix the reference: the policy as it stands when the stage begins (see the module doc)."""
-        inner = _unwrap(model)
-        self._policy = {n: p for n, p in inner.named_parameters() if p.requires_grad}
-        mode = self.resolved or self.reference
-        if mode == "auto":
-            trained = any(bool(p.detach().abs().sum() > 0) for n, p in self._policy.items() if "lora_B" in n)
-            mode = "adapter" if trained or not hasattr(inner, "disable_adapter") else "base"
-        if mode == "base" and not hasattr(inner, "disable_adapter"):
-            raise UserError("objective dpo: reference 'base' needs a LoRA (PEFT) model")
-        self.resolved = mode
-        self._frozen = {n: torch.nn.Parameter(p.detach().clone(), requires_grad=False) for n, p in self._policy.items()} \
-            if mode == "adapter" else {}
-
-    def _swap(self) -> None:
-        for n, p in self._policy.items():
-            frozen = self._frozen[n]
-            p.data, frozen.data = frozen.data, p.data
+        """Fix the reference: the policy as it stands when the stage begins (see objectives/reference.py)."""
+        self.reference.begin(_unwrap(model))
 
     @torch.no_grad()
     def reference_logps(self, model, batch) -> torch.Tensor:
-        if self.resolved is None:
-            self.begin_stage(model)
         inner = _unwrap(model)
         was_training = inner.training
         inner.eval()
         try:
-            if self.resolved == "base":
-                with inner.disable_adapter():
-                    return sequence_logps(inner, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            self._swap()
-            try:
+            with self.reference.active(inner):
                 return sequence_logps(inner, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            finally:
-                self._swap()
         finally:
             inner.train(was_training)
 

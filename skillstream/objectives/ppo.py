@@ -3,8 +3,10 @@
 One **rollout** = the engine's prompt batch: the current policy samples a response to each prompt
 (KV cache, temperature, top-p, max_new_tokens; a generator seeded by (seed, rollout index), so
 rollouts do not depend on the global RNG); the verifier rewards score each response; per-token
-log-probabilities are computed for the policy and for the reference -- the same backbone with
-the policy adapter disabled (`disable_adapter()`, never a second copy) -- and a per-token KL
+log-probabilities are computed for the policy and for the reference (`reference`, see
+objectives/reference.py: by default the policy the stage starts from -- the backbone with the
+adapter disabled for a fresh adapter, a frozen copy of the SFT adapter after SFT / `init_from`,
+as TRL's reference; never a second copy of the backbone) -- and a per-token KL
 penalty `-kl_coef * kl_t` (estimator `k1`: log p - log q, or `k3`: (q/p - 1) - log(q/p)) is added to
 the rewards, the verifier score landing on the last generated token. A value head (a linear map of
 the backbone's last hidden state, trained with the policy and checkpointed through
@@ -41,6 +43,7 @@ import torch
 
 from ..errors import UserError
 from .lm import _plain_head_parts
+from .reference import Reference
 from .rewards import Sample, parse_rewards
 
 KL_ESTIMATORS = ("k1", "k3")
@@ -175,6 +178,7 @@ class PPOObjective:
       kl_coef            KL penalty coefficient (0.05); kl_estimator: k1 | k3 (k1)
       kl_target          adaptive controller target in nats per response (null = fixed coefficient)
       kl_horizon         controller horizon (10000)
+      reference          auto | base | adapter: what the KL is measured against (auto)
       whiten_advantages  normalise advantages over the rollout's tokens (true)
       missing_eos_penalty subtracted from the score of a response cut at max_new_tokens (null)
     """
@@ -186,9 +190,10 @@ class PPOObjective:
                  cliprange: float = 0.2, cliprange_value: float = 0.2, vf_coef: float = 0.1, ent_coef: float = 0.0,
                  kl_coef: float = 0.05, kl_estimator: str = "k1", kl_target: float | None = None,
                  kl_horizon: int = 10000, whiten_advantages: bool = True, missing_eos_penalty: float | None = None,
-                 hidden_size: int | None = None, seed: int | None = None, tokenizer=None, renderer=None,
-                 recipe=None, **context):
+                 reference: str = "auto", hidden_size: int | None = None, seed: int | None = None, tokenizer=None,
+                 renderer=None, recipe=None, **context):
         where = "objective ppo"
+        self.reference = Reference(reference, where)
         self.rewards = parse_rewards(rewards if rewards is not None else {"bash_structure": 1.0})
         checks = [(name, value) for name, value in (("max_new_tokens", max_new_tokens), ("ppo_epochs", ppo_epochs),
                                                     ("num_mini_batches", num_mini_batches), ("kl_horizon", kl_horizon))]
@@ -206,7 +211,7 @@ class PPOObjective:
         if kl_coef < 0:
             raise UserError(f"{where}: kl_coef must be >= 0 (got {kl_coef!r})")
         if recipe is not None and (not recipe.model.freeze_backbone or getattr(recipe, "lora", True) is None):
-            raise UserError(f"{where}: needs a LoRA adapter on a frozen backbone (the reference is the backbone with the adapter disabled)")
+            raise UserError(f"{where}: needs a LoRA adapter on a frozen backbone (the reference is the backbone with the adapter disabled, or a frozen copy of the adapter)")
         self.tok, self.renderer = tokenizer, renderer
         smoke = bool(recipe is not None and recipe.smoke)
         self.max_new_tokens = min(max_new_tokens, 8) if smoke else max_new_tokens
@@ -249,7 +254,7 @@ class PPOObjective:
         return {"input_ids": ids, "attention_mask": mask, "examples": [t.example for t in items]}
 
     def extra_parameters(self) -> dict:
-        return dict(self.value_head.named_parameters(prefix="value_head"))
+        return {**dict(self.value_head.named_parameters(prefix="value_head")), **self.reference.parameters()}
 
     def begin_stage(self, model) -> None:
         """Called by the run before the optimizer is built (and before a checkpoint is loaded)."""
@@ -257,17 +262,20 @@ class PPOObjective:
         if size is not None and size != self.value_head.in_features:
             raise UserError(f"objective ppo: value head width {self.value_head.in_features} != backbone hidden size {size}")
         self.value_head.to(next(model.parameters()).device)  # optimizer state is created where the head lives
+        self.reference.begin(self._unwrap(model))
 
     def state_dict(self) -> dict:
         buf = None
         if self.buffer is not None:
             buf = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in self.buffer.items()}
-        return {"rollouts": self.rollouts, "pos": self.pos, "kl_coef": self.kl.value, "stats": self.stats, "buffer": buf}
+        return {"rollouts": self.rollouts, "pos": self.pos, "kl_coef": self.kl.value, "stats": self.stats, "buffer": buf,
+                **self.reference.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
         self.rollouts, self.pos, self.kl.value, self.stats = state["rollouts"], state["pos"], state["kl_coef"], state["stats"]
+        self.reference.load_state_dict(state)
         buf = state.get("buffer")
         if buf is None:
             self.buffer = None
@@ -345,7 +353,7 @@ class PPOObjective:
             i = torch.tensor(index, device=device)
             lp, _, v = self._forward(model, ids[i], attn[i], width)
             logprobs[i], values[i] = lp, v
-            with self._unwrap(model).disable_adapter():
+            with self.reference.active(self._unwrap(model)):
                 ref_logprobs[i] = self._forward(model, ids[i], attn[i], width, values=False)[0]
 
         # rewards: verifier score on the last token, KL penalty on every token
