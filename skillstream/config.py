@@ -161,6 +161,7 @@ class RouterConfig(_Strict):
     maturity_threshold: float = Field(0.5, ge=0, le=1, description="Hybrid policy: inputs whose top expert's maturity is at least this are served by their top-k experts alone, others by the dense mix.")
     top_k: int = Field(1, gt=0, description="Experts that serve an input sparsely.")
     mature_steps: int = Field(20, gt=0, description="Steps an expert trains before it counts as mature (with a flat validation trend).")
+    eval_examples: int = Field(40, ge=0, description="Held-out prompts per task on which routing accuracy is measured (the router alone reads them, so more than the generation evaluation's few are cheap); 0 = the evaluation's own examples.")
 
 
 class PhaseConfig(_Strict):

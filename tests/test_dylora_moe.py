@@ -229,3 +229,18 @@ def test_report_shows_routing_per_task_and_the_novelty_decisions(stream_run):
     html = write_report([run.run_dir], None).read_text()
     assert "Expert pool and novelty decisions" in html and "expert of its skill" in html
     assert "after math" in html  # which experts answered each task after each skill
+
+
+def test_routing_is_measured_on_more_held_out_prompts_than_the_generation_evaluation(tmp_path):
+    from skillstream.config import SourceConfig
+    from skillstream.data.examples import load_examples
+    from skillstream.evaluation.suite import EvalTask
+    from skillstream.experts.stream_run import routing_examples
+
+    _write_skills(tmp_path)
+    src = SourceConfig(source=str(tmp_path / "bash_test.jsonl"), limit=2)
+    task = EvalTask("bash", "perplexity", load_examples(src), 8, source=src)
+    more = routing_examples(task, 4)  # the router alone reads these: cheap, and 4 prompts say more than 2
+    assert len(task.examples) == 2 and len(more) == 4
+    assert [e.text for e in more[:2]] == [e.text for e in task.examples]  # the evaluation's prompts come first
+    assert routing_examples(task, 0) == task.examples  # 0: the evaluation's own prompts

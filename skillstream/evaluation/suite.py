@@ -17,6 +17,7 @@ class EvalTask:
     max_new_tokens: int
     also: list[str] = field(default_factory=list)  # further protocols scored on the same examples
     expert: str | None = None  # skill streams: answer with this expert instead of the router's choice
+    source: object = None  # the SourceConfig the examples came from (e.g. to read more of its split)
 
 
 def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
@@ -35,7 +36,7 @@ def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
         for extra in t.also:
             if extra == "accuracy" and examples[0].kind != "classification":
                 raise UserError(f"data.eval[{t.name}].also: 'accuracy' needs a classification task folder")
-        tasks.append(EvalTask(t.name, metric, examples, t.max_new_tokens, [a for a in t.also if a != metric], t.expert))
+        tasks.append(EvalTask(t.name, metric, examples, t.max_new_tokens, [a for a in t.also if a != metric], t.expert, t))
     return tasks
 
 

@@ -105,13 +105,21 @@ def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str]
     return rows
 
 
-def _routing_accuracy(life: Lifecycle, tasks, skill_expert: dict[int, str]) -> dict:
+def routing_examples(task, n: int) -> list:
+    """Up to n held-out prompts of the task's split: its evaluation examples first, then more of the split."""
+    if n <= len(task.examples) or task.source is None:
+        return task.examples if n == 0 else task.examples[:max(n, 1)]
+    from ..data.examples import load_examples
+    return load_examples(task.source.model_copy(update={"limit": n}))
+
+
+def _routing_accuracy(life: Lifecycle, tasks, skill_expert: dict[int, str], n_examples: int) -> dict:
     per_task, hits, total = {}, 0, 0
     for j, t in enumerate(tasks):
         if j not in skill_expert:
             continue
         with torch.no_grad():
-            probs = life.router.probs(life.prompt_features(t.examples).cpu())
+            probs = life.router.probs(life.prompt_features(routing_examples(t, n_examples)).cpu())
         chosen = [life.pool.names[i] for i in probs.argmax(-1).tolist()]
         ok = sum(c == skill_expert[j] for c in chosen)
         per_task[t.name] = {"accuracy": ok / len(chosen), "expert": skill_expert[j], "n": len(chosen)}
@@ -278,7 +286,8 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
     names = [t.name for t in eval_tasks]
     final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},
                       [r["score"] for r in results["initial"]], results["rows"])
-    routing = _routing_accuracy(life, eval_tasks, {j: skill_expert[s] for j, s in task_skill.items() if s in skill_expert})
+    routing = _routing_accuracy(life, eval_tasks, {j: skill_expert[s] for j, s in task_skill.items() if s in skill_expert},
+                                cfg.experts.router.eval_examples)
     routing["policy"] = {"maturity_threshold": cfg.experts.router.maturity_threshold, "top_k": cfg.experts.router.top_k,
                          "maturity": dict(zip(life.pool.names, [round(float(m), 4) for m in life.maturities()]))}
     boundaries = [c.index for c in chunks if c.index and chunks[c.index - 1].skill != c.skill]
