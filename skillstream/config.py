@@ -148,10 +148,11 @@ class NoveltyConfig(_Strict):
 
 class RouterConfig(_Strict):
     kind: Literal["linear", "mlp"] = Field("linear", description="Router head over pooled backbone features.")
-    # Defaults measured on SmolLM2-135M (bench/RESULTS.md, 2026-11-23: a linear probe on 32 prompts per
-    # skill, 40 held out): last token at 0.4 depth separated bash / call / choose / decline 0.93, the
-    # final layer's mean 0.74 (it sent most "call" prompts to "decline"). Middle layers carry more
-    # linearly readable task information than the last one, which is shaped for the next token.
+    # Defaults measured on SmolLM2-135M (bench/RESULTS.md, 2026-11-23 09:10): the dylora_moe router,
+    # trained the same way on either feature, routed 40 held-out prompts per skill 0.855 with the last
+    # token at 0.4 depth and 0.717 with the final layer's mean (which sent most "call" prompts to
+    # "decline"). Middle layers carry more linearly readable task information than the last one,
+    # which is shaped for the next token. bench/router_features compares poolings and depths.
     pooling: Literal["mean", "last"] = Field("last", description="Router features: the backbone's hidden states averaged over the prompt's tokens, or at its last token (where the answer starts).")
     depth: float = Field(0.4, gt=0, le=1, description="Router features come from this fraction of the backbone's layers (1.0: the final output; 0.4: after 40% of the layers).")
     lr: float = Field(1e-2, gt=0, description="Router learning rate (Adam).")

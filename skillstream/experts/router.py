@@ -5,7 +5,7 @@ drift as experts train: the hidden states at a relative `depth` of the layer sta
 normed output), pooled over real tokens (`mean`) or read at the last real token (`last`, the state
 from which the model is about to answer). Mean-pooling the final layer is the classic choice; on
 SmolLM2-135M it could not tell "a question this function answers" from "one it does not" (BFCL
-simple vs irrelevance), while the last token at 0.4 depth could (bench/RESULTS.md, 2026-11-23). It is trained by cross-entropy on
+simple vs irrelevance), the last token at 0.4 depth did much better (bench/RESULTS.md, 2026-11-23). It is trained by cross-entropy on
 which expert a chunk belongs to. Trained on the current expert's chunks only, a softmax head
 quickly sends everything to the newest expert; `FeatureMemory` prevents that: it keeps, per
 expert, a running-mean prototype and a reservoir of past features, and `RouterTrainer` draws a
