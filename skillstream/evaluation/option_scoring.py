@@ -6,6 +6,8 @@ for each option and only the option tokens are run on top of it. Compared with o
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,11 @@ def _left_pad(seqs: list[list[int]], pad_id: int):
     return ids, mask
 
 
+def _last_logits_only(model) -> dict:
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
+
+
 @torch.no_grad()
 def score_options(model, prompts: list[list[int]], options: list[list[int]], pad_id: int) -> torch.Tensor:
     """Sum of log-probabilities of each option after each prompt: a (len(prompts), len(options)) tensor.
@@ -29,7 +36,9 @@ def score_options(model, prompts: list[list[int]], options: list[list[int]], pad
     n_opt, dev = len(options), model.device
     ids, mask = (t.to(dev) for t in _left_pad(prompts, pad_id))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    # only the last prompt position's logits are read: asking for just those skips the LM head
+    # (a vocabulary-sized matmul) at every other position, about a fifth of a small model's prefill
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **_last_logits_only(model))
     first_logp = F.log_softmax(out.logits[:, -1].float(), -1)            # predicts each option's first token
     cache = out.past_key_values
     cache.batch_repeat_interleave(n_opt)
