@@ -111,10 +111,11 @@ def main() -> None:
     ids = tok(renderer.prompt_text(first[0]), add_special_tokens=True, return_tensors="pt")
     ids = {k: v[:, -cfg.data.max_length:] for k, v in ids.items()}
     for pooling in ("mean", "last"):
-        reader = pooled_features(model, ids, pooling=pooling, depth=depths[0])[0]
-        here = feats[next(iter(skills))][0][(pooling, depths[0])][0]
-        if not torch.allclose(reader, here, atol=1e-4):
-            raise SystemExit(f"error: features differ from the router's reader ({pooling}, depth {depths[0]})")
+        for d in depths:
+            reader = pooled_features(model, ids, pooling=pooling, depth=d)[0]
+            here = feats[next(iter(skills))][0][(pooling, d)][0]
+            if not torch.allclose(reader, here, atol=1e-4):
+                raise SystemExit(f"error: features differ from the router's reader ({pooling}, depth {d})")
     names = list(skills)
     rows = []
     for pooling in ("mean", "last"):
