@@ -50,7 +50,7 @@ METHODS = {
         "seeding": {"lr": 1.0e-3, "steps": 10}, "consolidation": {"lr": 2.0e-4}}},
 }
 SIZES = {  # (train examples per task, test examples per task, steps per task)
-    "quick": (200, 20, 20),  # measured to fit the 40 minutes on 2 CPU cores (bench/RESULTS.md)
+    "quick": (200, 20, 20),  # 4 methods took 52 min on 2 quiet cores (bench/RESULTS.md): over the 40-min goal
     "full": (1000, 200, 150),
 }
 
