@@ -107,8 +107,10 @@ def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str]
 
 def routing_examples(task, n: int) -> list:
     """Up to n held-out prompts of the task's split: its evaluation examples first, then more of the split."""
-    if n <= len(task.examples) or task.source is None:
-        return task.examples if n == 0 else task.examples[:max(n, 1)]
+    if n == 0 or task.source is None:
+        return task.examples
+    if n <= len(task.examples):
+        return task.examples[:n]
     from ..data.examples import load_examples
     return load_examples(task.source.model_copy(update={"limit": n}))
 

@@ -26,7 +26,7 @@ def _plain_head_parts(model):
         return None
     try:
         decoder, head = base.get_decoder(), base.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
+    except (AttributeError, NotImplementedError):  # models without these accessors: the full-logits path
         return None
     if decoder is None or decoder is base or not isinstance(head, torch.nn.Linear):
         return None
