@@ -20,7 +20,8 @@ or below it; ratio to uniform's steps), final validation loss, and the noise sou
     python bench/curriculum.py --record           # ... and append the tables to bench/RESULTS.md
 
 Goal (issue 6): the best adaptive strategy needs <= 0.8x the steps of uniform and gives the noise
-source less weight over time. `hardest` (weights proportional to difficulty) is included to show
+source less weight over time. `difficulty-raw` is the seed's rule with raw (not per-share)
+progress, kept for comparison. `hardest` (weights proportional to difficulty) is included to show
 what naive "sample the hardest" does with an unlearnable source.
 """
 from __future__ import annotations
@@ -104,8 +105,9 @@ def run_strategy(mode: str, args, files: dict, out: Path, val_items: dict, pad_i
         "train": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "schedule": "constant",
                   "warmup_steps": min(10, args.steps // 10), "log_every": args.eval_every,
                   "checkpoint_every": 10 ** 9, "bf16": False},
-        "plugins": [{"name": "auto_curriculum", "mixing": mode, "freeze_interval": args.freeze_interval,
-                     "sample_size": args.sample_size}],
+        "plugins": [{"name": "auto_curriculum", "mixing": mode.split("-")[0], "freeze_interval": args.freeze_interval,
+                     "sample_size": args.sample_size, "eta": args.eta, "bandit_lr": args.bandit_lr,
+                     **({"progress": "raw"} if mode == "difficulty-raw" else {})}],
     }
     probe = make_probe(val_items, pad_id, args.eval_every)
     t0 = time.time()
@@ -142,7 +144,7 @@ def table(results: list[dict], steps: int) -> str:
         ends = ", ".join(f"{k} {v:.2f}" for k, v in r["weights_end"].items())
         lines.append(f"| {r['mode']} | {s if s is not None else '-'} | {ratio} | {r['final']:.4f} | "
                      f"{w['start']:.3f} / {w['second_half_mean']:.3f} / {w['end']:.3f} | {ends} | {r['seconds']:.0f} |")
-    adaptive = [r for r in results if r["mode"] in ("difficulty", "bandit")]
+    adaptive = [r for r in results if r["mode"] in ("difficulty", "difficulty-raw", "bandit")]
     best = min(adaptive, key=lambda r: (steps_to(r["curve"], target) or 10 ** 9), default=None)
     if best is not None:
         s = steps_to(best["curve"], target)
@@ -160,12 +162,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, a few steps: wiring check (records nothing)")
     ap.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
-    ap.add_argument("--modes", default="uniform,difficulty,bandit,hardest")
+    ap.add_argument("--modes", default="uniform,difficulty,bandit,hardest",
+                    help="comma-separated: uniform, difficulty, difficulty-raw, bandit, hardest")
     ap.add_argument("--model", default="tiny", help="tiny (trained from scratch, full weights) or a model with LoRA")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--freeze-interval", type=int, default=20)
     ap.add_argument("--sample-size", type=int, default=16)
+    ap.add_argument("--eta", type=float, default=0.5, help="difficulty rule step size (the plugin's eta)")
+    ap.add_argument("--bandit-lr", type=float, default=1.0, help="EXP3 learning rate (the plugin's bandit_lr)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -213,7 +218,8 @@ def main(argv=None) -> int:
                     f"`{cmd}` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
                     f"{' (--quick: wiring only, not a measurement)' if args.quick else ''}\n\n"
                     f"Model {args.model}, {args.steps} steps, batch {args.batch_size}, max_length {args.max_length}, "
-                    f"lr {args.lr}, freeze_interval {args.freeze_interval}, sample_size {args.sample_size}, seed {args.seed}\n\n"
+                    f"lr {args.lr}, freeze_interval {args.freeze_interval}, sample_size {args.sample_size}, eta {args.eta}, "
+                    f"bandit_lr {args.bandit_lr}, seed {args.seed}\n\n"
                     f"{text}\n")
         print(f"appended to {RESULTS_MD}")
     return 0

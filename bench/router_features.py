@@ -80,6 +80,26 @@ def fit_router(train: list[torch.Tensor], test: list[torch.Tensor], steps: int, 
         return [float((router(t).argmax(-1) == i).float().mean()) for i, t in enumerate(test)]
 
 
+def stream_router(train: list[torch.Tensor], test: list[torch.Tensor], router_cfg, chunk_size: int,
+                  seed: int) -> list[float]:
+    """Held-out accuracy per skill of the router as the skill stream trains it: skills in order, chunk
+    by chunk, `steps_per_chunk` updates per chunk with feature replay (RouterTrainer, the recipe's
+    router settings), a new output row when a skill begins (as if novelty found every boundary)."""
+    from skillstream.experts.router import Router, RouterTrainer
+
+    router = Router(train[0].shape[1], 1, kind=router_cfg.kind, seed=seed)
+    trainer = RouterTrainer(router, feature_alpha=router_cfg.feature_alpha, lr=router_cfg.lr,
+                            capacity_per_expert=router_cfg.capacity_per_expert, seed=seed)
+    for expert, feats in enumerate(train):
+        if expert:
+            trainer.add_expert()
+        for start in range(0, len(feats), chunk_size):
+            for i in range(router_cfg.steps_per_chunk):
+                trainer.step(feats[start:start + chunk_size], expert, remember=i == 0)
+    with torch.no_grad():
+        return [float((router(t).argmax(-1) == i).float().mean()) for i, t in enumerate(test)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="dylora_moe")
@@ -120,19 +140,25 @@ def main() -> None:
     rows = []
     for pooling in ("mean", "last"):
         for d in depths:
-            per = fit_router([feats[s][0][(pooling, d)] for s in names], [feats[s][1][(pooling, d)] for s in names],
-                             args.steps, args.seed)
-            n = [len(skills[s][1]) for s in names]
-            overall = sum(p * k for p, k in zip(per, n)) / sum(n)
-            rows.append(f"| {pooling} | {d:.1f} | {overall:.3f} | " + " | ".join(f"{p:.2f}" for p in per) + " |")
+            train, test = [feats[s][0][(pooling, d)] for s in names], [feats[s][1][(pooling, d)] for s in names]
+            n = [len(t) for t in test]
+            per = fit_router(train, test, args.steps, args.seed)
+            streamed = stream_router(train, test, cfg.experts.router, cfg.experts.chunk_size, args.seed)
+            overall, overall_s = (sum(p * k for p, k in zip(acc, n)) / sum(n) for acc in (per, streamed))
+            rows.append(f"| {pooling} | {d:.1f} | {overall:.3f} | {overall_s:.3f} | " + " | ".join(f"{p:.2f}" for p in per)
+                        + " | " + " | ".join(f"{p:.2f}" for p in streamed) + " |")
             print(rows[-1], flush=True)
     cmd = "python bench/router_features.py " + " ".join(sys.argv[1:])
     text = (f"## {date.today()} router_features ({args.recipe}, {args.model}, seed {args.seed})\n\n`{cmd}` on "
-            f"{common.machine()}, {time.time() - t0:.0f} s. Linear Router fitted jointly on {args.train} training "
-            f"prompts per skill, held-out accuracy on {args.test} per skill (test split), features from the "
-            f"frozen backbone at a relative depth (1.0 = final normed output).\n\n"
-            f"| pooling | depth | held-out acc. | " + " | ".join(names) + " |\n|---|---:|---:|"
-            + "---:|" * len(names) + "\n" + "\n".join(rows) + "\n")
+            f"{common.machine()}, {time.time() - t0:.0f} s. Joint: a linear Router fitted on all skills' {args.train} "
+            f"training prompts at once ({args.steps} full-batch steps: the ceiling of a linear router on those "
+            f"features). Stream: the recipe's router ({cfg.experts.router.kind}, {cfg.experts.router.steps_per_chunk} "
+            f"steps per chunk of {cfg.experts.chunk_size}, feature_alpha {cfg.experts.router.feature_alpha}) trained "
+            f"skill after skill as the stream trains it. Held-out accuracy on {args.test} prompts per skill (test "
+            f"split); features from the frozen backbone at a relative depth (1.0 = final normed output).\n\n"
+            f"| pooling | depth | joint | stream | " + " | ".join(f"joint {n}" for n in names) + " | "
+            + " | ".join(f"stream {n}" for n in names) + " |\n|---|---:|---:|---:|" + "---:|" * (2 * len(names))
+            + "\n" + "\n".join(rows) + "\n")
     print(text)
     if not args.quick:
         with (ROOT / "bench" / "RESULTS.md").open("a") as f:

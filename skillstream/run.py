@@ -109,6 +109,12 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
     model = load_init_from(model, cfg)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     use_bf16 = bf16_enabled(cfg.train.bf16, device_type)
+    from accelerate.state import AcceleratorState
+    if AcceleratorState._shared_state and dist.num_processes == 1:
+        # an Accelerator made earlier in this process (a TRL or transformers Trainer, say) left its
+        # settings in accelerate's process-wide state, and a new one with another precision would
+        # refuse to start; a single process owns no distributed setup that a reset could break
+        AcceleratorState._reset_state(True)
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", log_with=cfg.report_to or None,
                               project_dir=str(run_dir), cpu=cpu)
     if cpu and accelerator.is_main_process and any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"
@@ -119,7 +125,6 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
                     plugins, show_progress)
     finally:
         accelerator.end_training()
-        from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(True)  # the next train() in this process may pick other settings
 
 

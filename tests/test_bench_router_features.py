@@ -13,7 +13,8 @@ def test_quick_run_prints_a_row_per_pooling_and_depth():
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| mean |") or ln.startswith("| last |")]
     assert len(rows) == 2 * 2 * 2  # printed as measured, then in the recorded table
     header = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| pooling |"))
-    assert header.split("|")[4:8] == [" bash ", " call ", " choose ", " decline "]
+    assert header.split("|")[5:9] == [" joint bash ", " joint call ", " joint choose ", " joint decline "]
+    assert header.split("|")[9:13] == [" stream bash ", " stream call ", " stream choose ", " stream decline "]
     for row in rows:
         accuracies = [float(c) for c in row.strip("|").split("|")[2:]]
         assert all(0.0 <= a <= 1.0 for a in accuracies)

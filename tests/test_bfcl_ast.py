@@ -62,6 +62,9 @@ def test_categories_have_their_sizes_and_a_fixed_80_20_split(data):
     train, test = load_bfcl(["simple", "parallel"], "train"), load_bfcl(["simple", "parallel"], "test")
     assert (len(train), len(test)) == (312 + 170, 88 + 30)
     assert not {r["id"] for r in train} & {r["id"] for r in test}
+    # categories take turns, so a source's `limit: 4` samples both of them; parallel runs out first
+    assert [r["category"] for r in test[:4]] == ["simple", "parallel", "simple", "parallel"]
+    assert [r["category"] for r in test[-3:]] == ["simple"] * 3
     assert len(load_bfcl(split="all")) == sum(total for total, _, _ in SIZES.values())
 
 

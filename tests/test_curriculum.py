@@ -37,6 +37,19 @@ def test_difficulty_rule_follows_learning_progress_over_time():
     assert difficulty_update([0.3, 0.7], [1.0, 1.0], [3.0, 3.0], eta=1.0) == [0.3, 0.7]
 
 
+def test_per_share_progress_does_not_reward_a_source_for_its_own_share():
+    # both sources' losses fell by 0.5, but B had three times A's batches: per example, A taught more
+    w = difficulty_update([0.25, 0.75], [3.0, 3.0], [2.5, 2.5], eta=0.5, per_share=True)
+    raw = [0.25 + 0.5 * 0.5 * (0.5 / 0.25), 0.75 + 0.5 * 0.5 * (0.5 / 0.75)]   # scale (1/K) / w
+    assert w == pytest.approx([raw[0] / sum(raw), raw[1] / sum(raw)])
+    # the raw rule adds the same 0.25 to both: [0.5, 1.0] -> A gets 1/3; per share A gets 0.45
+    assert difficulty_update([0.25, 0.75], [3.0, 3.0], [2.5, 2.5], eta=0.5) == pytest.approx([1 / 3, 2 / 3])
+    assert w[0] == pytest.approx(0.75 / (0.75 + 0.75 + 0.5 * 0.5 * 0.5 / 0.75))
+    # at uniform shares both rules agree
+    assert difficulty_update([0.5, 0.5], [3.0, 5.0], [2.0, 5.2], eta=0.5, per_share=True) == \
+        pytest.approx(difficulty_update([0.5, 0.5], [3.0, 5.0], [2.0, 5.2], eta=0.5))
+
+
 def test_bandit_follows_exp3_on_a_scripted_reward_sequence():
     lr, gamma, k = 0.5, 0.1, 3
     s, p = [0.0, 0.0, 0.0], [1 / 3] * 3

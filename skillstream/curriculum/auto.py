@@ -17,7 +17,10 @@ Mixing rules (weights always sum to 1; `floor` mixes in a uniform share so no so
   uniform     equal weights, never changed
   fixed       the sources' `weight`s from the recipe, never changed
   difficulty  the seed's update with the gradient over time:
-              w += eta * (c_prev - c_now); clip at 0; renormalise (unchanged if all clip to 0)
+              w += eta * (c_prev - c_now) * g; clip at 0; renormalise (unchanged if all clip to 0)
+              g = (1/K) / w with `progress: per_share` (default: progress per unit of sampling
+              share, so a source's own share does not feed its growth), g = 1 with `progress: raw`
+              (the seed's rule as written)
   bandit      EXP3 over sources, rewarded by relative loss reduction r = (d_prev - d_now) / d_prev,
               importance-weighted by the share p the source had while it was earned:
               s += bandit_lr * r / p;  p = (1 - bandit_gamma) * softmax(s) + bandit_gamma / K
@@ -55,9 +58,18 @@ def normalise(weights: list[float], floor: float = 0.0) -> list[float]:
 
 
 def difficulty_update(weights: list[float], prev_signal: list[float], signal: list[float], eta: float,
-                      floor: float = 0.0) -> list[float]:
-    """w += eta * (c_prev - c_now), clipped at 0 and renormalised; unchanged if everything clips."""
-    moved = [max(0.0, w + eta * (p - c)) for w, p, c in zip(weights, prev_signal, signal)]
+                      floor: float = 0.0, per_share: bool = False) -> list[float]:
+    """w += eta * (c_prev - c_now), clipped at 0 and renormalised; unchanged if everything clips.
+
+    per_share: the progress of source i is first scaled by (1/k) / w_i -- the progress it would have
+    made with a uniform share. Raw progress grows with the share a source already has (more of its
+    batches, more of its loss falls), a positive feedback that let one source take most of the
+    mixture in bench/curriculum; per share, a source gains weight only while each of its examples
+    still teaches more than the others' do.
+    """
+    k = len(weights)
+    scale = [1 / (k * w) if per_share and w > 0 else 1.0 for w in weights]
+    moved = [max(0.0, w + eta * f * (p - c)) for w, f, p, c in zip(weights, scale, prev_signal, signal)]
     if sum(moved) <= 0:
         return list(weights)
     return normalise(moved, floor)
@@ -130,7 +142,8 @@ class AutoCurriculum(Plugin):
     name = "curriculum"
 
     def __init__(self, mixing: str = "difficulty", freeze_interval: int = 50, sample_size: int = 16,
-                 eta: float = 0.5, var_coef: float = 0.0, floor: float = 0.02, bandit_lr: float = 1.0,
+                 eta: float = 0.5, var_coef: float = 0.0, floor: float = 0.02, progress: str = "per_share",
+                 bandit_lr: float = 1.0,
                  bandit_gamma: float = 0.1, eval_batch_size: int = 8, stages: list[str] | None = None,
                  tokenizer=None, renderer=None, recipe=None, **context):
         where = "plugins[auto_curriculum]"
@@ -140,6 +153,8 @@ class AutoCurriculum(Plugin):
                            ("eval_batch_size", eval_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"{where}: {key} must be a positive integer (got {value!r})")
+        if progress not in ("per_share", "raw"):
+            raise UserError(f"{where}: progress must be per_share or raw (got {progress!r})")
         if not 0 <= floor < 1:
             raise UserError(f"{where}: floor must be in [0, 1) (got {floor!r})")
         if not 0 <= bandit_gamma <= 1:
@@ -152,7 +167,7 @@ class AutoCurriculum(Plugin):
                 if s not in known:
                     raise UserError(f"{where}: stage {s!r} is not a stage of the recipe ({', '.join(known)})")
         smoke = bool(recipe is not None and recipe.smoke)
-        self.mixing, self.eta, self.var_coef, self.floor = mixing, eta, var_coef, floor
+        self.mixing, self.eta, self.var_coef, self.floor, self.progress = mixing, eta, var_coef, floor, progress
         self.freeze_interval = 1 if smoke else freeze_interval
         self.sample_size = min(sample_size, 4) if smoke else sample_size
         self.bandit_lr, self.bandit_gamma, self.eval_batch_size = bandit_lr, bandit_gamma, eval_batch_size
@@ -223,7 +238,8 @@ class AutoCurriculum(Plugin):
             prev = hist[-1]
             progress = [p - c for p, c in zip(prev["signal"], signal)]
             if self.mixing == "difficulty":
-                weights = difficulty_update(weights, prev["signal"], signal, self.eta, self.floor)
+                weights = difficulty_update(weights, prev["signal"], signal, self.eta, self.floor,
+                                            per_share=self.progress == "per_share")
             elif self.mixing == "bandit":
                 rewards = [max(-1.0, min(1.0, (p - m) / p)) if p > 0 else 0.0 for p, m in zip(prev["mean"], means)]
                 self.state["log_weights"], weights = exp3_update(self.state["log_weights"], weights, rewards,

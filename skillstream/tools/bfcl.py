@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import re
 from pathlib import Path
 
@@ -108,13 +109,16 @@ def load_category(category: str, folder: Path | None = None) -> list[dict]:
 
 
 def load_bfcl(categories: list[str] | None = None, split: str = "train", folder: Path | None = None) -> list[dict]:
-    """Records of the given categories (all six by default) in the given split (see module doc)."""
+    """Records of the given categories (all six by default) in the given split (see module doc).
+
+    Several categories are interleaved, one record of each in turn (a category that runs out drops
+    out), so that the first N records -- a source's `limit: N` -- sample every category alike instead
+    of taking N from the first one."""
     if split not in SPLITS:
         raise UserError(f"unknown BFCL split {split!r} (expected one of {', '.join(SPLITS)})")
-    records = []
-    for category in categories or list(CATEGORIES):
-        records.extend(r for r in load_category(category, folder) if split == "all" or split_of(r["id"]) == split)
-    return records
+    per_category = [[r for r in load_category(category, folder) if split == "all" or split_of(r["id"]) == split]
+                    for category in categories or list(CATEGORIES)]
+    return [r for turn in itertools.zip_longest(*per_category) for r in turn if r is not None]
 
 
 # -- chat-template form ------------------------------------------------------------------------
