@@ -318,7 +318,8 @@ class PPOObjective:
         logp = torch.log_softmax(logits.float() / (self.temperature + 1e-7), -1)
         logprobs = logp.gather(-1, ids[:, prompt_width:, None]).squeeze(-1)
         entropy = -(logp.exp() * logp).sum(-1)
-        v = self.value_head(hidden.float()).squeeze(-1) if values else None
+        # float out: under bf16 autocast the head's matmul returns bf16, and the rollout buffers are float
+        v = self.value_head(hidden.float()).float().squeeze(-1) if values else None
         return logprobs, entropy, v
 
     @staticmethod
