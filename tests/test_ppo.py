@@ -135,6 +135,17 @@ def test_kl_is_zero_when_the_policy_is_the_reference_and_ratio_is_one_on_the_fir
                 p.copy_(saved[n])
 
 
+def test_a_rollout_under_bf16_autocast_keeps_float_buffers(tiny):
+    # the engine trains under bf16 autocast where the CPU or GPU has bf16: the value head's output
+    # comes back in bf16 there and must still fill the float rollout buffers
+    cfg, model, tok, renderer, examples = tiny
+    obj = _objective(cfg, tok, renderer)
+    items = [obj.tokenize(e, renderer) for e in examples[:4]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, m, _ = obj(model, obj.collate(items, tok.pad_token_id))
+    assert loss.dtype == torch.float32 and math.isfinite(m["loss/value_avg"])
+
+
 def test_buffer_state_resumes_the_next_minibatch_exactly(tiny):
     cfg, model, tok, renderer, examples = tiny
     a = _objective(cfg, tok, renderer)
