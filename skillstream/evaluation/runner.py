@@ -90,11 +90,11 @@ def _perplexity(model, renderer: Renderer, examples, batch_size, pad_id) -> dict
 
 MAIN_METRIC = {"accuracy": "accuracy", "exact_match": "exact_match", "bash": "exact_match", "perplexity": "perplexity",
                "tool_call": "ast_accuracy", "function_call": "ast_accuracy", "final_answer": "exact_match",
-               "preference": "preference_accuracy"}
+               "preference": "preference_accuracy", "unit_tests": "pass@1"}
 
 
 def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], metric: str,
-                      batch_size: int = 8, max_new_tokens: int = 64) -> dict:
+                      batch_size: int = 8, max_new_tokens: int = 64, samples: int = 1) -> dict:
     """Returns {'score': main number, 'metric': name, ...details}; the model is put in eval mode."""
     was_training = model.training
     model.eval()
@@ -109,6 +109,9 @@ def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], m
         elif metric == "tool_call":  # format, tool selection, AST argument and irrelevance accuracy
             from .tool_metrics import evaluate_tool_calls
             out = evaluate_tool_calls(model, tok, renderer, examples, batch_size, max_new_tokens)
+        elif metric == "unit_tests":  # pass@k of the model's Python in the sandbox (HumanEval)
+            from .code_metrics import evaluate_unit_tests
+            out = evaluate_unit_tests(model, tok, renderer, examples, batch_size, max_new_tokens, samples)
         elif metric == "preference":  # held-out pairs: does the model rank chosen above rejected
             from .preference import evaluate_preferences
             out = evaluate_preferences(model, tok, renderer, examples, batch_size)

@@ -30,6 +30,9 @@ def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
         if metric == "tool_call":
             from .tool_metrics import require_tool_examples
             require_tool_examples(t.name, examples)
+        if metric == "unit_tests":
+            from .code_metrics import require_test_examples
+            require_test_examples(t.name, examples)
         if metric == "preference":
             from .preference import require_preference_examples
             require_preference_examples(t.name, examples)
@@ -47,7 +50,8 @@ def evaluate_all(model, tok, renderer, tasks: list[EvalTask], cfg: RecipeConfig)
     for t in tasks:
         if oracle:  # the oracle baseline: each task answered by the expert trained on it
             model.set_adapter(t.name if t.name in model.peft_config else active)
-        row = evaluate_examples(model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size, t.max_new_tokens)
+        row = evaluate_examples(model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size, t.max_new_tokens,
+                                samples=getattr(t.source, "samples", 1))
         for extra in t.also:  # e.g. option scoring beside generative exact match
             other = evaluate_examples(model, tok, renderer, t.examples, extra, cfg.data.eval_batch_size, t.max_new_tokens)
             row.setdefault("protocols", {})[other["metric"]] = other["score"]

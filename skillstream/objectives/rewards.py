@@ -21,7 +21,6 @@ Shaping terms (signed so that a positive weight encourages what the name says is
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -76,7 +75,6 @@ def tool_ast(s: Sample) -> float:
     return float(not parsed.format_errors and check(parsed.calls, functions, ground_truth, category).valid)
 
 
-_CODE = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)(?:```|\Z)", re.S)
 
 
 def _needs_tests(ex) -> str | None:
@@ -84,12 +82,9 @@ def _needs_tests(ex) -> str | None:
 
 
 def unit_tests(s: Sample, timeout_s: float = 5.0, memory_mb: int = 512) -> float:
-    from ..sandbox import run_python
+    from ..evaluation.code_metrics import passes
 
-    m = _CODE.search(s.text)
-    code = m.group(1) if m else s.text
-    result = run_python(f"{code}\n\n{s.example.meta['tests']}\n", timeout_s=timeout_s, memory_mb=memory_mb)
-    return float(result.ok)
+    return float(passes(s.text, s.example, timeout_s, memory_mb))
 
 
 # -- shaping ----------------------------------------------------------------------------------------
