@@ -42,6 +42,9 @@ def test_wrong_body_only_and_hostile_answers(humaneval_test):
     body_only = ex.completion.removeprefix("```python\n").removesuffix("```").removeprefix(ex.prompt)
     assert not passes(wrong, ex)
     assert passes(body_only, ex)                       # the signature is put in front of a bare body
+    # a whole function that leaves out the prompt's imports (as instruct models do) still has them
+    assert "from typing import List" in ex.prompt
+    assert passes(ex.completion.replace("from typing import List\n", ""), ex)
     assert not passes(f"```python\n{ex.prompt}    while True: pass\n```", ex, timeout_s=1)
 
 

@@ -2,8 +2,8 @@
 
 Each problem is answered `samples` times (greedy when 1, else sampled at temperature 0.8, as the
 HumanEval paper does for pass@k with k > 1); every answer becomes a program (its ```python block,
-or the whole answer; the problem's own prompt is put first when the answer does not define the
-entry point itself, i.e. it wrote only the body) followed by the example's `tests`, and runs in
+or the whole answer; for HumanEval-style problems, those with an `entry_point`, after the problem's
+own prompt, which is code) followed by the example's `tests`, and runs in
 `skillstream.sandbox` with a wall-clock and memory limit. pass@k is the unbiased estimator of
 Chen et al. (2021): 1 - C(n-c, k) / C(n, k) per problem, averaged.
 """
@@ -33,9 +33,11 @@ def program_for(answer: str, example: Example) -> str:
     """The program the sandbox runs for one answer: its code, then the example's tests."""
     m = CODE_BLOCK.search(answer)
     code = m.group(1) if m else answer
-    entry = (example.meta or {}).get("entry_point")
-    if entry and not re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M) and example.prompt:
-        code = example.prompt + code  # a body-only completion of the given signature
+    if (example.meta or {}).get("entry_point") and example.prompt:
+        # HumanEval-style problems: the prompt is code (imports, helpers, the signature and its
+        # docstring). Put in front, it completes a body-only answer, and an answer that writes the
+        # whole function simply redefines it -- with the prompt's imports (`List`, ...) in scope.
+        code = example.prompt + code
     return f"{code}\n\n{example.meta['tests']}\n"
 
 
