@@ -75,6 +75,13 @@ def run_method(method: str, args, out: Path) -> dict:
                  **METHODS[method]}
     if method == "mtl":
         overrides.update(mtl_overrides(args.stream, train_limit, test_limit, steps, 8))
+    if method == "expert_pool":
+        # the pool makes one pass over each task's examples (chunks of experts.chunk_size): give it as
+        # many examples as the other methods have optimizer steps x batch, so the step budget is the same
+        from skillstream.config import load_recipe
+
+        batch = load_recipe("adaptive_learner").train.batch_size
+        overrides["data.stream_train_limit"] = min(train_limit, steps * batch)
     code = ("import json, sys, skillstream; o = json.loads(sys.argv[1]); "
             "skillstream.train('adaptive_learner', out=sys.argv[2], overrides=o, show_progress=False)")
     t0 = time.time()

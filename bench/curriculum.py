@@ -107,6 +107,8 @@ def run_strategy(mode: str, args, files: dict, out: Path, val_items: dict, pad_i
                   "checkpoint_every": 10 ** 9, "bf16": False},
         "plugins": [{"name": "auto_curriculum", "mixing": mode.split("-")[0], "freeze_interval": args.freeze_interval,
                      "sample_size": args.sample_size, "eta": args.eta, "bandit_lr": args.bandit_lr,
+                     "max_scale": args.max_scale, "smoothing": args.smoothing, "absolute": args.absolute,
+                     "probe": args.probe,
                      **({"progress": "raw"} if mode == "difficulty-raw" else {})}],
     }
     probe = make_probe(val_items, pad_id, args.eval_every)
@@ -170,6 +172,11 @@ def main(argv=None) -> int:
     ap.add_argument("--freeze-interval", type=int, default=20)
     ap.add_argument("--sample-size", type=int, default=16)
     ap.add_argument("--eta", type=float, default=0.5, help="difficulty rule step size (the plugin's eta)")
+    ap.add_argument("--max-scale", type=float, default=None, help="cap of the per-share factor (the plugin's max_scale)")
+    ap.add_argument("--smoothing", type=float, default=0.0, help="EMA weight of past progress (the plugin's smoothing)")
+    ap.add_argument("--probe", choices=["held_out", "train"], default="train",
+                    help="score each source's probe sample among its training examples (default) or held out of training")
+    ap.add_argument("--absolute", action="store_true", help="absolute learning progress (the plugin's absolute)")
     ap.add_argument("--bandit-lr", type=float, default=1.0, help="EXP3 learning rate (the plugin's bandit_lr)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=96)

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from skillstream.curriculum.auto import (AutoCurriculum, difficulty_update, exp3_update, hardest_weights,
-                                         normalise)
+                                         normalise, progress_update)
 from skillstream.data.batching import BatchPlan, Position
 from skillstream.data.render import Tokenized
 from skillstream.errors import UserError
+from skillstream.plugins import Plugin
 from skillstream.run import train
 
 
@@ -48,6 +49,66 @@ def test_per_share_progress_does_not_reward_a_source_for_its_own_share():
     # at uniform shares both rules agree
     assert difficulty_update([0.5, 0.5], [3.0, 5.0], [2.0, 5.2], eta=0.5, per_share=True) == \
         pytest.approx(difficulty_update([0.5, 0.5], [3.0, 5.0], [2.0, 5.2], eta=0.5))
+
+
+def test_max_scale_caps_the_per_share_factor_of_a_small_source():
+    # A holds 5% of the batches: per share its 0.2 fall would count 1/(2 * 0.05) = 10x; capped at 2x
+    capped = progress_update([0.05, 0.95], [0.2, 0.2], eta=1.0, per_share=True, max_scale=2.0)
+    raw = [0.05 + 1.0 * 2.0 * 0.2, 0.95 + 1.0 * (1 / (2 * 0.95)) * 0.2]
+    assert capped == pytest.approx([raw[0] / sum(raw), raw[1] / sum(raw)])
+    uncapped = progress_update([0.05, 0.95], [0.2, 0.2], eta=1.0, per_share=True)
+    assert uncapped[0] > capped[0]
+    # difficulty_update is the same rule on c_prev - c_now
+    assert difficulty_update([0.05, 0.95], [3.0, 3.0], [2.8, 2.8], eta=1.0, per_share=True, max_scale=2.0) == \
+        pytest.approx(capped)
+
+
+def test_smoothed_and_absolute_progress():
+    plugin = AutoCurriculum(mixing="difficulty", smoothing=0.5, absolute=True)
+    plugin.state = {}
+    assert plugin._progress_used([0.4, -0.2]) == [0.4, 0.2]       # first refresh: nothing to average with
+    # an exponential average with weight 0.5 on the past: 0.5*0.4 + 0.5*0.0, 0.5*(-0.2) + 0.5*(-0.6)
+    assert plugin._progress_used([0.0, -0.6]) == pytest.approx([0.2, 0.4])   # |-0.4|: being forgotten
+    assert plugin.state["progress_ema"] == pytest.approx([0.2, -0.4])         # the sign is kept in the state
+    plain = AutoCurriculum(mixing="difficulty")
+    plain.state = {}
+    assert plain._progress_used([0.4, -0.2]) == [0.4, -0.2]
+
+
+class _SeenItems(Plugin):
+    """Records the token ids of every training example the engine draws."""
+    name = "seen"
+
+    def __init__(self):
+        self.seen = set()
+
+    def transform_items(self, ctx, items):
+        self.seen |= {tuple(t.input_ids) for t in items}
+        return items
+
+
+@pytest.mark.parametrize("probe", ["held_out", "train"])
+def test_the_probe_sample_is_held_out_of_training(tmp_path, probe):
+    """With probe: held_out no example the curriculum scores is ever in a training batch."""
+    rng = random.Random(1)
+    words = "red green blue cat dog sun moon tree river stone".split()
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) + "\n" for _ in range(24)))
+    recipe = {"name": "cur", "model": {"name": "tiny", "freeze_backbone": False}, "lora": None, "report_to": [],
+              "data": {"max_length": 32, "train": [{"source": str(tmp_path / "a.jsonl")},
+                                                   {"source": str(tmp_path / "b.jsonl")}]},
+              "train": {"steps": 30, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "log_every": 10,
+                        "checkpoint_every": 100, "schedule": "constant", "bf16": False}}
+    curriculum = AutoCurriculum(mixing="difficulty", freeze_interval=10, sample_size=6, probe=probe)
+    seen = _SeenItems()
+    train(recipe, out=tmp_path / "run", show_progress=False, plugins=[curriculum, seen])
+    probes = {tuple(t.input_ids) for sample in curriculum.samples for t in sample}
+    assert len(probes) == 12                                      # 6 per source
+    assert len(curriculum.plan.items) == (48 - 12 if probe == "held_out" else 48)
+    assert len(seen.seen) > 24                                    # most training examples were drawn
+    assert bool(probes & seen.seen) == (probe == "train")
+    assert len(curriculum.state["history"]) == 4                  # steps 0, 10, 20, 30
 
 
 def test_bandit_follows_exp3_on_a_scripted_reward_sequence():
@@ -101,6 +162,10 @@ def test_bad_settings_are_one_line_errors():
         AutoCurriculum(freeze_interval=0)
     with pytest.raises(UserError, match="mixing 'hardest_first' is not one of"):
         AutoCurriculum(mixing="hardest_first")
+    with pytest.raises(UserError, match="probe must be held_out or train"):
+        AutoCurriculum(probe="test")
+    with pytest.raises(UserError, match="smoothing must be in"):
+        AutoCurriculum(smoothing=1.0)
 
 
 def _write_sources(tmp_path):

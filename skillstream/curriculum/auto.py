@@ -27,6 +27,12 @@ Mixing rules (weights always sum to 1; `floor` mixes in a uniform share so no so
   hardest     naive "sample the hardest": w proportional to c_now (over-samples unlearnable noise;
               kept as the baseline that shows why progress matters)
 
+Options of the difficulty rule: `max_scale` caps the per-share factor (a source with a small share
+moves mostly by transfer and jitter, which 1/w would multiply); `smoothing` in [0, 1) averages
+progress over refreshes (the weight of the past); `absolute: true` reads |progress| (absolute
+learning progress: a source being forgotten gains weight); `probe: held_out` keeps the probe sample
+out of training (progress without memorisation), `probe: train` (default) scores training examples.
+
 The batches follow the weights through `BatchPlan.set_weights` (per-batch mixture sampling, a pure
 function of seed, position and weights). Logged on every logged step: curriculum/weight/<source>,
 curriculum/difficulty/<source>, curriculum/variance/<source>, curriculum/progress/<source> (of the
@@ -58,18 +64,28 @@ def normalise(weights: list[float], floor: float = 0.0) -> list[float]:
 
 
 def difficulty_update(weights: list[float], prev_signal: list[float], signal: list[float], eta: float,
-                      floor: float = 0.0, per_share: bool = False) -> list[float]:
+                      floor: float = 0.0, per_share: bool = False, max_scale: float | None = None) -> list[float]:
     """w += eta * (c_prev - c_now), clipped at 0 and renormalised; unchanged if everything clips.
 
     per_share: the progress of source i is first scaled by (1/k) / w_i -- the progress it would have
     made with a uniform share. Raw progress grows with the share a source already has (more of its
     batches, more of its loss falls), a positive feedback that let one source take most of the
     mixture in bench/curriculum; per share, a source gains weight only while each of its examples
-    still teaches more than the others' do.
+    still teaches more than the others' do. max_scale caps that factor: a source with a small share
+    moves mostly by what the other sources teach (transfer) and by measurement jitter, which an
+    uncapped 1/w_i would multiply (bench/curriculum: the noise source kept climbing back from 0.03).
     """
+    return progress_update(weights, [p - c for p, c in zip(prev_signal, signal)], eta, floor, per_share, max_scale)
+
+
+def progress_update(weights: list[float], progress: list[float], eta: float, floor: float = 0.0,
+                    per_share: bool = False, max_scale: float | None = None) -> list[float]:
+    """The difficulty rule on given progress values: w += eta * scale * progress, clip, renormalise."""
     k = len(weights)
     scale = [1 / (k * w) if per_share and w > 0 else 1.0 for w in weights]
-    moved = [max(0.0, w + eta * f * (p - c)) for w, f, p, c in zip(weights, scale, prev_signal, signal)]
+    if max_scale is not None:
+        scale = [min(f, max_scale) for f in scale]
+    moved = [max(0.0, w + eta * f * p) for w, f, p in zip(weights, scale, progress)]
     if sum(moved) <= 0:
         return list(weights)
     return normalise(moved, floor)
@@ -143,6 +159,8 @@ class AutoCurriculum(Plugin):
 
     def __init__(self, mixing: str = "difficulty", freeze_interval: int = 50, sample_size: int = 16,
                  eta: float = 0.5, var_coef: float = 0.0, floor: float = 0.02, progress: str = "per_share",
+                 max_scale: float | None = None, smoothing: float = 0.0, absolute: bool = False,
+                 probe: str = "train",
                  bandit_lr: float = 1.0,
                  bandit_gamma: float = 0.1, eval_batch_size: int = 8, stages: list[str] | None = None,
                  tokenizer=None, renderer=None, recipe=None, **context):
@@ -155,6 +173,12 @@ class AutoCurriculum(Plugin):
                 raise UserError(f"{where}: {key} must be a positive integer (got {value!r})")
         if progress not in ("per_share", "raw"):
             raise UserError(f"{where}: progress must be per_share or raw (got {progress!r})")
+        if probe not in ("held_out", "train"):
+            raise UserError(f"{where}: probe must be held_out or train (got {probe!r})")
+        if max_scale is not None and not max_scale > 0:
+            raise UserError(f"{where}: max_scale must be > 0 (got {max_scale!r})")
+        if not 0 <= smoothing < 1:
+            raise UserError(f"{where}: smoothing must be in [0, 1) (got {smoothing!r})")
         if not 0 <= floor < 1:
             raise UserError(f"{where}: floor must be in [0, 1) (got {floor!r})")
         if not 0 <= bandit_gamma <= 1:
@@ -168,6 +192,7 @@ class AutoCurriculum(Plugin):
                     raise UserError(f"{where}: stage {s!r} is not a stage of the recipe ({', '.join(known)})")
         smoke = bool(recipe is not None and recipe.smoke)
         self.mixing, self.eta, self.var_coef, self.floor, self.progress = mixing, eta, var_coef, floor, progress
+        self.max_scale, self.smoothing, self.absolute, self.probe = max_scale, smoothing, bool(absolute), probe
         self.freeze_interval = 1 if smoke else freeze_interval
         self.sample_size = min(sample_size, 4) if smoke else sample_size
         self.bandit_lr, self.bandit_gamma, self.eval_batch_size = bandit_lr, bandit_gamma, eval_batch_size
@@ -182,7 +207,8 @@ class AutoCurriculum(Plugin):
         self.active = plan is not None and len(plan.sources) >= 2 and (self.stages is None or ctx.stage in self.stages)
         if not self.active:
             return
-        self.plan, self.pad_id = plan, ctx.extras.get("pad_id", 0)
+        self.plan, self.pad_id, self.plan_stage = plan, ctx.extras.get("pad_id", 0), ctx.stage
+        self.samples = [self._take_sample(i) for i in range(len(plan.sources))]  # the same on resume: seeded
         if self.state.get("stage") == ctx.stage and self.state.get("history"):  # resumed mid-stage
             plan.set_weights(self.state["weights"])
             return
@@ -214,16 +240,26 @@ class AutoCurriculum(Plugin):
                     return source_names(st.data.train)
         return [f"source{i}" for i in range(k)]
 
-    def _sample(self, i: int) -> list:
+    def _take_sample(self, i: int) -> list:
+        """Source i's fixed probe sample, drawn from its training examples. With `probe: held_out`
+        it is also taken out of the training batches: scored on examples the model trains on, a
+        source's progress is partly memorisation (bench/curriculum: nl2bash's 240 requests repeated
+        4x in 300 steps, its probe loss fell to 3.0 while its validation loss stayed at 4.3). Held-out
+        probes swing more from refresh to refresh, so pair them with `max_scale` and `smoothing`
+        (uncapped per-share progress on held-out probes oscillated in bench/curriculum; RESULTS.md).
+        A source with fewer than 2 x sample_size examples keeps its sample in training."""
         src = self.plan.sources[i]
-        rng = random.Random(f"{self.seed}:curriculum:{self.state['stage']}:{i}")
-        return [src[j] for j in sorted(rng.sample(range(len(src)), min(self.sample_size, len(src))))]
+        rng = random.Random(f"{self.seed}:curriculum:{self.plan_stage}:{i}")
+        picked = sorted(rng.sample(range(len(src)), min(self.sample_size, len(src))))
+        if self.probe == "held_out" and len(src) >= 2 * self.sample_size:
+            return self.plan.hold_out(i, picked)
+        return [src[j] for j in picked]
 
     def measure(self, model) -> tuple[list[float], list[float]]:
         """(mean, variance) of the per-example loss of the model as it is now, per source."""
         means, variances = [], []
         for i in range(len(self.plan.sources)):
-            losses = per_example_loss(model, self._sample(i), self.pad_id, self.eval_batch_size)
+            losses = per_example_loss(model, self.samples[i], self.pad_id, self.eval_batch_size)
             m = sum(losses) / len(losses)
             means.append(m)
             variances.append(sum((x - m) ** 2 for x in losses) / max(len(losses) - 1, 1))
@@ -238,8 +274,8 @@ class AutoCurriculum(Plugin):
             prev = hist[-1]
             progress = [p - c for p, c in zip(prev["signal"], signal)]
             if self.mixing == "difficulty":
-                weights = difficulty_update(weights, prev["signal"], signal, self.eta, self.floor,
-                                            per_share=self.progress == "per_share")
+                weights = progress_update(weights, self._progress_used(progress), self.eta, self.floor,
+                                          per_share=self.progress == "per_share", max_scale=self.max_scale)
             elif self.mixing == "bandit":
                 rewards = [max(-1.0, min(1.0, (p - m) / p)) if p > 0 else 0.0 for p, m in zip(prev["mean"], means)]
                 self.state["log_weights"], weights = exp3_update(self.state["log_weights"], weights, rewards,
@@ -250,6 +286,17 @@ class AutoCurriculum(Plugin):
         hist.append({"step": ctx.step, "mean": means, "variance": variances, "signal": signal,
                      "progress": progress, "weights": weights})
         self.plan.set_weights(weights)
+
+    def _progress_used(self, progress: list[float]) -> list[float]:
+        """Progress as the difficulty rule reads it: an exponential average over refreshes
+        (`smoothing` = the weight of the past), and with `absolute` its magnitude -- absolute learning
+        progress (Portelas et al. 2019): a source whose loss climbs back is being forgotten, and is
+        given weight as one that learns is, instead of less and less as its loss rises."""
+        ema = self.state.get("progress_ema")
+        if ema is not None and self.smoothing > 0:
+            progress = [self.smoothing * e + (1 - self.smoothing) * x for e, x in zip(ema, progress)]
+        self.state["progress_ema"] = progress
+        return [abs(x) for x in progress] if self.absolute else progress
 
     def metrics(self) -> dict:
         last = self.state["history"][-1]

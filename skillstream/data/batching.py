@@ -29,7 +29,7 @@ def item_length(item) -> int:
 class BatchPlan:
     def __init__(self, sources: list[list[Tokenized]], weights: list[float], batch_size: int, seed: int,
                  length_grouped: bool = True, group_factor: int = 16):
-        self.sources, self.weights = sources, weights
+        self.sources, self.weights = list(sources), weights  # a copy: hold_out() replaces entries
         self.items = [t for src in sources for t in src]
         self.offsets = [sum(len(s) for s in sources[:i]) for i in range(len(sources))]
         self.batch_size, self.seed = batch_size, seed
@@ -49,6 +49,19 @@ class BatchPlan:
         if len(weights) != len(self.sources) or any(not w >= 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"mixture weights must be {len(self.sources)} non-negative numbers, not all 0 (got {weights})")
         self.weights, self.mixed = [float(w) for w in weights], True
+
+    def hold_out(self, source: int, indices: list[int]) -> list[Tokenized]:
+        """Remove these examples of one source from training and return them (a probe that must
+        measure what the model generalises to, not what it memorised). Call before iterating."""
+        drop = set(indices)
+        src = self.sources[source]
+        if not drop or len(drop) >= len(src):
+            raise ValueError(f"cannot hold out {len(drop)} of the {len(src)} examples of source {source}")
+        taken = [src[j] for j in sorted(drop)]
+        self.sources[source] = [t for j, t in enumerate(src) if j not in drop]
+        self.items = [t for s in self.sources for t in s]
+        self.offsets = [sum(len(s) for s in self.sources[:i]) for i in range(len(self.sources))]
+        return taken
 
     def _mixed_batch(self, epoch: int, b: int) -> list[int]:
         rng = random.Random(f"{self.seed}:mix:{epoch}:{b}")
