@@ -1,0 +1,32 @@
+"""bench/curriculum --quick in this process (tiny model): every strategy's curve, the noise weight it
+read from the plugin's refresh history, and the variant flags reaching the plugin."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_reports_each_strategy_and_passes_the_rule_options(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_curriculum", ROOT / "bench" / "curriculum.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = bench.RESULTS_MD.read_text()
+    assert bench.main(["--quick", "--modes", "difficulty,hardest", "--probe", "held_out", "--max-scale", "1",
+                       "--smoothing", "0.5", "--out", str(tmp_path)]) == 0
+    assert bench.RESULTS_MD.read_text() == before                 # --quick records nothing
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["mode"] for r in results] == ["uniform", "difficulty", "hardest"]   # uniform is always run
+    for r in results:
+        assert [s for s, _ in r["curve"]] == [0, 4, 8, 12]          # probe at step 0 and every 4 steps
+        assert abs(sum(r["weights_end"].values()) - 1) < 1e-9
+    uniform, difficulty = results[0], results[1]
+    assert all(h["weights"] == [0.25] * 4 for h in uniform["history"])
+    assert difficulty["history"][0]["weights"] == [0.25] * 4      # the rule starts uniform and moves by progress
+    assert difficulty["history"][-1]["weights"] != [0.25] * 4      # the rule moved the mixture
+    config = (tmp_path / "difficulty" / "config.yaml").read_text()
+    assert "probe: held_out" in config and "max_scale: 1.0" in config and "smoothing: 0.5" in config
+    out = capsys.readouterr().out
+    assert "| uniform | 12 | 1.00x |" in out and "Best adaptive strategy: difficulty" in out
