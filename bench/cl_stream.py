@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
@@ -84,9 +85,12 @@ def run_method(method: str, args, out: Path) -> dict:
         overrides["data.stream_train_limit"] = min(train_limit, steps * batch)
     code = ("import json, sys, skillstream; o = json.loads(sys.argv[1]); "
             "skillstream.train('adaptive_learner', out=sys.argv[2], overrides=o, show_progress=False)")
+    env = {**os.environ, "CI": "true"}
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores between concurrent methods
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(overrides), str(out / method)],
-                          capture_output=True, text=True, env={**os.environ, "CI": "true"})
+                          capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
     for line in proc.stderr.splitlines():  # skipped rows: one warning per file, passed on
@@ -151,6 +155,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="methods run at once, each in its own process with cores/jobs threads (default 1)")
     ap.add_argument("--invalid-labels", choices=["error", "skip"], default="skip",
                     help="rows whose label is not in labels.json: skip them, counted and reported (default), or stop")
     args = ap.parse_args()
@@ -162,15 +168,26 @@ def main() -> None:
     if not args.stream.is_dir():
         print(f"error: --stream {args.stream}: not a folder", file=sys.stderr)
         sys.exit(2)
+    if args.jobs < 1:
+        print(f"error: --jobs {args.jobs}: expected a positive number", file=sys.stderr)
+        sys.exit(2)
     out = args.out or Path(tempfile.mkdtemp(prefix="cl_stream-"))
-    rows = {}
-    for m in methods:
+    t0 = time.time()
+
+    def one(m: str) -> dict:
         print(f"running {m} ...", file=sys.stderr, flush=True)
-        rows[m] = run_method(m, args, out)
+        return run_method(m, args, out)
+
+    # methods are independent processes; with --jobs N, N of them share the machine at a time (on 2
+    # cores two 1-thread processes get more done than one 2-thread process at these batch sizes)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = dict(zip(methods, pool.map(one, methods)))
+    wall = time.time() - t0
     size = "quick" if args.quick else "full"
     cmd = "python bench/cl_stream.py " + " ".join(sys.argv[1:])
     text = (f"## {date.today()} cl_stream ({size}, {args.model}, seed {args.seed})\n\n`{cmd}` on "
-            f"{common.machine()}, stream {args.stream.name}, run dirs in {out}\n\n"
+            f"{common.machine()}, stream {args.stream.name}, run dirs in {out}; "
+            f"{args.jobs} method(s) at a time, wall {wall / 60:.1f} min for the whole table\n\n"
             f"{skipped_note(args.stream, args.invalid_labels)}"
             f"Generative exact match (main protocol):\n\n{table(rows, None)}\n\n"
             f"Option scoring:\n\n{table(rows, 'accuracy')}\n\n{overhead_note(rows)}")
