@@ -76,7 +76,7 @@ def run_method(method: str, args, out: Path) -> dict:
                  **METHODS[method]}
     if method == "mtl":
         overrides.update(mtl_overrides(args.stream, train_limit, test_limit, steps, 8))
-    if method == "expert_pool":
+    if "experts" in METHODS[method]:  # the expert-pool regime
         # the pool makes one pass over each task's examples (chunks of experts.chunk_size): give it as
         # many examples as the other methods have optimizer steps x batch, so the step budget is the same
         from skillstream.config import load_recipe
