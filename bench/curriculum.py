@@ -107,8 +107,7 @@ def run_strategy(mode: str, args, files: dict, out: Path, val_items: dict, pad_i
                   "checkpoint_every": 10 ** 9, "bf16": False},
         "plugins": [{"name": "auto_curriculum", "mixing": mode.split("-")[0], "freeze_interval": args.freeze_interval,
                      "sample_size": args.sample_size, "eta": args.eta, "bandit_lr": args.bandit_lr,
-                     "max_scale": args.max_scale, "smoothing": args.smoothing, "absolute": args.absolute,
-                     "probe": args.probe,
+                     **{k: getattr(args, k) for k in ("max_scale", "smoothing", "absolute", "probe")},
                      **({"progress": "raw"} if mode == "difficulty-raw" else {})}],
     }
     probe = make_probe(val_items, pad_id, args.eval_every)

@@ -207,8 +207,8 @@ class AutoCurriculum(Plugin):
         self.active = plan is not None and len(plan.sources) >= 2 and (self.stages is None or ctx.stage in self.stages)
         if not self.active:
             return
-        self.plan, self.pad_id, self.plan_stage = plan, ctx.extras.get("pad_id", 0), ctx.stage
-        self.samples = [self._take_sample(i) for i in range(len(plan.sources))]  # the same on resume: seeded
+        self.plan, self.pad_id = plan, ctx.extras.get("pad_id", 0)
+        self.samples = [self._take_sample(i, ctx.stage) for i in range(len(plan.sources))]  # seeded: same on resume
         if self.state.get("stage") == ctx.stage and self.state.get("history"):  # resumed mid-stage
             plan.set_weights(self.state["weights"])
             return
@@ -240,7 +240,7 @@ class AutoCurriculum(Plugin):
                     return source_names(st.data.train)
         return [f"source{i}" for i in range(k)]
 
-    def _take_sample(self, i: int) -> list:
+    def _take_sample(self, i: int, stage: str) -> list:
         """Source i's fixed probe sample, drawn from its training examples. With `probe: held_out`
         it is also taken out of the training batches: scored on examples the model trains on, a
         source's progress is partly memorisation (bench/curriculum: nl2bash's 240 requests repeated
@@ -249,7 +249,7 @@ class AutoCurriculum(Plugin):
         (uncapped per-share progress on held-out probes oscillated in bench/curriculum; RESULTS.md).
         A source with fewer than 2 x sample_size examples keeps its sample in training."""
         src = self.plan.sources[i]
-        rng = random.Random(f"{self.seed}:curriculum:{self.plan_stage}:{i}")
+        rng = random.Random(f"{self.seed}:curriculum:{stage}:{i}")
         picked = sorted(rng.sample(range(len(src)), min(self.sample_size, len(src))))
         if self.probe == "held_out" and len(src) >= 2 * self.sample_size:
             return self.plan.hold_out(i, picked)
@@ -258,8 +258,8 @@ class AutoCurriculum(Plugin):
     def measure(self, model) -> tuple[list[float], list[float]]:
         """(mean, variance) of the per-example loss of the model as it is now, per source."""
         means, variances = [], []
-        for i in range(len(self.plan.sources)):
-            losses = per_example_loss(model, self.samples[i], self.pad_id, self.eval_batch_size)
+        for sample in self.samples:
+            losses = per_example_loss(model, sample, self.pad_id, self.eval_batch_size)
             m = sum(losses) / len(losses)
             means.append(m)
             variances.append(sum((x - m) ** 2 for x in losses) / max(len(losses) - 1, 1))
@@ -292,10 +292,11 @@ class AutoCurriculum(Plugin):
         (`smoothing` = the weight of the past), and with `absolute` its magnitude -- absolute learning
         progress (Portelas et al. 2019): a source whose loss climbs back is being forgotten, and is
         given weight as one that learns is, instead of less and less as its loss rises."""
-        ema = self.state.get("progress_ema")
-        if ema is not None and self.smoothing > 0:
-            progress = [self.smoothing * e + (1 - self.smoothing) * x for e, x in zip(ema, progress)]
-        self.state["progress_ema"] = progress
+        if self.smoothing > 0:
+            ema = self.state.get("progress_ema")
+            if ema is not None:
+                progress = [self.smoothing * e + (1 - self.smoothing) * x for e, x in zip(ema, progress)]
+            self.state["progress_ema"] = progress
         return [abs(x) for x in progress] if self.absolute else progress
 
     def metrics(self) -> dict:

@@ -30,11 +30,15 @@ class BatchPlan:
     def __init__(self, sources: list[list[Tokenized]], weights: list[float], batch_size: int, seed: int,
                  length_grouped: bool = True, group_factor: int = 16):
         self.sources, self.weights = list(sources), weights  # a copy: hold_out() replaces entries
-        self.items = [t for src in sources for t in src]
-        self.offsets = [sum(len(s) for s in sources[:i]) for i in range(len(sources))]
+        self._index()
         self.batch_size, self.seed = batch_size, seed
         self.length_grouped, self.group_factor = length_grouped, group_factor
         self.mixed = False  # set_weights() switches to run-time mixing
+
+    def _index(self) -> None:
+        """The flat list of items and where each source starts in it (batches hold flat indices)."""
+        self.items = [t for src in self.sources for t in src]
+        self.offsets = [sum(len(s) for s in self.sources[:i]) for i in range(len(self.sources))]
 
     def set_weights(self, weights: list[float]) -> None:
         """Mix the sources by these weights from now on (a curriculum that re-weights at run time).
@@ -59,8 +63,7 @@ class BatchPlan:
             raise ValueError(f"cannot hold out {len(drop)} of the {len(src)} examples of source {source}")
         taken = [src[j] for j in sorted(drop)]
         self.sources[source] = [t for j, t in enumerate(src) if j not in drop]
-        self.items = [t for s in self.sources for t in s]
-        self.offsets = [sum(len(s) for s in self.sources[:i]) for i in range(len(self.sources))]
+        self._index()
         return taken
 
     def _mixed_batch(self, epoch: int, b: int) -> list[int]:

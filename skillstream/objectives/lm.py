@@ -26,7 +26,9 @@ def _plain_head_parts(model):
         return None
     try:
         decoder, head = base.get_decoder(), base.get_output_embeddings()
-    except (AttributeError, NotImplementedError):  # models without these accessors: the full-logits path
+    except (AttributeError, NotImplementedError):
+        # no decoder/head accessors: causal_lm_loss runs the model's own forward with labels instead
+        # (a complete path, checked against this one in tests/test_objectives.py)
         return None
     if decoder is None or decoder is base or not isinstance(head, torch.nn.Linear):
         return None
