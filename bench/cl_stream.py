@@ -11,6 +11,8 @@ same stream, seed, sizes and step budget:
   mtl              one LoRA trained jointly on the union of all tasks (the upper bound), same total steps
   expert_pool      the expert-pool regime: one unlabelled stream of chunks, a new expert when novelty lasts,
                    a router choosing experts at evaluation (no task id); one pass over each task's examples
+  expert_pool_replay  expert_pool + the recipe's replay kept per expert (a reused expert rehearses its own
+                   earlier chunks)
 The main protocol is generative exact match (the answer must be the label); option scoring is
 reported beside it. Nothing here is tuned per task: sizes are per-stream settings.
 
@@ -37,6 +39,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py)
 
+POOL = {"chunk_size": 40, "novelty": {"similarity_threshold": 0.85, "window": 2, "signal_examples": 4,
+                                   "weights": {"embedding": 0.2, "gradient": 0.3, "context": 0.5}},
+        "seeding": {"lr": 1.0e-3, "steps": 10}, "consolidation": {"lr": 2.0e-4}}
 METHODS = {
     "seq_lora": {"plugins": []},
     "ewc_replay": {},
@@ -45,10 +50,11 @@ METHODS = {
     # the expert-pool regime (skillstream/experts/stream_run.py): the tasks as one unlabelled stream of
     # chunks, reuse-or-create by novelty, a router picks experts at evaluation (task-agnostic); the
     # novelty settings are dylora_moe's, not tuned on this stream
-    "expert_pool": {"plugins": [], "experts": {
-        "chunk_size": 40, "novelty": {"similarity_threshold": 0.85, "window": 2, "signal_examples": 4,
-                                      "weights": {"embedding": 0.2, "gradient": 0.3, "context": 0.5}},
-        "seeding": {"lr": 1.0e-3, "steps": 10}, "consolidation": {"lr": 2.0e-4}}},
+    "expert_pool": {"plugins": [], "experts": POOL},
+    # ... with the recipe's replay (budget, alpha, policy) kept per expert: a reused expert rehearses
+    # its own earlier chunks while it learns the new ones (continual/replay.py, scope adapter)
+    "expert_pool_replay": {"plugins": [{"name": "replay", "budget": 200, "alpha": 0.2, "policy": "class_balanced",
+                                        "scope": "adapter"}], "experts": POOL},
 }
 SIZES = {  # (train examples per task, test examples per task, steps per task)
     "quick": (200, 20, 20),  # 4 methods took 52 min on 2 quiet cores (bench/RESULTS.md): over the 40-min goal
@@ -135,6 +141,20 @@ def skipped_note(stream: Path, invalid_labels: str) -> str:
     return f"Rows skipped (label not in labels.json, `data.invalid_labels=skip`): {'; '.join(parts)}.\n\n"
 
 
+def pool_note(rows: dict) -> str:
+    """Routing accuracy and experts created for the expert-pool methods (task-agnostic inference)."""
+    lines = []
+    for name, r in rows.items():
+        res = r["results"]
+        if "routing" in res:
+            lines.append(f"{name}: routing accuracy {res['routing']['task_agnostic_accuracy']:.3f}, "
+                         f"{res['experts_created']} experts for {res['skills']} tasks "
+                         f"({', '.join(f'{k} -> {v}' for k, v in res['skill_expert'].items())}), "
+                         f"created at chunks {res['novelty']['first_expert_at'] + res['novelty']['created_at']} "
+                         f"(task boundaries {res['novelty']['true_boundaries']})")
+    return "".join(f"{x}\n" for x in lines) + ("\n" if lines else "")
+
+
 def overhead_note(rows: dict) -> str:
     if "seq_lora" not in rows or "ewc_replay" not in rows:
         return ""
@@ -190,7 +210,7 @@ def main() -> None:
             f"{args.jobs} method(s) at a time, wall {wall / 60:.1f} min for the whole table\n\n"
             f"{skipped_note(args.stream, args.invalid_labels)}"
             f"Generative exact match (main protocol):\n\n{table(rows, None)}\n\n"
-            f"Option scoring:\n\n{table(rows, 'accuracy')}\n\n{overhead_note(rows)}")
+            f"Option scoring:\n\n{table(rows, 'accuracy')}\n\n{pool_note(rows)}{overhead_note(rows)}")
     print(text)
     if args.record:
         with (ROOT / "bench" / "RESULTS.md").open("a") as f:

@@ -4,13 +4,22 @@ A mixture of four training sources of different difficulty, one of them unlearna
   easy    repetitive English (a few template sentences; generated, seeded)
   bash    NL2Bash requests and commands (builtin nl2bash, train split)
   prose   the Python language reference (builtin pydoc_topics, train split)
-  noise   random printable characters (generated, seeded): nothing to learn beyond the alphabet
+  noise   random characters (generated, seeded): nothing to learn beyond the alphabet
+          `--noise printable` (default): 300 random printable ASCII characters; the tokenizer merges
+          some neighbours, so a model from scratch keeps learning which merged tokens occur (its loss
+          falls slowly for hundreds of steps: measured in bench/RESULTS.md)
+          `--noise symbols`: 150 symbols drawn uniformly from the printable characters that are one
+          token each after a space, space-separated: a uniform distribution over single tokens, whose
+          loss floor (ln of the alphabet size) is reached early -- unlearnable after that
 Validation: held-out examples of the three learnable sources (fresh easy texts, nl2bash test
 split, pydoc_topics test split); validation loss = mean over those sources of their mean
 per-example token loss, measured every --eval-every steps by a probe plugin.
 
 Every strategy trains the same model from the same seed for the same number of steps through the
 same sampler (the curriculum plugin's per-batch mixture sampling; `uniform` keeps equal weights).
+`oracle` is not a curriculum: uniform over the three learnable sources only, i.e. what a rule that
+knew the noise source at step 0 could at best do by removing it -- the bound on what re-weighting the
+noise away can gain on this benchmark.
 Reported per strategy: steps to reach the uniform mixture's FINAL validation loss (first probe at
 or below it; ratio to uniform's steps), final validation loss, and the noise source's weight
 (at the start, mean over the second half, at the end).
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -56,10 +66,20 @@ def noise_text(rng: random.Random, chars: int = 300) -> str:
     return "".join(chr(rng.randrange(33, 127)) for _ in range(chars))
 
 
-def write_data(folder: Path, n_train: int, n_val: int, seed: int) -> dict[str, Path]:
+def single_token_symbols(tok) -> list[str]:
+    """Printable ASCII characters that the tokenizer keeps as ONE token after a space."""
+    return [c for c in map(chr, range(33, 127)) if len(tok(" " + c, add_special_tokens=False)["input_ids"]) == 1]
+
+
+def symbols_text(rng: random.Random, symbols: list[str], count: int = 150) -> str:
+    return " ".join(rng.choice(symbols) for _ in range(count))
+
+
+def write_data(folder: Path, n_train: int, n_val: int, seed: int, noise) -> dict[str, Path]:
+    """`noise` makes one noise text from an RNG."""
     rng = random.Random(seed)
     files = {}
-    for name, make, n in (("easy", easy_text, n_train), ("noise", noise_text, n_train), ("easy_val", easy_text, n_val)):
+    for name, make, n in (("easy", easy_text, n_train), ("noise", noise, n_train), ("easy_val", easy_text, n_val)):
         path = folder / f"{name}.jsonl"
         path.write_text("".join(json.dumps({"text": make(rng)}) + "\n" for _ in range(n)))
         files[name] = path
@@ -95,17 +115,18 @@ def make_probe(val_items: dict, pad_id: int, every: int):
 def run_strategy(mode: str, args, files: dict, out: Path, val_items: dict, pad_id: int) -> dict:
     from skillstream.run import train
 
+    sources = [{"source": str(files["easy"])}, {"source": "nl2bash"}, {"source": "pydoc_topics"}]
+    if mode != "oracle":
+        sources.append({"source": str(files["noise"])})
     recipe = {
         "name": f"curriculum-{mode}", "seed": args.seed, "report_to": [],
         "model": {"name": args.model, "freeze_backbone": args.model != "tiny"},
         "lora": None if args.model == "tiny" else {"r": 16, "alpha": 32, "dropout": 0.0},
-        "data": {"max_length": args.max_length, "train": [
-            {"source": str(files["easy"])}, {"source": "nl2bash"}, {"source": "pydoc_topics"},
-            {"source": str(files["noise"])}]},
+        "data": {"max_length": args.max_length, "train": sources},
         "train": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "schedule": "constant",
                   "warmup_steps": min(10, args.steps // 10), "log_every": args.eval_every,
                   "checkpoint_every": 10 ** 9, "bf16": False},
-        "plugins": [{"name": "auto_curriculum", "mixing": mode.split("-")[0], "freeze_interval": args.freeze_interval,
+        "plugins": [{"name": "auto_curriculum", "mixing": "uniform" if mode == "oracle" else mode.split("-")[0], "freeze_interval": args.freeze_interval,
                      "sample_size": args.sample_size, "eta": args.eta, "bandit_lr": args.bandit_lr,
                      **{k: getattr(args, k) for k in ("max_scale", "smoothing", "absolute", "probe")},
                      **({"progress": "raw"} if mode == "difficulty-raw" else {})}],
@@ -118,8 +139,8 @@ def run_strategy(mode: str, args, files: dict, out: Path, val_items: dict, pad_i
     state = json.loads((list_checkpoints(out / mode / "checkpoints")[-1] / "state.json").read_text())
     curriculum = state["plugins"]["curriculum"]       # one entry per refresh, step 0 included
     names = curriculum["names"]
-    noise = names.index(next(n for n in names if n.startswith("noise")))
-    weights = [(h["step"], h["weights"][noise]) for h in curriculum["history"]]
+    noise = next((i for i, n in enumerate(names) if n.startswith("noise")), None)  # None: the oracle has none
+    weights = [(h["step"], h["weights"][noise] if noise is not None else 0.0) for h in curriculum["history"]]
     half = [w for s, w in weights if s > args.steps / 2] or [weights[-1][1]]
     return {"mode": mode, "curve": [(s, v) for s, v, _ in probe.curve], "final_per_source": probe.curve[-1][2],
             "final": probe.curve[-1][1], "noise_weight": {"start": weights[0][1], "second_half_mean": sum(half) / len(half),
@@ -164,7 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model, a few steps: wiring check (records nothing)")
     ap.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
     ap.add_argument("--modes", default="uniform,difficulty,bandit,hardest",
-                    help="comma-separated: uniform, difficulty, difficulty-raw, bandit, hardest")
+                    help="comma-separated: uniform, difficulty, difficulty-raw, bandit, hardest, oracle")
+    ap.add_argument("--noise", choices=["printable", "symbols"], default="printable",
+                    help="the unlearnable source: random printable characters or space-separated single-token symbols")
     ap.add_argument("--model", default="tiny", help="tiny (trained from scratch, full weights) or a model with LoRA")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=10)
@@ -199,8 +222,12 @@ def main(argv=None) -> int:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-curriculum-"))
     out.mkdir(parents=True, exist_ok=True)
-    files = write_data(out, n_train=64 if args.quick else 400, n_val=args.val_size, seed=args.seed)
     tok = load_tokenizer(args.model)
+    if args.noise == "symbols":
+        noise = functools.partial(symbols_text, symbols=single_token_symbols(tok))
+    else:
+        noise = noise_text
+    files = write_data(out, n_train=64 if args.quick else 400, n_val=args.val_size, seed=args.seed, noise=noise)
     renderer = Renderer(tok, args.max_length)
     val = {"easy": SourceConfig(source=str(files["easy_val"])),
            "bash": SourceConfig(source="nl2bash", split="test"),
@@ -224,7 +251,7 @@ def main(argv=None) -> int:
                     f"`{cmd}` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
                     f"{' (--quick: wiring only, not a measurement)' if args.quick else ''}\n\n"
                     f"Model {args.model}, {args.steps} steps, batch {args.batch_size}, max_length {args.max_length}, "
-                    f"lr {args.lr}, freeze_interval {args.freeze_interval}, sample_size {args.sample_size}, eta {args.eta}, "
+                    f"lr {args.lr}, noise {args.noise}, freeze_interval {args.freeze_interval}, sample_size {args.sample_size}, eta {args.eta}, "
                     f"bandit_lr {args.bandit_lr}, seed {args.seed}\n\n"
                     f"{text}\n")
         print(f"appended to {RESULTS_MD}")

@@ -30,3 +30,18 @@ def test_quick_run_reports_each_strategy_and_passes_the_rule_options(tmp_path, c
     assert "probe: held_out" in config and "max_scale: 1.0" in config and "smoothing: 0.5" in config
     out = capsys.readouterr().out
     assert "| uniform | 12 | 1.00x |" in out and "Best adaptive strategy: difficulty" in out
+
+
+def test_the_oracle_drops_the_noise_and_symbols_noise_is_single_tokens(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_curriculum", ROOT / "bench" / "curriculum.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--modes", "oracle", "--noise", "symbols", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    oracle = next(r for r in results if r["mode"] == "oracle")
+    assert list(oracle["weights_end"]) == ["easy", "nl2bash", "pydoc_topics"]   # no noise source at all
+    assert oracle["noise_weight"] == {"start": 0.0, "second_half_mean": 0.0, "end": 0.0}
+    from skillstream.models.backbone import load_tokenizer
+    tok = load_tokenizer("tiny")
+    text = json.loads((tmp_path / "noise.jsonl").read_text().splitlines()[0])["text"]
+    assert len(tok(text, add_special_tokens=False)["input_ids"]) == len(text.split()) == 150  # one token per symbol

@@ -67,6 +67,30 @@ def test_replay_replaces_a_share_of_each_batch_deterministically():
     assert [t.input_ids for t in again.transform_items(None, batch)] == [t.input_ids for t in out]
 
 
+def test_replay_scoped_to_the_adapter_draws_only_what_that_adapter_trained_on():
+    from types import SimpleNamespace
+
+    def ctx(adapter, stage, items=()):
+        return StepContext(SimpleNamespace(active_adapter=adapter), stage, 0, 0, 1, alert=print,
+                           extras={"plan": SimpleNamespace(items=list(items))})
+
+    plugin = Replay(budget=8, alpha=0.5, seed=0, scope="adapter")
+    plugin.after_stage(ctx("expert_0", "chunk_0000", [_item("a", n=5) for _ in range(4)]))
+    plugin.after_stage(ctx("expert_1", "chunk_0001", [_item("b", n=7) for _ in range(4)]))
+    assert set(plugin.memory.counts()) == {"expert_0:chunk_0000/a", "expert_1:chunk_0001/b"}
+    new = [_item("new") for _ in range(4)]
+    for _ in range(5):  # expert_0 rehearses its own items only, expert_1 its own, a fresh expert none
+        assert {len(t.input_ids) for t in plugin.transform_items(ctx("expert_0", "c"), new)[2:]} == {5}
+        assert {len(t.input_ids) for t in plugin.transform_items(ctx("expert_1", "c"), new)[2:]} == {7}
+    assert plugin.transform_items(ctx("expert_2", "c"), new) == new
+    shared = Replay(budget=8, alpha=0.5, seed=0)  # scope all: any stored item may come back
+    shared.memory.items = list(plugin.memory.items)
+    drawn = {len(t.input_ids) for _ in range(10) for t in shared.transform_items(ctx("expert_2", "c"), new)[2:]}
+    assert drawn == {5, 7}
+    with pytest.raises(Exception, match="replay.scope"):
+        Replay(scope="expert")
+
+
 def test_neuromodulation_gain_is_one_when_nothing_changes_and_rises_on_a_loss_spike():
     nm = Neuromodulation(scale=3.0)
     ctx = StepContext(None, "s", 0, 0, 10, alert=print)

@@ -169,6 +169,30 @@ def test_resumed_stream_ends_where_an_uninterrupted_one_does(stream_run, tmp_pat
     assert [d["chunk"] for d in lines] == list(range(6))  # each chunk's decision once
 
 
+def test_a_reused_expert_rehearses_its_own_chunks_and_the_memory_survives_a_resume(tmp_path):
+    """Replay with scope adapter in the expert-pool regime: the memory is kept per expert, is part of
+    the stream's checkpoints, and a resumed stream ends where an uninterrupted one does."""
+    cfg = recipe(tmp_path)
+    cfg["plugins"] = [{"name": "replay", "budget": 12, "alpha": 0.5, "scope": "adapter"}]
+    whole = train(cfg, out=tmp_path / "whole", show_progress=False)
+    with pytest.raises(_Crash):
+        train(cfg, out=tmp_path / "run", show_progress=False, plugins=[CrashAfter(9)])
+    resumed = train(cfg, out=tmp_path / "run", resume=True, show_progress=False)
+    assert resumed.results["matrix"] == whole.results["matrix"]
+    from skillstream import checkpoint
+    _, _, state = checkpoint.load(checkpoint.list_checkpoints(whole.run_dir / "checkpoints")[-1])
+    trained = set()  # (expert, chunk) for every chunk an expert trained on, held-back chunks included
+    for d in map(json.loads, (whole.run_dir / "decisions.jsonl").read_text().splitlines()):
+        if d["trained"]:
+            trained |= {(d["trained"], i) for i in d["chunks_trained"]}
+            trained |= {(t, int(i)) for i, t in d["reassigned"].items()}
+    keys = {item["key"] for item in state["plugins"]["replay"]["items"]}  # "<expert>:chunk_<last of batch>/<class>"
+    assert keys and all((k.split(":")[0], int(k.split(":")[1].split("/")[0][len("chunk_"):])) in trained for k in keys)
+    assert len({key.split(":")[0] for key in keys}) == 3  # every expert keeps some of its own chunks
+    rows = [json.loads(x) for x in (whole.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["replay/memory"] for r in rows) == 12
+
+
 @pytest.mark.parametrize("override, message", [
     ("experts.router.maturity_threshold=1.5", "experts.router.maturity_threshold"),
     ("experts.novelty.similarity_threshold=-0.1", "experts.novelty.similarity_threshold"),

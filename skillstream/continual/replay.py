@@ -6,6 +6,12 @@ a long task cannot crowd the others out (a group smaller than its quota leaves t
 micro-batch is replaced by memory items (replacing rather than adding keeps the cost per step
 that of plain training). The memory and its counters are plugin state, saved in checkpoints;
 which items are drawn depends only on (seed, stage, draw count), so a resumed run draws the same.
+
+`scope: adapter` keeps the memory per LoRA adapter: items are stored under the adapter that
+trained on them and drawn only while that adapter trains. In the expert-pool regime this is the
+protection of a REUSED expert (it rehearses its own earlier skill while it learns a similar new
+one) without teaching an expert another expert's skill; with one shared LoRA it is the same as
+`scope: all` (the default), and with one expert per task it replays nothing.
 """
 from __future__ import annotations
 
@@ -63,27 +69,39 @@ class ReplayMemory:
 class Replay(Plugin):
     name = "replay"
 
-    def __init__(self, budget: int = 200, alpha: float = 0.2, policy: str = "class_balanced", seed: int = 0, **context):
+    def __init__(self, budget: int = 200, alpha: float = 0.2, policy: str = "class_balanced", seed: int = 0,
+                 scope: str = "all", **context):
         if not 0 <= alpha < 1:
             raise UserError(f"replay.alpha {alpha}: expected a share in [0, 1)")
-        self.alpha, self.memory = alpha, ReplayMemory(budget, policy)
+        if scope not in ("all", "adapter"):
+            raise UserError(f"replay.scope {scope!r}: expected 'all' or 'adapter'")
+        self.alpha, self.memory, self.scope = alpha, ReplayMemory(budget, policy), scope
         self.seed = context["recipe"].seed if "recipe" in context else seed
         self.draws = 0
 
+    def _prefix(self, ctx: StepContext) -> str:
+        """The memory keys this step may store and draw: '<adapter>:' with scope adapter, else all."""
+        if self.scope == "all" or ctx is None:
+            return ""
+        model = getattr(ctx.model, "module", ctx.model)  # under a DDP wrapper
+        return f"{getattr(model, 'active_adapter', None)}:"
+
     def transform_items(self, ctx: StepContext, items: list) -> list:
         k = round(self.alpha * len(items))
-        if not self.memory.items or k == 0:
+        prefix = self._prefix(ctx)
+        pool = [item for key, item in self.memory.items if key.startswith(prefix)]
+        if not pool or k == 0:
             return items
         rng = random.Random(f"{self.seed}:replay:{self.draws}")
         self.draws += 1
-        return items[: len(items) - k] + [item for _, item in rng.sample(self.memory.items, min(k, len(self.memory.items)))]
+        return items[: len(items) - k] + rng.sample(pool, min(k, len(pool)))
 
     def after_step(self, ctx, metrics):
         return {"replay/memory": len(self.memory.items)}
 
     def after_stage(self, ctx: StepContext) -> None:
         rng = random.Random(f"{self.seed}:replay-fill:{ctx.stage_index}")
-        self.memory.add(list(ctx.extras["plan"].items), ctx.stage, rng)
+        self.memory.add(list(ctx.extras["plan"].items), self._prefix(ctx) + ctx.stage, rng)
 
     def state_dict(self) -> dict:
         return {"draws": self.draws, "seen": self.memory.seen,

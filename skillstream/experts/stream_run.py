@@ -135,7 +135,7 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
     ecfg = cfg.experts
     chunks = make_chunks(stages, renderer, cfg)
     life = Lifecycle(model, tok, renderer, ecfg, seed=cfg.seed, max_length=cfg.data.max_length)
-    plugins = [life.schedule, *plugins]
+    own_plugins, plugins = plugins, [life.schedule, *plugins]  # the schedule's state rides in the lifecycle's
     train_cfg0 = stages[0].train_cfg
     state = {"chunk": -1, "pending": [], "seq": 0, "results": {"initial": None, "rows": [], "details": []},
              "assignments": {}, "skill_stats": {}, "global_step": 0}
@@ -149,7 +149,10 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(weights[n])
+        for p in own_plugins:  # e.g. a replay memory: resumed, not rebuilt from nothing
+            p.load_state_dict(saved.get("plugins", {}).get(p.name, {}))
         state = saved
+        state.pop("plugins", None)
         decisions = state.pop("decisions")
         if main:
             done = state["chunk"]
@@ -216,7 +219,7 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
         last_lr = life.schedule.rate(life.schedule.current) if life.schedule.current else 0.0
         progress.update(chunk.index + 1, {"loss": life.schedule.last_loss, "lr": record.get("lr") or last_lr,
                                           "tokens_per_s": life.schedule.tokens_per_s})
-        _save(ckpt_dir, state, decisions, life, model, optimizer, train_cfg0, main)
+        _save(ckpt_dir, state, decisions, life, model, optimizer, train_cfg0, main, own_plugins)
     progress.close()
     return _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, decisions, state,
                           time.time() - t_stream, main)
@@ -266,13 +269,14 @@ def life_stage_cfg(cfg, t, n_items: int):
                                 "log_every": min(t.log_every, steps), "checkpoint_every": 10 ** 9})
 
 
-def _save(ckpt_dir, state, decisions, life, model, optimizer, train_cfg, main) -> None:
+def _save(ckpt_dir, state, decisions, life, model, optimizer, train_cfg, main, plugins) -> None:
     if not main:
         return
     state["seq"] += 1
     weights = {n: p for n, p in model.named_parameters() if "lora_" in n}
     ckpt.save(ckpt_dir, f"{state['seq']:06d}", weights, optimizer.state_dict(),
               {**state, "decisions": decisions, "lifecycle": life.state_dict(), "processes": 1,
+               "plugins": {p.name: p.state_dict() for p in plugins},
                "kind": "skill_stream"}, keep=train_cfg.keep_checkpoints)
 
 
