@@ -18,8 +18,9 @@ per-example token loss, measured every --eval-every steps by a probe plugin.
 Every strategy trains the same model from the same seed for the same number of steps through the
 same sampler (the curriculum plugin's per-batch mixture sampling; `uniform` keeps equal weights).
 `oracle` is not a curriculum: uniform over the three learnable sources only, i.e. what a rule that
-knew the noise source at step 0 could at best do by removing it -- the bound on what re-weighting the
-noise away can gain on this benchmark.
+knew the noise source at step 0 would get from removing it (re-weighting the learnable sources could
+gain more; removing the noise alone gains this much). With `--probe held_out` (the default) every
+strategy, uniform and oracle included, trains without the probe examples, so all see the same data.
 Reported per strategy: steps to reach the uniform mixture's FINAL validation loss (first probe at
 or below it; ratio to uniform's steps), final validation loss, and the noise source's weight
 (at the start, mean over the second half, at the end).
@@ -194,11 +195,14 @@ def main(argv=None) -> int:
     ap.add_argument("--freeze-interval", type=int, default=10)  # 10 / eta 1: the best measured (RESULTS.md)
     ap.add_argument("--sample-size", type=int, default=16)
     ap.add_argument("--eta", type=float, default=1.0, help="difficulty rule step size (the plugin's eta)")
-    ap.add_argument("--max-scale", type=float, default=None, help="cap of the per-share factor (the plugin's max_scale)")
-    ap.add_argument("--smoothing", type=float, default=0.0, help="EMA weight of past progress (the plugin's smoothing)")
-    ap.add_argument("--probe", choices=["held_out", "train"], default="train",
-                    help="score each source's probe sample among its training examples (default) or held out of training")
-    ap.add_argument("--absolute", action="store_true", help="absolute learning progress (the plugin's absolute)")
+    # the difficulty rule's options default to the plugin's defaults
+    ap.add_argument("--max-scale", type=float, default=1.0,
+                    help="cap of the per-share factor (the plugin's max_scale; 0 = uncapped)")
+    ap.add_argument("--smoothing", type=float, default=0.5, help="EMA weight of past progress (the plugin's smoothing)")
+    ap.add_argument("--probe", choices=["held_out", "train"], default="held_out",
+                    help="score each source's probe sample held out of training (default) or among its training examples")
+    ap.add_argument("--absolute", action=argparse.BooleanOptionalAction, default=True,
+                    help="absolute learning progress (the plugin's absolute; --no-absolute: signed)")
     ap.add_argument("--bandit-lr", type=float, default=1.0, help="EXP3 learning rate (the plugin's bandit_lr)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=96)
@@ -207,6 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="keep the run directories here")
     args = ap.parse_args(argv)
+    args.max_scale = args.max_scale or None  # 0: uncapped (the plugin's null)
     if args.quick:
         args.steps, args.eval_every, args.freeze_interval, args.sample_size = 12, 4, 4, 4
         args.batch_size, args.max_length, args.val_size = 4, 48, 4
@@ -252,6 +257,7 @@ def main(argv=None) -> int:
                     f"{' (--quick: wiring only, not a measurement)' if args.quick else ''}\n\n"
                     f"Model {args.model}, {args.steps} steps, batch {args.batch_size}, max_length {args.max_length}, "
                     f"lr {args.lr}, noise {args.noise}, freeze_interval {args.freeze_interval}, sample_size {args.sample_size}, eta {args.eta}, "
+                    f"probe {args.probe}, max_scale {args.max_scale}, smoothing {args.smoothing}, absolute {args.absolute}, "
                     f"bandit_lr {args.bandit_lr}, seed {args.seed}\n\n"
                     f"{text}\n")
         print(f"appended to {RESULTS_MD}")

@@ -70,7 +70,7 @@ def test_smoothed_and_absolute_progress():
     # an exponential average with weight 0.5 on the past: 0.5*0.4 + 0.5*0.0, 0.5*(-0.2) + 0.5*(-0.6)
     assert plugin._progress_used([0.0, -0.6]) == pytest.approx([0.2, 0.4])   # |-0.4|: being forgotten
     assert plugin.state["progress_ema"] == pytest.approx([0.2, -0.4])         # the sign is kept in the state
-    plain = AutoCurriculum(mixing="difficulty")
+    plain = AutoCurriculum(mixing="difficulty", smoothing=0.0, absolute=False)
     plain.state = {}
     assert plain._progress_used([0.4, -0.2]) == [0.4, -0.2]
 

@@ -28,10 +28,15 @@ Mixing rules (weights always sum to 1; `floor` mixes in a uniform share so no so
               kept as the baseline that shows why progress matters)
 
 Options of the difficulty rule: `max_scale` caps the per-share factor (a source with a small share
-moves mostly by transfer and jitter, which 1/w would multiply); `smoothing` in [0, 1) averages
-progress over refreshes (the weight of the past); `absolute: true` reads |progress| (absolute
-learning progress: a source being forgotten gains weight); `probe: held_out` keeps the probe sample
-out of training (progress without memorisation), `probe: train` (default) scores training examples.
+moves mostly by transfer and jitter, which 1/w would multiply; null: uncapped); `smoothing` in
+[0, 1) averages progress over refreshes (the weight of the past); `absolute: true` reads |progress|
+(absolute learning progress: a source being forgotten gains weight); `probe: held_out` keeps the
+probe sample out of training (progress without memorisation), `probe: train` scores training
+examples. Defaults: held_out, max_scale 1, smoothing 0.5, absolute -- measured in bench/curriculum
+(bench/RESULTS.md, 2026-12-01) on two kinds of noise source: 0.90x uniform's steps on both and the
+final loss of an oracle that drops the noise, where the uncapped rule on training examples (the
+earlier default) reached 0.93x on one and blew up on the other (one source at a time took 0.86-0.99
+of the mixture; final loss 4.96 vs uniform's 3.93).
 
 The batches follow the weights through `BatchPlan.set_weights` (per-batch mixture sampling, a pure
 function of seed, position and weights). Logged on every logged step: curriculum/weight/<source>,
@@ -159,8 +164,8 @@ class AutoCurriculum(Plugin):
 
     def __init__(self, mixing: str = "difficulty", freeze_interval: int = 50, sample_size: int = 16,
                  eta: float = 0.5, var_coef: float = 0.0, floor: float = 0.02, progress: str = "per_share",
-                 max_scale: float | None = None, smoothing: float = 0.0, absolute: bool = False,
-                 probe: str = "train",
+                 max_scale: float | None = 1.0, smoothing: float = 0.5, absolute: bool = True,
+                 probe: str = "held_out",
                  bandit_lr: float = 1.0,
                  bandit_gamma: float = 0.1, eval_batch_size: int = 8, stages: list[str] | None = None,
                  tokenizer=None, renderer=None, recipe=None, **context):
