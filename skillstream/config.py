@@ -148,6 +148,14 @@ class NoveltyConfig(_Strict):
     weights: dict[str, float] = Field(default_factory=lambda: {"embedding": 0.4, "gradient": 0.4, "context": 0.2},
                                       description="Weights of the similarity's three components.")
 
+    @field_validator("weights")
+    @classmethod
+    def _known_components(cls, v):
+        unknown = sorted(set(v) - {"embedding", "gradient", "context"})
+        if unknown:  # else a typo reaches SimilarityWeights(**weights) as a TypeError
+            raise ValueError(f"unknown similarity components {unknown} (known: embedding, gradient, context)")
+        return v
+
 
 class RouterConfig(_Strict):
     kind: Literal["linear", "mlp"] = Field("linear", description="Router head over pooled backbone features.")

@@ -196,6 +196,7 @@ def test_a_reused_expert_rehearses_its_own_chunks_and_the_memory_survives_a_resu
 @pytest.mark.parametrize("override, message", [
     ("experts.router.maturity_threshold=1.5", "experts.router.maturity_threshold"),
     ("experts.novelty.similarity_threshold=-0.1", "experts.novelty.similarity_threshold"),
+    ("experts.novelty.weights.embeding=0.5", "unknown similarity components ['embeding']"),
     ("data.eval.0.expert=bogus", "unknown expert 'bogus'"),
 ])
 def test_bad_stream_recipes_stop_with_one_line(tmp_path, override, message):
