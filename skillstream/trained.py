@@ -59,7 +59,7 @@ class TrainedModel:
             for t in tasks:
                 with self._routing() as routing:
                     row = evaluate_examples(self.model, self.tokenizer, self.renderer, t.examples, t.metric,
-                                            self.config.data.eval_batch_size, t.max_new_tokens)
+                                            self.config.data.eval_batch_size, t.max_new_tokens, also=t.also)
                 top = Counter(routing.top())
                 rows.append({**row, "routed_to": {n: c / len(routing.choices) for n, c in top.items()}})
         else:

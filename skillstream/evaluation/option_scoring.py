@@ -33,14 +33,22 @@ def score_options(model, prompts: list[list[int]], options: list[list[int]], pad
 
     Every prompt in the call shares the same option list (one task's labels.json).
     """
-    n_opt, dev = len(options), model.device
-    ids, mask = (t.to(dev) for t in _left_pad(prompts, pad_id))
+    ids, mask = (t.to(model.device) for t in _left_pad(prompts, pad_id))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     # only the last prompt position's logits are read: asking for just those skips the LM head
     # (a vocabulary-sized matmul) at every other position, about a fifth of a small model's prefill
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **_last_logits_only(model))
-    first_logp = F.log_softmax(out.logits[:, -1].float(), -1)            # predicts each option's first token
-    cache = out.past_key_values
+    return score_on_cache(model, out.logits[:, -1], out.past_key_values, mask, options, pad_id)
+
+
+@torch.no_grad()
+def score_on_cache(model, last_logits: torch.Tensor, cache, mask: torch.Tensor, options: list[list[int]],
+                   pad_id: int) -> torch.Tensor:
+    """The options scored on top of a prompt batch's KV cache (left-padded prompts, `mask` their
+    attention mask, `last_logits` the logits at their last position); the cache is consumed."""
+    n_opt, dev = len(options), model.device
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    first_logp = F.log_softmax(last_logits.float(), -1)                  # predicts each option's first token
     cache.batch_repeat_interleave(n_opt)
 
     width = max(len(o) for o in options)
@@ -49,7 +57,7 @@ def score_options(model, prompts: list[list[int]], options: list[list[int]], pad
     for j, o in enumerate(options):
         opt_ids[j, :len(o)] = torch.tensor(o)
         opt_mask[j, :len(o)] = 1
-    b = len(prompts)
+    b = mask.shape[0]
     opt_ids_b, opt_mask_b = opt_ids.repeat(b, 1).to(dev), opt_mask.repeat(b, 1).to(dev)    # row b*n_opt + j
     full_mask = torch.cat([mask.repeat_interleave(n_opt, 0), opt_mask_b], 1)
     opt_pos = pos[:, -1:].repeat_interleave(n_opt, 0) + 1 + torch.arange(width, device=dev)

@@ -9,7 +9,7 @@ import torch
 from ..data.batching import collate
 from ..data.examples import Example
 from ..data.render import Renderer
-from .option_scoring import score_options
+from .option_scoring import score_on_cache, score_options
 
 
 def normalize_text(s: str) -> str:
@@ -22,21 +22,44 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     """Batched decoding with a KV cache (greedy unless temperature > 0); returns the new text only,
     in the order of `prompts`. Prompts are batched by length (longest first), so a batch pads little:
     tool-call prompts differ by hundreds of tokens of schemas, and padding is computed like tokens."""
+    return generate_and_score(model, tok, prompts, max_new_tokens, batch_size, temperature, top_p)[0]
+
+
+@torch.no_grad()
+def generate_and_score(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+                       temperature: float = 0.0, top_p: float = 1.0,
+                       options: list[list[int]] | None = None) -> tuple[list[str], torch.Tensor | None]:
+    """`generate`, and with `options` (token ids of each answer option, shared by every prompt) also
+    each option's log-likelihood after each prompt, a (len(prompts), len(options)) tensor, read from
+    the KV cache generation computed for the prompts (cropped back to them) and the logits at their
+    last position: option scoring beside exact match without a second prefill of every prompt."""
     old_side, tok.padding_side = tok.padding_side, "left"
     lengths = [len(ids) for ids in tok(prompts, add_special_tokens=True)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     outs: list[str | None] = [None] * len(prompts)
+    scores = torch.zeros(len(prompts), len(options)) if options is not None else None
     try:
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             enc = tok([prompts[j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
             kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+            if options is not None:
+                kw.update(return_dict_in_generate=True, output_logits=True)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
-            for j, text in zip(idx, tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+            sequences = gen.sequences if options is not None else gen
+            width = enc["input_ids"].shape[1]
+            for j, text in zip(idx, tok.batch_decode(sequences[:, width:], skip_special_tokens=True)):
                 outs[j] = text
+            if options is not None:
+                cache = gen.past_key_values
+                extra = cache.get_seq_length() - width  # back to the prompts: drop the generated tokens
+                if extra > 0:
+                    cache.crop(-extra)  # a negative crop removes that many tokens (transformers 4.x and 5.x)
+                scores[idx] = score_on_cache(model, gen.logits[0], cache, enc["attention_mask"], options,
+                                             tok.pad_token_id).cpu()
     finally:
         tok.padding_side = old_side
-    return outs
+    return outs, scores
 
 
 def _accuracy(model, tok, renderer: Renderer, examples: list[Example], batch_size: int) -> dict:
@@ -57,8 +80,28 @@ def _accuracy(model, tok, renderer: Renderer, examples: list[Example], batch_siz
     return {"accuracy": correct / len(examples), "samples": samples}
 
 
+def _exact_match_and_accuracy(model, tok, renderer, examples, batch_size, max_new_tokens) -> tuple[dict, float]:
+    """Generative exact match and option-scoring accuracy from one prefill per batch (see generate_and_score)."""
+    outputs, correct = [None] * len(examples), 0
+    by_options: dict[tuple, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_options.setdefault(tuple(ex.options), []).append(i)
+    for options, group in by_options.items():
+        opt_ids = [tok(renderer.answer_text(examples[group[0]], o), add_special_tokens=False)["input_ids"] for o in options]
+        texts, scores = generate_and_score(model, tok, [renderer.prompt_text(examples[i]) for i in group], max_new_tokens,
+                                           batch_size, options=opt_ids)
+        for i, text, best in zip(group, texts, scores.argmax(-1).tolist()):
+            outputs[i] = text
+            correct += options[best] == examples[i].completion
+    return _score_generated(examples, outputs, bash=False), correct / len(examples)
+
+
 def _generative(model, tok, renderer, examples, batch_size, max_new_tokens, bash: bool) -> dict:
     outputs = generate(model, tok, [renderer.prompt_text(ex) for ex in examples], max_new_tokens, batch_size)
+    return _score_generated(examples, outputs, bash)
+
+
+def _score_generated(examples, outputs: list[str], bash: bool) -> dict:
     if bash:
         from .bash import bash_exact_match, bash_structure_score, extract_command
         preds = [extract_command(o) for o in outputs]
@@ -94,8 +137,33 @@ MAIN_METRIC = {"accuracy": "accuracy", "exact_match": "exact_match", "bash": "ex
 
 
 def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], metric: str,
-                      batch_size: int = 8, max_new_tokens: int = 64, samples: int = 1) -> dict:
-    """Returns {'score': main number, 'metric': name, ...details}; the model is put in eval mode."""
+                      batch_size: int = 8, max_new_tokens: int = 64, samples: int = 1,
+                      also: tuple[str, ...] | list[str] = ()) -> dict:
+    """Returns {'score': main number, 'metric': name, ...details}; the model is put in eval mode.
+
+    `also`: further protocols scored on the same examples, in 'protocols' ({metric name: score}).
+    Exact match with option scoring beside it (the continual-learning pair) shares each prompt's
+    prefill between the two."""
+    extra = [m for m in also if m != metric]
+    if metric == "exact_match" and "accuracy" in extra and examples and all(ex.options for ex in examples):
+        was_training = model.training
+        model.eval()
+        try:
+            out, accuracy = _exact_match_and_accuracy(model, tok, renderer, examples, batch_size, max_new_tokens)
+        finally:
+            model.train(was_training)
+        row = {"score": out["exact_match"], "metric": "exact_match", **out, "protocols": {"accuracy": accuracy}}
+        extra.remove("accuracy")
+    else:
+        row = _evaluate_one(model, tok, renderer, examples, metric, batch_size, max_new_tokens, samples)
+    for m in extra:
+        other = _evaluate_one(model, tok, renderer, examples, m, batch_size, max_new_tokens, 1)
+        row.setdefault("protocols", {})[other["metric"]] = other["score"]
+    return row
+
+
+def _evaluate_one(model, tok, renderer: Renderer, examples: list[Example], metric: str,
+                  batch_size: int, max_new_tokens: int, samples: int) -> dict:
     was_training = model.training
     model.eval()
     try:

@@ -50,12 +50,9 @@ def evaluate_all(model, tok, renderer, tasks: list[EvalTask], cfg: RecipeConfig)
     for t in tasks:
         if oracle:  # the oracle baseline: each task answered by the expert trained on it
             model.set_adapter(t.name if t.name in model.peft_config else active)
-        row = evaluate_examples(model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size, t.max_new_tokens,
-                                samples=getattr(t.source, "samples", 1))
-        for extra in t.also:  # e.g. option scoring beside generative exact match
-            other = evaluate_examples(model, tok, renderer, t.examples, extra, cfg.data.eval_batch_size, t.max_new_tokens)
-            row.setdefault("protocols", {})[other["metric"]] = other["score"]
-        rows.append(row)
+        # t.also: e.g. option scoring beside generative exact match
+        rows.append(evaluate_examples(model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size,
+                                      t.max_new_tokens, samples=getattr(t.source, "samples", 1), also=t.also))
     if oracle:
         model.set_adapter(active)
     return rows

@@ -91,12 +91,9 @@ def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str]
             continue
         with routed(life.model, life.router, names, life.maturities(), threshold=cfg.experts.router.maturity_threshold,
                     top_k=cfg.experts.router.top_k, expert=expert) as routing:
+            # t.also: e.g. option scoring beside generative exact match, routed the same way
             row = evaluate_examples(life.model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size,
-                                    t.max_new_tokens)
-            for extra in t.also:  # e.g. option scoring beside generative exact match, routed the same way
-                other = evaluate_examples(life.model, tok, renderer, t.examples, extra, cfg.data.eval_batch_size,
-                                          t.max_new_tokens)
-                row.setdefault("protocols", {})[other["metric"]] = other["score"]
+                                    t.max_new_tokens, also=t.also)
         top = Counter(routing.top())
         row["routed_to"] = {n: top[n] / max(1, sum(top.values())) for n in names if top[n]}
         if expert is not None:
