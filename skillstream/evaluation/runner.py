@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 
 import torch
 
@@ -62,13 +63,30 @@ def generate_and_score(model, tok, prompts: list[str], max_new_tokens: int, batc
     return outs, scores
 
 
+def _option_groups(tok, renderer: Renderer, examples: list[Example]):
+    """(options, the indices of the examples that share them, each option's answer tokens), per option list."""
+    by_options: dict[tuple, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_options.setdefault(tuple(ex.options), []).append(i)
+    for options, indices in by_options.items():
+        first = examples[indices[0]]
+        yield options, indices, [tok(renderer.answer_text(first, o), add_special_tokens=False)["input_ids"] for o in options]
+
+
+@contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _accuracy(model, tok, renderer: Renderer, examples: list[Example], batch_size: int) -> dict:
     correct, samples = 0, []
-    by_options: dict[tuple, list[Example]] = {}
-    for ex in examples:
-        by_options.setdefault(tuple(ex.options), []).append(ex)
-    for options, group in by_options.items():
-        opt_ids = [tok(renderer.answer_text(group[0], o), add_special_tokens=False)["input_ids"] for o in options]
+    for options, indices, opt_ids in _option_groups(tok, renderer, examples):
+        group = [examples[i] for i in indices]
         for i in range(0, len(group), batch_size):
             chunk = group[i:i + batch_size]
             prompts = [tok(renderer.prompt_text(ex), add_special_tokens=True)["input_ids"] for ex in chunk]
@@ -83,11 +101,7 @@ def _accuracy(model, tok, renderer: Renderer, examples: list[Example], batch_siz
 def _exact_match_and_accuracy(model, tok, renderer, examples, batch_size, max_new_tokens) -> tuple[dict, float]:
     """Generative exact match and option-scoring accuracy from one prefill per batch (see generate_and_score)."""
     outputs, correct = [None] * len(examples), 0
-    by_options: dict[tuple, list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_options.setdefault(tuple(ex.options), []).append(i)
-    for options, group in by_options.items():
-        opt_ids = [tok(renderer.answer_text(examples[group[0]], o), add_special_tokens=False)["input_ids"] for o in options]
+    for options, group, opt_ids in _option_groups(tok, renderer, examples):
         texts, scores = generate_and_score(model, tok, [renderer.prompt_text(examples[i]) for i in group], max_new_tokens,
                                            batch_size, options=opt_ids)
         for i, text, best in zip(group, texts, scores.argmax(-1).tolist()):
@@ -146,12 +160,8 @@ def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], m
     prefill between the two."""
     extra = [m for m in also if m != metric]
     if metric == "exact_match" and "accuracy" in extra and examples and all(ex.options for ex in examples):
-        was_training = model.training
-        model.eval()
-        try:
+        with _eval_mode(model):
             out, accuracy = _exact_match_and_accuracy(model, tok, renderer, examples, batch_size, max_new_tokens)
-        finally:
-            model.train(was_training)
         row = {"score": out["exact_match"], "metric": "exact_match", **out, "protocols": {"accuracy": accuracy}}
         extra.remove("accuracy")
     else:
@@ -164,9 +174,7 @@ def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], m
 
 def _evaluate_one(model, tok, renderer: Renderer, examples: list[Example], metric: str,
                   batch_size: int, max_new_tokens: int, samples: int) -> dict:
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         if metric == "accuracy":
             out = _accuracy(model, tok, renderer, examples, batch_size)
         elif metric in ("exact_match", "bash"):
@@ -185,7 +193,5 @@ def _evaluate_one(model, tok, renderer: Renderer, examples: list[Example], metri
             out = evaluate_preferences(model, tok, renderer, examples, batch_size)
         else:
             out = _perplexity(model, renderer, examples, batch_size, tok.pad_token_id)
-    finally:
-        model.train(was_training)
     main = MAIN_METRIC[metric]
     return {"score": out[main], "metric": main, **out}
