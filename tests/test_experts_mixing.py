@@ -192,3 +192,29 @@ def test_unknown_expert_in_a_mix_is_a_user_error(setup):
     with pytest.raises(UserError, match="unknown expert"):
         with mixing(pool.model, ["e1", "nope"]):
             pass
+
+
+def test_routed_exact_match_with_option_scoring_beside_it_equals_the_protocols_apart(setup, sentiment_folder):
+    """Under the router, the option pass that reads generation's cache is served by the experts the
+    generation's prefill chose (the weights repeat once per option), as when option scoring runs alone."""
+    from skillstream.config import SourceConfig
+    from skillstream.data.examples import load_examples
+    from skillstream.data.render import Renderer
+    from skillstream.evaluation.runner import evaluate_examples
+    from skillstream.experts.routed import routed
+    from skillstream.models.backbone import load_tokenizer
+
+    pool, _ = setup
+    tok = load_tokenizer("tiny")
+    renderer = Renderer(tok, 64)
+    examples = load_examples(SourceConfig(source=str(sentiment_folder), split="test"))
+    router = Router(pooled_features(pool.model, tok(["x"], return_tensors="pt")).shape[-1], len(NAMES), seed=3)
+    maturity = torch.ones(len(NAMES))  # mature: top-1 delegation, so the experts differ per sample
+    with routed(pool.model, router, NAMES, maturity) as together:
+        both = evaluate_examples(pool.model, tok, renderer, examples, "exact_match", 4, 4, also=["accuracy"])
+    with routed(pool.model, router, NAMES, maturity) as apart:
+        em = evaluate_examples(pool.model, tok, renderer, examples, "exact_match", 4, 4)
+        acc = evaluate_examples(pool.model, tok, renderer, examples, "accuracy", 4)
+    assert both["samples"] == em["samples"] and both["protocols"]["accuracy"] == acc["accuracy"]
+    assert len(set(together.top())) > 1                        # more than one expert answered
+    assert together.choices == apart.choices[:len(examples)]   # one routing per prompt, the same ones
