@@ -57,7 +57,8 @@ METHODS = {
                                         "scope": "adapter"}], "experts": POOL},
 }
 SIZES = {  # (train examples per task, test examples per task, steps per task)
-    "quick": (200, 20, 20),  # 4 methods took 52 min on 2 quiet cores (bench/RESULTS.md): over the 40-min goal
+    "quick": (200, 20, 20),  # 5 methods, 2 at a time: 60.1 min with the protocols scored apart; the shared
+    # prefill cuts 17-18% per method (bench/RESULTS.md, 2026-12-01): still over the 40-min goal
     "full": (1000, 200, 150),
 }
 
