@@ -9,6 +9,8 @@ model's attributes through, so every multi-process run goes this way), take the 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -24,15 +26,19 @@ def _plain_head_parts(model):
     cfg = getattr(base, "config", None)
     if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return None
-    try:
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        # no decoder/head accessors: causal_lm_loss runs the model's own forward with labels instead
-        # (a complete path, checked against this one in tests/test_objectives.py)
-        return None
+    decoder, head = _accessor(base, "get_decoder"), _accessor(base, "get_output_embeddings")
     if decoder is None or decoder is base or not isinstance(head, torch.nn.Linear):
-        return None
+        return None  # causal_lm_loss runs the model's own forward with labels (tests/test_objectives.py)
     return decoder, head
+
+
+def _accessor(model, name: str):
+    """model.<name>(), or None for a model without that accessor (a plain nn.Module) or one that
+    leaves it unimplemented: either way the model has no separable decoder and head."""
+    method = getattr(model, name, None)
+    with contextlib.suppress(NotImplementedError):
+        return method() if method is not None else None
+    return None
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]):
