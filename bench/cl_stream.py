@@ -56,6 +56,7 @@ METHODS = {
     "expert_pool_replay": {"plugins": [{"name": "replay", "budget": 200, "alpha": 0.2, "policy": "class_balanced",
                                         "scope": "adapter"}], "experts": POOL},
 }
+EVAL_CACHE = "eval_cache"  # under --out: the evaluations the methods share (the backbone's initial row)
 SIZES = {  # (train examples per task, test examples per task, steps per task)
     "quick": (200, 20, 20),  # 5 methods, 2 at a time: 60.1 min with the protocols scored apart; the shared
     # prefill cuts 17-18% per method (bench/RESULTS.md, 2026-12-01): still over the 40-min goal
@@ -74,13 +75,41 @@ def mtl_overrides(stream: Path, train_limit: int, test_limit: int, steps_per_tas
             "train.steps": steps_per_task * len(tasks)}
 
 
+def base_overrides(args, out: Path) -> dict:
+    train_limit, test_limit, steps = SIZES["quick" if args.quick else "full"]
+    return {"model": args.model, "report_to": [], "seed": args.seed, "data.stream": str(args.stream),
+            "data.invalid_labels": args.invalid_labels, "data.eval_cache": str(out / EVAL_CACHE),
+            "data.stream_train_limit": train_limit, "data.stream_test_limit": test_limit,
+            "train.steps": args.steps or steps}
+
+
+def score_backbone(args, out: Path) -> float:
+    """The initial row, once for every method: each of them starts from the backbone (an untrained
+    LoRA adds nothing), so each finds these evaluations in the shared memo (data.eval_cache) instead
+    of scoring the same model on the same examples again. Returns the seconds it took."""
+    code = ("import json, sys\n"
+            "from skillstream.config import load_recipe\n"
+            "from skillstream.data.render import Renderer\n"
+            "from skillstream.evaluation.memo import EvalMemo\n"
+            "from skillstream.evaluation.suite import evaluate_all, prepare_eval_tasks\n"
+            "from skillstream.models.backbone import load_backbone\n"
+            "cfg = load_recipe('adaptive_learner', overrides=json.loads(sys.argv[1]))\n"
+            "model, tok = load_backbone(cfg.model.name, seed=cfg.seed)\n"
+            "renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)\n"
+            "tasks = prepare_eval_tasks(cfg, cfg.resolved_stages()[0][1])\n"
+            "evaluate_all(model, tok, renderer, tasks, cfg, EvalMemo(cfg.data.eval_cache))\n")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(base_overrides(args, out))],
+                          capture_output=True, text=True, env={**os.environ, "CI": "true"})
+    if proc.returncode:
+        raise SystemExit(f"scoring the backbone failed:\n{proc.stderr[-3000:]}")
+    return time.time() - t0
+
+
 def run_method(method: str, args, out: Path) -> dict:
     train_limit, test_limit, steps = SIZES["quick" if args.quick else "full"]
     steps = args.steps or steps
-    overrides = {"model": args.model, "report_to": [], "seed": args.seed, "data.stream": str(args.stream),
-                 "data.invalid_labels": args.invalid_labels,
-                 "data.stream_train_limit": train_limit, "data.stream_test_limit": test_limit, "train.steps": steps,
-                 **METHODS[method]}
+    overrides = {**base_overrides(args, out), **METHODS[method]}
     if method == "mtl":
         overrides.update(mtl_overrides(args.stream, train_limit, test_limit, steps, 8))
     if "experts" in METHODS[method]:  # the expert-pool regime
@@ -106,6 +135,7 @@ def run_method(method: str, args, out: Path) -> dict:
     results = json.loads((out / method / "results.json").read_text())
     steps_done = sum(s["steps"] for s in results["stages"])
     return {"results": results, "wall_s": time.time() - t0, "train_s": results["seconds"],
+            "remembered": results.get("evaluations_remembered", 0),
             "s_per_step": results["seconds"] / max(steps_done, 1)}
 
 
@@ -156,6 +186,13 @@ def pool_note(rows: dict) -> str:
     return "".join(f"{x}\n" for x in lines) + ("\n" if lines else "")
 
 
+def memo_note(rows: dict, backbone_s: float) -> str:
+    """Which task evaluations of each matrix came from the memo (the same weights on the same inputs)."""
+    counts = ", ".join(f"{name} {r['remembered']}" for name, r in rows.items())
+    return (f"Task evaluations taken from the memo (same weights, same examples: the backbone's initial row, "
+            f"scored once in {backbone_s:.0f} s before the methods; an expert no later task touched): {counts}.\n")
+
+
 def overhead_note(rows: dict) -> str:
     if "seq_lora" not in rows or "ewc_replay" not in rows:
         return ""
@@ -194,6 +231,8 @@ def main() -> None:
         sys.exit(2)
     out = args.out or Path(tempfile.mkdtemp(prefix="cl_stream-"))
     t0 = time.time()
+    print("scoring the backbone once for every method ...", file=sys.stderr, flush=True)
+    backbone_s = score_backbone(args, out)
 
     def one(m: str) -> dict:
         print(f"running {m} ...", file=sys.stderr, flush=True)
@@ -211,7 +250,7 @@ def main() -> None:
             f"{args.jobs} method(s) at a time, wall {wall / 60:.1f} min for the whole table\n\n"
             f"{skipped_note(args.stream, args.invalid_labels)}"
             f"Generative exact match (main protocol):\n\n{table(rows, None)}\n\n"
-            f"Option scoring:\n\n{table(rows, 'accuracy')}\n\n{pool_note(rows)}{overhead_note(rows)}")
+            f"Option scoring:\n\n{table(rows, 'accuracy')}\n\n{pool_note(rows)}{memo_note(rows, backbone_s)}{overhead_note(rows)}")
     print(text)
     if args.record:
         with (ROOT / "bench" / "RESULTS.md").open("a") as f:

@@ -87,6 +87,9 @@ class DataConfig(_Strict):
     max_length: int = Field(512, gt=8, description="Longer examples are truncated (and counted in the summary).")
     system_prompt: str | None = Field(None, description="System message for chat-formatted examples.")
     eval_batch_size: int = Field(16, gt=0, description="Examples per evaluation batch.")
+    eval_cache: str | None = Field(None, description="A folder where evaluations are remembered by the weights that serve them and "
+                                                     "their inputs, shared by the runs that name it (evaluation/memo.py); within a "
+                                                     "run they are remembered without it.")
     validation_fraction: float = Field(0.0, ge=0, lt=1, description="Share of each training source held out for validation (early stopping).")
     stream: str | None = Field(None, description="A stream folder: one stage per task, every task evaluated after each (replaces stages).")
     stream_train_limit: int | None = Field(None, gt=0, description="Training examples per stream task.")

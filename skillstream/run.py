@@ -24,6 +24,7 @@ from .data.render import Renderer
 from .engine import StageState, build_optimizer, train_stage, trainable_parameters
 from .errors import UserError
 from .evaluation.runner import evaluate_examples
+from .evaluation.memo import EvalMemo
 from .evaluation.suite import evaluate_all
 from .model_setup import attach_lora, bf16_enabled  # attach_lora is also imported from here by tests and benches
 from .monitor.metrics_log import ALERTS, METRICS, MetricsLog, rewrite_jsonl
@@ -147,6 +148,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
         return Run(run_dir, cfg, final)
 
     results = {"initial": None, "rows": [], "details": [], "stages": []}
+    memo = EvalMemo(cfg.data.eval_cache)  # e.g. an old task's untouched expert is not scored twice
     start_stage, stage_state, seq, begun = 0, None, 0, set()
     latest = ckpt.list_checkpoints(ckpt_dir)[-1:] if resume else []
     optimizer_state = None
@@ -178,7 +180,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
 
     if results["initial"] is None:
         t0 = time.time()
-        results["initial"] = evaluate_all(model, tok, renderer, eval_tasks, cfg)
+        results["initial"] = evaluate_all(model, tok, renderer, eval_tasks, cfg, memo)
         results["eval_seconds"] = time.time() - t0
 
     for si in range(start_stage, len(stages)):
@@ -222,7 +224,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
                                 show_progress=show_progress)
         if accelerator.num_processes > 1:
             model = accelerator.unwrap_model(train_model, keep_fp32_wrapper=False)
-        row = evaluate_all(model, tok, renderer, eval_tasks, cfg)
+        row = evaluate_all(model, tok, renderer, eval_tasks, cfg, memo)
         results["details"].append(row)
         results["rows"].append([r["score"] for r in row])
         heldout = _score_heldout(results, st, "after", model, tok, renderer, cfg)

@@ -60,10 +60,16 @@ def _finish(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask],
                   "stages": results["stages"], "experts": expert_names(cfg),
                   "seconds": sum(s["seconds"] for s in results["stages"]),
                   "truncated": sum(s["truncated"] for s in results["stages"]),
-                  "skipped_rows": skipped_rows(cfg)})  # rows dropped under data.invalid_labels=skip, per file
+                  "skipped_rows": skipped_rows(cfg),  # rows dropped under data.invalid_labels=skip, per file
+                  "evaluations_remembered": remembered(results)})
     final.update(protocol_summaries(names, results))
     _write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
     return final
+
+
+def remembered(results: dict) -> int:
+    """Task evaluations of the matrix taken from the memo (the same weights scored the same inputs before)."""
+    return sum(1 for row in [results["initial"], *results["details"]] for r in row if r.get("memo"))
 
 
 def protocol_summaries(names: list[str], results: dict) -> dict:

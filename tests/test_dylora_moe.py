@@ -91,6 +91,23 @@ def test_routing_and_oracle_are_measured(stream_run):
     assert all(d["routed_to"] for d in r["details"][-1])  # every task says where its inputs went
 
 
+def test_an_oracle_score_the_routing_already_measured_is_used_again_and_equals_a_forced_evaluation(stream_run):
+    import skillstream
+
+    _, run = stream_run
+    r = run.results
+    last, oracle = r["details"][-1], r["oracle"]["details"]
+    reused = [j for j, s in enumerate(SKILLS) if oracle[j].get("memo")]
+    assert reused, "the mature router sends some task wholly to its expert"
+    for j, skill in enumerate(SKILLS):
+        expert = r["skill_expert"][skill]
+        assert (last[j].get("served_by") == expert) == (j in reused)  # reused exactly where routing was the oracle's
+        if j in reused:
+            assert oracle[j]["score"] == last[j]["score"]
+            forced = skillstream.load(run.run_dir, expert=expert).evaluate(write=False)["tasks"][skill]
+            assert forced["score"] == pytest.approx(oracle[j]["score"], rel=1e-5)
+
+
 def test_each_expert_trains_at_its_own_phase_rate(stream_run):
     _, run = stream_run
     cfg = run.config.experts

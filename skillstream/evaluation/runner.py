@@ -152,12 +152,17 @@ MAIN_METRIC = {"accuracy": "accuracy", "exact_match": "exact_match", "bash": "ex
 
 def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], metric: str,
                       batch_size: int = 8, max_new_tokens: int = 64, samples: int = 1,
-                      also: tuple[str, ...] | list[str] = ()) -> dict:
+                      also: tuple[str, ...] | list[str] = (), memo=None) -> dict:
     """Returns {'score': main number, 'metric': name, ...details}; the model is put in eval mode.
 
     `also`: further protocols scored on the same examples, in 'protocols' ({metric name: score}).
     Exact match with option scoring beside it (the continual-learning pair) shares each prompt's
-    prefill between the two."""
+    prefill between the two. `memo` (evaluation/memo.py: EvalMemo): an evaluation the same weights
+    already made on the same inputs is returned from it, marked "memo": true."""
+    if memo is not None:
+        return memo.evaluate(lambda: evaluate_examples(model, tok, renderer, examples, metric, batch_size,
+                                                       max_new_tokens, samples, also),
+                             model, tok, renderer, examples, metric, batch_size, max_new_tokens, samples, also)
     extra = [m for m in also if m != metric]
     if metric == "exact_match" and "accuracy" in extra and examples and all(ex.options for ex in examples):
         with _eval_mode(model):

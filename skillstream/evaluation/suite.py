@@ -43,7 +43,9 @@ def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
     return tasks
 
 
-def evaluate_all(model, tok, renderer, tasks: list[EvalTask], cfg: RecipeConfig) -> list[dict]:
+def evaluate_all(model, tok, renderer, tasks: list[EvalTask], cfg: RecipeConfig, memo=None) -> list[dict]:
+    """One row of scores, a dict per task; `memo` (evaluation/memo.py) returns what the same weights
+    already scored on the same inputs (an old task's expert no later task touched, in the oracle regime)."""
     rows = []
     oracle = cfg.lora is not None and cfg.lora.per_stage
     active = model.active_adapter if oracle else None
@@ -52,7 +54,8 @@ def evaluate_all(model, tok, renderer, tasks: list[EvalTask], cfg: RecipeConfig)
             model.set_adapter(t.name if t.name in model.peft_config else active)
         # t.also: e.g. option scoring beside generative exact match
         rows.append(evaluate_examples(model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size,
-                                      t.max_new_tokens, samples=getattr(t.source, "samples", 1), also=t.also))
+                                      t.max_new_tokens, samples=getattr(t.source, "samples", 1), also=t.also,
+                                      memo=memo))
     if oracle:
         model.set_adapter(active)
     return rows

@@ -28,6 +28,7 @@ from ..data.batching import BatchPlan
 from ..data.examples import load_examples, skipped_rows
 from ..engine import StageState, train_stage
 from ..errors import UserError
+from ..evaluation.memo import EvalMemo, adds_nothing
 from ..evaluation.runner import evaluate_examples
 from ..monitor.metrics_log import ALERTS, METRICS, rewrite_jsonl
 from ..monitor.progress import Progress
@@ -81,13 +82,22 @@ def check_stream_recipe(cfg, stages, eval_tasks, world: int) -> None:
             raise UserError(f"stage {st.name!r}: data.train is empty (an empty chunk of the stream)")
 
 
-def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str] | None = None) -> list[dict]:
+def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str] | None = None,
+              memo: EvalMemo | None = None) -> list[dict]:
     rows = []
     names = life.pool.names
+    # before any expert trains, every one is a zero update: the backbone answers whatever the router
+    # chooses, so the row is the plain model's, and the memo can hold it (bench/cl_stream's methods
+    # all score that backbone)
+    plain = memo is not None and adds_nothing(life.model)
     for t in tasks:
         expert = (forced or {}).get(t.name) or t.expert
         if expert is not None and expert not in names:
             rows.append({"score": None, "metric": t.metric, "error": f"expert {expert!r} was never created"})
+            continue
+        if plain:
+            rows.append(evaluate_examples(life.model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size,
+                                          t.max_new_tokens, also=t.also, memo=memo))
             continue
         with routed(life.model, life.router, names, life.maturities(), threshold=cfg.experts.router.maturity_threshold,
                     top_k=cfg.experts.router.top_k, expert=expert) as routing:
@@ -96,6 +106,9 @@ def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str]
                                     t.max_new_tokens, also=t.also)
         top = Counter(routing.top())
         row["routed_to"] = {n: top[n] / max(1, sum(top.values())) for n in names if top[n]}
+        alone = {n for w in routing.choices for n, v in zip(names, w) if v == 1.0}
+        if len(alone) == 1 and all(sorted(w) == [0.0] * (len(w) - 1) + [1.0] for w in routing.choices):
+            row["served_by"] = alone.pop()  # every input by this one expert alone (weight exactly 1)
         if expert is not None:
             row["expert"] = expert
         rows.append(row)
@@ -163,7 +176,7 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
         optimizer.load_state_dict(optimizer_state)
     results = state["results"]
     if results["initial"] is None:
-        results["initial"] = _eval_row(life, tok, renderer, eval_tasks, cfg)
+        results["initial"] = _eval_row(life, tok, renderer, eval_tasks, cfg, memo=EvalMemo(cfg.data.eval_cache))
 
     last_of_skill = {c.skill: c.index for c in chunks}
     progress = Progress(len(chunks), "skill stream", state["chunk"] + 1, enabled=show_progress and main)
@@ -210,6 +223,7 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
         if last_of_skill[chunk.skill] == chunk.index:  # the harness scores the matrix at true boundaries
             row = _eval_row(life, tok, renderer, eval_tasks, cfg)
             results["details"].append(row)
+            results["last_row_step"] = state["global_step"]
             results["rows"].append([r["score"] for r in row])
         state["chunk"] = chunk.index
         # a held-back chunk trained nothing: the line shows the last expert's rate
@@ -277,15 +291,30 @@ def _save(ckpt_dir, state, decisions, life, model, optimizer, train_cfg, main, p
                "kind": "skill_stream"}, keep=train_cfg.keep_checkpoints)
 
 
+def _oracle_row(life, tok, renderer, tasks, cfg, oracle: dict[str, str], results: dict, step: int) -> list[dict]:
+    """Every task answered by the expert trained on its skill. Where the last row's routing already gave
+    every input of a task to that expert alone and nothing trained since, the forced evaluation is the
+    same computation (the same one-hot weights through the same mixing), so that row is used again,
+    marked "memo": true."""
+    if not oracle:
+        return []
+    last = results["details"][-1] if results["details"] and results.get("last_row_step") == step else None
+    same = {j for j, t in enumerate(tasks) if last and t.name in oracle and last[j].get("served_by") == oracle[t.name]}
+    rest = [t for j, t in enumerate(tasks) if j not in same]
+    scored = iter(_eval_row(life, tok, renderer, rest, cfg, forced=oracle))
+    return [{**last[j], "expert": oracle[t.name], "memo": True} if j in same else next(scored)
+            for j, t in enumerate(tasks)]
+
+
 def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, decisions, state, seconds, main) -> dict:
-    from ..run_files import EXPERTS, _write_atomic, protocol_summaries
+    from ..run_files import EXPERTS, _write_atomic, protocol_summaries, remembered
 
     results = state["results"]
     # the expert trained on each skill: the one that trained most of its chunks (ties: the first)
     skill_expert = {int(s): Counter(names).most_common(1)[0][0] for s, names in state["assignments"].items()}
     task_skill = {j: j for j in range(len(eval_tasks))} if len(eval_tasks) == len(stages) else {}
     oracle = {eval_tasks[j].name: skill_expert[s] for j, s in task_skill.items() if s in skill_expert}
-    oracle_row = _eval_row(life, tok, renderer, eval_tasks, cfg, forced=oracle) if oracle else []
+    oracle_row = _oracle_row(life, tok, renderer, eval_tasks, cfg, oracle, results, state["global_step"])
     names = [t.name for t in eval_tasks]
     final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},
                       [r["score"] for r in results["initial"]], results["rows"])
@@ -316,6 +345,7 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
         "truncated": sum(it.truncated for c in chunks for it in c.items),
         "skipped_rows": skipped_rows(cfg),  # rows dropped under data.invalid_labels=skip, per file
         **protocol_summaries(names, results),
+        "evaluations_remembered": remembered(results),
         "seconds": sum(v["seconds"] for v in state["skill_stats"].values()),  # training only
         "wall_seconds": seconds, "steps": state["global_step"]})
     if main:
