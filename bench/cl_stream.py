@@ -1,6 +1,6 @@
 """Continual learning on a stream folder: methods x (AvgAcc, BWT, FWT, AvgAcc/MTL, time), both protocols.
 
-    python bench/cl_stream.py --stream ../shared/data/glue_stream --quick
+    python bench/cl_stream.py --stream ../shared/data/glue_stream --quick      # the five methods below
     python bench/cl_stream.py --stream DIR --methods seq_lora,ewc_replay,expert_per_task,mtl [--record]
 
 Every method is the `adaptive_learner` recipe with overrides, run in a fresh subprocess on the
@@ -206,15 +206,17 @@ def overhead_note(rows: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stream", type=Path, default=ROOT.parent / "shared" / "data" / "glue_stream")
-    ap.add_argument("--methods", default="seq_lora,ewc_replay,expert_per_task,mtl")
+    # the longest first, so the last method to start is a short one (2 at a time on 2 cores)
+    ap.add_argument("--methods", default="expert_pool,ewc_replay,seq_lora,mtl,expert_per_task")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=None, help="steps per task (overrides the size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="methods run at once, each in its own process with cores/jobs threads (default 1)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="methods run at once, each in its own process with cores/jobs threads "
+                         "(default: as many as there are cores, at most one per method)")
     ap.add_argument("--invalid-labels", choices=["error", "skip"], default="skip",
                     help="rows whose label is not in labels.json: skip them, counted and reported (default), or stop")
     args = ap.parse_args()
@@ -226,6 +228,8 @@ def main() -> None:
     if not args.stream.is_dir():
         print(f"error: --stream {args.stream}: not a folder", file=sys.stderr)
         sys.exit(2)
+    if args.jobs is None:
+        args.jobs = max(1, min(len(methods), os.cpu_count() or 1))
     if args.jobs < 1:
         print(f"error: --jobs {args.jobs}: expected a positive number", file=sys.stderr)
         sys.exit(2)
