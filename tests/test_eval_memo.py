@@ -37,6 +37,17 @@ def test_a_fresh_lora_is_the_backbone_and_a_trained_one_is_not():
         assert memo.fingerprint(model) == bare_print  # a disabled adapter is not in the forward pass
 
 
+def test_a_frozen_weight_changed_in_place_changes_the_fingerprint():
+    memo = EvalMemo()
+    model, _ = load_backbone("tiny", seed=0, freeze=True)
+    before = memo.fingerprint(model)
+    assert memo.fingerprint(model) == before            # the backbone is hashed once, then read back
+    weight = next(p for p in model.parameters() if p.ndim == 2)
+    with torch.no_grad():
+        weight[0, 0] += 1.0                              # e.g. a merge into the base weights
+    assert memo.fingerprint(model) != before
+
+
 def test_training_one_expert_leaves_the_fingerprint_of_another_unchanged():
     memo = EvalMemo()
     model, _ = load_backbone("tiny", seed=0)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -96,19 +97,21 @@ class EvalMemo:
         self.directory = Path(directory) if directory else None
         self.results: dict[str, dict] = {}
         self.hits = self.misses = 0
-        self._frozen: dict[int, tuple[int, int, str]] = {}  # id -> (data_ptr, version, digest)
+        # id -> (weak reference, data_ptr, version, digest); the reference tells a tensor from a later
+        # one that happens to get the same id and address after the first was freed
+        self._frozen: dict[int, tuple] = {}
 
     def _tensor_digest(self, t: torch.Tensor) -> str:
         # frozen tensors (the backbone) are hashed once: an in-place change bumps their version counter
         if not t.requires_grad:
             seen = self._frozen.get(id(t))
-            if seen and seen[:2] == (t.data_ptr(), t._version):
-                return seen[2]
+            if seen and seen[0]() is t and seen[1:3] == (t.data_ptr(), t._version):
+                return seen[3]
         data = t.detach().cpu().contiguous()
         raw = data.view(torch.uint8) if data.dim() else data.reshape(1).view(torch.uint8)
         digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode() + raw.numpy().tobytes()).hexdigest()
         if not t.requires_grad:
-            self._frozen[id(t)] = (t.data_ptr(), t._version, digest)
+            self._frozen[id(t)] = (weakref.ref(t), t.data_ptr(), t._version, digest)
         return digest
 
     def fingerprint(self, model) -> str:
