@@ -58,8 +58,8 @@ METHODS = {
 }
 EVAL_CACHE = "eval_cache"  # under --out: the evaluations the methods share (the backbone's initial row)
 SIZES = {  # (train examples per task, test examples per task, steps per task)
-    "quick": (200, 20, 20),  # 5 methods, 2 at a time: 60.1 min with the protocols scored apart; the shared
-    # prefill cuts 17-18% per method (bench/RESULTS.md, 2026-12-01): still over the 40-min goal
+    "quick": (200, 20, 20),  # 5 methods, 2 at a time on 2 cores: 46.3 min with the shared prefill and the
+    # evaluation memo, 60.1 min without (bench/RESULTS.md, 2026-12-01): over the 40-min goal
     "full": (1000, 200, 150),
 }
 
