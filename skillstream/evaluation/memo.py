@@ -144,7 +144,7 @@ class EvalMemo:
             "metric": metric, "also": sorted(also), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
             "tokenizer": [getattr(tok, "name_or_path", ""), len(tok), getattr(tok, "chat_template", None)],
             "renderer": [renderer.max_length, renderer.system_prompt],
-            "generation": gen.to_json_string() if gen is not None else None,
+            "generation": _generation_settings(gen),
             "autocast": [torch.is_autocast_enabled("cpu"), str(torch.get_autocast_dtype("cpu"))],
             "examples": [asdict(ex) for ex in examples],
         }
@@ -179,6 +179,15 @@ class EvalMemo:
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses,
                 **({"directory": str(self.directory)} if self.directory else {})}
+
+
+def _generation_settings(gen) -> str | None:
+    """A transformers GenerationConfig, or a plain model's own settings object (BDH: a namespace)."""
+    if gen is None:
+        return None
+    if hasattr(gen, "to_json_string"):
+        return gen.to_json_string()
+    return json.dumps(vars(gen), sort_keys=True, default=str)
 
 
 def _active_names(model) -> set[str]:
