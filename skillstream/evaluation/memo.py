@@ -71,17 +71,20 @@ def _is_zero(module, adapter: str) -> bool:
     return all(not t.any() for t in tensors)
 
 
-def _silent_adapters(model) -> tuple[set[str], set[tuple[str, str]]]:
-    """(adapter names, {(module name, adapter)} of LoRA adapters that add nothing to the output)."""
+def _lora_state(model) -> tuple[set[str], set[tuple[str, str]], dict]:
+    """(adapter names, {(module name, adapter)} of LoRA adapters that add nothing to the output, and
+    the scale (alpha / r, changed by set_scale) of every one that does, by module)."""
     adapters = set(getattr(model, "peft_config", {}) or {})
-    silent = set()
+    silent, scales = set(), {}
     for name, module in _lora_layers(model):
         active = set(module.active_adapters) if not module.disable_adapters else set()
         for a in set(module.lora_A) | set(module.lora_embedding_A):
             # not in the forward pass (a merged one is in the base weight), or a zero update
             if a not in active or a in module.merged_adapters or _is_zero(module, a):
                 silent.add((name, a))
-    return adapters, silent
+            else:
+                scales.setdefault(name, []).append(float(module.scaling[a]))
+    return adapters, silent, {name: sorted(v) for name, v in scales.items()}
 
 
 def adds_nothing(model) -> bool:
@@ -116,7 +119,7 @@ class EvalMemo:
 
     def fingerprint(self, model) -> str:
         """The weights that serve an evaluation, LoRA adapters that add nothing left out."""
-        adapters, silent = _silent_adapters(model)
+        adapters, silent, scales = _lora_state(model)
         active = _active_names(model)
         h = hashlib.sha256()
         root = _root(model)  # names below the PEFT wrapper: a bare backbone and one with a zero LoRA match
@@ -133,8 +136,7 @@ class EvalMemo:
                     name = ".".join("*" if p == owner else p for p in parts)
                 name = name.replace(".base_layer.", ".")  # a LoRA-wrapped layer's own weight
                 h.update(f"{kind}:{name}:{self._tensor_digest(t)};".encode())
-        scaling = _active_scalings(model, silent)
-        h.update(json.dumps(scaling, sort_keys=True).encode())
+        h.update(json.dumps(scales, sort_keys=True).encode())
         return h.hexdigest()
 
     def key(self, model, tok, renderer, examples, metric: str, batch_size: int, max_new_tokens: int,
@@ -176,10 +178,6 @@ class EvalMemo:
             os.replace(tmp, path)
         return row
 
-    def stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses,
-                **({"directory": str(self.directory)} if self.directory else {})}
-
 
 def _generation_settings(gen) -> str | None:
     """A transformers GenerationConfig, or a plain model's own settings object (BDH: a namespace)."""
@@ -199,10 +197,3 @@ def _active_names(model) -> set[str]:
     if active is None:
         active = getattr(model, "active_adapter", None)
     return {active} if isinstance(active, str) else set(active or [])
-
-
-def _active_scalings(model, silent: set[tuple[str, str]]) -> dict:
-    """LoRA scale of every contributing adapter (alpha / r, changed by set_scale), by module."""
-    scales = {name: sorted(float(module.scaling[a]) for a in module.scaling if (name, a) not in silent)
-              for name, module in _lora_layers(model)}
-    return {name: v for name, v in scales.items() if v}

@@ -106,9 +106,9 @@ def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str]
                                     t.max_new_tokens, also=t.also)
         top = Counter(routing.top())
         row["routed_to"] = {n: top[n] / max(1, sum(top.values())) for n in names if top[n]}
-        alone = {n for w in routing.choices for n, v in zip(names, w) if v == 1.0}
-        if len(alone) == 1 and all(sorted(w) == [0.0] * (len(w) - 1) + [1.0] for w in routing.choices):
-            row["served_by"] = alone.pop()  # every input by this one expert alone (weight exactly 1)
+        weights = {tuple(w) for w in routing.choices}
+        if len(weights) == 1 and sorted(w := weights.pop()) == [0.0] * (len(w) - 1) + [1.0]:
+            row["served_by"] = names[w.index(1.0)]  # every input by this one expert alone (weight exactly 1)
         if expert is not None:
             row["expert"] = expert
         rows.append(row)

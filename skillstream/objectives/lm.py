@@ -9,7 +9,6 @@ model's attributes through, so every multi-process run goes this way), take the 
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +32,17 @@ def _plain_head_parts(model):
 
 
 def _accessor(model, name: str):
-    """model.<name>(), or None for a model without that accessor (a plain nn.Module) or one that
-    leaves it unimplemented: either way the model has no separable decoder and head."""
+    """model.<name>(), or None for a model without that accessor (a plain nn.Module such as BDH) or
+    one whose accessor raises NotImplementedError (the abstract-method convention of custom,
+    trust_remote_code models): either way the model has no separable decoder and head, and
+    causal_lm_loss takes the model's own full-logits path (tests/test_objectives.py)."""
     method = getattr(model, name, None)
-    with contextlib.suppress(NotImplementedError):
-        return method() if method is not None else None
-    return None
+    if method is None:
+        return None
+    try:
+        return method()
+    except NotImplementedError:
+        return None
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]):
