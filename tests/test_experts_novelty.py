@@ -50,11 +50,37 @@ def test_state_rides_in_json_and_resumes_the_same_decisions():
     assert resumed.state_dict() == whole.state_dict()
 
 
+def test_calibrated_thresholds_follow_each_experts_own_spread():
+    """An expert whose chunks all come back at ~0.97 takes a 0.90 chunk as novel; the absolute 0.85 would reuse."""
+    det = NoveltyDetector(similarity_threshold=0.85, window=2, spread_z=2.0, min_spread=0.02)
+    assert det.observe(None, None, None)["decision"] == "create"                 # expert_0
+    for sim in (0.96, 0.98, 0.97):                                                # its own chunks
+        assert det.observe(None, sim, "expert_0", {"expert_0": sim})["decision"] == "reuse"
+    assert det.threshold("expert_0") == pytest.approx(0.97 - 2 * 0.02)           # std 0.01 < min_spread
+    near = det.observe(None, 0.90, "expert_0", {"expert_0": 0.90})               # a related, new skill
+    assert near["decision"] == "wait" and near["expert_thresholds"] == {"expert_0": 0.93}
+    assert det.observe(None, 0.91, "expert_0", {"expert_0": 0.91})["decision"] == "create"  # expert_1
+    # expert_1 has no history yet: the absolute threshold; a chunk passing only expert_1's reuses it,
+    # though expert_0 is closer
+    rec = det.observe(0.1, 0.92, "expert_0", {"expert_0": 0.92, "expert_1": 0.88})
+    assert (rec["decision"], rec["expert"]) == ("reuse", "expert_1")
+    assert det.history == {"expert_0": [0.96, 0.98, 0.97], "expert_1": [0.88]}
+    # the absolute threshold is a floor: a loose expert never accepts less than it
+    loose = NoveltyDetector(similarity_threshold=0.85, spread_z=2.0, history={"e": [0.86, 0.99, 0.88]})
+    assert loose.threshold("e") == 0.85
+    # without spread_z the same measurements reuse at the absolute threshold (the old rule)
+    plain = NoveltyDetector(similarity_threshold=0.85, window=2)
+    plain.observe(None, None, None)
+    assert plain.observe(None, 0.90, "expert_0", {"expert_0": 0.90})["decision"] == "reuse"
+
+
 def test_thresholds_are_checked():
     with pytest.raises(UserError, match=r"entropy_threshold must be in \[0, 1\]"):
         NoveltyDetector(entropy_threshold=1.5)
     with pytest.raises(UserError, match="window must be at least 1"):
         NoveltyDetector(window=0)
+    with pytest.raises(UserError, match="spread_z must be >= 0"):
+        NoveltyDetector(spread_z=-1.0)
 
 
 CHUNK, PER_SKILL = 16, 3

@@ -106,7 +106,8 @@ class Lifecycle:
         self.trainer = RouterTrainer(self.router, feature_alpha=cfg.router.feature_alpha, lr=cfg.router.lr,
                                      capacity_per_expert=cfg.router.capacity_per_expert, seed=seed)
         self.novelty = NoveltyDetector(cfg.novelty.entropy_threshold, cfg.novelty.similarity_threshold,
-                                       cfg.novelty.window, prefix=cfg.prefix)
+                                       cfg.novelty.window, prefix=cfg.prefix, spread_z=cfg.novelty.spread_z,
+                                       min_spread=cfg.novelty.min_spread)
         self.profiles: dict[str, ExpertProfile] = {}
         self.schedule = ExpertLR(cfg)
         self.weights = SimilarityWeights(**cfg.novelty.weights)
@@ -142,7 +143,7 @@ class Lifecycle:
         best = max(sims, key=sims.get) if sims else None
         with torch.no_grad():
             entropy = float(self.router.entropy(features).mean()) if self.router.n_experts >= 2 else None
-        record = self.novelty.observe(entropy, sims[best] if best else None, best)
+        record = self.novelty.observe(entropy, sims[best] if best else None, best, sims)
         if record["decision"] == "create" and self.novelty.created > self.cfg.max_experts:
             self.novelty.created -= 1  # the pool is full: the closest expert takes the skill
             self.novelty.current = record["expert"] = best
