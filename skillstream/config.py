@@ -147,7 +147,7 @@ class NoveltyConfig(_Strict):
     similarity_threshold: float = Field(0.5, ge=0, le=1, description="A chunk whose best similarity to every expert profile is below this is novel.")
     entropy_threshold: float = Field(0.5, ge=0, le=1, description="Reuse the best-matching expert only when the router's normalised entropy on the chunk is at most this.")
     window: int = Field(2, ge=1, description="Consecutive novel chunks that create a new expert (held back, untrained, until then).")
-    spread_z: float | None = Field(None, ge=0, description="Calibrated thresholds: an expert is reused only by a chunk at least as similar as mean - spread_z * std of the similarities of the chunks it reused before (never below similarity_threshold); null = the absolute threshold alone.")
+    spread_z: float | None = Field(None, ge=0, description="Calibrated thresholds: an expert is reused only by a chunk at least as similar as mean - spread_z * std of the similarities of the chunks it took as its own before (never below similarity_threshold); null = the absolute threshold alone.")
     min_spread: float = Field(0.01, gt=0, description="Smallest std used by the calibrated thresholds (an expert with one or two reused chunks has no usable spread yet).")
     signal_examples: int = Field(4, gt=0, description="Examples of each chunk whose triple signal (embedding, gradient sketch, context) is compared with the expert profiles.")
     weights: dict[str, float] = Field(default_factory=lambda: {"embedding": 0.4, "gradient": 0.4, "context": 0.2},

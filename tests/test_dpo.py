@@ -149,7 +149,8 @@ def test_loss_and_rewards_match_trl(setup, tmp_path):
     model, tok, renderer, examples = setup
     _perturb(model, 3)
     ours = {loss: DPOObjective(beta=0.2, loss=loss, reference="adapter") for loss in ("sigmoid", "hinge", "ipo")}
-    for obj in ours.values():
+    rpo = DPOObjective(beta=0.2, loss="sigmoid", reference="adapter", sft_weight=0.5)
+    for obj in (*ours.values(), rpo):
         obj.begin_stage(model)
     # TRL, given a PEFT model whose adapter is already trained, keeps a copy of it as the "ref" adapter
     args = trl.DPOConfig(output_dir=str(tmp_path), beta=0.2, report_to="none", use_cpu=True, bf16=False)
@@ -171,6 +172,11 @@ def test_loss_and_rewards_match_trl(setup, tmp_path):
             for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                         "logps/chosen", "logps/rejected"):
                 assert metrics[key] == pytest.approx(trainer._metrics["train"][key][-1], rel=1e-4, abs=2e-4), (loss, key)
+        # DPO + w * NLL of the chosen completions = TRL's loss_type [sigmoid, sft] with weights [1, w] (RPO)
+        trainer.loss_types, trainer.loss_weights = ["sigmoid", "sft"], [1.0, 0.5]
+        got, metrics, _ = rpo(model, batch)
+        assert got.item() == pytest.approx(trainer._compute_loss(trainer.model, inputs, False).item(), rel=1e-4, abs=2e-4)
+        assert got.item() > ours["sigmoid"](model, batch)[0].item() and metrics["nll/chosen"] > 0
     finally:
         if "ref" in model.peft_config:
             model.delete_adapter("ref")

@@ -64,7 +64,9 @@ def test_calibrated_thresholds_follow_each_experts_own_spread():
     # though expert_0 is closer
     rec = det.observe(0.1, 0.92, "expert_0", {"expert_0": 0.92, "expert_1": 0.88})
     assert (rec["decision"], rec["expert"]) == ("reuse", "expert_1")
-    assert det.history == {"expert_0": [0.96, 0.98, 0.97], "expert_1": [0.88]}
+    # an unsure router makes a close chunk wait; it still trains the current expert, so it counts
+    assert det.observe(0.9, 0.95, "expert_1", {"expert_0": 0.5, "expert_1": 0.95})["decision"] == "wait"
+    assert det.history == {"expert_0": [0.96, 0.98, 0.97], "expert_1": [0.88, 0.95]}
     # the absolute threshold is a floor: a loose expert never accepts less than it
     loose = NoveltyDetector(similarity_threshold=0.85, spread_z=2.0, history={"e": [0.86, 0.99, 0.88]})
     assert loose.threshold("e") == 0.85

@@ -15,7 +15,8 @@ similarity of the chunk's signal to the expert profiles (None while there are no
 Calibrated thresholds (`spread_z` set): how close a chunk of a known skill comes to its expert's
 profile depends on the stream (examples per signal, how varied one skill's inputs are), so one
 absolute threshold cannot fit every stream. Each expert then remembers the similarity of every
-chunk it reused (measured before the chunk refreshed the profile) and its own threshold is
+chunk it took as its own (a reuse, or a wait on an unsure router that trains the current expert;
+measured before the chunk refreshed the profile) and its own threshold is
 
     threshold(E) = max(similarity_threshold, mean_E - spread_z * max(std_E, min_spread))
 
@@ -85,9 +86,12 @@ class NoveltyDetector:
             decision = "create" if streak >= self.window else "wait"
         elif entropy is None or entropy <= self.entropy_threshold:
             streak, decision, self.current = 0, "reuse", max(passing, key=passing.get)
-            self.history.setdefault(self.current, []).append(float(sims[self.current]))
         else:
             streak, decision = 0, "wait"
+        if decision != "create" and streak == 0 and self.current in passing:
+            # the chunk trains the current expert as one of its own (a reuse, or a wait on an unsure
+            # router): its similarity calibrates that expert's threshold
+            self.history.setdefault(self.current, []).append(float(sims[self.current]))
         if decision == "create":
             self.current, self.created = f"{self.prefix}{self.created}", self.created + 1
         self.streak = 0 if decision == "create" else streak

@@ -11,6 +11,11 @@ scored), and ``delta = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))
 * ``ipo``:     ``(delta' - 1/(2β))²`` where ``delta'`` uses log-ratios averaged per completion token
   (Azar et al., 2023, in the length-normalised form TRL uses).
 
+``sft_weight`` w > 0 adds w times the negative log-likelihood of the chosen completions (averaged
+over all their tokens in the batch): TRL's ``loss_type=[loss, "sft"], loss_weights=[1, w]``, the
+RPO recipe (Pang et al., 2024). DPO alone can lower the likelihood of the chosen answers along with
+the rejected ones; the SFT term keeps the chosen ones likely, so what SFT taught is not unlearned.
+
 These are TRL's formulas (``DPOTrainer._compute_loss``, TRL 1.16) and its metric names:
 ``rewards/chosen`` = β·(log π(c) - log π_ref(c)), ``rewards/rejected``, ``rewards/margins`` (their
 difference), ``rewards/accuracies`` (share with chosen reward > rejected reward), ``logps/chosen``,
@@ -126,13 +131,16 @@ class DPOObjective:
 
     name = "dpo"
 
-    def __init__(self, beta: float = 0.1, loss: str = "sigmoid", reference: str = "auto", **context):
+    def __init__(self, beta: float = 0.1, loss: str = "sigmoid", reference: str = "auto", sft_weight: float = 0.0,
+                 **context):
         if loss not in LOSSES:
             raise UserError(f"objective dpo: loss {loss!r} unknown (expected one of {', '.join(LOSSES)})")
         self.reference = Reference(reference, "objective dpo")
         if not beta > 0:
             raise UserError(f"objective dpo: beta must be > 0 (got {beta})")
-        self.beta, self.loss = float(beta), loss
+        if not (isinstance(sft_weight, (int, float)) and math.isfinite(sft_weight) and sft_weight >= 0):
+            raise UserError(f"objective dpo: sft_weight must be a number >= 0 (got {sft_weight!r})")
+        self.beta, self.loss, self.sft_weight = float(beta), loss, float(sft_weight)
 
     # -- protocol ------------------------------------------------------------------------------
     def tokenize(self, example: Example, renderer: Renderer) -> PairItem:
@@ -199,8 +207,13 @@ class DPOObjective:
         rc, rr = ref.chunk(2)
         tc, tr = tokens.chunk(2)
         loss = dpo_loss(pc, pr, rc, rr, self.beta, self.loss, tc, tr).mean()
+        extra = {}
+        if self.sft_weight:
+            nll = -pc.sum() / tc.sum().clamp(min=1)  # per chosen token, over the batch (TRL's "sft" loss)
+            loss = loss + self.sft_weight * nll
+            extra["nll/chosen"] = nll.item()
         chosen_r, rejected_r = self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
-        metrics = {"rewards/chosen": chosen_r.mean().item(), "rewards/rejected": rejected_r.mean().item(),
+        metrics = {**extra, "rewards/chosen": chosen_r.mean().item(), "rewards/rejected": rejected_r.mean().item(),
                    "rewards/margins": (chosen_r - rejected_r).mean().item(),
                    "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
                    "logps/chosen": pc.detach().mean().item(), "logps/rejected": pr.detach().mean().item()}
