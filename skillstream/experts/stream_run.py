@@ -335,7 +335,10 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
         "novelty": {"true_boundaries": boundaries, "created_at": created[1:], "first_expert_at": created[:1],
                     "chunks": len(chunks), "decisions": dict(Counter(d["decision"] for d in decisions)),
                     "thresholds": {"similarity": cfg.experts.novelty.similarity_threshold,
-                                   "entropy": cfg.experts.novelty.entropy_threshold, "window": cfg.experts.novelty.window}},
+                                   "entropy": cfg.experts.novelty.entropy_threshold, "window": cfg.experts.novelty.window,
+                                   **({"spread_z": cfg.experts.novelty.spread_z, "min_spread": cfg.experts.novelty.min_spread,
+                                       "per_expert": {e: round(life.novelty.threshold(e), 4) for e in life.pool.names}}
+                                      if cfg.experts.novelty.spread_z is not None else {})}},
         "initial_details": results["initial"], "details": results["details"],
         "stages": [{"name": st.name, "chunks": sum(c.skill == i for c in chunks),
                     "examples": sum(len(c.examples) for c in chunks if c.skill == i),
