@@ -251,9 +251,16 @@ def _score_heldout(results: dict, st: PreparedStage, when: str, model, tok, rend
     scores = results.setdefault("heldout", {}).setdefault(st.name, {})
     if when not in scores:
         scores[when] = evaluate_examples(model, tok, renderer, examples, "preference", cfg.data.eval_batch_size)
+        if hasattr(st.objective, "implicit_rewards"):  # DPO: TRL's eval rewards/* against the stage's reference
+            scores[when]["rewards"] = st.objective.implicit_rewards(model, examples, renderer, tok.pad_token_id,
+                                                                    cfg.data.eval_batch_size)
     if when == "after":
+        implicit = ""
+        if "rewards" in scores["before"] and "rewards" in scores["after"]:
+            implicit = (f"; implicit-reward accuracy {scores['before']['rewards']['rewards/accuracies']:.3f} before, "
+                        f"{scores['after']['rewards']['rewards/accuracies']:.3f} after")
         print(f"stage {st.name!r}: held-out pairs (n={len(examples)}): preference accuracy "
-              f"{scores['before']['score']:.3f} before, {scores['after']['score']:.3f} after", flush=True)
+              f"{scores['before']['score']:.3f} before, {scores['after']['score']:.3f} after{implicit}", flush=True)
     return scores
 
 

@@ -219,6 +219,12 @@ def test_loss_starts_at_log2_only_because_policy_equals_reference_and_then_falls
     loss, metrics, _ = obj(model, batch)
     assert loss.item() < math.log(2) - 0.1
     assert metrics["rewards/accuracies"] == 1.0 and metrics["rewards/margins"] > 0
+    # the held-out scoring of a dpo stage: the same rewards, computed in eval mode without gradients
+    model.eval()
+    _, metrics, _ = obj(model, batch)
+    held = obj.implicit_rewards(model, examples[2:], renderer, tok.pad_token_id, batch_size=len(examples))
+    assert held["rewards/margins"] == pytest.approx(metrics["rewards/margins"], rel=1e-4)
+    assert held["rewards/accuracies"] == metrics["rewards/accuracies"] == 1.0 and held["n"] == len(examples[2:])
 
 
 def test_adapter_reference_is_a_frozen_copy_that_training_does_not_move(setup):

@@ -72,6 +72,12 @@ def test_muse_smoke_writes_a_complete_run(smoke_run, tmp_path):
         h = heldout[when]
         assert h["metric"] == "preference_accuracy" and h["n"] == n and 0 <= h["score"] <= 1
         assert h["score"] == h["preference_accuracy"] and len(h["ci95"]["preference_accuracy"]) == 2
+    # ... and by DPO's implicit reward against the stage's reference (TRL's eval rewards/*): the stage
+    # starts with the policy equal to its reference, so every margin is 0 and none counts as right
+    before, after = heldout["before"]["rewards"], heldout["after"]["rewards"]
+    assert before["n"] == after["n"] == n
+    assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and before["rewards/accuracies"] == 0.0
+    assert after["rewards/margins"] != before["rewards/margins"] and 0 <= after["rewards/accuracies"] <= 1
     assert "heldout" not in results["stages"][0] and "heldout" not in results["stages"][1]
 
     ev = run_cli("eval", str(run), cwd=tmp_path)

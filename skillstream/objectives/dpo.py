@@ -198,6 +198,33 @@ class DPOObjective:
         finally:
             inner.train(was_training)
 
+    @torch.no_grad()
+    def implicit_rewards(self, model, examples, renderer: Renderer, pad_id: int, batch_size: int) -> dict:
+        """TRL's evaluation metrics on held-out pairs, against this stage's reference, in eval mode:
+        ``rewards/accuracies`` (share with chosen reward > rejected reward; 0 while the policy is the
+        reference), ``rewards/margins``, ``rewards/chosen``, ``rewards/rejected``, ``n``, ``ci95``."""
+        from ..evaluation.tool_metrics import wilson
+
+        inner = _unwrap(model)
+        was_training = inner.training
+        inner.eval()
+        chosen, rejected = [], []
+        try:
+            for i in range(0, len(examples), batch_size):
+                batch = self.collate([self.tokenize(e, renderer) for e in examples[i:i + batch_size]], pad_id)
+                batch = {k: v.to(inner.device) for k, v in batch.items()}
+                rc, rr = self.reference_logps(inner, batch).chunk(2)
+                pc, pr = sequence_logps(inner, batch["input_ids"], batch["attention_mask"], batch["labels"]).chunk(2)
+                chosen += (self.beta * (pc - rc)).tolist()
+                rejected += (self.beta * (pr - rr)).tolist()
+        finally:
+            inner.train(was_training)
+        n = len(chosen)
+        right = sum(c > r for c, r in zip(chosen, rejected))
+        return {"rewards/accuracies": right / n, "rewards/margins": sum(c - r for c, r in zip(chosen, rejected)) / n,
+                "rewards/chosen": sum(chosen) / n, "rewards/rejected": sum(rejected) / n, "n": n,
+                "ci95": {"rewards/accuracies": wilson(right, n)}}
+
     # -- loss --------------------------------------------------------------------------------------
     def __call__(self, model, batch: dict[str, torch.Tensor]):
         ref = self.reference_logps(model, batch)
