@@ -65,7 +65,8 @@ METHODS = {
 EVAL_CACHE = "eval_cache"  # under --out: the evaluations the methods share (the backbone's initial row)
 SIZES = {  # (train examples per task, test examples per task, steps per task)
     "quick": (200, 20, 20),  # 5 methods, 2 at a time on 2 cores: 46.3 min with the shared prefill and the
-    # evaluation memo, 60.1 min without (bench/RESULTS.md, 2026-12-01): over the 40-min goal
+    # evaluation memo, 60.1 min without (bench/RESULTS.md, 2026-12-01): over the 40-min goal; measured before
+    # the calibrated novelty, with which expert_pool (4 experts) took 27 min instead of 22
     "full": (1000, 200, 150),
 }
 
