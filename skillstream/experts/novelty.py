@@ -50,7 +50,7 @@ class NoveltyDetector:
     created: int = 0           # experts this detector has created (names prefix0, prefix1, ...)
     current: str | None = None # the expert being trained
     chunks: int = 0            # chunks observed
-    history: dict[str, list[float]] = field(default_factory=dict)  # similarities of the chunks each expert reused
+    history: dict[str, list[float]] = field(default_factory=dict)  # similarities of the chunks each expert took as its own
 
     def __post_init__(self):
         if not 0.0 <= self.entropy_threshold <= 1.0:
