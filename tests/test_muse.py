@@ -50,8 +50,9 @@ def test_muse_smoke_writes_a_complete_run(smoke_run, tmp_path):
         assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(m)
         assert m["logps/chosen"] != m["logps/rejected"]
-    # the reference is the SFT policy: the first DPO loss is log 2 up to LoRA dropout
-    assert abs(dpo[0]["loss"] - math.log(2)) < 0.05
+    # the reference is the SFT policy: the first DPO loss is log 2 up to LoRA dropout, plus the
+    # recipe's sft_weight (1.0) times the chosen answers' NLL
+    assert abs(dpo[0]["loss"] - dpo[0]["nll/chosen"] - math.log(2)) < 0.05 and dpo[0]["nll/chosen"] > 0
 
     results = json.loads((run / "results.json").read_text())
     assert results["tasks"] == ["bfcl"] and results["metric"] == {"bfcl": "ast_accuracy"}
@@ -153,8 +154,9 @@ def test_one_stage_at_a_time_hands_over_adapter_and_pairs(smoke_run, tmp_path, c
     assert dpo.config.init_from == str(pairs.run_dir.resolve())
     state = json.loads(sorted((dpo.run_dir / "checkpoints").glob("ckpt-*/state.json"))[-1].read_text())
     assert state["objective"] == {"reference": "adapter"}
-    losses = [json.loads(line)["loss"] for line in (dpo.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 3 and abs(losses[0] - math.log(2)) < 0.05
+    logged = [json.loads(line) for line in (dpo.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # the DPO part of the loss (the loss less sft_weight 1.0 x NLL of the chosen answers) starts at log 2
+    assert len(logged) == 3 and abs(logged[0]["loss"] - logged[0]["nll/chosen"] - math.log(2)) < 0.05
     r = dpo.results
     assert r["tasks"] == ["bfcl"] and len(r["matrix"]) == 1 and r["initial_details"][0]["n"] == 3  # the full run's suite
     assert {"before", "after"} <= set(r["stages"][0]["heldout"])
