@@ -88,7 +88,7 @@ class NoveltyDetector:
             streak, decision, self.current = 0, "reuse", max(passing, key=passing.get)
         else:
             streak, decision = 0, "wait"
-        if decision != "create" and streak == 0 and self.current in passing:
+        if self.spread_z is not None and decision != "create" and streak == 0 and self.current in passing:
             # the chunk trains the current expert as one of its own (a reuse, or a wait on an unsure
             # router): its similarity calibrates that expert's threshold
             self.history.setdefault(self.current, []).append(float(sims[self.current]))

@@ -213,8 +213,7 @@ class DPOObjective:
             for i in range(0, len(examples), batch_size):
                 batch = self.collate([self.tokenize(e, renderer) for e in examples[i:i + batch_size]], pad_id)
                 batch = {k: v.to(inner.device) for k, v in batch.items()}
-                rc, rr = self.reference_logps(inner, batch).chunk(2)
-                pc, pr = sequence_logps(inner, batch["input_ids"], batch["attention_mask"], batch["labels"]).chunk(2)
+                pc, pr, rc, rr = self._logps(inner, batch)
                 chosen += (self.beta * (pc - rc)).tolist()
                 rejected += (self.beta * (pr - rr)).tolist()
         finally:
@@ -225,13 +224,16 @@ class DPOObjective:
                 "rewards/chosen": sum(chosen) / n, "rewards/rejected": sum(rejected) / n, "n": n,
                 "ci95": {"rewards/accuracies": wilson(right, n)}}
 
-    # -- loss --------------------------------------------------------------------------------------
-    def __call__(self, model, batch: dict[str, torch.Tensor]):
+    def _logps(self, model, batch) -> tuple[torch.Tensor, ...]:
+        """Summed completion log-probabilities: policy chosen, policy rejected, reference chosen, reference rejected."""
         ref = self.reference_logps(model, batch)
         logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return (*logps.chunk(2), *ref.chunk(2))
+
+    # -- loss --------------------------------------------------------------------------------------
+    def __call__(self, model, batch: dict[str, torch.Tensor]):
+        pc, pr, rc, rr = self._logps(model, batch)
         tokens = (batch["labels"][:, 1:] != IGNORE).sum(-1).float()
-        pc, pr = logps.chunk(2)
-        rc, rr = ref.chunk(2)
         tc, tr = tokens.chunk(2)
         loss = dpo_loss(pc, pr, rc, rr, self.beta, self.loss, tc, tr).mean()
         extra = {}

@@ -9,7 +9,6 @@ model's attributes through, so every multi-process run goes this way), take the 
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
@@ -25,24 +24,17 @@ def _plain_head_parts(model):
     cfg = getattr(base, "config", None)
     if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return None
-    decoder, head = _accessor(base, "get_decoder"), _accessor(base, "get_output_embeddings")
+    if not (hasattr(base, "get_decoder") and hasattr(base, "get_output_embeddings")):
+        return None  # a plain nn.Module such as BDH
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except NotImplementedError:
+        # custom (trust_remote_code) models leave these abstract: no separable decoder and head, so
+        # causal_lm_loss takes the model's own full-logits path (tests/test_objectives.py)
+        return None
     if decoder is None or decoder is base or not isinstance(head, torch.nn.Linear):
         return None  # causal_lm_loss runs the model's own forward with labels (tests/test_objectives.py)
     return decoder, head
-
-
-def _accessor(model, name: str):
-    """model.<name>(), or None for a model without that accessor (a plain nn.Module such as BDH) or
-    one whose accessor raises NotImplementedError (the abstract-method convention of custom,
-    trust_remote_code models): either way the model has no separable decoder and head, and
-    causal_lm_loss takes the model's own full-logits path (tests/test_objectives.py)."""
-    method = getattr(model, name, None)
-    if method is None:
-        return None
-    try:
-        return method()
-    except NotImplementedError:
-        return None
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]):
