@@ -41,14 +41,14 @@ import common  # noqa: E402  (bench/common.py)
 
 # Novelty: dylora_moe's absolute threshold and weights, plus thresholds calibrated on each expert's own
 # chunks (novelty.py: mean - 2 std of the similarities of the chunks it reused, std at least 0.02) and
-# 16-example signals (of 40 per chunk; dylora_moe reads 4 of 8). Why: with the absolute threshold alone
-# the three NLI tasks (similarity 0.85-0.93 to each other) shared one expert and rte was forgotten
-# (BWT -0.067, bench/RESULTS.md 2026-12-01); these settings were chosen after measuring this stream's
-# similarities, so other streams are the test of them.
-POOL = {"chunk_size": 40, "novelty": {"similarity_threshold": 0.85, "window": 2, "signal_examples": 16,
-                                   "spread_z": 2.0, "min_spread": 0.02,
-                                   "weights": {"embedding": 0.2, "gradient": 0.3, "context": 0.5}},
-        "seeding": {"lr": 1.0e-3, "steps": 10}, "consolidation": {"lr": 2.0e-4}}
+# 16-example signals (of each chunk's 30 at the quick size, 40 at the full: SIZES; dylora_moe reads 4
+# of 8). Why: with the absolute threshold alone the three NLI tasks (similarity 0.85-0.93 to each other)
+# shared one expert and rte was forgotten (BWT -0.067, bench/RESULTS.md 2026-12-01); these settings were
+# chosen after measuring this stream's similarities, so other streams are the test of them.
+POOL = {"novelty": {"similarity_threshold": 0.85, "window": 2, "signal_examples": 16,
+                    "spread_z": 2.0, "min_spread": 0.02,
+                    "weights": {"embedding": 0.2, "gradient": 0.3, "context": 0.5}},
+        "seeding": {"lr": 1.0e-3, "steps": 10}, "consolidation": {"lr": 2.0e-4}}  # chunk_size: per size (SIZES)
 METHODS = {
     "seq_lora": {"plugins": []},
     "ewc_replay": {},
@@ -63,11 +63,14 @@ METHODS = {
                                         "scope": "adapter"}], "experts": POOL},
 }
 EVAL_CACHE = "eval_cache"  # under --out: the evaluations the methods share (the backbone's initial row)
-SIZES = {  # (train examples per task, test examples per task, steps per task)
-    "quick": (200, 20, 20),  # 5 methods, 2 at a time on 2 cores: 46.3 min with the shared prefill and the
-    # evaluation memo, 60.1 min without (bench/RESULTS.md, 2026-12-01): over the 40-min goal; measured before
-    # the calibrated novelty, with which expert_pool (4 experts) took 27 min instead of 22
-    "full": (1000, 200, 150),
+SIZES = {  # (train examples per task, test examples per task, steps per task, expert_pool chunk size)
+    # quick: 15 steps of 8 per task, so the pool reads 120 examples per task, 4 chunks of 30 (the
+    # novelty window is 2 chunks and the calibrated thresholds need chunks an expert took as its own).
+    # At 20 steps per task (and chunks of 40) the five methods took 46.3 min, 2 at a time on 2 cores
+    # (bench/RESULTS.md, 2026-12-01; expert_pool 27 min of it with the calibrated novelty): over the
+    # 40-min goal, and no packing of those method times into 2 lanes fits under 42 min
+    "quick": (200, 20, 15, 30),
+    "full": (1000, 200, 150, 40),
 }
 
 
@@ -83,7 +86,7 @@ def mtl_overrides(stream: Path, train_limit: int, test_limit: int, steps_per_tas
 
 
 def base_overrides(args, out: Path) -> dict:
-    train_limit, test_limit, steps = SIZES["quick" if args.quick else "full"]
+    train_limit, test_limit, steps, _ = SIZES["quick" if args.quick else "full"]
     return {"model": args.model, "report_to": [], "seed": args.seed, "data.stream": str(args.stream),
             "data.invalid_labels": args.invalid_labels, "data.eval_cache": str(out / EVAL_CACHE),
             "data.stream_train_limit": train_limit, "data.stream_test_limit": test_limit,
@@ -114,7 +117,7 @@ def score_backbone(args, out: Path) -> float:
 
 
 def run_method(method: str, args, out: Path) -> dict:
-    train_limit, test_limit, steps = SIZES["quick" if args.quick else "full"]
+    train_limit, test_limit, steps, chunk_size = SIZES["quick" if args.quick else "full"]
     steps = args.steps or steps
     overrides = {**base_overrides(args, out), **METHODS[method]}
     if method == "mtl":
@@ -126,6 +129,7 @@ def run_method(method: str, args, out: Path) -> dict:
 
         batch = load_recipe("adaptive_learner").train.batch_size
         overrides["data.stream_train_limit"] = min(train_limit, steps * batch)
+        overrides["experts"] = {**METHODS[method]["experts"], "chunk_size": chunk_size}
     code = ("import json, sys, skillstream; o = json.loads(sys.argv[1]); "
             "skillstream.train('adaptive_learner', out=sys.argv[2], overrides=o, show_progress=False)")
     env = {**os.environ, "CI": "true"}
