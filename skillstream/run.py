@@ -250,10 +250,13 @@ def _score_heldout(results: dict, st: PreparedStage, when: str, model, tok, rend
         return None
     scores = results.setdefault("heldout", {}).setdefault(st.name, {})
     if when not in scores:
-        scores[when] = evaluate_examples(model, tok, renderer, examples, "preference", cfg.data.eval_batch_size)
-        if hasattr(st.objective, "implicit_rewards"):  # DPO: TRL's eval rewards/* against the stage's reference
-            scores[when]["rewards"] = st.objective.implicit_rewards(model, examples, renderer, tok.pad_token_id,
-                                                                    cfg.data.eval_batch_size)
+        if hasattr(st.objective, "implicit_rewards"):  # DPO: TRL's eval rewards/* against the stage's reference,
+            # and the preference metric from the same policy pass over the pairs
+            rewards = st.objective.implicit_rewards(model, examples, renderer, tok.pad_token_id, cfg.data.eval_batch_size)
+            own = rewards.pop("ranking")
+            scores[when] = {"score": own["preference_accuracy"], "metric": "preference_accuracy", **own, "rewards": rewards}
+        else:
+            scores[when] = evaluate_examples(model, tok, renderer, examples, "preference", cfg.data.eval_batch_size)
     if when == "after":
         implicit = ""
         if "rewards" in scores["before"] and "rewards" in scores["after"]:

@@ -225,6 +225,11 @@ def test_loss_starts_at_log2_only_because_policy_equals_reference_and_then_falls
     held = obj.implicit_rewards(model, examples[2:], renderer, tok.pad_token_id, batch_size=len(examples))
     assert held["rewards/margins"] == pytest.approx(metrics["rewards/margins"], rel=1e-4)
     assert held["rewards/accuracies"] == metrics["rewards/accuracies"] == 1.0 and held["n"] == len(examples[2:])
+    # ... and, from the same policy pass, the preference metric an evaluation computes on its own
+    from skillstream.evaluation.preference import evaluate_preferences
+    own = evaluate_preferences(model, tok, renderer, examples[2:], batch_size=len(examples))
+    assert held["ranking"]["preference_accuracy"] == own["preference_accuracy"]
+    assert held["ranking"]["margin"] == pytest.approx(own["margin"], rel=1e-5)
 
 
 def test_adapter_reference_is_a_frozen_copy_that_training_does_not_move(setup):

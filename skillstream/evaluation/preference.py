@@ -22,17 +22,20 @@ def require_preference_examples(task: str, examples) -> None:
         raise UserError(f"data.eval[{task}]: metric 'preference' needs prompt/chosen/rejected rows ({bad.where} is {bad.kind})")
 
 
+def ranking(margins: list[float]) -> dict:
+    """The metric from each pair's log-probability difference (chosen minus rejected)."""
+    n, right = len(margins), sum(d > 0 for d in margins)
+    return {"preference_accuracy": right / n, "margin": sum(margins) / n, "n": n,
+            "ci95": {"preference_accuracy": wilson(right, n)}}
+
+
 @torch.no_grad()
 def evaluate_preferences(model, tok, renderer, examples, batch_size: int) -> dict:
     obj = DPOObjective()
-    right, margins = 0, []
+    margins = []
     for i in range(0, len(examples), batch_size):
         items = [obj.tokenize(e, renderer) for e in examples[i:i + batch_size]]
         batch = {k: v.to(model.device) for k, v in obj.collate(items, tok.pad_token_id).items()}
         chosen, rejected = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).chunk(2)
-        diff = (chosen - rejected).tolist()
-        margins += diff
-        right += sum(d > 0 for d in diff)
-    n = len(examples)
-    return {"preference_accuracy": right / n, "margin": sum(margins) / n, "n": n,
-            "ci95": {"preference_accuracy": wilson(right, n)}}
+        margins += (chosen - rejected).tolist()
+    return ranking(margins)

@@ -202,13 +202,15 @@ class DPOObjective:
     def implicit_rewards(self, model, examples, renderer: Renderer, pad_id: int, batch_size: int) -> dict:
         """TRL's evaluation metrics on held-out pairs, against this stage's reference, in eval mode:
         ``rewards/accuracies`` (share with chosen reward > rejected reward; 0 while the policy is the
-        reference), ``rewards/margins``, ``rewards/chosen``, ``rewards/rejected``, ``n``, ``ci95``."""
+        reference), ``rewards/margins``, ``rewards/chosen``, ``rewards/rejected``, ``n``, ``ci95``; and
+        under ``ranking`` the `preference` metric from the same policy pass (evaluation/preference.py)."""
+        from ..evaluation.preference import ranking
         from ..evaluation.tool_metrics import wilson
 
         inner = _unwrap(model)
         was_training = inner.training
         inner.eval()
-        chosen, rejected = [], []
+        chosen, rejected, margins = [], [], []
         try:
             for i in range(0, len(examples), batch_size):
                 batch = self.collate([self.tokenize(e, renderer) for e in examples[i:i + batch_size]], pad_id)
@@ -216,13 +218,14 @@ class DPOObjective:
                 pc, pr, rc, rr = self._logps(inner, batch)
                 chosen += (self.beta * (pc - rc)).tolist()
                 rejected += (self.beta * (pr - rr)).tolist()
+                margins += (pc - pr).tolist()
         finally:
             inner.train(was_training)
         n = len(chosen)
         right = sum(c > r for c, r in zip(chosen, rejected))
         return {"rewards/accuracies": right / n, "rewards/margins": sum(c - r for c, r in zip(chosen, rejected)) / n,
                 "rewards/chosen": sum(chosen) / n, "rewards/rejected": sum(rejected) / n, "n": n,
-                "ci95": {"rewards/accuracies": wilson(right, n)}}
+                "ci95": {"rewards/accuracies": wilson(right, n)}, "ranking": ranking(margins)}
 
     def _logps(self, model, batch) -> tuple[torch.Tensor, ...]:
         """Summed completion log-probabilities: policy chosen, policy rejected, reference chosen, reference rejected."""
