@@ -167,7 +167,7 @@ def table(results: list[dict], steps: int) -> str:
         ends = ", ".join(f"{k} {v:.2f}" for k, v in r["weights_end"].items())
         lines.append(f"| {r['mode']} | {s if s is not None else '-'} | {ratio} | {r['final']:.4f} | "
                      f"{w['start']:.3f} / {w['second_half_mean']:.3f} / {w['end']:.3f} | {ends} | {r['seconds']:.0f} |")
-    adaptive = [r for r in results if r["mode"] in ("difficulty", "difficulty-raw", "bandit")]
+    adaptive = [r for r in results if r["mode"] in ("difficulty", "difficulty-raw", "bandit", "alignment")]
     best = min(adaptive, key=lambda r: (steps_to(r["curve"], target) or 10 ** 9), default=None)
     if best is not None:
         s = steps_to(best["curve"], target)
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model, a few steps: wiring check (records nothing)")
     ap.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
     ap.add_argument("--modes", default="uniform,difficulty,bandit,hardest",
-                    help="comma-separated: uniform, difficulty, difficulty-raw, bandit, hardest, oracle")
+                    help="comma-separated: uniform, difficulty, difficulty-raw, bandit, alignment, hardest, oracle")
     ap.add_argument("--noise", choices=["printable", "symbols"], default="printable",
                     help="the unlearnable source: random printable characters or space-separated single-token symbols")
     ap.add_argument("--model", default="tiny", help="tiny (trained from scratch, full weights) or a model with LoRA")

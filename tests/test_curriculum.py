@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from skillstream.curriculum.auto import (AutoCurriculum, difficulty_update, exp3_update, hardest_weights,
-                                         normalise, progress_update)
+from skillstream.curriculum.auto import (AutoCurriculum, alignment_matrix, alignment_update, difficulty_update,
+                                         exp3_update, hardest_weights, normalise, progress_update, sample_gradient)
 from skillstream.data.batching import BatchPlan, Position
 from skillstream.data.render import Tokenized
 from skillstream.errors import UserError
@@ -132,6 +132,63 @@ def test_hardest_and_static_rules():
     assert hardest_weights([2.0, 6.0]) == pytest.approx([0.25, 0.75])
     assert hardest_weights([2.0, 6.0], floor=0.2) == pytest.approx([0.8 * 0.25 + 0.1, 0.8 * 0.75 + 0.1])
     assert normalise([1.0, 3.0]) == [0.25, 0.75]
+
+
+def test_alignment_crosses_the_halves_so_noise_does_not_score_its_own_norm():
+    # source 0: the same direction in both halves (learnable); source 1: opposite directions (a zero
+    # expected gradient: pure sampling noise). Its own <g, g> would be 4; crossed, it is -4.
+    a = [torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])]
+    b = [torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, -2.0, 0.0])]
+    m = alignment_matrix(a, b)
+    assert m == [[1.0, 0.0], [0.0, -4.0]]
+    # usefulness = row means (0.5, -2) -> target shares (1, 0); smoothing 0.5 moves half way there
+    assert alignment_update([0.5, 0.5], m, smoothing=0.5) == pytest.approx([0.75, 0.25])
+    assert alignment_update([0.5, 0.5], m, smoothing=0.0, floor=0.1) == pytest.approx([0.95, 0.05])
+    assert alignment_update([0.3, 0.7], [[-1.0, 0.0], [0.0, -1.0]], 0.5) == [0.3, 0.7]  # nothing helps: unchanged
+
+
+def test_sample_gradient_is_the_gradient_of_the_mean_loss_and_leaves_grad_alone():
+    from skillstream.curriculum.auto import per_example_loss
+    from skillstream.models.backbone import load_backbone
+
+    model, tok = load_backbone("tiny", seed=0)
+    model.requires_grad_(True)                                          # trained from scratch, as in bench/curriculum
+    items = [Tokenized([1, 5 + i, 9, 3 + i], [1, 5 + i, 9, 3 + i], False) for i in range(3)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is None for p in params)
+    g = sample_gradient(model, items, tok.pad_token_id, batch_size=2)   # two batches, summed
+    assert all(p.grad is None for p in params)                          # the optimizer's .grad untouched
+    from skillstream.data.batching import collate
+    from skillstream.curriculum.auto import _example_losses
+
+    model.eval()
+    _example_losses(model, collate(items, tok.pad_token_id)).mean().backward()
+    expected = torch.cat([p.grad.flatten() for p in params])
+    torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
+    assert per_example_loss(model, items, tok.pad_token_id) == pytest.approx(
+        _example_losses(model, collate(items, tok.pad_token_id)).tolist(), rel=1e-5)
+
+
+def test_alignment_mixing_in_a_real_run_gives_the_noise_less_weight(tmp_path):
+    """The tiny model from scratch on a repetitive source and random characters: the noise source's
+    gradient halves disagree, so alignment moves its weight down from the first refresh on."""
+    _write_sources(tmp_path)
+    recipe = {"name": "cur", "model": {"name": "tiny", "freeze_backbone": False}, "lora": None, "report_to": [],
+              "data": {"max_length": 48, "train": [{"source": str(tmp_path / "easy.jsonl")},
+                                                   {"source": str(tmp_path / "noise.jsonl")}]},
+              "train": {"steps": 16, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 4,
+                        "checkpoint_every": 100, "schedule": "constant", "bf16": False},
+              "plugins": [{"name": "auto_curriculum", "mixing": "alignment", "freeze_interval": 4, "sample_size": 6}]}
+    train(recipe, out=tmp_path / "run", show_progress=False)
+    from skillstream.checkpoint import list_checkpoints
+
+    state = json.loads((list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "state.json").read_text())
+    history = state["plugins"]["curriculum"]["history"]
+    assert [h["step"] for h in history] == [0, 4, 8, 12, 16]
+    assert all(len(h["alignment"]) == 2 for h in history)           # the matrix of every refresh is kept
+    noise = [h["weights"][1] for h in history]
+    print("noise weight", [round(w, 3) for w in noise], "alignment", history[-1]["alignment"])
+    assert noise[-1] < 0.25 and noise[-1] < noise[0] <= 0.5
 
 
 def _plan(weights=(1.0, 1.0, 1.0)):

@@ -24,6 +24,11 @@ Mixing rules (weights always sum to 1; `floor` mixes in a uniform share so no so
   bandit      EXP3 over sources, rewarded by relative loss reduction r = (d_prev - d_now) / d_prev,
               importance-weighted by the share p the source had while it was earned:
               s += bandit_lr * r / p;  p = (1 - bandit_gamma) * softmax(s) + bandit_gamma / K
+  alignment   predicted, not measured, progress (DoGE, Fan et al. 2023): at every refresh the gradient
+              of each source's probe loss is taken on two halves of its sample, and source i's
+              usefulness u_i = mean_j <g_i, g_j> (halves crossed, so noise does not score its own
+              squared norm) is the first-order drop of the mean probe loss per step on i; the weights
+              move toward max(u, 0) normalised, with `smoothing` as the weight of the past
   hardest     naive "sample the hardest": w proportional to c_now (over-samples unlearnable noise;
               kept as the baseline that shows why progress matters)
 
@@ -58,7 +63,7 @@ from ..data.render import IGNORE
 from ..errors import UserError
 from ..plugins import Plugin, StepContext
 
-MIXINGS = ("uniform", "fixed", "difficulty", "bandit", "hardest")
+MIXINGS = ("uniform", "fixed", "difficulty", "bandit", "alignment", "hardest")
 
 
 # -- update rules (pure functions; tested on hand-made sequences) ----------------------------------
@@ -129,11 +134,28 @@ def source_names(sources) -> list[str]:
     return names
 
 
+def _example_losses(model, batch) -> torch.Tensor:
+    """(batch,) mean next-token loss of each row on its labelled tokens (differentiable)."""
+    from ..objectives.lm import _plain_head_parts
+
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    parts = _plain_head_parts(model)
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = head(hidden[:, :-1][keep]).float()
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep].float()
+    token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
+    row = keep.nonzero()[:, 0]
+    sums = torch.zeros(keep.shape[0], device=token_loss.device, dtype=token_loss.dtype).index_add(0, row, token_loss)
+    return sums / keep.sum(1).clamp(min=1)
+
+
 @torch.no_grad()
 def per_example_loss(model, items, pad_id: int, batch_size: int = 8) -> list[float]:
     """Mean next-token loss of each item on its labelled tokens (eval mode, no dropout)."""
-    from ..objectives.lm import _plain_head_parts
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -141,22 +163,58 @@ def per_example_loss(model, items, pad_id: int, batch_size: int = 8) -> list[flo
     try:
         for i in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
-            targets = batch["labels"][:, 1:]
-            keep = targets != IGNORE
-            parts = _plain_head_parts(model)
-            if parts is not None:
-                decoder, head = parts
-                hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-                logits = head(hidden[:, :-1][keep]).float()
-            else:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep].float()
-            token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
-            row = keep.nonzero()[:, 0]
-            sums = torch.zeros(keep.shape[0], device=device).index_add_(0, row, token_loss)
-            out += (sums / keep.sum(1).clamp(min=1)).tolist()
+            out += _example_losses(model, batch).tolist()
     finally:
         model.train(was_training)
     return out
+
+
+def sample_gradient(model, items, pad_id: int, batch_size: int = 8) -> torch.Tensor:
+    """The gradient of the mean per-example loss of `items` w.r.t. the trainable parameters, flattened
+    (eval mode; torch.autograd.grad, so the parameters' .grad -- the optimizer's -- is not touched)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("sample_gradient: the model has no trainable parameters")
+    device = params[0].device
+    was_training = model.training
+    model.eval()
+    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    try:
+        for i in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
+            loss = _example_losses(model, batch).sum() / len(items)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for t, g in zip(total, grads):
+                if g is not None:
+                    t += g.float()
+    finally:
+        model.train(was_training)
+    return torch.cat([t.flatten() for t in total])
+
+
+def alignment_matrix(grads_a: list[torch.Tensor], grads_b: list[torch.Tensor]) -> list[list[float]]:
+    """M[i][j] = (<a_i, b_j> + <b_i, a_j>) / 2 from two independent halves a, b of every source's probe
+    sample. M[i][j] estimates <E g_i, E g_j> without the sampling noise a single sample's <g, g> adds
+    to the diagonal: a source whose expected gradient is zero (noise at its floor) scores ~0 on its
+    own diagonal instead of the squared norm of its noise."""
+    a, b = torch.stack(grads_a), torch.stack(grads_b)
+    cross = a @ b.T
+    return ((cross + cross.T) / 2).tolist()
+
+
+def alignment_update(weights: list[float], matrix: list[list[float]], smoothing: float,
+                     floor: float = 0.0) -> list[float]:
+    """Weights toward each source's predicted usefulness u_i = mean_j M[i][j]: to first order, one
+    gradient step on source i lowers the mean loss of all sources' probes by lr * u_i (DoGE's
+    criterion, Fan et al. 2023, with every source as the target). Target shares are max(u_i, 0)
+    normalised; the weights move there with `smoothing` as the weight of the past. Unchanged when
+    no source is predicted to help."""
+    k = len(weights)
+    useful = [max(0.0, sum(row) / k) for row in matrix]
+    if sum(useful) <= 0:
+        return list(weights)
+    target = [u / sum(useful) for u in useful]
+    return normalise([smoothing * w + (1 - smoothing) * t for w, t in zip(weights, target)], floor)
 
 
 class AutoCurriculum(Plugin):
@@ -270,6 +328,13 @@ class AutoCurriculum(Plugin):
             variances.append(sum((x - m) ** 2 for x in losses) / max(len(losses) - 1, 1))
         return means, variances
 
+    def alignment(self, model) -> list[list[float]]:
+        """The alignment matrix of the sources' probe gradients (two halves of each probe sample)."""
+        halves = [(s[0::2], s[1::2]) for s in self.samples]
+        grads_a = [sample_gradient(model, a, self.pad_id, self.eval_batch_size) for a, _ in halves]
+        grads_b = [sample_gradient(model, b, self.pad_id, self.eval_batch_size) for _, b in halves]
+        return alignment_matrix(grads_a, grads_b)
+
     def _refresh(self, ctx: StepContext) -> None:
         means, variances = self.measure(ctx.model)  # the new frozen snapshot's scores
         signal = [m + self.var_coef * v for m, v in zip(means, variances)]
@@ -287,9 +352,13 @@ class AutoCurriculum(Plugin):
                                                                  self.bandit_lr, self.bandit_gamma)
         if self.mixing == "hardest":
             weights = hardest_weights(signal, self.floor)
+        alignment = None
+        if self.mixing == "alignment":  # predicted from gradients now: needs no previous refresh
+            alignment = self.alignment(ctx.model)
+            weights = alignment_update(weights, alignment, self.smoothing, self.floor)
         self.state["weights"] = weights
         hist.append({"step": ctx.step, "mean": means, "variance": variances, "signal": signal,
-                     "progress": progress, "weights": weights})
+                     "progress": progress, "weights": weights, **({"alignment": alignment} if alignment else {})})
         self.plan.set_weights(weights)
 
     def _progress_used(self, progress: list[float]) -> list[float]:
