@@ -9,9 +9,10 @@ import random
 import pytest
 import torch
 
-from skillstream.curriculum.auto import (AutoCurriculum, alignment_matrix, alignment_update, difficulty_update,
-                                         exp3_update, hardest_weights, normalise, progress_update, sample_gradient)
-from skillstream.data.batching import BatchPlan, Position
+from skillstream.curriculum.auto import (AutoCurriculum, _example_losses, alignment_matrix, alignment_update,
+                                         difficulty_update, exp3_update, hardest_weights, normalise, per_example_loss,
+                                         progress_update, sample_gradient)
+from skillstream.data.batching import BatchPlan, Position, collate
 from skillstream.data.render import Tokenized
 from skillstream.errors import UserError
 from skillstream.plugins import Plugin
@@ -148,7 +149,6 @@ def test_alignment_crosses_the_halves_so_noise_does_not_score_its_own_norm():
 
 
 def test_sample_gradient_is_the_gradient_of_the_mean_loss_and_leaves_grad_alone():
-    from skillstream.curriculum.auto import per_example_loss
     from skillstream.models.backbone import load_backbone
 
     model, tok = load_backbone("tiny", seed=0)
@@ -158,9 +158,6 @@ def test_sample_gradient_is_the_gradient_of_the_mean_loss_and_leaves_grad_alone(
     assert all(p.grad is None for p in params)
     g = sample_gradient(model, items, tok.pad_token_id, batch_size=2)   # two batches, summed
     assert all(p.grad is None for p in params)                          # the optimizer's .grad untouched
-    from skillstream.data.batching import collate
-    from skillstream.curriculum.auto import _example_losses
-
     model.eval()
     _example_losses(model, collate(items, tok.pad_token_id)).mean().backward()
     expected = torch.cat([p.grad.flatten() for p in params])
@@ -169,17 +166,22 @@ def test_sample_gradient_is_the_gradient_of_the_mean_loss_and_leaves_grad_alone(
         _example_losses(model, collate(items, tok.pad_token_id)).tolist(), rel=1e-5)
 
 
+def _train_easy_and_noise(tmp_path, mixing: str, steps: int) -> None:
+    """The tiny model trained from scratch (full weights) on the two sources, refreshed every 4 steps."""
+    recipe = {"name": "cur", "model": {"name": "tiny", "freeze_backbone": False}, "lora": None, "report_to": [],
+              "data": {"max_length": 48, "train": [{"source": str(tmp_path / "easy.jsonl")},
+                                                   {"source": str(tmp_path / "noise.jsonl")}]},
+              "train": {"steps": steps, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 4,
+                        "checkpoint_every": 100, "schedule": "constant", "bf16": False},
+              "plugins": [{"name": "auto_curriculum", "mixing": mixing, "freeze_interval": 4, "sample_size": 6}]}
+    train(recipe, out=tmp_path / "run", show_progress=False)
+
+
 def test_alignment_mixing_in_a_real_run_gives_the_noise_less_weight(tmp_path):
     """The tiny model from scratch on a repetitive source and random characters: the noise source's
     gradient halves disagree, so alignment moves its weight down from the first refresh on."""
     _write_sources(tmp_path)
-    recipe = {"name": "cur", "model": {"name": "tiny", "freeze_backbone": False}, "lora": None, "report_to": [],
-              "data": {"max_length": 48, "train": [{"source": str(tmp_path / "easy.jsonl")},
-                                                   {"source": str(tmp_path / "noise.jsonl")}]},
-              "train": {"steps": 16, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 4,
-                        "checkpoint_every": 100, "schedule": "constant", "bf16": False},
-              "plugins": [{"name": "auto_curriculum", "mixing": "alignment", "freeze_interval": 4, "sample_size": 6}]}
-    train(recipe, out=tmp_path / "run", show_progress=False)
+    _train_easy_and_noise(tmp_path, "alignment", steps=16)
     from skillstream.checkpoint import list_checkpoints
 
     state = json.loads((list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "state.json").read_text())
@@ -238,13 +240,7 @@ def test_a_real_run_moves_weight_from_noise_to_the_learnable_source(tmp_path):
     """Full-weight training of the tiny model on a repetitive source and a random-character
     source; the bandit rewards loss reduction, so the repetitive source gains weight."""
     _write_sources(tmp_path)
-    recipe = {"name": "cur", "model": {"name": "tiny", "freeze_backbone": False}, "lora": None, "report_to": [],
-              "data": {"max_length": 48, "train": [{"source": str(tmp_path / "easy.jsonl")},
-                                                   {"source": str(tmp_path / "noise.jsonl")}]},
-              "train": {"steps": 24, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 4,
-                        "checkpoint_every": 100, "schedule": "constant", "bf16": False},
-              "plugins": [{"name": "auto_curriculum", "mixing": "bandit", "freeze_interval": 4, "sample_size": 6}]}
-    train(recipe, out=tmp_path / "run", show_progress=False)
+    _train_easy_and_noise(tmp_path, "bandit", steps=24)
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     w_easy = [r["curriculum/weight/easy"] for r in records]
     w_noise = [r["curriculum/weight/noise"] for r in records]
