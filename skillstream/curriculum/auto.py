@@ -169,9 +169,10 @@ def per_example_loss(model, items, pad_id: int, batch_size: int = 8) -> list[flo
     return out
 
 
-def sample_gradient(model, items, pad_id: int, batch_size: int = 8) -> torch.Tensor:
+def sample_gradient(model, items, pad_id: int, batch_size: int = 8, losses: list | None = None) -> torch.Tensor:
     """The gradient of the mean per-example loss of `items` w.r.t. the trainable parameters, flattened
-    (eval mode; torch.autograd.grad, so the parameters' .grad -- the optimizer's -- is not touched)."""
+    (eval mode; torch.autograd.grad, so the parameters' .grad -- the optimizer's -- is not touched).
+    `losses`, when given, receives the per-example losses of the same forward passes."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("sample_gradient: the model has no trainable parameters")
@@ -182,7 +183,10 @@ def sample_gradient(model, items, pad_id: int, batch_size: int = 8) -> torch.Ten
     try:
         for i in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
-            loss = _example_losses(model, batch).sum() / len(items)
+            per_example = _example_losses(model, batch)
+            if losses is not None:
+                losses += per_example.tolist()
+            loss = per_example.sum() / len(items)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for t, g in zip(total, grads):
                 if g is not None:
@@ -318,25 +322,31 @@ class AutoCurriculum(Plugin):
             return self.plan.hold_out(i, picked)
         return [src[j] for j in picked]
 
-    def measure(self, model) -> tuple[list[float], list[float]]:
-        """(mean, variance) of the per-example loss of the model as it is now, per source."""
+    def measure(self, model, losses: list[list[float]] | None = None) -> tuple[list[float], list[float]]:
+        """(mean, variance) of the per-example loss of the model as it is now, per source (from
+        `losses`, one list per source, when they were already computed)."""
         means, variances = [], []
-        for sample in self.samples:
-            losses = per_example_loss(model, sample, self.pad_id, self.eval_batch_size)
-            m = sum(losses) / len(losses)
+        for i, sample in enumerate(self.samples):
+            losses_i = losses[i] if losses is not None else per_example_loss(model, sample, self.pad_id,
+                                                                             self.eval_batch_size)
+            m = sum(losses_i) / len(losses_i)
             means.append(m)
-            variances.append(sum((x - m) ** 2 for x in losses) / max(len(losses) - 1, 1))
+            variances.append(sum((x - m) ** 2 for x in losses_i) / max(len(losses_i) - 1, 1))
         return means, variances
 
-    def alignment(self, model) -> list[list[float]]:
-        """The alignment matrix of the sources' probe gradients (two halves of each probe sample)."""
-        halves = [(s[0::2], s[1::2]) for s in self.samples]
-        grads_a = [sample_gradient(model, a, self.pad_id, self.eval_batch_size) for a, _ in halves]
-        grads_b = [sample_gradient(model, b, self.pad_id, self.eval_batch_size) for _, b in halves]
-        return alignment_matrix(grads_a, grads_b)
+    def alignment(self, model) -> tuple[list[list[float]], list[list[float]]]:
+        """(alignment matrix of the sources' probe gradients on two halves of each probe sample, the
+        per-example probe losses of the same forward passes, per source)."""
+        losses = [[] for _ in self.samples]
+        grads_a = [sample_gradient(model, s[0::2], self.pad_id, self.eval_batch_size, losses[i])
+                   for i, s in enumerate(self.samples)]
+        grads_b = [sample_gradient(model, s[1::2], self.pad_id, self.eval_batch_size, losses[i])
+                   for i, s in enumerate(self.samples)]
+        return alignment_matrix(grads_a, grads_b), losses
 
     def _refresh(self, ctx: StepContext) -> None:
-        means, variances = self.measure(ctx.model)  # the new frozen snapshot's scores
+        alignment, losses = self.alignment(ctx.model) if self.mixing == "alignment" else (None, None)
+        means, variances = self.measure(ctx.model, losses)  # the new frozen snapshot's scores
         signal = [m + self.var_coef * v for m, v in zip(means, variances)]
         hist, weights = self.state["history"], self.state["weights"]
         progress = [0.0] * len(means)
@@ -352,9 +362,7 @@ class AutoCurriculum(Plugin):
                                                                  self.bandit_lr, self.bandit_gamma)
         if self.mixing == "hardest":
             weights = hardest_weights(signal, self.floor)
-        alignment = None
-        if self.mixing == "alignment":  # predicted from gradients now: needs no previous refresh
-            alignment = self.alignment(ctx.model)
+        if alignment is not None:  # predicted from gradients now: needs no previous refresh
             weights = alignment_update(weights, alignment, self.smoothing, self.floor)
         self.state["weights"] = weights
         hist.append({"step": ctx.step, "mean": means, "variance": variances, "signal": signal,
