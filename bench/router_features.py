@@ -84,7 +84,8 @@ def stream_router(train: list[torch.Tensor], test: list[torch.Tensor], router_cf
                   seed: int) -> list[float]:
     """Held-out accuracy per skill of the router as the skill stream trains it: skills in order, chunk
     by chunk, `steps_per_chunk` updates per chunk with feature replay (RouterTrainer, the recipe's
-    router settings), a new output row when a skill begins (as if novelty found every boundary)."""
+    router settings, `refit_steps` on the memory after each chunk), a new output row when a skill
+    begins (as if novelty found every boundary)."""
     from skillstream.experts.router import Router, RouterTrainer
 
     router = Router(train[0].shape[1], 1, kind=router_cfg.kind, seed=seed)
@@ -96,6 +97,7 @@ def stream_router(train: list[torch.Tensor], test: list[torch.Tensor], router_cf
         for start in range(0, len(feats), chunk_size):
             for i in range(router_cfg.steps_per_chunk):
                 trainer.step(feats[start:start + chunk_size], expert, remember=i == 0)
+            trainer.refit(router_cfg.refit_steps)  # what Lifecycle.learn_chunk does after each chunk
     with torch.no_grad():
         return [float((router(t).argmax(-1) == i).float().mean()) for i, t in enumerate(test)]
 

@@ -173,6 +173,7 @@ class RouterConfig(_Strict):
     depth: float = Field(0.4, gt=0, le=1, description="Router features come from this fraction of the backbone's layers (1.0: the final output; 0.4: after 40% of the layers).")
     lr: float = Field(1e-2, gt=0, description="Router learning rate (Adam).")
     steps_per_chunk: int = Field(10, ge=0, description="Router updates on each chunk's features.")
+    refit_steps: int = Field(100, ge=0, description="After each chunk's updates, full-batch router updates on every stored feature of every expert (the replay memory), so the router stays near a jointly trained one; 0: chunk updates only.")
     feature_alpha: float = Field(0.5, ge=0, lt=1, description="Share of each router batch replayed from earlier experts' stored features.")
     capacity_per_expert: int = Field(64, gt=0, description="Stored features per expert (reservoir).")
     maturity_threshold: float = Field(0.5, ge=0, le=1, description="Hybrid policy: inputs whose top expert's maturity is at least this are served by their top-k experts alone, others by the dense mix.")

@@ -173,6 +173,10 @@ class Lifecycle:
         loss = float("nan")
         for i in range(self.cfg.router.steps_per_chunk):
             loss = self.trainer.step(features, self.index(name), remember=i == 0)
+        if self.cfg.router.refit_steps:
+            if self.cfg.router.steps_per_chunk == 0:  # the chunk's features still join the memory
+                self.trainer.memory.add(features, self.index(name))
+            loss = self.trainer.refit(self.cfg.router.refit_steps)
         return loss
 
     def maturities(self) -> torch.Tensor:

@@ -306,17 +306,41 @@ class RouterTrainer:
             feats.append(p.to(features.device))
             labels.append(py)
         logits = self.router(torch.cat(feats))
-        y = torch.cat(labels).to(logits.device)
-        if self.balanced:
-            # every expert in the batch weighs the same, however many samples it has in it
-            counts = torch.bincount(y, minlength=logits.shape[-1]).float()
-            w = (1.0 / counts.clamp_min(1))[y]
-            loss = (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
-        else:
-            loss = F.cross_entropy(logits, y)
+        loss = self._cross_entropy(logits, torch.cat(labels).to(logits.device))
         if remember:
             self.memory.add(features, expert)
         return loss
+
+    def _cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.balanced:
+            return F.cross_entropy(logits, y)
+        # every expert in the batch weighs the same, however many samples it has in it
+        counts = torch.bincount(y, minlength=logits.shape[-1]).float()
+        w = (1.0 / counts.clamp_min(1))[y]
+        return (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
+
+    def refit(self, steps: int) -> float:
+        """`steps` full-batch updates on every stored feature of every expert (balanced). The
+        chunk-by-chunk updates see the newest skill in every batch and the others through a sample;
+        refitting on the whole memory moves the router to what a jointly trained one reaches on
+        the same stored features (bench/RESULTS.md, 2026-12-02: dylora_moe's stream router 0.805-0.899
+        over three seeds, 0.906-0.912 with 100 refit steps per chunk, joint fit 0.899-0.918). The memory
+        is bounded (`capacity_per_expert` per expert), so a step costs the same however long the
+        stream. Returns the last loss (nan when nothing was stored or steps is 0)."""
+        experts = self.memory.experts()
+        if steps <= 0 or not experts:
+            return float("nan")
+        x = torch.cat([self.memory.buffers[e] for e in experts])
+        y = torch.cat([torch.full((len(self.memory.buffers[e]),), e, dtype=torch.long) for e in experts])
+        device = next(self.router.parameters()).device
+        x, y = x.to(device), y.to(device)
+        loss = torch.zeros(())
+        for _ in range(steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._cross_entropy(self.router(x), y)
+            loss.backward()
+            self.optimizer.step()
+        return loss.item()
 
     def step(self, features: torch.Tensor, expert: int, remember: bool = True) -> float:
         self.optimizer.zero_grad(set_to_none=True)
