@@ -334,7 +334,6 @@ class RouterTrainer:
         y = torch.cat([torch.full((len(self.memory.buffers[e]),), e, dtype=torch.long) for e in experts])
         device = next(self.router.parameters()).device
         x, y = x.to(device), y.to(device)
-        loss = torch.zeros(())
         for _ in range(steps):
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._cross_entropy(self.router(x), y)
