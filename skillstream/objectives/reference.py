@@ -47,6 +47,11 @@ class Reference:
         for n, p in self._policy.items():
             frozen = self._frozen[n]
             p.data, frozen.data = frozen.data, p.data
+        # Autocast caches its bf16 casts of trainable leaf tensors by tensor identity until the
+        # outermost autocast region ends, and swapping `.data` keeps the identity: without this the
+        # reference pass would reuse the policy's cached casts and compute as the policy (PPO's KL
+        # read exactly 0 under bf16; tests/test_reference.py pins it).
+        torch.clear_autocast_cache()
 
     @contextmanager
     def active(self, inner: torch.nn.Module) -> Iterator[None]:
