@@ -31,7 +31,6 @@ def test_adapter_reference_computes_as_the_frozen_copy(moved_policy, autocast):
     model, reference, lora_b, frozen = moved_policy
     assert reference.resolved == "adapter"                       # the adapter was trained: auto -> adapter
     ids = torch.tensor([[1, 5, 9, 3, 7]])
-    moved = [p.detach().clone() for p in lora_b]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         policy = model(input_ids=ids).logits.float()             # fills autocast's cache of bf16 casts
         with reference.active(model):
@@ -45,4 +44,3 @@ def test_adapter_reference_computes_as_the_frozen_copy(moved_policy, autocast):
     assert (policy - ref).abs().max() > 0.1
     torch.testing.assert_close(ref, expected)
     torch.testing.assert_close(policy_again, policy)               # the policy is back after the pass
-    assert all(torch.equal(p, m) for p, m in zip(frozen, moved))   # (frozen now holds the moved weights)
