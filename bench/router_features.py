@@ -95,9 +95,8 @@ def stream_router(train: list[torch.Tensor], test: list[torch.Tensor], router_cf
         if expert:
             trainer.add_expert()
         for start in range(0, len(feats), chunk_size):
-            for i in range(router_cfg.steps_per_chunk):
-                trainer.step(feats[start:start + chunk_size], expert, remember=i == 0)
-            trainer.refit(router_cfg.refit_steps)  # what Lifecycle.learn_chunk does after each chunk
+            trainer.learn_chunk(feats[start:start + chunk_size], expert, router_cfg.steps_per_chunk,
+                                router_cfg.refit_steps)  # as Lifecycle.learn_chunk
     with torch.no_grad():
         return [float((router(t).argmax(-1) == i).float().mean()) for i, t in enumerate(test)]
 

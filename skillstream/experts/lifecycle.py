@@ -170,14 +170,8 @@ class Lifecycle:
         for signal in signals:
             self.profiles.setdefault(name, ExpertProfile(name)).refresh(signal, step)
         self.pool.record_training(name, steps)
-        loss = float("nan")
-        for i in range(self.cfg.router.steps_per_chunk):
-            loss = self.trainer.step(features, self.index(name), remember=i == 0)
-        if self.cfg.router.refit_steps:
-            if self.cfg.router.steps_per_chunk == 0:  # the chunk's features still join the memory
-                self.trainer.memory.add(features, self.index(name))
-            loss = self.trainer.refit(self.cfg.router.refit_steps)
-        return loss
+        return self.trainer.learn_chunk(features, self.index(name), self.cfg.router.steps_per_chunk,
+                                        self.cfg.router.refit_steps)
 
     def maturities(self) -> torch.Tensor:
         return self.pool.maturities(self.pool.names)

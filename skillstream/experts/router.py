@@ -252,6 +252,12 @@ class FeatureMemory:
         feats = torch.stack([self.buffers[e][rng.randrange(len(self.buffers[e]))] for e in labels])
         return feats, torch.tensor(labels)
 
+    def everything(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored feature with its expert label."""
+        experts = self.experts()
+        return (torch.cat([self.buffers[e] for e in experts]),
+                torch.cat([torch.full((len(self.buffers[e]),), e, dtype=torch.long) for e in experts]))
+
     def prototype_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         experts = self.experts()
         return torch.stack([self.prototypes[e] for e in experts]), torch.tensor(experts)
@@ -327,19 +333,28 @@ class RouterTrainer:
         over three seeds, 0.906-0.912 with 100 refit steps per chunk, joint fit 0.899-0.918). The memory
         is bounded (`capacity_per_expert` per expert), so a step costs the same however long the
         stream. Returns the last loss (nan when nothing was stored or steps is 0)."""
-        experts = self.memory.experts()
-        if steps <= 0 or not experts:
+        if steps <= 0 or not self.memory.experts():
             return float("nan")
-        x = torch.cat([self.memory.buffers[e] for e in experts])
-        y = torch.cat([torch.full((len(self.memory.buffers[e]),), e, dtype=torch.long) for e in experts])
         device = next(self.router.parameters()).device
-        x, y = x.to(device), y.to(device)
+        x, y = (t.to(device) for t in self.memory.everything())
         for _ in range(steps):
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._cross_entropy(self.router(x), y)
             loss.backward()
             self.optimizer.step()
         return loss.item()
+
+    def learn_chunk(self, features: torch.Tensor, expert: int, steps: int, refit_steps: int = 0) -> float:
+        """One chunk of the skill stream: `steps` updates on its features with replay (the features
+        stored once), then `refit_steps` on the whole memory. Returns the last loss (nan if none)."""
+        loss = float("nan")
+        for i in range(steps):
+            loss = self.step(features, expert, remember=i == 0)
+        if refit_steps:
+            if steps == 0:  # the chunk's features still join the memory the refit reads
+                self.memory.add(features, expert)
+            loss = self.refit(refit_steps)
+        return loss
 
     def step(self, features: torch.Tensor, expert: int, remember: bool = True) -> float:
         self.optimizer.zero_grad(set_to_none=True)
