@@ -163,6 +163,9 @@ class PromptItem:
     truncated: bool = False
 
 
+DEFAULT_REWARDS = {"bash_structure": 1.0}
+
+
 class PPOObjective:
     """Clipped PPO with a value head, GAE over generated tokens and a KL penalty to the reference.
 
@@ -194,7 +197,7 @@ class PPOObjective:
                  renderer=None, recipe=None, **context):
         where = "objective ppo"
         self.reference = Reference(reference, where)
-        self.rewards = parse_rewards(rewards if rewards is not None else {"bash_structure": 1.0})
+        self.rewards = parse_rewards(rewards if rewards is not None else DEFAULT_REWARDS)
         checks = [(name, value) for name, value in (("max_new_tokens", max_new_tokens), ("ppo_epochs", ppo_epochs),
                                                     ("num_mini_batches", num_mini_batches), ("kl_horizon", kl_horizon))]
         for name, value in checks:
