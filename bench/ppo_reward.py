@@ -1,10 +1,10 @@
 """bench/ppo_reward: did RL raise the verifier reward on held-out prompts? Paired, before vs after.
 
 Each run named (a run directory, or `RUN_DIR@STEP` for one of its saved checkpoints) answers the
-held-out prompts of the first run's PPO stage evaluation task (the NL2Bash test split for
-`destruct`), rendered with the PPO stage's system prompt (`--system-prompt ''` for none). Per prompt,
-the reward is the sum of the verifier terms of the PPO stage's `rewards` (shaping terms such as
-`repetition` are left out: they are not the task), scored on
+held-out prompts of the evaluation task of the PPO stage of the first run that has one (the NL2Bash
+test split for `destruct`), rendered with that stage's system prompt (`--system-prompt ''` for
+none). Per prompt, the reward is the sum of the verifier terms of the PPO stage's `rewards` (shaping
+terms such as `repetition` are left out: they are not the task), scored on
 
 * the greedy answer, and
 * the mean over `--samples` answers sampled at the PPO stage's temperature (what PPO optimises).
@@ -32,6 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py)
+
+
+def run_config(spec: str):
+    """The recipe a run (or RUN_DIR@STEP) trained with, read from its config.yaml."""
+    import yaml
+
+    from skillstream.config import load_recipe
+
+    path = Path(spec.partition("@")[0]) / "config.yaml"
+    if not path.is_file():
+        raise SystemExit(f"error: {path.parent}: not a run directory (no config.yaml)")
+    return load_recipe(yaml.safe_load(path.read_text()))
 
 
 def ppo_stage(cfg):
@@ -133,22 +145,25 @@ def main() -> None:
         args.runs, args.samples = [str(tmp / "a"), str(tmp / "b")], 2
     if len(args.runs) < 2:
         raise SystemExit("error: name a 'before' run and at least one 'after' run")
-    first = load_run(args.runs[0])
-    stage = ppo_stage(first.config)
+    cfg = next((c for c in map(run_config, args.runs) if any(st.objective.name == "ppo" for st in c.resolved_stages())),
+               None)
+    if cfg is None:
+        raise SystemExit(f"error: none of {args.runs} has a ppo stage to take the prompts and rewards from")
+    stage = ppo_stage(cfg)
     obj = objective_settings(stage.objective)
     verifiers = [t for t in parse_rewards(obj["rewards"]) if t.name not in ("repetition", "length", "token_fraction")]
-    task = prepare_eval_tasks(first.config, stage.data)[0]
+    task = prepare_eval_tasks(cfg, stage.data)[0]
     system = stage.data.system_prompt if args.system_prompt is None else (args.system_prompt or None)
     rows, scores = [], {}
     for i, spec in enumerate(args.runs):
-        trained = first if i == 0 else load_run(spec)
+        trained = load_run(spec)
         renderer = Renderer(trained.tokenizer, stage.data.max_length, system)
-        greedy = rewards(verifiers, trained.tokenizer, task.examples,
-                         answers(trained, task.examples, renderer, obj["max_new_tokens"], args.batch_size, 0.0, args.seed),
-                         obj["max_new_tokens"])
-        per_sample = [rewards(verifiers, trained.tokenizer, task.examples,
-                              answers(trained, task.examples, renderer, obj["max_new_tokens"], args.batch_size,
-                                      obj["temperature"], args.seed + s), obj["max_new_tokens"]) for s in range(args.samples)]
+        def score(temperature: float, seed: int) -> list[float]:
+            texts = answers(trained, task.examples, renderer, obj["max_new_tokens"], args.batch_size, temperature, seed)
+            return rewards(verifiers, trained.tokenizer, task.examples, texts, obj["max_new_tokens"])
+
+        greedy = score(0.0, args.seed)
+        per_sample = [score(obj["temperature"], args.seed + s) for s in range(args.samples)]
         sampled = [sum(col) / len(col) for col in zip(*per_sample)]
         scores[spec] = (greedy, sampled)
         cells = [f"{sum(greedy) / len(greedy):.4f}", f"{sum(sampled) / len(sampled):.4f}"]
@@ -165,7 +180,7 @@ def main() -> None:
         del trained
     names = " + ".join(t.name for t in verifiers)
     cmd = "python bench/ppo_reward.py " + " ".join(sys.argv[1:])
-    text = (f"## {date.today()} ppo_reward ({first.config.name}, {first.config.model.name})\n\n`{cmd}` on "
+    text = (f"## {date.today()} ppo_reward ({cfg.name}, {cfg.model.name})\n\n`{cmd}` on "
             f"{common.machine()}, {time.time() - t0:.0f} s. {len(task.examples)} held-out prompts "
             f"(eval task {task.name!r}), system prompt {system!r}; reward = {names}; greedy, and the mean of "
             f"{args.samples} answers sampled at temperature {obj['temperature']}, {obj['max_new_tokens']} new tokens. "
