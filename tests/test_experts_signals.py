@@ -66,6 +66,19 @@ def test_entropy_and_length_are_what_the_backbone_sees(signals, tiny):
     assert uniform - 0.02 < s.entropy < uniform
 
 
+def test_the_signal_does_not_depend_on_how_its_examples_are_batched(tiny):
+    # SignalConfig.batch_size only bounds the peak memory (vocabulary-sized logits per example): texts of
+    # different lengths, padded differently in each batching, give the same signal
+    from skillstream.experts.signals import SignalConfig
+
+    model, tok = tiny
+    texts = skill_texts("bash", 0, 5) + skill_texts("prose", 0, 3)
+    one, all_at_once = (compute_signal(model, tok, texts, config=SignalConfig(batch_size=b)) for b in (1, 8))
+    for part in ("embedding", "gradient", "fisher"):
+        torch.testing.assert_close(getattr(one, part), getattr(all_at_once, part), rtol=1e-4, atol=1e-5)
+    assert one.entropy == pytest.approx(all_at_once.entropy, rel=1e-5) and one.length == all_at_once.length
+
+
 def test_signal_ignores_adapters_and_leaves_them_untouched(tiny):
     model, tok = tiny
     texts = skill_texts("bash", 0, 4)
