@@ -266,10 +266,7 @@ def main() -> None:
             f"{skipped_note(args.stream, args.invalid_labels)}"
             f"Generative exact match (main protocol):\n\n{table(rows, None)}\n\n"
             f"Option scoring:\n\n{table(rows, 'accuracy')}\n\n{pool_note(rows)}{memo_note(rows, backbone_s)}{overhead_note(rows)}")
-    print(text)
-    if args.record:
-        with (ROOT / "bench" / "RESULTS.md").open("a") as f:
-            f.write("\n" + text)
+    common.record(text, append=args.record)
 
 
 if __name__ == "__main__":

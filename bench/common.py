@@ -1,5 +1,5 @@
-"""What every benchmark script shares: the machine line of a RESULTS.md entry, and running one
-measurement in a fresh subprocess that prints its result as one marked JSON line."""
+"""What every benchmark script shares: the machine line of a RESULTS.md entry, appending the entry,
+and running one measurement in a fresh subprocess that prints its result as one marked JSON line."""
 from __future__ import annotations
 
 import json
@@ -26,6 +26,14 @@ def machine() -> str:
     except OSError:
         pass
     return f"{name}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
+def record(text: str, append: bool = True) -> None:
+    """Print a finished RESULTS.md entry and, if `append`, add it to bench/RESULTS.md."""
+    print(text)
+    if append:
+        with (Path(__file__).resolve().parent / "RESULTS.md").open("a") as f:
+            f.write("\n" + text)
 
 
 def run_child(script: str | Path, kind: str, spec: dict, *, label: str, bench: str, cwd: Path,

@@ -187,10 +187,7 @@ def main() -> None:
             f"Differences against the first run, prompt by prompt: mean [95% paired bootstrap] (prompts "
             f"better/worse).\n\n| run | greedy | sampled | greedy diff | sampled diff |\n|---|---:|---:|---|---|\n"
             + "\n".join(rows) + "\n")
-    print(text)
-    if not args.quick:
-        with (ROOT / "bench" / "RESULTS.md").open("a") as f:
-            f.write("\n" + text)
+    common.record(text, append=not args.quick)
 
 
 if __name__ == "__main__":

@@ -53,14 +53,21 @@ def layer_features(model, tok, renderer, examples, depths: list[float], max_leng
     body = _body(model)
     n_layers = len(_decoder_layers(body))
     feats: dict[tuple[str, float], list[torch.Tensor]] = {}
-    for ex in examples:
-        ids = tok(renderer.prompt_text(ex), add_special_tokens=True)["input_ids"][-max_length:]
-        hidden = body(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
-        for d in depths:
-            # hidden_states[k] is the output of k decoder layers; the last entry is the final normed output
-            h = hidden[-1] if d >= 1.0 else hidden[min(n_layers, max(1, round(d * n_layers)))]
-            feats.setdefault(("mean", d), []).append(h[0].float().mean(0))
-            feats.setdefault(("last", d), []).append(h[0, -1].float())
+    raw_last = {}  # hidden_states[-1] is the final *normed* output; the router reads the last layer's raw one
+    handle = _decoder_layers(body)[-1].register_forward_hook(
+        lambda module, args, output: raw_last.update(h=output[0] if isinstance(output, tuple) else output))
+    try:
+        for ex in examples:
+            ids = tok(renderer.prompt_text(ex), add_special_tokens=True)["input_ids"][-max_length:]
+            hidden = body(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            for d in depths:
+                # hidden_states[k] is the output of k decoder layers (k = n_layers: the raw one, hooked above)
+                k = min(n_layers, max(1, round(d * n_layers)))
+                h = hidden[-1] if d >= 1.0 else (raw_last["h"] if k == n_layers else hidden[k])
+                feats.setdefault(("mean", d), []).append(h[0].float().mean(0))
+                feats.setdefault(("last", d), []).append(h[0, -1].float())
+    finally:
+        handle.remove()
     return {k: torch.stack(v) for k, v in feats.items()}
 
 
@@ -160,10 +167,7 @@ def main() -> None:
             f"| pooling | depth | joint | stream | " + " | ".join(f"joint {n}" for n in names) + " | "
             + " | ".join(f"stream {n}" for n in names) + " |\n|---|---:|---:|---:|" + "---:|" * (2 * len(names))
             + "\n" + "\n".join(rows) + "\n")
-    print(text)
-    if not args.quick:
-        with (ROOT / "bench" / "RESULTS.md").open("a") as f:
-            f.write("\n" + text)
+    common.record(text, append=not args.quick)
 
 
 if __name__ == "__main__":
