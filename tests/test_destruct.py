@@ -76,7 +76,8 @@ ARGS = [*TINY, "--set", "train.bf16=false", "--set", "data.eval.0.limit=2", "--s
         "--set", "stages.0.train.steps=4", "--set", "stages.0.train.batch_size=4",
         "--set", "stages.1.train.steps=16", "--set", "stages.1.train.batch_size=4",
         "--set", "stages.1.train.checkpoint_every=3", "--set", "stages.1.train.log_every=1",
-        "--set", "stages.1.objective.max_new_tokens=6", "--set", "stages.1.data.train.0.limit=32"]
+        "--set", "stages.1.objective.max_new_tokens=6", "--set", "stages.1.data.train.0.limit=32",
+        "--set", "stages.1.objective.ppo_epochs=4"]  # 8 steps per rollout: the kill below lands mid-buffer
 
 
 def _final_weights(run_dir):
