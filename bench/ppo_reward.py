@@ -151,13 +151,14 @@ def main() -> None:
         raise SystemExit(f"error: none of {args.runs} has a ppo stage to take the prompts and rewards from")
     stage = ppo_stage(cfg)
     obj = objective_settings(stage.objective)
-    verifiers = [t for t in parse_rewards(obj["rewards"]) if t.name not in ("repetition", "length", "token_fraction")]
+    verifiers = [t for t in parse_rewards(obj["rewards"]) if t.is_verifier]
     task = prepare_eval_tasks(cfg, stage.data)[0]
     system = stage.data.system_prompt if args.system_prompt is None else (args.system_prompt or None)
     rows, scores = [], {}
     for i, spec in enumerate(args.runs):
         trained = load_run(spec)
         renderer = Renderer(trained.tokenizer, stage.data.max_length, system)
+
         def score(temperature: float, seed: int) -> list[float]:
             texts = answers(trained, task.examples, renderer, obj["max_new_tokens"], args.batch_size, temperature, seed)
             return rewards(verifiers, trained.tokenizer, task.examples, texts, obj["max_new_tokens"])

@@ -182,6 +182,14 @@ def test_rewards_score_real_answers():
     assert unit(Sample("def add(a, b):\n    return a - b", [], tests, 8, True)) == 0.0
 
 
+def test_verifiers_are_told_from_shaping_terms():
+    # bench/ppo_reward scores held-out answers by the verifiers alone
+    terms = parse_rewards(["exact_match", "bash_exact", "bash_structure", "tool_ast", "unit_tests",
+                           "repetition", "length", "token_fraction"])
+    assert [t.name for t in terms if t.is_verifier] == ["exact_match", "bash_exact", "bash_structure", "tool_ast",
+                                                        "unit_tests"]
+
+
 def test_bad_reward_specs_are_one_line_errors():
     with pytest.raises(UserError, match="unknown reward 'bash_magic'"):
         parse_rewards({"bash_magic": 1.0})

@@ -127,6 +127,11 @@ class RewardTerm:
     def __call__(self, sample: Sample) -> float:
         return REWARDS[self.name][0](sample, **self.params)
 
+    @property
+    def is_verifier(self) -> bool:
+        """Scores the task (it checks examples against a reference, answer key or tests); shaping terms do not."""
+        return REWARDS[self.name][1] is not None
+
     def check(self, example) -> str | None:
         check = REWARDS[self.name][1]
         return check(example) if check else None
