@@ -71,13 +71,15 @@ def layer_features(model, tok, renderer, examples, depths: list[float], max_leng
     return {k: torch.stack(v) for k, v in feats.items()}
 
 
-def fit_router(train: list[torch.Tensor], test: list[torch.Tensor], steps: int, seed: int) -> list[float]:
-    """Held-out accuracy per skill of a Router fitted jointly on every skill's training features."""
+def fit_router(train: list[torch.Tensor], test: list[torch.Tensor], steps: int, seed: int,
+               depth: float | list[float] = 1.0) -> list[float]:
+    """Held-out accuracy per skill of a Router fitted jointly on every skill's training features
+    (`depth`: a list when the features are several depths' concatenated, normalised block by block)."""
     from skillstream.experts.router import Router
 
     x = torch.cat(train)
     y = torch.cat([torch.full((len(t),), i) for i, t in enumerate(train)])
-    router = Router(x.shape[1], len(train), seed=seed)
+    router = Router(x.shape[1], len(train), seed=seed, depth=depth)
     opt = torch.optim.Adam(router.parameters(), lr=1e-2)
     for _ in range(steps):
         opt.zero_grad()
@@ -88,14 +90,14 @@ def fit_router(train: list[torch.Tensor], test: list[torch.Tensor], steps: int, 
 
 
 def stream_router(train: list[torch.Tensor], test: list[torch.Tensor], router_cfg, chunk_size: int,
-                  seed: int) -> list[float]:
+                  seed: int, depth: float | list[float] = 1.0) -> list[float]:
     """Held-out accuracy per skill of the router as the skill stream trains it: skills in order, chunk
     by chunk, `steps_per_chunk` updates per chunk with feature replay (RouterTrainer, the recipe's
     router settings, `refit_steps` on the memory after each chunk), a new output row when a skill
     begins (as if novelty found every boundary)."""
     from skillstream.experts.router import Router, RouterTrainer
 
-    router = Router(train[0].shape[1], 1, kind=router_cfg.kind, seed=seed)
+    router = Router(train[0].shape[1], 1, kind=router_cfg.kind, seed=seed, depth=depth)
     trainer = RouterTrainer(router, feature_alpha=router_cfg.feature_alpha, lr=router_cfg.lr,
                             capacity_per_expert=router_cfg.capacity_per_expert, seed=seed)
     for expert, feats in enumerate(train):
@@ -115,6 +117,8 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=32, help="training prompts per skill")
     ap.add_argument("--test", type=int, default=40, help="held-out prompts per skill")
     ap.add_argument("--depths", default="0.2,0.3,0.4,0.5,0.6,0.8,1.0")
+    ap.add_argument("--concat", default="0.4+0.6,0.5+0.7,0.3+0.6",
+                    help="depth sets whose last-token features are also fitted concatenated (as router.depth: [a, b])")
     ap.add_argument("--steps", type=int, default=300, help="full-batch Adam steps of the router fit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
@@ -126,7 +130,8 @@ def main() -> None:
     from skillstream.models.backbone import load_backbone
 
     torch.manual_seed(args.seed)
-    depths = [float(d) for d in args.depths.split(",")]
+    combos = [[float(d) for d in c.split("+")] for c in args.concat.split(",") if c]
+    depths = sorted({float(d) for d in args.depths.split(",")} | {d for c in combos for d in c})
     t0 = time.time()
     cfg, skills = skill_prompts(args.recipe, args.model, args.train, args.test)
     model, tok = load_backbone(args.model, seed=args.seed)
@@ -146,16 +151,23 @@ def main() -> None:
                 raise SystemExit(f"error: features differ from the router's reader ({pooling}, depth {d})")
     names = list(skills)
     rows = []
+
+    def row(pooling: str, depth: list[float]) -> None:
+        train = [torch.cat([feats[s][0][(pooling, d)] for d in depth], -1) for s in names]
+        test = [torch.cat([feats[s][1][(pooling, d)] for d in depth], -1) for s in names]
+        n = [len(t) for t in test]
+        per = fit_router(train, test, args.steps, args.seed, depth)
+        streamed = stream_router(train, test, cfg.experts.router, cfg.experts.chunk_size, args.seed, depth)
+        overall, overall_s = (sum(p * k for p, k in zip(acc, n)) / sum(n) for acc in (per, streamed))
+        rows.append(f"| {pooling} | {'+'.join(f'{d:.1f}' for d in depth)} | {overall:.3f} | {overall_s:.3f} | "
+                    + " | ".join(f"{p:.2f}" for p in per) + " | " + " | ".join(f"{p:.2f}" for p in streamed) + " |")
+        print(rows[-1], flush=True)
+
     for pooling in ("mean", "last"):
         for d in depths:
-            train, test = [feats[s][0][(pooling, d)] for s in names], [feats[s][1][(pooling, d)] for s in names]
-            n = [len(t) for t in test]
-            per = fit_router(train, test, args.steps, args.seed)
-            streamed = stream_router(train, test, cfg.experts.router, cfg.experts.chunk_size, args.seed)
-            overall, overall_s = (sum(p * k for p, k in zip(acc, n)) / sum(n) for acc in (per, streamed))
-            rows.append(f"| {pooling} | {d:.1f} | {overall:.3f} | {overall_s:.3f} | " + " | ".join(f"{p:.2f}" for p in per)
-                        + " | " + " | ".join(f"{p:.2f}" for p in streamed) + " |")
-            print(rows[-1], flush=True)
+            row(pooling, [d])
+    for combo in combos:  # the router reads several depths at once (router.depth: a list)
+        row("last", combo)
     cmd = "python bench/router_features.py " + " ".join(sys.argv[1:])
     text = (f"## {date.today()} router_features ({args.recipe}, {args.model}, seed {args.seed})\n\n`{cmd}` on "
             f"{common.machine()}, {time.time() - t0:.0f} s. Joint: a linear Router fitted on all skills' {args.train} "
@@ -163,7 +175,8 @@ def main() -> None:
             f"features). Stream: the recipe's router ({cfg.experts.router.kind}, {cfg.experts.router.steps_per_chunk} "
             f"steps per chunk of {cfg.experts.chunk_size}, feature_alpha {cfg.experts.router.feature_alpha}) trained "
             f"skill after skill as the stream trains it. Held-out accuracy on {args.test} prompts per skill (test "
-            f"split); features from the frozen backbone at a relative depth (1.0 = final normed output).\n\n"
+            f"split); features from the frozen backbone at a relative depth (1.0 = final normed output); a+b: the "
+            f"last-token features of both depths concatenated, as `router.depth: [a, b]` reads them.\n\n"
             f"| pooling | depth | joint | stream | " + " | ".join(f"joint {n}" for n in names) + " | "
             + " | ".join(f"stream {n}" for n in names) + " |\n|---|---:|---:|---:|" + "---:|" * (2 * len(names))
             + "\n" + "\n".join(rows) + "\n")

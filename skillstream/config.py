@@ -170,7 +170,7 @@ class RouterConfig(_Strict):
     # "decline"). Middle layers carry more linearly readable task information than the last one,
     # which is shaped for the next token. bench/router_features compares poolings and depths.
     pooling: Literal["mean", "last"] = Field("last", description="Router features: the backbone's hidden states averaged over the prompt's tokens, or at its last token (where the answer starts).")
-    depth: float = Field(0.4, gt=0, le=1, description="Router features come from this fraction of the backbone's layers (1.0: the final output; 0.4: after 40% of the layers).")
+    depth: float | list[float] = Field(0.4, description="Router features come from this fraction of the backbone's layers (1.0: the final output; 0.4: after 40% of the layers); a list of fractions concatenates the features of each, every block normalised on its own.")
     lr: float = Field(1e-2, gt=0, description="Router learning rate (Adam).")
     steps_per_chunk: int = Field(10, ge=0, description="Router updates on each chunk's features.")
     refit_steps: int = Field(100, ge=0, description="After each chunk's updates, full-batch router updates on every stored feature of every expert (the replay memory), so the router stays near a jointly trained one; 0: chunk updates only.")
@@ -180,6 +180,14 @@ class RouterConfig(_Strict):
     top_k: int = Field(1, gt=0, description="Experts that serve an input sparsely.")
     mature_steps: int = Field(20, gt=0, description="Steps an expert trains before it counts as mature (with a flat validation trend).")
     eval_examples: int = Field(40, ge=0, description="Held-out prompts per task on which routing accuracy is measured (the router alone reads them, so more than the generation evaluation's few are cheap); 0 = the evaluation's own examples.")
+
+    @field_validator("depth")
+    @classmethod
+    def _depths_in_range(cls, v):
+        depths = [v] if isinstance(v, (int, float)) else v
+        if not depths or any(not 0 < d <= 1 for d in depths):
+            raise ValueError(f"must be in (0, 1], one value or a non-empty list of them; got {v}")
+        return v
 
 
 class PhaseConfig(_Strict):

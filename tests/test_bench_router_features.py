@@ -6,12 +6,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_run_prints_a_row_per_pooling_and_depth():
-    proc = subprocess.run([sys.executable, "bench/router_features.py", "--quick", "--depths", "0.5,1.0"], cwd=ROOT,
+def test_quick_run_prints_a_row_per_pooling_and_depth_and_per_depth_set():
+    proc = subprocess.run([sys.executable, "bench/router_features.py", "--quick", "--depths", "0.5,1.0",
+                           "--concat", "0.5+1.0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| mean |") or ln.startswith("| last |")]
-    assert len(rows) == 2 * 2 * 2  # printed as measured, then in the recorded table
+    assert len(rows) == 2 * (2 * 2 + 1)  # printed as measured, then in the recorded table
+    assert sum(row.startswith("| last | 0.5+1.0 |") for row in rows) == 2  # the two depths read at once
     header = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| pooling |"))
     assert header.split("|")[5:9] == [" joint bash ", " joint call ", " joint choose ", " joint decline "]
     assert header.split("|")[9:13] == [" stream bash ", " stream call ", " stream choose ", " stream decline "]

@@ -45,7 +45,8 @@ def recipe(root, **experts) -> dict:
          # skill, at most about 0.3 across); its gradient sketch and context statistics do not, so they weigh 0 here
          "novelty": {"similarity_threshold": 0.4, "entropy_threshold": 0.5, "window": 2, "signal_examples": 8,
                      "weights": {"embedding": 1.0, "gradient": 0.0, "context": 0.0}},
-         "router": {"steps_per_chunk": 60, "lr": 0.05, "mature_steps": 2},
+         # the router reads two depths at once, as dylora_moe's does, through the whole run, resume and export
+         "router": {"steps_per_chunk": 60, "lr": 0.05, "mature_steps": 2, "depth": [0.25, 0.5]},
          "seeding": {"lr": 1e-3, "steps": 3, "warmup_steps": 1}, "consolidation": {"lr": 1e-4}}
     e.update(experts)
     evals = [{"name": s, "source": str(root / f"{s}_test.jsonl"), "metric": "perplexity"} for s in SKILLS]
@@ -146,6 +147,7 @@ def test_run_directory_serves_experts_and_router(stream_run, tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "x" / "router" / "router.json").is_file() and (tmp_path / "x" / "experts" / "expert_2").is_dir()
+    assert json.loads((tmp_path / "x" / "router" / "router.json").read_text())["depth"] == [0.25, 0.5]
 
 
 class _Crash(Exception):

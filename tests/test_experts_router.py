@@ -106,6 +106,36 @@ def test_last_token_features_at_a_depth_are_that_layers_state_whatever_the_paddi
         Router(8, 2, depth=1.5)
 
 
+def test_several_depths_concatenate_each_depths_features_and_each_block_is_normalised_alone(tiny):
+    model, tok = tiny
+    batch = tok(["list files", "What is 2 + 2? And what is 3 + 3?"], return_tensors="pt", padding=True)
+    one = {d: pooled_features(model, batch, pooling="last", depth=d) for d in (0.25, 0.5, 1.0)}
+    both = pooled_features(model, batch, pooling="last", depth=[0.25, 0.5])
+    assert torch.allclose(both, torch.cat([one[0.25], one[0.5]], -1), atol=1e-6)
+    with_final = pooled_features(model, batch, pooling="last", depth=[0.5, 1.0])  # 1.0: the whole stack runs
+    assert torch.allclose(with_final, torch.cat([one[0.5], one[1.0]], -1), atol=1e-6)
+    router = Router(both.shape[1], 3, pooling="last", depth=[0.25, 0.5], seed=0)
+    again = Router(**router.config())
+    assert again.depth == [0.25, 0.5] and again.read(model, batch).shape == both.shape
+    # scaling one depth's block leaves the logits as they were (up to layer norm's epsilon, felt by
+    # the tiny model's small states): the blocks are normalised separately
+    h = one[0.25].shape[1]
+    scaled = torch.cat([both[:, :h] * 10.0, both[:, h:]], -1)
+    assert torch.allclose(router(scaled), router(both), atol=1e-2)
+    with pytest.raises(Exception, match="equal blocks"):
+        Router(both.shape[1] + 1, 2, depth=[0.25, 0.5])
+    with pytest.raises(Exception, match="depth must be in"):
+        Router(8, 2, depth=[])
+
+
+def test_a_recipe_router_depth_outside_the_unit_interval_is_rejected_by_key():
+    from skillstream.config import load_recipe
+    from skillstream.errors import UserError
+
+    with pytest.raises(UserError, match=r"experts\.router\.depth.*\(0, 1\]"):
+        load_recipe("dylora_moe", overrides={"experts.router.depth": [0.4, 1.5]})
+
+
 def test_router_does_not_forget_skill_one_with_feature_replay(features):
     with_replay = accuracy(train_sequentially(features, feature_alpha=0.5).router, features)
     without = accuracy(train_sequentially(features, feature_alpha=0.0).router, features)

@@ -21,7 +21,7 @@ from ..config import ExpertsConfig, PhaseConfig
 from ..plugins import Plugin, StepContext
 from .novelty import NoveltyDetector
 from .pool import ExpertPool, ExpertRecord, MaturityRule
-from .router import FeatureMemory, Router, RouterTrainer
+from .router import FeatureMemory, Router, RouterTrainer, depths_of
 from .signals import ExpertProfile, SignalConfig, SimilarityWeights, TaskSignal, compute_signal, similarity
 
 
@@ -101,7 +101,7 @@ class Lifecycle:
     def __init__(self, model, tokenizer, renderer, cfg: ExpertsConfig, *, seed: int, max_length: int):
         self.model, self.tok, self.renderer, self.cfg = model, tokenizer, renderer, cfg
         self.pool = ExpertPool(model, rule=MaturityRule(mature_steps=cfg.router.mature_steps), seed=seed)
-        dim = model.get_base_model().config.hidden_size
+        dim = model.get_base_model().config.hidden_size * len(depths_of(cfg.router.depth))
         self.router = Router(dim, 1, kind=cfg.router.kind, seed=seed, pooling=cfg.router.pooling, depth=cfg.router.depth)
         self.trainer = RouterTrainer(self.router, feature_alpha=cfg.router.feature_alpha, lr=cfg.router.lr,
                                      capacity_per_expert=cfg.router.capacity_per_expert, seed=seed)

@@ -5,7 +5,10 @@ drift as experts train: the hidden states at a relative `depth` of the layer sta
 normed output), pooled over real tokens (`mean`) or read at the last real token (`last`, the state
 from which the model is about to answer). Mean-pooling the final layer is the classic choice; on
 SmolLM2-135M it could not tell "a question this function answers" from "one it does not" (BFCL
-simple vs irrelevance), the last token at 0.4 depth did much better (bench/RESULTS.md, 2026-11-23). It is trained by cross-entropy on
+simple vs irrelevance), the last token at 0.4 depth did much better (bench/RESULTS.md, 2026-11-23).
+`depth` may also list several depths: their features are concatenated and the router normalises
+each depth's block on its own (0.4 and 0.6 together route dylora_moe's skills 0.01-0.02 better than
+either alone; bench/RESULTS.md, 2026-12-02 16:00). It is trained by cross-entropy on
 which expert a chunk belongs to. Trained on the current expert's chunks only, a softmax head
 quickly sends everything to the newest expert; `FeatureMemory` prevents that: it keeps, per
 expert, a running-mean prototype and a reservoir of past features, and `RouterTrainer` draws a
@@ -19,7 +22,7 @@ import math
 import random
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,24 +79,44 @@ def _decoder_layers(body: torch.nn.Module) -> torch.nn.ModuleList:
     raise UserError(f"router depth < 1: cannot find the decoder layers of {type(body).__name__}")
 
 
-def _hidden_at(body: torch.nn.Module, depth: float, **inputs) -> torch.Tensor:
-    """Hidden states after round(depth * n_layers) decoder layers (depth 1.0: the final normed output)."""
-    if depth >= 1.0:
-        return body(**inputs).last_hidden_state
+def depths_of(depth: float | Sequence[float]) -> tuple[float, ...]:
+    """A router depth (one relative depth, or several whose features are concatenated) as a checked tuple."""
+    depths = (float(depth),) if isinstance(depth, (int, float)) else tuple(float(d) for d in depth)
+    if not depths or any(not 0.0 < d <= 1.0 for d in depths):
+        raise UserError(f"router depth must be in (0, 1] (one value or a non-empty list), got {depth}")
+    return depths
+
+
+def _hidden_at(body: torch.nn.Module, depths: tuple[float, ...], **inputs) -> list[torch.Tensor]:
+    """Hidden states after round(d * n_layers) decoder layers for each d (1.0: the final normed output);
+    the layers above the deepest one asked for are not computed."""
+    if all(d >= 1.0 for d in depths):
+        out = body(**inputs).last_hidden_state
+        return [out for _ in depths]
     layers = _decoder_layers(body)
-    index = min(len(layers), max(1, round(depth * len(layers)))) - 1
+    index = {d: min(len(layers), max(1, round(d * len(layers)))) - 1 for d in depths if d < 1.0}
+    seen: dict[int, torch.Tensor] = {}
+    stop_at = None if any(d >= 1.0 for d in depths) else max(index.values())
 
-    def stop(module, args, output):
-        raise _Reached(output[0] if isinstance(output, tuple) else output)
+    def hook_for(i: int):
+        def record(module, args, output):
+            seen[i] = output[0] if isinstance(output, tuple) else output
+            if i == stop_at:
+                raise _Reached(seen[i])
+        return record
 
-    handle = layers[index].register_forward_hook(stop)
+    handles = [layers[i].register_forward_hook(hook_for(i)) for i in sorted(set(index.values()))]
+    final = None
     try:
-        body(**inputs)
-    except _Reached as reached:
-        return reached.hidden
+        final = body(**inputs).last_hidden_state
+    except _Reached:
+        pass
     finally:
-        handle.remove()
-    raise RuntimeError("router features: the chosen decoder layer never ran")
+        for handle in handles:
+            handle.remove()
+    if any(i not in seen for i in index.values()):
+        raise RuntimeError("router features: a chosen decoder layer never ran")
+    return [final if d >= 1.0 else seen[index[d]] for d in depths]
 
 
 def last_real(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -103,13 +126,14 @@ def last_real(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pooled_features(model: torch.nn.Module, batch: dict, pooling: str = "mean", depth: float = 1.0) -> torch.Tensor:
-    """(batch, hidden) features of the frozen backbone: its hidden states at `depth`, averaged over
-    non-pad tokens (`mean`) or taken at the last real token (`last`)."""
+def pooled_features(model: torch.nn.Module, batch: dict, pooling: str = "mean",
+                    depth: float | Sequence[float] = 1.0) -> torch.Tensor:
+    """(batch, hidden x len(depths)) features of the frozen backbone: its hidden states at `depth`
+    (or at each of several depths, concatenated shallow to deep), averaged over non-pad tokens
+    (`mean`) or taken at the last real token (`last`)."""
     if pooling not in POOLINGS:
         raise UserError(f"router pooling must be one of {POOLINGS}, got {pooling!r}")
-    if not 0.0 < depth <= 1.0:
-        raise UserError(f"router depth must be in (0, 1], got {depth}")
+    depths = depths_of(depth)
     mask = batch.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(batch["input_ids"])
@@ -117,9 +141,10 @@ def pooled_features(model: torch.nn.Module, batch: dict, pooling: str = "mean", 
     # (training) give the same features
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     with backbone_only(model), eval_mode(model):
-        hidden = _hidden_at(_body(model), depth, input_ids=batch["input_ids"], attention_mask=mask,
-                            position_ids=positions, use_cache=False).float()
-    return masked_mean(hidden, mask) if pooling == "mean" else last_real(hidden, mask)
+        hidden = _hidden_at(_body(model), depths, input_ids=batch["input_ids"], attention_mask=mask,
+                            position_ids=positions, use_cache=False)
+    pool = masked_mean if pooling == "mean" else last_real
+    return torch.cat([pool(h.float(), mask) for h in hidden], dim=-1)
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -134,7 +159,7 @@ class Router(torch.nn.Module):
     """Logits over experts from pooled features; kind "linear" or "mlp" (one hidden GELU layer)."""
 
     def __init__(self, dim: int, n_experts: int = 1, kind: str = "linear", hidden: int = 128, seed: int = 0,
-                 pooling: str = "mean", depth: float = 1.0):
+                 pooling: str = "mean", depth: float | Sequence[float] = 1.0):
         super().__init__()
         if kind not in ("linear", "mlp"):
             raise UserError(f"router kind must be 'linear' or 'mlp', got {kind!r}")
@@ -142,10 +167,13 @@ class Router(torch.nn.Module):
             raise UserError(f"router needs at least one expert, got {n_experts}")
         if pooling not in POOLINGS:
             raise UserError(f"router pooling must be one of {POOLINGS}, got {pooling!r}")
-        if not 0.0 < depth <= 1.0:
-            raise UserError(f"router depth must be in (0, 1], got {depth}")
+        depths = depths_of(depth)
+        if dim % len(depths):
+            raise UserError(f"router features of width {dim} cannot be {len(depths)} equal blocks (depth {depth})")
         self.dim, self.kind, self.hidden, self.seed = dim, kind, hidden, seed
-        self.pooling, self.depth = pooling, depth
+        # one depth is stored as a number, as routers saved before several depths existed
+        self.pooling, self.depth = pooling, depths[0] if len(depths) == 1 else list(depths)
+        self.blocks = len(depths)
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.random.default_generator.manual_seed(seed)
             self.trunk = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU()) if kind == "mlp" \
@@ -163,7 +191,10 @@ class Router(torch.nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # Per-sample standardisation: backbone features have large shared offsets and outlier
         # dimensions; this keeps the head's scale sane without running statistics that would drift.
-        x = F.layer_norm(features.float(), (self.dim,))
+        # Each depth's block is normalised on its own: deeper layers have larger norms and would
+        # otherwise drown the shallower ones.
+        x = features.float()
+        x = F.layer_norm(x.unflatten(-1, (self.blocks, self.dim // self.blocks)), (self.dim // self.blocks,)).flatten(-2)
         return self.head(self.trunk(x))
 
     def probs(self, features: torch.Tensor) -> torch.Tensor:
