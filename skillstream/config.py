@@ -162,6 +162,15 @@ class NoveltyConfig(_Strict):
         return v
 
 
+def relative_depths(depth) -> tuple[float, ...]:
+    """A router depth (one relative depth, or several whose features are concatenated) as a tuple;
+    the one check of its range, shared by the recipe and skillstream.experts.router."""
+    depths = (float(depth),) if isinstance(depth, (int, float)) else tuple(float(d) for d in depth)
+    if not depths or any(not 0.0 < d <= 1.0 for d in depths):
+        raise ValueError(f"must be in (0, 1], one value or a non-empty list of them; got {depth}")
+    return depths
+
+
 class RouterConfig(_Strict):
     kind: Literal["linear", "mlp"] = Field("linear", description="Router head over pooled backbone features.")
     # Defaults measured on SmolLM2-135M (bench/RESULTS.md, 2026-11-23 09:10): the dylora_moe router,
@@ -184,9 +193,7 @@ class RouterConfig(_Strict):
     @field_validator("depth")
     @classmethod
     def _depths_in_range(cls, v):
-        depths = [v] if isinstance(v, (int, float)) else v
-        if not depths or any(not 0 < d <= 1 for d in depths):
-            raise ValueError(f"must be in (0, 1], one value or a non-empty list of them; got {v}")
+        relative_depths(v)
         return v
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..config import relative_depths
 from ..errors import UserError
 from .mixing import backbone_only
 
@@ -62,10 +63,7 @@ POOLINGS = ("mean", "last")
 
 
 class _Reached(Exception):
-    """Raised by the hook on the chosen layer: the layers above it are not computed."""
-
-    def __init__(self, hidden: torch.Tensor):
-        self.hidden = hidden
+    """Raised by the hook on the deepest chosen layer: the layers above it are not computed."""
 
 
 def _decoder_layers(body: torch.nn.Module) -> torch.nn.ModuleList:
@@ -81,10 +79,10 @@ def _decoder_layers(body: torch.nn.Module) -> torch.nn.ModuleList:
 
 def depths_of(depth: float | Sequence[float]) -> tuple[float, ...]:
     """A router depth (one relative depth, or several whose features are concatenated) as a checked tuple."""
-    depths = (float(depth),) if isinstance(depth, (int, float)) else tuple(float(d) for d in depth)
-    if not depths or any(not 0.0 < d <= 1.0 for d in depths):
-        raise UserError(f"router depth must be in (0, 1] (one value or a non-empty list), got {depth}")
-    return depths
+    try:
+        return relative_depths(depth)
+    except ValueError as err:
+        raise UserError(f"router depth {err}") from None
 
 
 def _hidden_at(body: torch.nn.Module, depths: tuple[float, ...], **inputs) -> list[torch.Tensor]:
@@ -102,7 +100,7 @@ def _hidden_at(body: torch.nn.Module, depths: tuple[float, ...], **inputs) -> li
         def record(module, args, output):
             seen[i] = output[0] if isinstance(output, tuple) else output
             if i == stop_at:
-                raise _Reached(seen[i])
+                raise _Reached
         return record
 
     handles = [layers[i].register_forward_hook(hook_for(i)) for i in sorted(set(index.values()))]
