@@ -167,7 +167,7 @@ def relative_depths(depth) -> tuple[float, ...]:
     the one check of its range, shared by the recipe and skillstream.experts.router."""
     depths = (float(depth),) if isinstance(depth, (int, float)) else tuple(float(d) for d in depth)
     if not depths or any(not 0.0 < d <= 1.0 for d in depths):
-        raise ValueError(f"must be in (0, 1], one value or a non-empty list of them; got {depth}")
+        raise ValueError("must be in (0, 1], one value or a non-empty list of them")  # the caller names the value
     return depths
 
 

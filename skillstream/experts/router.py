@@ -82,7 +82,7 @@ def depths_of(depth: float | Sequence[float]) -> tuple[float, ...]:
     try:
         return relative_depths(depth)
     except ValueError as err:
-        raise UserError(f"router depth {err}") from None
+        raise UserError(f"router depth {err}, got {depth}") from None
 
 
 def _hidden_at(body: torch.nn.Module, depths: tuple[float, ...], **inputs) -> list[torch.Tensor]:
