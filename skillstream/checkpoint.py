@@ -123,3 +123,11 @@ def load(path: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict, dict
 def clean_temporaries(root: Path) -> None:
     for p in root.glob(".tmp-*") if root.is_dir() else []:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def resume_hint(root: Path) -> str:
+    """What `--resume` would do for the run whose checkpoints are in `root`, said truthfully."""
+    found = list_checkpoints(root)
+    if not found:
+        return "no checkpoint was written yet, so --resume starts the run over"
+    return f"--resume continues from {found[-1]}"
