@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .readers import Row
+from .readers import Row, read_text
 
 NL2BASH_FILES = [f"nl2bash_fs_{i}.json" for i in range(1, 6)]
 NL2BASH_INSTRUCTION = "Write a single bash command that does the following. Answer with the command only."
@@ -36,7 +36,7 @@ def nl2bash_rows(split: str) -> list[Row]:
     rows, index = [], 0
     for name in NL2BASH_FILES:
         path = folder / name
-        for i, item in enumerate(json.loads(path.read_text())):
+        for i, item in enumerate(json.loads(read_text(path))):
             is_test = index % 5 == 4
             index += 1
             if is_test != (split == "test"):

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..config import SourceConfig
 from ..errors import UserError
 from .builtin import BUILTINS, builtin_source
-from .readers import Row, read_file, read_split
+from .readers import Row, read_file, read_split, read_text
 from .tool_chat import check_tool_calls, check_tools
 
 GENERIC_INSTRUCTION = "Choose the correct option."
@@ -81,11 +81,14 @@ def _classification_rows(folder: Path, src: SourceConfig) -> tuple[Path, list, l
     """(split file, [(row, mapped data, label)], options, [(row, label) whose label is not an option])."""
     labels_path = folder / "labels.json"
     try:
-        options = json.loads(labels_path.read_text())
+        options = json.loads(read_text(labels_path))
     except json.JSONDecodeError as e:
         raise UserError(f"{labels_path} line {e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
         raise UserError(f"{labels_path}: expected a non-empty JSON list of option strings")
+    repeated = next((o for i, o in enumerate(options) if o in options[:i]), None)
+    if repeated is not None:  # a repeated option would be scored twice and skew option scoring
+        raise UserError(f"{labels_path}: option {repeated!r} is listed twice; each option must appear once")
     path = folder / f"{src.split}.json"
     if not path.is_file():
         raise UserError(f"{folder}: missing {src.split}.json (a task folder has train.json, test.json, labels.json)")

@@ -6,6 +6,7 @@ one line naming the file, the line and the problem — never dropped silently.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,30 @@ class Row:
     where: str  # "train.jsonl line 7": used in every error about this row
 
 
+def read_text(path: str | Path) -> str:
+    """The text of a file the user wrote (a recipe, a data file, labels.json, stream.yaml), decoded
+    as UTF-8. A file that is not UTF-8, or cannot be read, is a UserError naming the file and where:
+    every reader of such files goes through here."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a file") from None
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}: not valid UTF-8 at byte {e.start} (line {line}, byte 0x{data[e.start]:02x}); "
+                        "save the file as UTF-8") from None
+
+
 def _json_rows(path: Path) -> list[Row]:
     try:
-        items = json.loads(path.read_text())
+        items = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(items, list):
@@ -36,7 +58,7 @@ def _json_rows(path: Path) -> list[Row]:
 
 def _jsonl_rows(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline=None) as f:  # the lines a text-mode open() would give
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -51,7 +73,7 @@ def _jsonl_rows(path: Path) -> list[Row]:
 
 
 def _csv_rows(path: Path) -> list[Row]:
-    with path.open(newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:  # csv wants newline="" (quoted line breaks)
         reader = csv.DictReader(f)
         rows = []
         for item in reader:

@@ -14,6 +14,7 @@ import yaml
 
 from ..errors import UserError
 from .examples import GENERIC_INSTRUCTION
+from .readers import read_text
 
 
 @dataclass
@@ -30,7 +31,7 @@ def read_stream(path: str | Path) -> list[StreamTask]:
     spec = {}
     if (root / "stream.yaml").is_file():
         try:
-            spec = yaml.safe_load((root / "stream.yaml").read_text()) or {}
+            spec = yaml.safe_load(read_text(root / "stream.yaml")) or {}
         except yaml.YAMLError as e:
             raise UserError(f"{root / 'stream.yaml'}: not valid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(spec, dict):
