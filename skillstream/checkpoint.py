@@ -5,13 +5,20 @@ with weights_only=True so nothing arbitrary is unpickled), RNG states, and `stat
 data position, results so far and each plugin's and the objective's state (their tensors go to
 `state.safetensors`). It is written under a
 temporary name and renamed, so a kill at any instant leaves the previous checkpoint intact.
+
+`manifest.json`, written last, holds every file's size and SHA-256. A resume verifies it and takes
+the newest checkpoint that verifies, saying on stderr which one it skipped and why: a file cut
+short or changed after the rename (a full disk, a copy that stopped, a bad sector) costs one
+checkpoint interval, not the run. Non-finite weights are never written (:func:`require_finite`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,7 +26,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import TrainingDiverged, UserError
+
 PREFIX = "ckpt-"
+CHECKPOINTS = "checkpoints"  # the run directory's folder of them
+MANIFEST = "manifest.json"
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -75,6 +86,7 @@ def save(root: Path, name: str, weights: dict[str, torch.Tensor], optimizer_stat
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     (rng_meta, rng_tensors), *others = rank_rng or [rng_state()]
     rng_tensors = {**rng_tensors, **{f"rank{i}/{k}": v for i, (_, t) in enumerate(others, 1) for k, v in t.items()}}
+    require_finite(weights, f"checkpoint {name}")
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
@@ -82,6 +94,7 @@ def save(root: Path, name: str, weights: dict[str, torch.Tensor], optimizer_stat
     save_file(state_tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state_json, "rng": rng_meta,
                                                 **({"rng_ranks": [m for m, _ in others]} if others else {})}))
+    write_manifest(tmp)
     for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
@@ -127,7 +140,80 @@ def clean_temporaries(root: Path) -> None:
 
 def resume_hint(root: Path) -> str:
     """What `--resume` would do for the run whose checkpoints are in `root`, said truthfully."""
-    found = list_checkpoints(root)
-    if not found:
-        return "no checkpoint was written yet, so --resume starts the run over"
-    return f"--resume continues from {found[-1]}"
+    candidates = _candidates(root)
+    intact = [p for p in candidates if damage(p) is None]
+    if intact:
+        return f"--resume continues from {intact[-1]}"
+    if candidates:
+        return f"no checkpoint in {root} is intact, so --resume cannot continue this run"
+    return "no checkpoint was written yet, so --resume starts the run over"
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Checkpoint folders, oldest first, whole or not (their names are zero-padded sequence numbers)."""
+    return sorted(root.glob(f"{PREFIX}*")) if root.is_dir() else []
+
+
+def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to save a NaN or infinite weight: a run whose numbers went bad stops instead."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise TrainingDiverged(f"{what}: {key} holds non-finite values; refusing to save them")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Every file's size and hash, written after them (so a manifest vouches only for whole files)."""
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def damage(folder: Path) -> str | None:
+    """Why the checkpoint cannot be trusted (one phrase), or None when every file matches its manifest."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:  # written before checkpoints had manifests: whole if its state.json reads
+        try:
+            json.loads((folder / "state.json").read_text())["seq"]
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is missing and state.json is unreadable"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, want in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {want['bytes']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def newest_intact(root: Path) -> Path | None:
+    """The newest checkpoint whose files all match its manifest; each newer one skipped is named on
+    stderr with the reason. None when there is no checkpoint; an error when none is intact."""
+    candidates = _candidates(root)
+    skipped = []
+    for folder in reversed(candidates):
+        why = damage(folder)
+        if why is None:
+            for bad, reason in skipped:
+                print(f"warning: checkpoint {bad} is damaged ({reason}): resuming from {folder.name}",
+                      file=sys.stderr, flush=True)
+            return folder
+        skipped.append((folder.name, why))
+    if skipped:
+        raise UserError(f"--resume: no checkpoint in {root} is intact ("
+                        + "; ".join(f"{n}: {why}" for n, why in skipped) + "): start a new run with --out")
+    return None

@@ -32,6 +32,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .checkpoint import CHECKPOINTS
 from .config import SourceConfig
 from .errors import UserError
 from .plugins import Plugin, StepContext
@@ -139,7 +140,9 @@ class BestFinalCheckpoints(Plugin):
         from safetensors.torch import save_model
         acc = ctx.extras.get("accelerator")
         model = acc.unwrap_model(ctx.model) if acc is not None else ctx.model
-        root = run_dir / "checkpoints"
+        root = run_dir / CHECKPOINTS
+        from .checkpoint import require_finite
+        require_finite(model.state_dict(), f"{root / which}")
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{which}-", dir=root))
         save_model(model, str(tmp / "model.safetensors"))

@@ -6,17 +6,21 @@ is the objective, the plugins and the batches, never this loop.
 """
 from __future__ import annotations
 
+import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .checkpoint import CHECKPOINTS
 from .config import TrainConfig
 from .curriculum.schedules import lr_factor
 from .data.batching import BatchPlan, Position
 from .monitor.progress import Progress
 from .plugins import Plugin, StepContext
+from .step_health import StepCounts, StepHealth
 
 
 @dataclass
@@ -27,6 +31,7 @@ class StageState:
     tokens: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
+    health: StepCounts = field(default_factory=StepCounts)  # non-finite and collapsed steps (step_health)
 
     def __post_init__(self):
         self.position = self.position or Position()
@@ -45,13 +50,19 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
 
 def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cfg: TrainConfig, stage: str,
                 stage_index: int, state: StageState, plugins: list[Plugin], log, pad_id: int,
-                checkpoint: Callable[[StageState], None], show_progress: bool = True) -> StageState:
+                checkpoint: Callable[[StageState], None], show_progress: bool = True, vocab_size: int,
+                global_step: int = 0) -> StageState:
+    """`global_step`: optimizer steps of the run before this stage's step 0 (earlier stages, earlier
+    chunks), so the logged `global_step` only grows. `vocab_size`: for the uniform-guess loss."""
     rank, world = accelerator.process_index, accelerator.num_processes
+    health = StepHealth(cfg.max_bad_steps, cfg.collapse_steps,
+                        math.log(vocab_size) if objective.token_cross_entropy else None)
+    run_dir = getattr(log, "run_dir", None)
     ctx = StepContext(model, stage, stage_index, state.step, cfg.steps,
                       alert=lambda sev, kind, msg: log.alert(state.step, sev, kind, msg),
                       extras={"plan": plan, "objective": objective, "pad_id": pad_id, "accelerator": accelerator,
                               "validation": getattr(plan, "validation", []), "grad_accum": cfg.grad_accum,
-                              "run_dir": getattr(log, "run_dir", None)})
+                              "run_dir": run_dir})
     for p in plugins:
         p.before_stage(ctx)
     batches = plan.iterate(state.position)
@@ -96,34 +107,50 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
         params = [p for g in optimizer.param_groups for p in g["params"]]
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else \
             torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # DeepSpeed may report none
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:  # every step, so plugins (neuromodulation, early stop) see and decide alike everywhere
+        grad_norm = None if grad_norm is None else float(grad_norm)  # DeepSpeed may report none
+        if world > 1:  # before the step: every process skips a bad step alike, and plugins (neuromodulation,
+            # early stop) see and decide alike everywhere
             loss_sum, extra_metrics, step_tokens = _over_processes(accelerator, loss_sum, extra_metrics, step_tokens)
+        verdict = health.judge(state.health, state.step + 1, loss_sum, grad_norm)
+        # the rate the optimizer applied to what trained (per-expert rates differ from the schedule's)
+        applied = [g["lr"] for g in optimizer.param_groups if any(p.grad is not None for p in g["params"])]
+        applied_lr = max(applied) if applied else lr
+        if verdict.apply:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        grad_norm = float("nan") if grad_norm is None else grad_norm
         window_tokens += step_tokens
         state.step += 1
         ctx.step = state.step
+        for severity, kind, message in verdict.alerts:
+            ctx.alert(severity, kind, message)
+            if accelerator.is_main_process:
+                print(f"[{severity}] {kind} at step {state.step} of stage {stage!r}: {message}", file=sys.stderr,
+                      flush=True)
+        numbers = {"step": state.step, "global_step": global_step + state.step, "stage": stage, "loss": loss_sum,
+                   "lr": applied_lr, "grad_norm": grad_norm, **extra_metrics,
+                   **({"skipped_steps": state.health.skipped} if state.health.skipped else {})}
         record = None
-        if state.step % cfg.log_every == 0 or state.step == cfg.steps or ctx.stop:
+        if state.step % cfg.log_every == 0 or state.step == cfg.steps or ctx.stop or not verdict.apply:
             elapsed = time.time() - window_t0
             state.tokens += window_tokens
             state.seconds += elapsed
-            record = {"step": state.step, "stage": stage, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens_per_s": window_tokens / max(elapsed, 1e-9), "epoch": state.position.epoch, **extra_metrics}
-            for p in plugins:
-                record.update(p.after_step(ctx, record) or {})
+            record = {**numbers, "tokens_per_s": window_tokens / max(elapsed, 1e-9), "epoch": state.position.epoch}
+            if verdict.apply:  # a skipped step's NaN would poison plugin state (neuromodulation's running means)
+                for p in plugins:
+                    record.update(p.after_step(ctx, record) or {})
             log.log(record)
             window_tokens, window_t0 = 0, time.time()
-        else:  # plugins see every step's numbers; only log steps are written
+        elif verdict.apply:  # plugins see every step's numbers; only log steps are written
             for p in plugins:
-                p.after_step(ctx, {"step": state.step, "stage": stage, "loss": loss_sum, "lr": lr,
-                                   "grad_norm": float(grad_norm), **extra_metrics})
+                p.after_step(ctx, numbers)
         progress.update(state.step, record)
+        health.stop_if_diverged(state.health, state.step, stage, run_dir / CHECKPOINTS if run_dir else None)
         if ctx.stop:
             state.stopped_early = True
             break
-        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+        # not while steps are being skipped: the newest checkpoint stays the last good one
+        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps and state.health.bad_in_row == 0:
             checkpoint(state)
     progress.close()
     for p in plugins:

@@ -7,3 +7,8 @@ class UserError(Exception):
     The message must be one line that names what is wrong and what was expected,
     e.g. ``data/train.jsonl line 7: missing column 'prompt'``.
     """
+
+
+class TrainingDiverged(Exception):
+    """A run that stopped because its numbers went bad (CLI exit status 3): one line saying which
+    steps, what was kept, and what `--resume` would do."""

@@ -39,6 +39,8 @@ def save_model_files(model, run_dir: Path, lora: bool) -> None:
     final = run_dir / (EXPERTS if lora else FULL_MODEL)
     tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    from .checkpoint import require_finite
+    require_finite({n: p for n, p in model.named_parameters() if not lora or "lora_" in n}, f"{run_dir}/{final.name}")
     if lora:
         for name in model.peft_config:  # each expert as its own standard PEFT adapter folder
             model.save_pretrained(str(tmp if name != DEFAULT_EXPERT else tmp / DEFAULT_EXPERT), selected_adapters=[name])

@@ -173,6 +173,12 @@ class Lifecycle:
         return self.trainer.learn_chunk(features, self.index(name), self.cfg.router.steps_per_chunk,
                                         self.cfg.router.refit_steps)
 
+    def routed_shares(self, features: torch.Tensor) -> dict[str, float]:
+        """Each expert's share of the inputs whose top router choice it is (the chunk's, as it arrives)."""
+        with torch.no_grad():
+            top = self.router.probs(features.cpu()).argmax(-1).tolist()
+        return {name: top.count(i) / max(len(top), 1) for i, name in enumerate(self.pool.names)}
+
     def maturities(self) -> torch.Tensor:
         return self.pool.maturities(self.pool.names)
 

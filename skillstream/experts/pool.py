@@ -228,6 +228,8 @@ class ExpertPool:
     def save(self, directory: str | Path) -> Path:
         """`directory/NAME/` per expert (a standard PEFT adapter folder) and `directory/pool.json`."""
         directory = Path(directory)
+        from ..checkpoint import require_finite
+        require_finite({n: p for n, p in self.model.named_parameters() if "lora_" in n}, f"{directory}")
         directory.mkdir(parents=True, exist_ok=True)
         for name in self.names:
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=directory))

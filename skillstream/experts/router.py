@@ -222,6 +222,8 @@ class Router(torch.nn.Module):
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        from ..checkpoint import require_finite
+        require_finite(self.state_dict(), f"{directory / ROUTER_WEIGHTS}")
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(directory / ROUTER_WEIGHTS))
         (directory / ROUTER_CONFIG).write_text(json.dumps(self.config(), indent=1))
 

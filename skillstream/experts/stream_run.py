@@ -151,7 +151,7 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
              "assignments": {}, "skill_stats": {}, "global_step": 0}
     decisions: list[dict] = []
     optimizer_state = None
-    latest = ckpt.list_checkpoints(ckpt_dir)[-1:] if resume else []
+    latest = [c for c in [ckpt.newest_intact(ckpt_dir)] if c] if resume else []  # damaged ones skipped, named
     if latest:
         weights, optimizer_state, saved = ckpt.load(latest[0])
         life.load_state_dict(saved.pop("lifecycle"))
@@ -183,6 +183,7 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
     t_stream = time.time()
     for chunk in chunks[state["chunk"] + 1:]:
         record, signal, features = life.decide(chunk.examples)
+        shares = life.routed_shares(features)  # before the chunk trains anything: where the router sends it
         record.update(skill=stages[chunk.skill].name, examples=len(chunk.examples))  # logged, not used
         novel_wait = record["decision"] == "wait" and record["streak"] > 0
         if novel_wait and chunk.index != len(chunks) - 1:
@@ -202,7 +203,8 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
             for target in sorted(plan, key=lambda n: n == name):  # the decided expert trains last
                 batch = [chunks[i] for i, _, _ in plan[target]]
                 steps, seconds, tokens = _train_expert(life, target, batch, cfg, train_cfg0, stages[0].objective,
-                                                       accelerator, model, optimizer, plugins, log, tok)
+                                                       accelerator, model, optimizer, plugins, log, tok,
+                                                       state["global_step"])
                 for c in batch:  # time and tokens by the true skill of the chunks (measurement only)
                     stats = state["skill_stats"].setdefault(str(c.skill), {"steps": 0, "seconds": 0.0, "tokens": 0})
                     share = len(c.items) / sum(len(b.items) for b in batch)
@@ -217,6 +219,10 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
                           seconds=round(seconds, 2), router_loss=router_loss, lr=life.schedule.rate(name),
                           reassigned={str(i): t for t in plan if t != name for i, _, _ in plan[t]})
         decisions.append(record)
+        # which expert the router gives how much of the stream: the monitor and the report read these
+        log.log({"stage": f"chunk_{chunk.index:04d}", "step": record.get("steps") or 0, "global_step": state["global_step"],
+                 **{f"router/share/{n}": v for n, v in shares.items()},
+                 **({"router/entropy": record["entropy"]} if record.get("entropy") is not None else {})})
         if main:
             with (run_dir / DECISIONS).open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -257,7 +263,7 @@ def _assign_held(life: Lifecycle, record: dict, signal, held: list[dict]) -> dic
 
 
 def _train_expert(life, name, batch, cfg, train_cfg, objective, accelerator, model, optimizer, plugins, log,
-                  tok) -> tuple[int, float, int]:
+                  tok, global_step: int) -> tuple[int, float, int]:
     """The named expert alone trains (PEFT's own single-adapter path) on the chunks' examples."""
     life.pool.set_trainable([name])
     life.model.set_adapter(name)
@@ -269,7 +275,8 @@ def _train_expert(life, name, batch, cfg, train_cfg, objective, accelerator, mod
     state = train_stage(accelerator=accelerator, model=model, optimizer=optimizer, objective=objective, plan=plan,
                         cfg=st_cfg, stage=f"chunk_{batch[-1].index:04d}", stage_index=batch[-1].index,
                         state=StageState(), plugins=plugins, log=log, pad_id=tok.pad_token_id,
-                        checkpoint=lambda s: None, show_progress=False)
+                        checkpoint=lambda s: None, show_progress=False, vocab_size=len(tok),
+                        global_step=global_step)
     return state.step, state.seconds, state.tokens
 
 

@@ -153,7 +153,8 @@ def render(view: View):
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    last = view.metrics[-1] if view.metrics else None
+    # the last training step (a skill stream also logs routing-only records between chunks)
+    last = next((r for r in reversed(view.metrics) if "loss" in r), None)
     if last:
         stage = last.get("stage")
         names = [n for n, _ in view.stages]
@@ -201,8 +202,8 @@ def render(view: View):
 
 def _experts(view: View) -> str:
     """Pool from results.json when the run is done, else the router shares the log reports."""
-    shares = {k.removeprefix("router/share/"): numeric(v) for r in view.metrics[-1:] for k, v in r.items()
-              if k.startswith("router/share/")}
+    latest = next((r for r in reversed(view.metrics) if any(k.startswith("router/share/") for k in r)), {})
+    shares = {k.removeprefix("router/share/"): numeric(v) for k, v in latest.items() if k.startswith("router/share/")}
     pool = (view.results or {}).get("experts") or []
     names = [e.get("name") if isinstance(e, dict) else str(e) for e in pool] or list(shares)
     return "  ".join(f"{n}" + (f" {shares[n]:.0%}" if shares.get(n) is not None else "") for n in names)

@@ -130,6 +130,7 @@ class DPOObjective:
     of :class:`skillstream.objectives.lm.LMObjective`, plus ``begin_stage(model)``."""
 
     name = "dpo"
+    token_cross_entropy = False  # a preference / policy loss: no uniform-guess value
 
     def __init__(self, beta: float = 0.1, loss: str = "sigmoid", reference: str = "auto", sft_weight: float = 0.0,
                  **context):

@@ -67,9 +67,12 @@ class LMObjective:
                                                tokens); with several processes each one's loss is
                                                weighted by its share, so the result is the global mean
       state_dict() / load_state_dict(state)    JSON-able state that rides in checkpoints
+      token_cross_entropy: bool                whether the loss is a mean token cross-entropy (the
+                                               engine then knows its uniform-guess value, ln(vocab))
     """
 
     name = "lm"
+    token_cross_entropy = True
 
     def __init__(self, **context):
         pass

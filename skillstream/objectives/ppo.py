@@ -187,6 +187,7 @@ class PPOObjective:
     """
 
     name = "ppo"
+    token_cross_entropy = False  # a preference / policy loss: no uniform-guess value
 
     def __init__(self, rewards=None, max_new_tokens: int = 32, temperature: float = 0.7, top_p: float = 1.0,
                  ppo_epochs: int = 4, num_mini_batches: int = 1, gamma: float = 1.0, lam: float = 0.95,
