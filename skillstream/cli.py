@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import UserError
+from .errors import TrainingDiverged, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Teach a language model skill after skill.")
@@ -72,21 +72,30 @@ def train(recipe: str = typer.Argument(..., help="Bundled recipe name or path to
     if processes < 1:
         raise UserError(f"--processes must be 1 or more, not {processes}")
     if processes > 1 and "WORLD_SIZE" not in os.environ:
-        # bad input: status 2 and one line here, before any process starts (they would each say it)
-        check_run_dir(resolve_run_dir(load_recipe(recipe, overrides, smoke).name, out), resume, overrides)
-        args = ["train", recipe, *(["--out", str(out)] if out else []), *[a for s in set_ for a in ("--set", s)],
-                *(["--resume"] if resume else []), *(["--smoke"] if smoke else [])]
-        sys.exit(launch_processes(processes, args))
+        from .run_lock import run_lock
+
+        run_dir = resolve_run_dir(load_recipe(recipe, overrides, smoke).name, out)
+        # this process outlives the ones it launches, so it holds the run directory's lock for them
+        with run_lock(run_dir):
+            # bad input: status 2 and one line here, before any process starts (they would each say it)
+            check_run_dir(run_dir, resume, overrides, smoke)
+            args = ["train", recipe, *(["--out", str(out)] if out else []), *[a for s in set_ for a in ("--set", s)],
+                    *(["--resume"] if resume else []), *(["--smoke"] if smoke else [])]
+            sys.exit(launch_processes(processes, args, run_dir))
     _die_with_launcher()
     run = run_train(recipe, out=out, resume=resume, smoke=smoke, overrides=overrides)
     if run.results:  # the main process's; the others return none
         print_summary(run)
 
 
-def launch_processes(n: int, args: list[str]) -> int:
-    """`accelerate launch` N copies of `skillstream ARGS` on this machine (torchrun underneath); exit status."""
+def launch_processes(n: int, args: list[str], run_dir: Path) -> int:
+    """`accelerate launch` N copies of `skillstream ARGS` on this machine (torchrun underneath); exit status.
+    The caller holds RUN_DIR's lock: the launched processes are told so, and die with the caller."""
+    import signal
     import socket
     import subprocess
+
+    from .run_lock import HELD_BY_LAUNCHER
 
     with socket.socket() as s:  # a free port, so runs side by side do not collide on 29500
         s.bind(("127.0.0.1", 0))
@@ -96,26 +105,38 @@ def launch_processes(n: int, args: list[str]) -> int:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port), "-m", "skillstream.cli", *args]
-    return subprocess.run(cmd).returncode
+    env = {**os.environ, HELD_BY_LAUNCHER: str(Path(run_dir).resolve())}
+    # torchrun's agent dies with this process (and its workers with it, _die_with_launcher): the lock
+    # this process holds is freed only when nothing of the run is left writing the directory
+    pdeathsig = (lambda: _prctl_pdeathsig(signal.SIGKILL)) if sys.platform.startswith("linux") else None
+    return subprocess.run(cmd, env=env, preexec_fn=pdeathsig).returncode
 
 
 def _die_with_launcher() -> None:
     """Under torchrun each process has its own session, so a launcher killed with SIGKILL would leave
     them training and writing the run directory: ask Linux to kill this process with its parent."""
     if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
-        import ctypes
         import signal
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _prctl_pdeathsig(signal.SIGKILL)
+
+
+def _prctl_pdeathsig(sig: int) -> None:
+    """Linux: deliver SIG to this process when its parent dies."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
 @app.command("eval")
 def eval_(run_dir: Path = typer.Argument(..., help="A run directory.")):
     """Evaluate the final model of a run on its recipe's test data; writes RUN_DIR/eval.json."""
+    from .run_lock import run_lock
     from .trained import load
 
-    out = load(run_dir).evaluate()
+    with run_lock(run_dir):  # not while a train or --resume writes the run (nor another eval)
+        out = load(run_dir).evaluate()
     for name, r in out["tasks"].items():
         extras = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and k not in ("score", r["metric"]))
         print(f"{name}: {r['metric']} {r['score']:.4f}  {extras}".rstrip())
@@ -189,24 +210,26 @@ def recipes():
 def export(run_dir: Path, out: Path,
            merge: Optional[str] = typer.Option(None, "--merge", help="Also write a merged full model for this expert.")):
     """Copy the run's experts (PEFT adapter folders) to OUT; optionally a merged model for one expert."""
+    from .run_lock import run_lock
     from .run_files import EXPERTS
 
-    src = Path(run_dir) / EXPERTS
-    if not src.is_dir():
-        raise UserError(f"{run_dir}: no experts/ folder (is it a finished run directory?)")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: already exists and is not empty")
-    shutil.copytree(src, out / EXPERTS, dirs_exist_ok=True)
-    from .experts.stream_run import ROUTER_DIR
-    if (Path(run_dir) / ROUTER_DIR).is_dir():  # skill-stream runs: router.safetensors + router.json (+ profiles)
-        shutil.copytree(Path(run_dir) / ROUTER_DIR, out / ROUTER_DIR, dirs_exist_ok=True)
-    if merge:
-        from .trained import load
+    with run_lock(run_dir):  # not a copy of experts/ that a --resume is rewriting
+        src = Path(run_dir) / EXPERTS
+        if not src.is_dir():
+            raise UserError(f"{run_dir}: no experts/ folder (is it a finished run directory?)")
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out}: already exists and is not empty")
+        shutil.copytree(src, out / EXPERTS, dirs_exist_ok=True)
+        from .experts.stream_run import ROUTER_DIR
+        if (Path(run_dir) / ROUTER_DIR).is_dir():  # skill-stream runs: router.safetensors + router.json (+ profiles)
+            shutil.copytree(Path(run_dir) / ROUTER_DIR, out / ROUTER_DIR, dirs_exist_ok=True)
+        if merge:
+            from .trained import load
 
-        m = load(run_dir, merge)
-        merged = m.model.merge_and_unload()
-        merged.save_pretrained(str(out / f"merged-{merge}"))
-        m.tokenizer.save_pretrained(str(out / f"merged-{merge}"))
+            m = load(run_dir, merge)
+            merged = m.model.merge_and_unload()
+            merged.save_pretrained(str(out / f"merged-{merge}"))
+            m.tokenizer.save_pretrained(str(out / f"merged-{merge}"))
     print(f"exported to {out}")
 
 
@@ -217,6 +240,9 @@ def main() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; continue with --resume", file=sys.stderr)
         sys.exit(130)

@@ -12,6 +12,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data.readers import read_text
 from .errors import UserError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -129,6 +130,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(5, gt=0)
     checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps (and at each stage end).")
     keep_checkpoints: int = Field(2, gt=0)
+    max_bad_steps: int = Field(5, gt=0, description="Steps in a row with a non-finite loss or gradient (each skipped, weights unchanged) after which the run stops with exit status 3.")
+    collapse_steps: int = Field(10, gt=0, description="Steps in a row with gradient norm 0 or a token loss at ln(vocabulary) (the uniform guess) that raise a 'collapsed' alert.")
 
 
 class StageConfig(_Strict):
@@ -369,13 +372,19 @@ def apply_override(raw: dict, key: str, value: Any) -> None:
 
 def find_recipe(recipe: str | Path) -> Path:
     p = Path(recipe)
+    bundled = RECIPES_DIR / f"{recipe}.yaml"
+    names = ", ".join(sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")))
+    if p.is_dir():  # a folder is never a recipe; a bundled name wins over a folder of that name (runs/NAME)
+        if p.suffix not in (".yaml", ".yml") and bundled.is_file():
+            return bundled
+        hint = f"; its recipe is {p / 'config.yaml'}" if (p / "config.yaml").is_file() else ""
+        raise UserError(f"recipe {str(p)!r}: is a folder, not a recipe file (expected a .yaml file "
+                        f"or a bundled name: {names}){hint}")
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
             raise UserError(f"recipe {str(p)!r}: file not found")
         return p
-    bundled = RECIPES_DIR / f"{recipe}.yaml"
     if not bundled.is_file():
-        names = ", ".join(sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")))
         raise UserError(f"recipe {recipe!r}: not a file and not a bundled recipe (bundled: {names})")
     return bundled
 
@@ -388,7 +397,7 @@ def load_recipe(recipe: str | Path | dict, overrides: dict[str, Any] | None = No
         path = find_recipe(recipe)
         where = str(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(read_text(path)) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
@@ -427,6 +436,6 @@ def recipe_to_yaml(cfg: RecipeConfig) -> str:
 def list_recipes() -> list[tuple[str, str]]:
     out = []
     for p in sorted(RECIPES_DIR.glob("*.yaml")):
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(read_text(p)) or {}
         out.append((p.stem, str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""))
     return out

@@ -22,6 +22,7 @@ from .config import RecipeConfig, load_recipe, recipe_to_yaml
 from .data.batching import Position
 from .data.render import Renderer
 from .engine import StageState, build_optimizer, train_stage, trainable_parameters
+from .step_health import StepCounts
 from .errors import UserError
 from .evaluation.runner import evaluate_examples
 from .evaluation.memo import EvalMemo
@@ -50,14 +51,46 @@ def resolve_run_dir(cfg_name: str, out: str | Path | None) -> Path:
     return Path(out) if out else Path("runs") / cfg_name
 
 
-def check_run_dir(run_dir: Path, resume: bool, overrides: dict | None) -> None:
-    """--resume needs a run directory (and no --set); a new run needs an empty or new one."""
+def check_run_dir(run_dir: Path, resume: bool, overrides: dict | None, smoke: bool = False) -> None:
+    """--resume needs a run directory, and takes --set / --smoke only where they repeat its saved
+    config (re-running the same command resumes); a new run needs an empty or new one."""
+    from .run_lock import LOCK_FILE
+
+    def shown(value: Any) -> str:  # as it would be typed after --set
+        return value if isinstance(value, str) else json.dumps(value)
+
+    def first_difference(saved: Any, new: Any, key: str = "") -> tuple[str, Any] | None:
+        """(dotted key, saved value) of the first leaf where two config dumps differ."""
+        if isinstance(saved, dict) and isinstance(new, dict):
+            for k in [*saved, *(k for k in new if k not in saved)]:
+                d = first_difference(saved.get(k, "not set"), new.get(k, "not set"), f"{key}.{k}" if key else k)
+                if d is not None:
+                    return d
+            return None
+        if isinstance(saved, list) and isinstance(new, list) and len(saved) == len(new):
+            for i, (a, b) in enumerate(zip(saved, new)):
+                d = first_difference(a, b, f"{key}.{i}")
+                if d is not None:
+                    return d
+            return None
+        return None if saved == new else (key, saved)
+
     if resume:
-        if not (run_dir / "config.yaml").is_file():
+        saved_file = run_dir / "config.yaml"
+        if not saved_file.is_file():
             raise UserError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
-        if overrides:
-            raise UserError("--resume: --set cannot change a run that is being resumed")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+        saved_raw = yaml.safe_load(saved_file.read_text())
+        saved = load_recipe(saved_raw).model_dump(mode="json")
+        # each one alone on the saved config, validated as load_recipe would (train.lr=5e-4 is a saved
+        # 0.0005; model=tiny is a saved model.name tiny), so that a refusal names the key it is about
+        changes = [(f"--set {k}={shown(v)}", {k: v}, False) for k, v in (overrides or {}).items()]
+        changes += [("--smoke", {}, True)] if smoke else []
+        for flag, override, smoke_flag in changes:
+            differs = first_difference(saved, load_recipe(saved_raw, override, smoke_flag).model_dump(mode="json"))
+            if differs is not None:
+                raise UserError(f"--resume: {flag} changes the saved run ({differs[0]} is {shown(differs[1])} "
+                                f"in {saved_file}); drop it or start a new --out")
+    elif run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):  # the lock is not the run's
         raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it or --out for a new one")
 
 
@@ -74,59 +107,65 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
     dist = PartialState(cpu=cpu)
     cfg = load_recipe(recipe, overrides, smoke)
     run_dir = resolve_run_dir(cfg.name, out)
-    check_run_dir(run_dir, resume, overrides)
-    if resume:
-        cfg = load_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    from .init_from import check_init_from, copy_inherited_files, load_init_from
-    cfg = check_init_from(cfg)  # a run to start from (stage: dpo after an sft run): same model, same LoRA
+    # One process at a time in a run directory, taken before the checks below so that of two runs
+    # started together on one --out exactly one passes them. Rank 0 holds it for every rank (or the
+    # `--processes` launcher does, see run_lock.HELD_BY_LAUNCHER); the kernel frees it if we die.
+    from contextlib import nullcontext
+    from .run_lock import run_lock
+    with run_lock(run_dir) if dist.is_main_process else nullcontext():
+        check_run_dir(run_dir, resume, overrides, smoke)
+        if resume:
+            cfg = load_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        from .init_from import check_init_from, copy_inherited_files, load_init_from
+        cfg = check_init_from(cfg)  # a run to start from (stage: dpo after an sft run): same model, same LoRA
 
-    from .models.backbone import load_backbone
-    set_seed(cfg.seed)
-    if cfg.lora is None and cfg.model.freeze_backbone:
-        raise UserError("lora: null trains the model's own weights; set model.freeze_backbone: false too")
-    model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision, args=cfg.model.args,
-                               trust_remote_code=cfg.model.trust_remote_code, freeze=cfg.model.freeze_backbone)
-    renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
-    context = {"tokenizer": tok, "renderer": renderer, "recipe": cfg}
-    stages, eval_tasks = prepare_stages(cfg, renderer, context)
-    plugins = [build(p, PLUGINS, "plugin", **context) for p in cfg.plugins] + list(plugins or [])
-    if cfg.experts is not None:
-        from .experts.stream_run import check_stream_recipe
-        check_stream_recipe(cfg, stages, eval_tasks, dist.num_processes)
+        from .models.backbone import load_backbone
+        set_seed(cfg.seed)
+        if cfg.lora is None and cfg.model.freeze_backbone:
+            raise UserError("lora: null trains the model's own weights; set model.freeze_backbone: false too")
+        model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision, args=cfg.model.args,
+                                   trust_remote_code=cfg.model.trust_remote_code, freeze=cfg.model.freeze_backbone)
+        renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
+        context = {"tokenizer": tok, "renderer": renderer, "recipe": cfg}
+        stages, eval_tasks = prepare_stages(cfg, renderer, context)
+        plugins = [build(p, PLUGINS, "plugin", **context) for p in cfg.plugins] + list(plugins or [])
+        if cfg.experts is not None:
+            from .experts.stream_run import check_stream_recipe
+            check_stream_recipe(cfg, stages, eval_tasks, dist.num_processes)
 
-    # Input is valid: from here on we write the run directory (the main process; every process has
-    # checked it above before any of them writes).
-    dist.wait_for_everyone()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = run_dir / "checkpoints"
-    if dist.is_main_process:
-        ckpt.clean_temporaries(ckpt_dir)
-        if not resume:
-            _write_atomic(run_dir / "config.yaml", recipe_to_yaml(cfg))
-        copy_inherited_files(cfg, run_dir)  # init_from's files built by stages this run skips (pairs.jsonl)
+        # Input is valid: from here on we write the run directory (the main process; every process has
+        # checked it above before any of them writes).
+        dist.wait_for_everyone()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir = run_dir / ckpt.CHECKPOINTS
+        if dist.is_main_process:
+            ckpt.clean_temporaries(ckpt_dir)
+            if not resume:
+                _write_atomic(run_dir / "config.yaml", recipe_to_yaml(cfg))
+            copy_inherited_files(cfg, run_dir)  # init_from's files built by stages this run skips (pairs.jsonl)
 
-    if cfg.lora is not None:
-        model = attach_lora(model, cfg)
-    model = load_init_from(model, cfg)
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    use_bf16 = bf16_enabled(cfg.train.bf16, device_type)
-    from accelerate.state import AcceleratorState
-    if AcceleratorState._shared_state and dist.num_processes == 1:
-        # an Accelerator made earlier in this process (a TRL or transformers Trainer, say) left its
-        # settings in accelerate's process-wide state, and a new one with another precision would
-        # refuse to start; a single process owns no distributed setup that a reset could break
-        AcceleratorState._reset_state(True)
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", log_with=cfg.report_to or None,
-                              project_dir=str(run_dir), cpu=cpu)
-    if cpu and accelerator.is_main_process and any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"
-                                                   for k in ("FSDP", "DEEPSPEED")):
-        print("note: accelerate enables neither FSDP nor DeepSpeed on CPU: this runs as plain DDP (gloo)", flush=True)
-    try:
-        return _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
-                    plugins, show_progress)
-    finally:
-        accelerator.end_training()
-        AcceleratorState._reset_state(True)  # the next train() in this process may pick other settings
+        if cfg.lora is not None:
+            model = attach_lora(model, cfg)
+        model = load_init_from(model, cfg)
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        use_bf16 = bf16_enabled(cfg.train.bf16, device_type)
+        from accelerate.state import AcceleratorState
+        if AcceleratorState._shared_state and dist.num_processes == 1:
+            # an Accelerator made earlier in this process (a TRL or transformers Trainer, say) left its
+            # settings in accelerate's process-wide state, and a new one with another precision would
+            # refuse to start; a single process owns no distributed setup that a reset could break
+            AcceleratorState._reset_state(True)
+        accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", log_with=cfg.report_to or None,
+                                  project_dir=str(run_dir), cpu=cpu)
+        if cpu and accelerator.is_main_process and any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"
+                                                       for k in ("FSDP", "DEEPSPEED")):
+            print("note: accelerate enables neither FSDP nor DeepSpeed on CPU: this runs as plain DDP (gloo)", flush=True)
+        try:
+            return _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
+                        plugins, show_progress)
+        finally:
+            accelerator.end_training()
+            AcceleratorState._reset_state(True)  # the next train() in this process may pick other settings
 
 
 def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume, plugins,
@@ -150,7 +189,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
     results = {"initial": None, "rows": [], "details": [], "stages": []}
     memo = EvalMemo(cfg.data.eval_cache)  # e.g. an old task's untouched expert is not scored twice
     start_stage, stage_state, seq, begun = 0, None, 0, set()
-    latest = ckpt.list_checkpoints(ckpt_dir)[-1:] if resume else []
+    latest = [c for c in [ckpt.newest_intact(ckpt_dir)] if c] if resume else []  # damaged ones skipped, named
     optimizer_state = None
     if latest:
         weights, optimizer_state, state = ckpt.load(latest[0], rank=accelerator.process_index)
@@ -168,7 +207,8 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
         _load_trainables(_checkpoint_params(model, objective), weights)
         if not state["stage_done"]:
             s = state["stage_state"]
-            stage_state = StageState(s["step"], Position(**s["position"]), s["tokens"], s["seconds"])
+            stage_state = StageState(s["step"], Position(**s["position"]), s["tokens"], s["seconds"],
+                                     health=StepCounts(**s.get("health", {})))
         done_stage, done_step = state["stage_index"], state["stage_state"]["step"]
         if main:  # drop log lines of steps the resumed run will redo
             rewrite_jsonl(run_dir / METRICS, lambda r: _before(r, stages, done_stage, done_step))
@@ -209,7 +249,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
                 ckpt.save(ckpt_dir, f"{seq:06d}", _checkpoint_params(model, st.objective), optimizer.state_dict(),
                           {"seq": seq, "stage_index": si, "stage": st.name, "stage_done": done,
                            "stage_state": {"step": s.step, "position": asdict(s.position), "tokens": s.tokens,
-                                           "seconds": s.seconds},
+                                           "seconds": s.seconds, "health": asdict(s.health)},
                            "results": results, "plugins": {p.name: p.state_dict() for p in plugins},
                            "objective": st.objective.state_dict(), "processes": accelerator.num_processes},
                           keep=st.train_cfg.keep_checkpoints, rank_rng=rngs)
@@ -221,7 +261,8 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
             state = train_stage(accelerator=accelerator, model=train_model, optimizer=optimizer, objective=st.objective,
                                 plan=st.plan, cfg=st.train_cfg, stage=st.name, stage_index=si, state=state,
                                 plugins=plugins, log=log, pad_id=tok.pad_token_id, checkpoint=save,
-                                show_progress=show_progress)
+                                show_progress=show_progress, vocab_size=len(tok),
+                                global_step=sum(done["steps"] for done in results["stages"]))
         if accelerator.num_processes > 1:
             model = accelerator.unwrap_model(train_model, keep_fp32_wrapper=False)
         row = evaluate_all(model, tok, renderer, eval_tasks, cfg, memo)
