@@ -115,7 +115,7 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
         # the rate the optimizer applied to what trained (per-expert rates differ from the schedule's)
         applied = [g["lr"] for g in optimizer.param_groups if any(p.grad is not None for p in g["params"])]
         applied_lr = max(applied) if applied else lr
-        if verdict.apply:
+        if verdict.apply:  # (DeepSpeed steps inside accelerator.backward: there a bad step is only counted)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         grad_norm = float("nan") if grad_norm is None else grad_norm
