@@ -1,7 +1,13 @@
+import glob
+import json
 import os
+import secrets
+import shutil
 import socket
 import tempfile
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +37,27 @@ def _uids_in_use(lo: int, hi: int) -> set[int]:
             if lo <= uid < hi:
                 uids.add(uid)
     return uids
+
+
+@pytest.fixture
+def private_view():
+    """Skips, saying why, where bubblewrap cannot give runs a private filesystem view."""
+    why = sandbox.private_view_unavailable()
+    if why:
+        pytest.skip(f"no private filesystem view here: {why}")
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    """Live processes whose command line contains ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):  # not a process, or it ended while we looked
+            continue
+    return found
 
 
 def test_normal_output_stdin_and_exit_code():
@@ -115,14 +142,89 @@ def test_processes_escaping_the_process_group_are_killed():
     # setsid() leaves the process group, so a killpg alone would miss these
     r = run_bash("for i in 1 2 3; do setsid sleep 60 & done; echo started", timeout_s=2)
     assert r.stdout == "started\n" and not r.timed_out
+    assert r.leftover_processes == 3 and not r.ok
     assert not _sandbox_pids()
 
 
-def test_files_land_in_a_temp_dir_that_is_removed():
-    r = run_python("import os\nopen('out.txt', 'w').write('x')\nprint(os.path.abspath('out.txt'))")
-    path = r.stdout.strip()
-    assert r.ok and path.startswith(tempfile.gettempdir())
-    assert not os.path.exists(path) and not os.path.exists(os.path.dirname(path))
+def test_a_process_left_running_is_killed_and_reported():
+    seconds = f"1000.{secrets.randbelow(10**6)}"  # unique, to find our sleeper among all processes
+    r = run_bash(f"nohup sleep {seconds} >/dev/null 2>&1 & echo started")
+    assert r.stdout == "started\n" and r.returncode == 0 and not r.timed_out
+    assert not r.ok and r.leftover_processes == 1
+    assert _processes_mentioning(seconds) == []
+
+
+def test_a_forked_child_left_sleeping_is_killed_and_reported():
+    seconds = f"1000.{secrets.randbelow(10**6)}"
+    r = run_python(f"import os, time\nif os.fork() == 0:\n    time.sleep({seconds})\nprint('parent done')")
+    assert r.stdout == "parent done\n" and r.returncode == 0
+    assert not r.ok and r.leftover_processes == 1
+    assert _processes_mentioning(seconds) == []
+
+
+def test_background_work_that_ends_in_time_is_not_a_leftover():
+    r = run_bash("(sleep 0.05; echo late) & echo early")
+    assert r.ok and r.leftover_processes == 0 and r.stdout == "early\nlate\n"
+
+
+def test_files_land_in_a_fresh_dir_that_is_removed():
+    name = f"out-{secrets.token_hex(4)}.txt"
+    r = run_python(f"import os\nprint(os.listdir('.'))\nopen({name!r}, 'w').write('x')")
+    assert r.ok and r.stdout == "[]\n"
+    # the working dir lives in a skillstream-sbx-* dir under the host's temp dir, removed afterwards
+    assert glob.glob(os.path.join(tempfile.gettempdir(), "skillstream-sbx-*", "work", name)) == []
+
+
+def test_files_written_to_tmp_shm_and_var_tmp_do_not_outlive_the_run(private_view):
+    name = f"skillstream-test-{secrets.token_hex(4)}"
+    paths = [f"/tmp/{name}", f"/dev/shm/{name}", f"/var/tmp/{name}"]
+    code = (f"import os\nfor path in {paths!r}:\n"
+            "    print(os.listdir(os.path.dirname(path)))\n    open(path, 'w').write('left behind')")
+    try:
+        r = run_python(code)
+        assert r.ok and r.private_fs
+        assert r.stdout == "[]\n" * 3  # each of them empty: the run's own
+        assert [p for p in paths if os.path.exists(p)] == []
+    finally:  # where the code did write the host's dirs
+        for p in paths:
+            if os.path.exists(p):
+                os.remove(p)
+
+
+def test_code_cannot_read_the_callers_tree_or_other_world_readable_files(private_view):
+    repo_file = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    shared = Path(tempfile.mkdtemp())  # like another user's project in a shared directory
+    try:
+        shared.chmod(0o755)
+        (shared / "notes.txt").write_text("not for the sandbox")
+        (shared / "notes.txt").chmod(0o644)
+        readable = [str(repo_file), "/etc/passwd", str(shared / "notes.txt")]
+        code = (f"for path in {readable!r}:\n    try:\n        open(path).read()\n"
+                "        print('read', path)\n    except OSError as e:\n        print(type(e).__name__, path)")
+        r = run_python(code)
+        assert r.stdout.splitlines() == [f"FileNotFoundError {p}" for p in readable]
+    finally:
+        shutil.rmtree(shared)
+    top = json.loads(run_python("import json, os\nprint(json.dumps(os.listdir('/')))").stdout)
+    # no /work, /home, /root, /opt, /mnt: only what the interpreter needs and the run's own dirs
+    assert set(top) <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "sandbox",
+                        "sbin", "tmp", "usr", "var"}
+
+
+def test_without_bubblewrap_it_warns_once_and_uses_the_fallback(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no bwrap to be found
+    sandbox._bubblewrap_check.cache_clear()  # the warning comes once per process: start afresh
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first, second = run_bash("echo hi"), run_bash("echo hi")
+        said = [str(w.message) for w in caught if "bubblewrap" in str(w.message)]
+        assert len(said) == 1 and "apt-get install bubblewrap" in said[0]
+        assert first.stdout == second.stdout == "hi\n" and first.ok and first.network_blocked
+        assert not first.private_fs and not second.private_fs
+        assert sandbox.private_view_unavailable() == "bubblewrap is not installed (no bwrap on PATH)"
+    finally:
+        sandbox._bubblewrap_check.cache_clear()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop only happens when run as root")
@@ -130,7 +232,8 @@ def test_code_cannot_write_outside_its_dir(tmp_path):
     target = tmp_path / "victim.txt"
     os.chmod(tmp_path, 0o755)
     r = run_bash(f"echo pwned > {target}")
-    assert r.returncode != 0 and "Permission denied" in r.stderr
+    # the fallback's uid may not write there; under bwrap the path is not even in its view
+    assert r.returncode != 0 and ("Permission denied" in r.stderr or "No such file" in r.stderr)
     assert not target.exists()
 
 
