@@ -66,7 +66,9 @@ class TrainedModel:
             rows = evaluate_all(self.model, self.tokenizer, self.renderer, tasks, self.config)
         out = {"tasks": {t.name: r for t, r in zip(tasks, rows)}}
         if write:
-            _write_atomic(self.run_dir / "eval.json", json.dumps(out, indent=1))
+            from .run_lock import run_lock
+            with run_lock(self.run_dir):  # not into a run that a train or --resume is writing
+                _write_atomic(self.run_dir / "eval.json", json.dumps(out, indent=1))
         return out
 
 

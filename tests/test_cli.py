@@ -100,6 +100,34 @@ def test_resume_of_something_that_is_not_a_run(tmp_path):
     assert res.returncode == 2 and "not a run directory" in res.stderr
 
 
+def test_resume_accepts_the_command_that_made_the_run(smoke_run):
+    cwd, _, _ = smoke_run
+    # what made it (--smoke, model=tiny) plus the lr it was saved with, spelled another way (0.0005)
+    res = run_cli("train", "quickstart", "--smoke", "--set", "model=tiny", "--set", "train.lr=5e-4", "--resume",
+                  cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    assert "resuming runs/quickstart" in res.stdout
+
+
+@pytest.mark.parametrize("change, saved", [("train.lr=0.001", "train.lr is 0.0005"),
+                                           ("model=smollm2-135m", "model.name is tiny")])
+def test_resume_refuses_a_setting_that_changes_the_run(smoke_run, change, saved):
+    cwd, _, _ = smoke_run
+    res = run_cli("train", "quickstart", "--smoke", "--set", "model=tiny", "--set", change, "--resume", cwd=cwd)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.stderr.strip() == (f"error: --resume: --set {change} changes the saved run ({saved} in "
+                                  f"runs/quickstart/config.yaml); drop it or start a new --out")
+
+
+def test_resume_refuses_smoke_on_a_full_run(smoke_run, tmp_path):
+    _, run, _ = smoke_run
+    (tmp_path / "full").mkdir()  # the smoke run's config as a full run would have saved it
+    (tmp_path / "full" / "config.yaml").write_text((run / "config.yaml").read_text().replace("smoke: true", "smoke: false"))
+    res = run_cli("train", "quickstart", "--out", str(tmp_path / "full"), "--smoke", "--resume", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "--smoke changes the saved run (smoke is false in" in res.stderr
+
+
 @pytest.mark.parametrize("args, message", [(["train", "quickstart", "--bogus"], "No such option: --bogus"),
                                            (["generate"], "Missing")])
 def test_usage_errors_are_one_line_with_status_2(tmp_path, args, message):
