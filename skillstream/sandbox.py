@@ -376,7 +376,11 @@ class _Bubblewrapped:
                 stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
                 pass_fds=(status_w, go_r, info_w),
                 preexec_fn=functools.partial(_child_setup, plan.limits, False, uid))
-        finally:
+        except BaseException:
+            for fd in (self.status_fd, self.go_w, info_r):
+                os.close(fd)
+            raise
+        finally:  # the child's ends: bwrap has them now
             for fd in (status_w, go_r, info_w):
                 os.close(fd)
         self.ns_init = _read_child_pid(info_r, time.monotonic() + plan.timeout_s)
@@ -403,9 +407,10 @@ class _Bubblewrapped:
         bwrap_rc = self.proc.wait()
         if timed_out:
             return -signal.SIGKILL  # what we ended it with
-        if b"\n" not in self.status:
-            return bwrap_rc  # bwrap failed to set up; its stderr says why
-        code = int(self.status.split(b"\n")[0])
+        line = self.status.split(b"\n")[0]
+        if not line.isdigit():
+            return bwrap_rc  # bwrap failed to set up (its stderr says why), or the supervisor died
+        code = int(line)
         # bash reports death by signal N as 128+N; subprocess's convention is -N
         return -(code - 128) if 128 < code < 128 + signal.NSIG else code
 
@@ -414,18 +419,20 @@ def _read_child_pid(info_r: int, deadline: float) -> int | None:
     """bwrap's --info-fd JSON names the host pid of the sandbox's pid 1. None: it wrote
     nothing (it failed, and says why on stderr) or not by the deadline."""
     data = bytearray()
-    with selectors.DefaultSelector() as sel:
-        sel.register(info_r, selectors.EVENT_READ)
-        while time.monotonic() < deadline and sel.select(timeout=max(deadline - time.monotonic(), 0)):
-            chunk = os.read(info_r, 4096)
-            if not chunk:
-                break
-            data += chunk
-    os.close(info_r)
     try:
-        return int(json.loads(data)["child-pid"])
-    except (ValueError, KeyError):
+        with selectors.DefaultSelector() as sel:
+            sel.register(info_r, selectors.EVENT_READ)
+            while sel.select(timeout=max(deadline - time.monotonic(), 0)):
+                chunk = os.read(info_r, 4096)
+                data += chunk
+                try:  # stop at a whole document: bwrap need not close the fd after it
+                    return int(json.loads(data)["child-pid"])
+                except (ValueError, KeyError):
+                    if not chunk:
+                        return None
         return None
+    finally:
+        os.close(info_r)
 
 
 def _parent_of(pid: int) -> int | None:
@@ -448,14 +455,14 @@ def _view_args(plan: _Plan, work: str) -> list[str]:
             args += ["--ro-bind", path, path]
     for name in _ETC_NEEDED:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-    for src, dest in plan.roots:
-        args += ["--ro-bind", src, dest]
     # tmpfs lives in RAM outside RLIMIT_AS; cap each at a few of the largest files allowed
     tmpfs_bytes = str(4 * plan.limits.file_size_mb * 1024 * 1024)
     for path in ("/tmp", "/var/tmp"):
         args += ["--size", tmpfs_bytes, "--tmpfs", path]
-    args += ["--proc", "/proc", "--dev", "/dev", "--size", tmpfs_bytes, "--tmpfs", "/dev/shm",
-             "--bind", work, _VIEW_WORK, "--chdir", _VIEW_WORK,
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", tmpfs_bytes, "--tmpfs", "/dev/shm"]
+    for src, dest in plan.roots:  # after the tmpfs mounts, which would hide a python under /tmp
+        args += ["--ro-bind", src, dest]
+    args += ["--bind", work, _VIEW_WORK, "--chdir", _VIEW_WORK,
              "--unshare-all", "--unshare-user", "--hostname", "sandbox",
              "--die-with-parent", "--new-session", "--as-pid-1"]
     return args

@@ -182,9 +182,9 @@ def test_files_written_to_tmp_shm_and_var_tmp_do_not_outlive_the_run(private_vie
             "    print(os.listdir(os.path.dirname(path)))\n    open(path, 'w').write('left behind')")
     try:
         r = run_python(code)
-        assert r.ok and r.private_fs
-        assert r.stdout == "[]\n" * 3  # each of them empty: the run's own
         assert [p for p in paths if os.path.exists(p)] == []
+        assert r.stdout == "[]\n" * 3  # each of them empty: the run's own
+        assert r.ok and r.private_fs
     finally:  # where the code did write the host's dirs
         for p in paths:
             if os.path.exists(p):
@@ -200,7 +200,8 @@ def test_code_cannot_read_the_callers_tree_or_other_world_readable_files(private
         (shared / "notes.txt").chmod(0o644)
         readable = [str(repo_file), "/etc/passwd", str(shared / "notes.txt")]
         code = (f"for path in {readable!r}:\n    try:\n        open(path).read()\n"
-                "        print('read', path)\n    except OSError as e:\n        print(type(e).__name__, path)")
+                "        print('read', path)\n    except OSError as e:\n"
+                "        print(type(e).__name__, path)")
         r = run_python(code)
         assert r.stdout.splitlines() == [f"FileNotFoundError {p}" for p in readable]
     finally:
