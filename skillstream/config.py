@@ -92,7 +92,8 @@ class DataConfig(_Strict):
                                                      "their inputs, shared by the runs that name it (evaluation/memo.py); within a "
                                                      "run they are remembered without it.")
     validation_fraction: float = Field(0.0, ge=0, lt=1, description="Share of each training source held out for validation (early stopping).")
-    stream: str | None = Field(None, description="A stream folder: one stage per task, every task evaluated after each (replaces stages).")
+    stream: str | None = Field(None, description="A stream folder (one stage per task, every task evaluated after each; replaces stages), "
+                                                 "or offline_skills: the stream the package builds offline from installed data.")
     stream_train_limit: int | None = Field(None, gt=0, description="Training examples per stream task.")
     stream_test_limit: int | None = Field(None, gt=0, description="Test examples per stream task.")
     stream_protocols: list[Literal["exact_match", "accuracy"]] = Field(

@@ -72,6 +72,52 @@ def test_bad_streams_are_named(tmp_path, make, message):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
 
 
+# -- the packaged stream: adaptive_learner runs as installed ------------------------------------
+
+PACKAGED_TASKS = ["request_language", "function_relevance", "call_count"]
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch) -> Path:
+    """A user's working folder far from this repository (no ../shared beside it), with its own cache."""
+    monkeypatch.setenv("SKILLSTREAM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    return tmp_path / "work"
+
+
+def test_adaptive_learner_defaults_to_a_stream_the_package_builds_offline(user_dir):
+    cfg = load_recipe("adaptive_learner")
+    assert cfg.data.stream == "offline_skills"
+    stages = cfg.resolved_stages()
+    assert [st.name for st in stages] == PACKAGED_TASKS
+    folder = Path(stages[0].data.train[0].source).parent
+    assert folder.parent == user_dir.parent / "cache" / "streams" and folder.name.startswith("offline_skills-")
+    assert [t.instruction for t in read_stream(folder)][:2] == ["Which language fits this request?",
+                                                                "Can this function answer the request?"]
+    for task in stages[0].data.eval:  # every row's label is one of its options, in both splits
+        for split in ("train", "test"):
+            examples = load_examples(SourceConfig(source=task.source, split=split))
+            assert len(examples) > 80 and all(ex.completion in ex.options for ex in examples)
+            assert {ex.completion for ex in examples[:2]} == set(examples[0].options)  # the classes alternate
+    assert read_stream("offline_skills")[0].folder == Path(stages[0].data.train[0].source)  # built once, reused
+
+
+def test_adaptive_learner_trains_from_its_default_as_installed(user_dir):
+    run = skillstream.train("adaptive_learner", out=user_dir / "run", smoke=True, show_progress=False,
+                            overrides={"model": "tiny", "report_to": []})
+    assert run.results["tasks"] == PACKAGED_TASKS and len(run.results["matrix"]) == 3
+
+
+def test_a_missing_stream_folder_is_named_with_its_key(user_dir):
+    res = run_cli("train", "adaptive_learner", "--out", str(user_dir / "run"), "--set", "model=tiny",
+                  "--set", "data.stream=my_stream", cwd=user_dir)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert lines[0].startswith("error: data.stream 'my_stream': no such folder (expected a stream folder")
+    assert "offline_skills" in lines[0] and not (user_dir / "run").exists()
+
+
 def test_a_label_missing_from_labels_json_is_named(tmp_path):
     root = _stream(tmp_path)
     (root / "a_topic" / "test.json").write_text(json.dumps([{"sentence": "x", "label": "Weather"}]))

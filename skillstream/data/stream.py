@@ -3,7 +3,8 @@ optional `stream.yaml` giving the order (`tasks: [...]`) and an instruction per 
 (`instructions: {name: ...}`); without it, alphabetical order and a generic instruction.
 
 `--set data.stream=PATH` turns any recipe into one stage per task of the stream, each evaluated
-on every task, so a method runs unchanged on a new stream.
+on every task, so a method runs unchanged on a new stream. `data.stream: offline_skills` is the
+stream the package builds offline from installed data (skillstream/data/packaged_stream.py).
 """
 from __future__ import annotations
 
@@ -25,9 +26,17 @@ class StreamTask:
 
 
 def read_stream(path: str | Path) -> list[StreamTask]:
+    """The tasks of a stream folder, or of a packaged stream named by `path` (`offline_skills`)."""
+    from .packaged_stream import PACKAGED_STREAMS
+
+    if str(path) in PACKAGED_STREAMS:
+        return read_stream(PACKAGED_STREAMS[str(path)]())
     root = Path(path)
+    if not root.exists():
+        raise UserError(f"data.stream {str(root)!r}: no such folder (expected a stream folder: one task folder "
+                        f"per task; or a packaged stream: {', '.join(PACKAGED_STREAMS)})")
     if not root.is_dir():
-        raise UserError(f"data.stream {str(root)!r}: not a folder")
+        raise UserError(f"data.stream {str(root)!r}: is a file, not a stream folder (one task folder per task)")
     spec = {}
     if (root / "stream.yaml").is_file():
         try:
