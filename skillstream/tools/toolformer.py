@@ -214,6 +214,8 @@ def python_tool(timeout_s: float = 5, memory_mb: int = 256) -> Tool:
         except SandboxUnavailable as e:
             raise ToolError(f"sandbox unavailable: {e}") from None
         if not res.ok:
+            if res.leftover_processes and res.returncode == 0 and not res.timed_out:
+                raise ToolError(f"python left {res.leftover_processes} process(es) running (killed)")
             last = (res.stderr.strip().splitlines() or ["failed"])[-1]
             raise ToolError(f"python failed: {last[:100]}")
         return res.stdout.strip()[:200]
