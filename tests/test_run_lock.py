@@ -56,7 +56,7 @@ def test_train_resume_eval_and_export_wait_for_the_holder(finished_run, tmp_path
             line = one_error_line(run_cli(*args, cwd=cwd))
             assert f"{run} is in use by PID {holder.pid}" in line, (args, line)
     finally:
-        holder.kill()
+        holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert not (tmp_path / "exported").exists()
     # the holder's lock died with it: eval goes ahead, and says whose lock it took over
@@ -69,11 +69,13 @@ def test_train_resume_eval_and_export_wait_for_the_holder(finished_run, tmp_path
 def test_a_new_run_takes_over_the_lock_of_a_killed_one(tmp_path):
     run = tmp_path / "run"
     holder = hold(run)
-    assert one_error_line(run_cli("train", "quickstart", "--out", str(run), *TINY, cwd=tmp_path)).endswith(
-        f"in use by PID {holder.pid} (a skillstream train, eval or export holds {run}/.lock): wait for it to end, "
-        f"or stop it")
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
+    try:
+        assert one_error_line(run_cli("train", "quickstart", "--out", str(run), *TINY, cwd=tmp_path)).endswith(
+            f"in use by PID {holder.pid} (a skillstream train, eval or export holds {run}/.lock): wait for it to end, "
+            f"or stop it")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
     assert (run / ".lock").exists()  # left behind by SIGKILL, and no reason to call the folder a run
     res = run_cli("train", "quickstart", "--out", str(run), *TINY, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
