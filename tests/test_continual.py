@@ -2,19 +2,21 @@
 early stopping, and the accuracy-matrix summaries."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
 
 import skillstream
-from skillstream.config import SourceConfig
+from conftest import write_task_folder
+from skillstream.config import SourceConfig, load_recipe
 from skillstream.continual.ewc import EWC, diagonal_fisher, ewc_penalty
 from skillstream.continual.metrics import bwt, fwt, summarize
 from skillstream.continual.neuromod import Neuromodulation
 from skillstream.continual.replay import Replay, ReplayMemory
 from skillstream.data.render import Tokenized
-from skillstream.plugins import StepContext
+from skillstream.plugins import Plugin, StepContext
 
 
 def test_fisher_of_a_quadratic_is_the_mean_squared_per_sample_gradient():
@@ -131,18 +133,41 @@ def _two_task_recipe(sentiment_folder, tmp_path, plugins):
     }
 
 
+class _FisherAfterEachStage(Plugin):
+    """Copies the Fisher of the EWC plugins that run before it, once they have folded in a stage's."""
+
+    name = "fisher_record"
+
+    def __init__(self, *ewcs):
+        self.ewcs, self.seen = ewcs, []
+
+    def after_stage(self, ctx):
+        self.seen.append([{n: f.clone() for n, f in e.fisher.items()} for e in self.ewcs])
+
+
 def test_gamma_gated_ewc_scales_each_tasks_fisher_by_the_mean_gain(sentiment_folder, tmp_path):
-    plain, gated = EWC(lam=10.0, fisher_samples=4), EWC(lam=10.0, fisher_samples=4, gamma_gated=True)
-    recipe = _two_task_recipe(sentiment_folder, tmp_path, [])
-    skillstream.train(recipe, out=tmp_path / "plain", show_progress=False, plugins=[Neuromodulation(), plain])
-    skillstream.train(recipe, out=tmp_path / "gated", show_progress=False, plugins=[Neuromodulation(), gated])
-    assert plain.tasks == gated.tasks == 2
-    # same seed, same data: the same per-task Fisher; gating multiplies it by the gain of that task
-    gains = gated.state_dict()["gains"]
-    assert gains and all(g > 0 for g in gains)
-    k = next(iter(plain.fisher))
-    assert plain.fisher[k].abs().sum() > 0
-    assert not torch.allclose(plain.fisher[k], gated.fisher[k])
+    # One run, two EWCs on the same model: `per_task` (lam 0: adds no gradient, so it changes nothing;
+    # decay 0: its Fisher is exactly the last task's alone) and the gated one under test. The formula
+    # (continual/ewc.py): F <- decay * F + g_t * F_t, with g_t the mean neuromodulation gain of task t.
+    per_task = EWC(lam=0.0, fisher_samples=4, decay=0.0)
+    per_task.name = "ewc_per_task"  # its own slot in checkpoints
+    gated = EWC(lam=10.0, fisher_samples=4, decay=0.5, gamma_gated=True)
+    record = _FisherAfterEachStage(per_task, gated)
+    recipe = _two_task_recipe(sentiment_folder, tmp_path, [])  # log_every 1: every step's gain is logged
+    run = skillstream.train(recipe, out=tmp_path / "run", show_progress=False,
+                            plugins=[Neuromodulation(), per_task, gated, record])
+    records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    gain = {stage: [r["neuromod/gain"] for r in records if r["stage"] == stage] for stage in ("sentiment", "topic")}
+    g1, g2 = (sum(v) / len(v) for v in gain.values())
+    assert all(len(v) == 4 for v in gain.values())
+    # gains that a wrong formula could not match by chance: neither 1 (no gating) nor equal to each other
+    assert abs(g1 - 1) > 0.01 and abs(g2 - 1) > 0.01 and abs(g1 - g2) > 0.01
+    (f1, after_1), (f2, after_2) = record.seen
+    assert sum(float(f.abs().sum()) for f in f2.values()) > 0
+    for n in f1:
+        torch.testing.assert_close(after_1[n], g1 * f1[n], rtol=1e-6, atol=0)
+        torch.testing.assert_close(after_2[n], 0.5 * (g1 * f1[n]) + g2 * f2[n], rtol=1e-6, atol=0)
+    assert gated.fisher.keys() == f1.keys()
 
 
 def test_ewc_and_replay_run_in_a_recipe_and_survive_checkpoints(sentiment_folder, tmp_path):
@@ -160,3 +185,33 @@ def test_ewc_and_replay_run_in_a_recipe_and_survive_checkpoints(sentiment_folder
     _, _, state = checkpoint.load(checkpoint.list_checkpoints(run.run_dir / "checkpoints")[-1])
     assert torch.is_tensor(next(iter(state["plugins"]["ewc"]["fisher"].values())))
     assert len(state["plugins"]["replay"]["items"]) == 4
+
+
+def test_early_stopping_stops_a_stage_of_the_adaptive_learner_recipes_own_length(tmp_path):
+    """The recipe's own stage (150 steps of 8) and early_stop line (patience 3, min_epochs 1) on a task
+    of the recipe's stream_train_limit (500 examples: 450 to train on after the 10% validation
+    hold-out, 56 steps an epoch). Validated once per epoch, the stage would be checked twice; patience
+    3 needs four checks, so it could never stop."""
+    recipe = load_recipe("adaptive_learner")
+    steps, batch = recipe.train.steps, recipe.train.batch_size
+    assert (steps, batch) == (150, 8) and recipe.data.stream_train_limit == 500
+    rng = random.Random(0)
+    words = "red blue green small large quick slow bright dark warm cold soft".split()
+    rows = [{"sentence": " ".join(rng.choice(words) for _ in range(4))} for _ in range(500)]
+    rows = [{**r, "label": "Yes" if "red" in r["sentence"] else "No"} for r in rows]
+    write_task_folder(tmp_path / "stream" / "colours", rows, rows[:20], ["Yes", "No"])
+    # 100x the recipe's learning rate: within a third of the stage the adapter fits what the tiny
+    # backbone (random, frozen embeddings) lets it, and the validation loss stays flat from then on
+    run = skillstream.train("adaptive_learner", out=tmp_path / "run", show_progress=False, overrides={
+        "model": "tiny", "report_to": [], "data.stream": str(tmp_path / "stream"), "train.bf16": False,
+        "train.lr": 3e-2})
+    stage = run.results["stages"][0]
+    assert stage["stopped_early"] and stage["steps"] < steps
+    records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    checks = [(r["step"], r["early_stop/val_loss"]) for r in records if "early_stop/val_loss" in r]
+    # the default cadence: 10 validations a stage, every 150 // 10 = 15 steps
+    assert [s for s, _ in checks] == list(range(15, stage["steps"] + 1, 15))
+    losses, bests = [v for _, v in checks], [r["early_stop/best"] for r in records if "early_stop/best" in r]
+    assert losses[-4] < 0.99 * losses[0]              # it learned first ...
+    assert bests[-1] == bests[-4] == losses[-4]       # ... then three checks in a row without a new best
+    assert stage["steps"] >= 450 // batch             # and not before one epoch (min_epochs 1)

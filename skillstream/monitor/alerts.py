@@ -2,7 +2,7 @@
 models) the firing-rate regulariser. A plugin, usable by every recipe::
 
     plugins:
-      - {name: monitor, loss_max: 10, grad_norm_max: 100, firing_rate_max: 0.5, on_critical: stop}
+      - {name: monitor, grad_norm_max: 100, firing_rate_max: 0.5, on_critical: stop}
 
 Each check runs on every optimizer step; an alert is a line of ``alerts.jsonl`` (``step``,
 ``severity``, ``kind``, ``message``), a line on stderr, and shows in ``skillstream monitor``:
@@ -12,7 +12,9 @@ kind                severity   when
 ==================  =========  ==============================================================
 ``nan_loss``        critical   the loss is NaN or infinite
 ``nan_grad``        critical   the gradient norm is NaN or infinite
-``loss_high``       critical   loss > ``loss_max``
+``loss_high``       critical   loss > ``loss_max`` if set, else (the default) loss > ``loss_factor``
+                               x the mean of the stage's first ``loss_ref_steps`` losses (checked
+                               from the step after them)
 ``loss_spike``      warning    loss > ``spike_factor`` x the mean of the last ``spike_window`` losses
 ``grad_explosion``  warning    gradient norm > ``grad_norm_max``
 ``dead_layer``      critical   a layer's firing rate is exactly 0 (no neuron fired in the step's
@@ -22,10 +24,20 @@ kind                severity   when
                                ``plateau_min_delta`` (relative) below the best before them
 ==================  =========  ==============================================================
 
+Why ``loss_high`` is relative by default: what a high loss is depends on the model and the data.
+An untrained model starts near ln(vocabulary size) -- 10.8 nats for a 49k vocabulary, so any fixed
+bound of 10 fires on its first step -- while a pretrained one fine-tuning starts far lower. Against
+the stage's own first ``loss_ref_steps`` steps (default 10: a mean over several batches, not one
+lucky or unlucky batch) a loss ``loss_factor`` (default 3) times higher means training has made the
+model much worse than where the stage began: it diverged. (``loss_spike`` warns on a jump against the
+recent losses instead.) The reference is kept in checkpoints, so a run resumed mid-stage compares
+with the same level. ``loss_max: 10.0`` (an absolute bound) replaces the relative check.
+
 The same kind is not raised again within ``cooldown`` steps (a dead network would otherwise
 write one line per step). ``on_critical: stop`` ends the run at the first critical alert (after
 writing it: exit status 2 and one line naming it; the checkpoints written before it stay, so
-``--resume`` restarts from the last one -- the roll-back); ``continue`` only records it.
+``--resume`` restarts from the last one -- the roll-back -- or, when none was written yet, starts
+the run over: the line says which); ``continue`` only records it.
 
 Firing rates come from models that expose ``last_firing_rates`` (one float per layer, the mean
 over the forward's neurons and positions; :class:`skillstream.models.bdh_lm.BDHForCausalLM` for
@@ -41,6 +53,7 @@ from collections import deque
 
 import torch
 
+from ..checkpoint import resume_hint
 from ..errors import UserError
 from ..plugins import Plugin, StepContext
 
@@ -55,13 +68,20 @@ def _unwrap(model):
 class Monitor(Plugin):
     name = "monitor"
 
-    def __init__(self, loss_max: float = 10.0, grad_norm_max: float = 100.0, firing_rate_max: float = 0.5,
+    def __init__(self, loss_max: float | None = None, loss_factor: float = 3.0, loss_ref_steps: int = 10,
+                 grad_norm_max: float = 100.0, firing_rate_max: float = 0.5,
                  spike_factor: float = 2.0, spike_window: int = 20, plateau_window: int = 500,
                  plateau_min_delta: float = 0.01, cooldown: int = 50, on_critical: str = "continue",
                  rate_weight: float = 0.0, target_rate: float = 0.1, **context):
         if on_critical not in ("continue", "stop"):
             raise UserError(f"monitor.on_critical {on_critical!r}: expected 'continue' or 'stop'")
+        if loss_factor <= 1 or loss_ref_steps < 1:
+            raise UserError(f"monitor: loss_factor {loss_factor} must be above 1 and loss_ref_steps "
+                            f"{loss_ref_steps} at least 1")
         self.loss_max, self.grad_norm_max, self.firing_rate_max = loss_max, grad_norm_max, firing_rate_max
+        self.loss_factor, self.loss_ref_steps = loss_factor, loss_ref_steps
+        self.loss_ref: list[float] = []         # the current stage's first loss_ref_steps losses
+        self.loss_ref_stage: str | None = None
         self.spike_factor, self.spike_window = spike_factor, spike_window
         self.plateau_window, self.plateau_min_delta = plateau_window, plateau_min_delta
         self.cooldown, self.on_critical = cooldown, on_critical
@@ -84,6 +104,10 @@ class Monitor(Plugin):
             (run_dir / ALERTS).touch()  # present and empty when nothing went wrong
         self.losses.clear()
         self.history = []
+        # a stage resumed mid-way keeps the reference of its first steps (restored from the
+        # checkpoint); re-measuring it on the resumed, already lower losses would tighten the bound
+        if ctx.step == 0 or self.loss_ref_stage != ctx.stage:
+            self.loss_ref, self.loss_ref_stage = [], ctx.stage
         self.halted = False  # a resumed run starts again from its last checkpoint
 
     def loss_term(self, ctx: StepContext, batch: dict, outputs) -> torch.Tensor | None:
@@ -112,13 +136,24 @@ class Monitor(Plugin):
 
     def state_dict(self) -> dict:
         return {"last_raised": self.last_raised, "global_step": self.global_step, "halted": self.halted,
-                "counts": self.counts}
+                "counts": self.counts, "loss_ref": self.loss_ref, "loss_ref_stage": self.loss_ref_stage}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_raised = dict(state.get("last_raised", {}))
         self.global_step = state.get("global_step", 0)
         self.halted = state.get("halted", False)
         self.counts = dict(state.get("counts", {}))
+        self.loss_ref, self.loss_ref_stage = list(state.get("loss_ref", [])), state.get("loss_ref_stage")
+
+    def loss_bound(self) -> tuple[float, str] | None:
+        """The loss above which ``loss_high`` fires, and how it was set; None while the stage's
+        reference steps are still being measured."""
+        if self.loss_max is not None:
+            return self.loss_max, "loss_max"
+        if len(self.loss_ref) < self.loss_ref_steps:
+            return None
+        ref = sum(self.loss_ref) / len(self.loss_ref)
+        return self.loss_factor * ref, f"{self.loss_factor} x the mean {ref:.3f} of the stage's first {len(self.loss_ref)} steps"
 
     # -- checks ---------------------------------------------------------------------------------
     def check(self, ctx: StepContext, loss: float | None, grad_norm: float | None,
@@ -144,8 +179,11 @@ class Monitor(Plugin):
             if not math.isfinite(loss):
                 alert("critical", "nan_loss", f"loss is {loss}")
             else:
-                if loss > self.loss_max:
-                    alert("critical", "loss_high", f"loss {loss:.3f} > {self.loss_max}")
+                bound = self.loss_bound()
+                if bound is not None and loss > bound[0]:
+                    alert("critical", "loss_high", f"loss {loss:.3f} > {bound[0]:.3f} ({bound[1]})")
+                if len(self.loss_ref) < self.loss_ref_steps:
+                    self.loss_ref.append(loss)
                 if len(self.losses) >= min(5, self.losses.maxlen):
                     mean = sum(self.losses) / len(self.losses)
                     if loss > self.spike_factor * mean:
@@ -174,7 +212,9 @@ class Monitor(Plugin):
             if hot:
                 alert("warning", "saturation", f"firing rate > {self.firing_rate_max} in layer(s) {', '.join(hot)}")
         if self.halted:
+            run_dir = ctx.extras.get("run_dir")
+            # what --resume would do depends on whether a checkpoint was written before this step
+            where = f"; see alerts.jsonl, and {resume_hint(run_dir / 'checkpoints')}" if run_dir is not None else ""
             raise UserError(f"run stopped by a critical alert at step {ctx.step} of stage {ctx.stage!r} "
-                            f"({', '.join(k for k in raised)}; monitor.on_critical: stop); see alerts.jsonl, "
-                            "and --resume continues from the last checkpoint")
+                            f"({', '.join(k for k in raised)}; monitor.on_critical: stop){where}")
         return raised
