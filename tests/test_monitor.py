@@ -1,5 +1,6 @@
 """`skillstream monitor` through a pseudo-terminal, as a person watching a run sees it: one frame of a
-finished run, following a run while it logs until its results.json appears, and bad input."""
+finished run, following a run while it logs until its results.json appears, and bad input. Then the
+monitor plugin's loss bound (relative to the stage's first losses) and what its stop message says."""
 from __future__ import annotations
 
 import json
@@ -15,9 +16,16 @@ from fcntl import ioctl
 from pathlib import Path
 from termios import TIOCSWINSZ
 
+import pytest
+
+import skillstream
 from conftest import run_cli
+from skillstream import checkpoint
+from skillstream.errors import UserError
+from skillstream.monitor.alerts import Monitor
 from skillstream.monitor.live import Follower, sparkline
-from skillstream.monitor.metrics_log import MetricsLog
+from skillstream.monitor.metrics_log import ALERTS, MetricsLog
+from skillstream.plugins import StepContext
 from skillstream.report.rundata import fmt
 from test_report import make_run
 
@@ -123,3 +131,75 @@ def test_sparkline():
     assert sparkline([2.0, 2.0]) == "▁▁"
     assert sparkline([]) == ""
     assert len(sparkline([float(i) for i in range(100)], width=10)) == 10
+
+
+# -- the monitor plugin (skillstream/monitor/alerts.py) ---------------------------------------------
+def _monitored(task: Path, monitor: dict, steps: int) -> dict:
+    return {"name": "monitored", "model": "tiny", "report_to": [], "seed": 0,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"steps": steps, "batch_size": 2, "log_every": 1, "bf16": False, "lr": 1e-3, "checkpoint_every": 1},
+            "data": {"max_length": 96, "train": [{"source": str(task)}],
+                     "eval": [{"name": "t", "source": str(task), "metric": "accuracy"}]},
+            "plugins": [{"name": "monitor", **monitor}]}
+
+
+def _alerts(run_dir: Path) -> list[tuple]:
+    return [(a["step"], a["severity"], a["kind"]) for a in map(json.loads, (run_dir / ALERTS).read_text().splitlines())]
+
+
+def test_an_untrained_large_vocabulary_model_starts_above_10_nats_and_raises_no_loss_high(sentiment_folder, tmp_path):
+    # the tiny test model has SmolLM2's 49k-token vocabulary: untrained, its loss is about ln(49152) = 10.8,
+    # above the old fixed `loss_max: 10`; the default bound is 3x the stage's own first 10 losses
+    run = skillstream.train(_monitored(sentiment_folder, {"on_critical": "stop"}, steps=15), out=tmp_path / "run",
+                            show_progress=False)
+    losses = [json.loads(line)["loss"] for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 15 and losses[0] > 10
+    assert "loss_high" not in [kind for _, _, kind in _alerts(run.run_dir)]
+
+
+def test_loss_high_is_relative_to_the_stages_first_losses_unless_loss_max_is_set():
+    raised = []
+
+    def ctx(stage="s", step=0):
+        return StepContext(None, stage, 0, step, 100, alert=lambda sev, kind, msg: raised.append((kind, msg)))
+
+    def feed(mon, losses, stage="s"):
+        raised.clear()
+        for loss in losses:
+            mon.check(ctx(stage), loss, 1.0, None)
+        return [kind for kind, _ in raised]
+
+    mon = Monitor(spike_factor=100.0, cooldown=0)  # the spike warning stays out of the way
+    mon.before_stage(ctx())
+    assert feed(mon, [2.0] * 10 + [5.9]) == []                    # the reference: mean 2.0, bound 6.0
+    assert feed(mon, [6.1]) == ["loss_high"]
+    assert raised[0][1] == "loss 6.100 > 6.000 (3.0 x the mean 2.000 of the stage's first 10 steps)"
+    mon.before_stage(ctx("t"))                                    # a new stage measures its own start
+    assert feed(mon, [0.5] * 10 + [1.6], "t") == ["loss_high"]
+    resumed = Monitor(spike_factor=100.0, cooldown=0)           # ... which a resumed run keeps
+    resumed.load_state_dict(mon.state_dict())
+    resumed.before_stage(ctx("t", step=40))
+    assert feed(resumed, [1.4, 1.6], "t") == ["loss_high"]
+    absolute = Monitor(loss_max=10.0)                             # an explicit bound, from the first step
+    absolute.before_stage(ctx())
+    assert feed(absolute, [10.8]) == ["loss_high"] and raised[0][1] == "loss 10.800 > 10.000 (loss_max)"
+
+
+def test_a_critical_stop_says_what_resume_would_do(sentiment_folder, tmp_path):
+    # stopped at its first step: no checkpoint was written, so --resume cannot roll back to one
+    with pytest.raises(UserError) as stop:
+        skillstream.train(_monitored(sentiment_folder, {"loss_max": 5.0, "on_critical": "stop"}, steps=4),
+                          out=tmp_path / "early", show_progress=False)
+    assert _alerts(tmp_path / "early") == [(1, "critical", "loss_high")]
+    assert str(stop.value) == ("run stopped by a critical alert at step 1 of stage 'main' (loss_high; "
+                               "monitor.on_critical: stop); see alerts.jsonl, and no checkpoint was written yet, "
+                               "so --resume starts the run over")
+    # in a run that has written checkpoints, the same stop names the one --resume continues from
+    run = skillstream.train(_monitored(sentiment_folder, {}, steps=2), out=tmp_path / "later", show_progress=False)
+    last = checkpoint.list_checkpoints(run.run_dir / "checkpoints")[-1]
+    mon = Monitor(on_critical="stop")
+    with pytest.raises(UserError) as stop:
+        mon.check(StepContext(None, "main", 0, 3, 10, alert=lambda *a: None, extras={"run_dir": run.run_dir}),
+                  float("nan"), 1.0, None)
+    assert str(stop.value).endswith(f"(nan_loss; monitor.on_critical: stop); see alerts.jsonl, and "
+                                    f"--resume continues from {last}")
