@@ -62,6 +62,13 @@ def test_early_stopping_ends_a_task_whose_validation_loss_stops_improving(tmp_pa
 @pytest.mark.parametrize("make, message", [
     (lambda root: root.mkdir(), "no task folders"),
     (lambda root: write_task_folder(root / "t", [], [], ["A"]).joinpath("labels.json").unlink(), "has no labels.json"),
+    (lambda root: (write_task_folder(root / "t", [], [], ["A"]), (root / "stream.yaml").write_text("tasks: [t, t]")),
+     "'t' is listed twice"),
+    (lambda root: (write_task_folder(root / "t", [], [], ["A"]), (root / "stream.yaml").write_text("tasks: t")),
+     "tasks: expected a list of task folder names"),
+    (lambda root: (write_task_folder(root / "t", [], [], ["A"]),
+                   (root / "stream.yaml").write_text("instructions: [Answer.]")),
+     "instructions: expected a mapping of task name to instruction"),
 ])
 def test_bad_streams_are_named(tmp_path, make, message):
     make(tmp_path / "s")

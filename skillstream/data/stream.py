@@ -51,10 +51,18 @@ def read_stream(path: str | Path) -> list[StreamTask]:
             raise UserError(f"{p}: task folder has no labels.json (the list of options)")
     tasks_here = {p.name: p for p in folders if (p / "labels.json").is_file()}
     order = spec.get("tasks") or sorted(tasks_here)
+    if not isinstance(order, list) or not all(isinstance(t, str) for t in order):
+        raise UserError(f"{root / 'stream.yaml'}: tasks: expected a list of task folder names, got {order!r}")
+    repeated = sorted({t for t in order if order.count(t) > 1})
+    if repeated:
+        raise UserError(f"{root / 'stream.yaml'}: tasks: {repeated[0]!r} is listed twice; each task must appear once")
     if not order:
         raise UserError(f"data.stream {str(root)!r}: no task folders (subfolders with train.json, test.json, labels.json)")
     missing = [t for t in order if t not in tasks_here]
     if missing:
         raise UserError(f"{root / 'stream.yaml'}: tasks {missing} have no task folder in {root}")
     instructions = spec.get("instructions") or {}
+    if not isinstance(instructions, dict):
+        raise UserError(f"{root / 'stream.yaml'}: instructions: expected a mapping of task name to instruction, "
+                        f"got {type(instructions).__name__}")
     return [StreamTask(t, tasks_here[t], instructions.get(t, GENERIC_INSTRUCTION)) for t in order]
