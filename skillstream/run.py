@@ -51,29 +51,32 @@ def resolve_run_dir(cfg_name: str, out: str | Path | None) -> Path:
     return Path(out) if out else Path("runs") / cfg_name
 
 
+def _shown(value: Any) -> str:
+    """A config value as it would be typed after --set."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _first_difference(saved: Any, new: Any, key: str = "") -> tuple[str, Any] | None:
+    """(dotted key, saved value) of the first leaf where two config dumps differ."""
+    if isinstance(saved, dict) and isinstance(new, dict):
+        for k in [*saved, *(k for k in new if k not in saved)]:
+            d = _first_difference(saved.get(k, "not set"), new.get(k, "not set"), f"{key}.{k}" if key else k)
+            if d is not None:
+                return d
+        return None
+    if isinstance(saved, list) and isinstance(new, list) and len(saved) == len(new):
+        for i, (a, b) in enumerate(zip(saved, new)):
+            d = _first_difference(a, b, f"{key}.{i}")
+            if d is not None:
+                return d
+        return None
+    return None if saved == new else (key, saved)
+
+
 def check_run_dir(run_dir: Path, resume: bool, overrides: dict | None, smoke: bool = False) -> None:
     """--resume needs a run directory, and takes --set / --smoke only where they repeat its saved
     config (re-running the same command resumes); a new run needs an empty or new one."""
     from .run_lock import LOCK_FILE
-
-    def shown(value: Any) -> str:  # as it would be typed after --set
-        return value if isinstance(value, str) else json.dumps(value)
-
-    def first_difference(saved: Any, new: Any, key: str = "") -> tuple[str, Any] | None:
-        """(dotted key, saved value) of the first leaf where two config dumps differ."""
-        if isinstance(saved, dict) and isinstance(new, dict):
-            for k in [*saved, *(k for k in new if k not in saved)]:
-                d = first_difference(saved.get(k, "not set"), new.get(k, "not set"), f"{key}.{k}" if key else k)
-                if d is not None:
-                    return d
-            return None
-        if isinstance(saved, list) and isinstance(new, list) and len(saved) == len(new):
-            for i, (a, b) in enumerate(zip(saved, new)):
-                d = first_difference(a, b, f"{key}.{i}")
-                if d is not None:
-                    return d
-            return None
-        return None if saved == new else (key, saved)
 
     if resume:
         saved_file = run_dir / "config.yaml"
@@ -83,12 +86,12 @@ def check_run_dir(run_dir: Path, resume: bool, overrides: dict | None, smoke: bo
         saved = load_recipe(saved_raw).model_dump(mode="json")
         # each one alone on the saved config, validated as load_recipe would (train.lr=5e-4 is a saved
         # 0.0005; model=tiny is a saved model.name tiny), so that a refusal names the key it is about
-        changes = [(f"--set {k}={shown(v)}", {k: v}, False) for k, v in (overrides or {}).items()]
+        changes = [(f"--set {k}={_shown(v)}", {k: v}, False) for k, v in (overrides or {}).items()]
         changes += [("--smoke", {}, True)] if smoke else []
         for flag, override, smoke_flag in changes:
-            differs = first_difference(saved, load_recipe(saved_raw, override, smoke_flag).model_dump(mode="json"))
+            differs = _first_difference(saved, load_recipe(saved_raw, override, smoke_flag).model_dump(mode="json"))
             if differs is not None:
-                raise UserError(f"--resume: {flag} changes the saved run ({differs[0]} is {shown(differs[1])} "
+                raise UserError(f"--resume: {flag} changes the saved run ({differs[0]} is {_shown(differs[1])} "
                                 f"in {saved_file}); drop it or start a new --out")
     elif run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):  # the lock is not the run's
         raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it or --out for a new one")
