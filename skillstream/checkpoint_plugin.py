@@ -106,7 +106,7 @@ class BestFinalCheckpoints(Plugin):
             return {}
         out = {}
         for name, its in items:
-            loss = validation_loss(ctx.model, ctx.extras["objective"], its, ctx.extras["pad_id"], self.batch_size)
+            loss = validation_loss(ctx.model, ctx.objective, its, ctx.pad_id, self.batch_size)
             out[f"val/{name}/loss"] = loss
             out[f"val/{name}/bits"] = loss / math.log(2)
         val = sum(out[f"val/{n}/loss"] for n, _ in items) / len(items)
@@ -120,12 +120,10 @@ class BestFinalCheckpoints(Plugin):
         return out
 
     def _main(self, ctx) -> bool:
-        acc = ctx.extras.get("accelerator")
-        return acc is None or acc.is_main_process
+        return ctx.accelerator is None or ctx.accelerator.is_main_process
 
     def _run_dir(self, ctx) -> Path | None:
-        d = ctx.extras.get("run_dir")
-        return Path(d) if d is not None else None
+        return Path(ctx.run_dir) if ctx.run_dir is not None else None
 
     def _append(self, ctx, record: dict) -> None:
         run_dir = self._run_dir(ctx)
@@ -138,7 +136,7 @@ class BestFinalCheckpoints(Plugin):
         if run_dir is None or not self._main(ctx):
             return
         from safetensors.torch import save_model
-        acc = ctx.extras.get("accelerator")
+        acc = ctx.accelerator
         model = acc.unwrap_model(ctx.model) if acc is not None else ctx.model
         root = run_dir / CHECKPOINTS
         from .checkpoint import require_finite

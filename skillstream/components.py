@@ -4,6 +4,9 @@
     objective: {name: dpo, beta: 0.1}                # with keyword arguments
     plugins: [{name: mypkg.plugins:MyPlugin, k: 1}]  # anything importable (torchtune's _component_)
 
+An objective must subclass skillstream.objectives.base.Objective and a plugin skillstream.plugins.Plugin:
+the engine calls every part of their contract, never probing for one.
+
 Registries are plain dicts of name -> "module:attr" strings, imported only when used, so a
 recipe that never names PPO never imports it.
 """
@@ -56,9 +59,14 @@ def resolve(name: str, registry: dict[str, str], what: str) -> Any:
         raise UserError(f"{what} {name!r}: cannot import {target} ({e})") from None
 
 
-def build(spec, registry: dict[str, str], what: str, **context):
-    """Instantiate a component from a ComponentConfig; `context` passes run objects (tokenizer...)."""
+def build(spec, registry: dict[str, str], what: str, base: type, **context):
+    """Instantiate a component from a ComponentConfig; `context` passes run objects (tokenizer...).
+    `base`: the contract class the component must subclass (Objective, Plugin), so the engine can
+    call every part of it without probing."""
     cls = resolve(spec.name, registry, what)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        shown = cls.__name__ if isinstance(cls, type) else repr(cls)
+        raise UserError(f"{what} {spec.name!r}: {shown} must subclass {base.__module__}.{base.__qualname__}")
     kwargs = dict(spec.model_extra or {})
     try:
         return cls(**kwargs, **context) if context else cls(**kwargs)

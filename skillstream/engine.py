@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .curriculum.schedules import lr_factor
 from .data.batching import BatchPlan, Position
 from .monitor.progress import Progress
+from .objectives.base import Objective
 from .plugins import Plugin, StepContext
 from .step_health import StepCounts, StepHealth
 
@@ -48,8 +49,8 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
 
-def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cfg: TrainConfig, stage: str,
-                stage_index: int, state: StageState, plugins: list[Plugin], log, pad_id: int,
+def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: BatchPlan, cfg: TrainConfig,
+                stage: str, stage_index: int, state: StageState, plugins: list[Plugin], log, pad_id: int,
                 checkpoint: Callable[[StageState], None], show_progress: bool = True, vocab_size: int,
                 global_step: int = 0) -> StageState:
     """`global_step`: optimizer steps of the run before this stage's step 0 (earlier stages, earlier
@@ -60,17 +61,16 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
     run_dir = getattr(log, "run_dir", None)
     ctx = StepContext(model, stage, stage_index, state.step, cfg.steps,
                       alert=lambda sev, kind, msg: log.alert(state.step, sev, kind, msg),
-                      extras={"plan": plan, "objective": objective, "pad_id": pad_id, "accelerator": accelerator,
-                              "validation": getattr(plan, "validation", []), "grad_accum": cfg.grad_accum,
-                              "run_dir": run_dir})
+                      plan=plan, objective=objective, pad_id=pad_id, accelerator=accelerator,
+                      validation=getattr(plan, "validation", []), grad_accum=cfg.grad_accum, run_dir=run_dir)
     for p in plugins:
         p.before_stage(ctx)
     batches = plan.iterate(state.position)
     progress = Progress(cfg.steps, stage, state.step, enabled=show_progress and accelerator.is_main_process)
     model.train()
     window_tokens, window_t0 = 0, time.time()
-    weigh = getattr(objective, "loss_weight", None) if world > 1 else None
     while state.step < cfg.steps:
+        ctx.signals.clear()  # signals live one step: a reader before its publisher fails, never reads a stale value
         lr = cfg.lr * lr_factor(state.step, cfg)
         for p in plugins:
             lr *= p.lr_scale(ctx)
@@ -91,7 +91,8 @@ def train_stage(*, accelerator, model, optimizer, objective, plan: BatchPlan, cf
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 and world > 1 else _null()
             # several processes: each loss is weighted by its process's share of what it averages over
             # (tokens for lm/sft), so the averaged gradient is that of the global batch as one process has it
-            share = _share(accelerator, weigh(batch)) if weigh is not None else 1.0
+            weight = objective.loss_weight(batch) if world > 1 else None
+            share = _share(accelerator, weight) if weight is not None else 1.0
             with sync, accelerator.autocast():
                 loss, metrics, outputs = objective(model, batch)
                 loss = loss * share if share != 1.0 else loss

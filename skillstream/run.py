@@ -29,8 +29,9 @@ from .evaluation.memo import EvalMemo
 from .evaluation.suite import evaluate_all
 from .model_setup import attach_lora, bf16_enabled  # attach_lora is also imported from here by tests and benches
 from .monitor.metrics_log import ALERTS, METRICS, MetricsLog, rewrite_jsonl
+from .plugins import Plugin
 from .run_files import _finish, _write_atomic
-from .stages import PreparedStage, _begin_stage, _build_sources, prepare_stages
+from .stages import PreparedStage, _build_sources, prepare_stages
 
 
 @dataclass
@@ -131,7 +132,7 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
         renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
         context = {"tokenizer": tok, "renderer": renderer, "recipe": cfg}
         stages, eval_tasks = prepare_stages(cfg, renderer, context)
-        plugins = [build(p, PLUGINS, "plugin", **context) for p in cfg.plugins] + list(plugins or [])
+        plugins = [build(p, PLUGINS, "plugin", Plugin, **context) for p in cfg.plugins] + list(plugins or [])
         if cfg.experts is not None:
             from .experts.stream_run import check_stream_recipe
             check_stream_recipe(cfg, stages, eval_tasks, dist.num_processes)
@@ -205,7 +206,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
         start_stage = state["stage_index"] + (1 if state["stage_done"] else 0)
         objective = stages[state["stage_index"]].objective
         objective.load_state_dict(state.get("objective", {}))
-        _begin_stage(objective, model)
+        objective.begin_stage(model)
         begun.add(state["stage_index"])
         _load_trainables(_checkpoint_params(model, objective), weights)
         if not state["stage_done"]:
@@ -234,7 +235,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
         if st.data is not None and st.plan is None:
             _build_sources(st, cfg, run_dir, model, tok, renderer, accelerator)
         if si not in begun:
-            _begin_stage(st.objective, model)
+            st.objective.begin_stage(model)
         optimizer = build_optimizer(list(_all_trainables(model, st.objective).values()), st.train_cfg)
         if optimizer_state is not None and si == start_stage and stage_state:
             optimizer.load_state_dict(optimizer_state)
@@ -294,9 +295,10 @@ def _score_heldout(results: dict, st: PreparedStage, when: str, model, tok, rend
         return None
     scores = results.setdefault("heldout", {}).setdefault(st.name, {})
     if when not in scores:
-        if hasattr(st.objective, "implicit_rewards"):  # DPO: TRL's eval rewards/* against the stage's reference,
-            # and the preference metric from the same policy pass over the pairs
-            rewards = st.objective.implicit_rewards(model, examples, renderer, tok.pad_token_id, cfg.data.eval_batch_size)
+        # DPO: TRL's eval rewards/* against the stage's reference, and the preference metric from the
+        # same policy pass over the pairs; other objectives: the preference metric alone
+        rewards = st.objective.implicit_rewards(model, examples, renderer, tok.pad_token_id, cfg.data.eval_batch_size)
+        if rewards is not None:
             own = rewards.pop("ranking")
             scores[when] = {"score": own["preference_accuracy"], "metric": "preference_accuracy", **own, "rewards": rewards}
         else:

@@ -13,13 +13,14 @@ from .data.examples import load_examples
 from .data.render import Renderer
 from .errors import UserError
 from .evaluation.suite import EvalTask, prepare_eval_tasks
+from .objectives.base import Objective
 
 
 @dataclass
 class PreparedStage:
     name: str
     train_cfg: Any
-    objective: Any
+    objective: Objective
     plan: BatchPlan | None
     truncated: int
     n_examples: int
@@ -32,7 +33,7 @@ def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tupl
     for name, data_cfg, train_cfg, objective_cfg in cfg.resolved_stages():
         if train_cfg.steps and not data_cfg.train:
             raise UserError(f"stage {name!r}: data.train is empty but train.steps is {train_cfg.steps}")
-        objective = build(objective_cfg, OBJECTIVES, "objective", **context)
+        objective = build(objective_cfg, OBJECTIVES, "objective", Objective, **context)
         if any(src.build for src in data_cfg.train):  # made on the model as it is when the stage begins
             for src in data_cfg.train:
                 if src.build:
@@ -104,10 +105,3 @@ def _build_sources(st: PreparedStage, cfg, run_dir: Path, model, tok, renderer, 
         accelerator.wait_for_everyone()
     st.plan, st.truncated, st.n_examples = _plan(cfg, st.data, st.train_cfg, st.objective, renderer, run_dir)
     st.built = built or None
-
-
-def _begin_stage(objective, model) -> None:
-    """Objectives that fix something from the model when a stage begins (DPO's reference)."""
-    begin = getattr(objective, "begin_stage", None)
-    if begin is not None:
-        begin(model)

@@ -16,6 +16,7 @@ from skillstream.continual.metrics import bwt, fwt, summarize
 from skillstream.continual.neuromod import Neuromodulation
 from skillstream.continual.replay import Replay, ReplayMemory
 from skillstream.data.render import Tokenized
+from skillstream.errors import UserError
 from skillstream.plugins import Plugin, StepContext
 
 
@@ -74,7 +75,7 @@ def test_replay_scoped_to_the_adapter_draws_only_what_that_adapter_trained_on():
 
     def ctx(adapter, stage, items=()):
         return StepContext(SimpleNamespace(active_adapter=adapter), stage, 0, 0, 1, alert=print,
-                           extras={"plan": SimpleNamespace(items=list(items))})
+                           plan=SimpleNamespace(items=list(items)))
 
     plugin = Replay(budget=8, alpha=0.5, seed=0, scope="adapter")
     plugin.after_stage(ctx("expert_0", "chunk_0000", [_item("a", n=5) for _ in range(4)]))
@@ -99,7 +100,7 @@ def test_neuromodulation_gain_is_one_when_nothing_changes_and_rises_on_a_loss_sp
     steady = [nm.after_step(ctx, {"loss": 2.0 + 0.01 * (i % 2), "grad_norm": 1.0})["neuromod/gain"] for i in range(20)]
     assert abs(steady[-1] - 1.0) < 0.6
     spike = nm.after_step(ctx, {"loss": 6.0, "grad_norm": 1.0})["neuromod/gain"]
-    assert spike > 2.5 and spike <= 3.0 and ctx.extras["neuromod/gain"] == spike
+    assert spike > 2.5 and spike <= 3.0 and ctx.signals.read("neuromod/gain", "test") == spike
 
 
 def test_bwt_and_fwt_follow_their_formulas_on_a_hand_made_matrix():
@@ -168,6 +169,16 @@ def test_gamma_gated_ewc_scales_each_tasks_fisher_by_the_mean_gain(sentiment_fol
         torch.testing.assert_close(after_1[n], g1 * f1[n], rtol=1e-6, atol=0)
         torch.testing.assert_close(after_2[n], 0.5 * (g1 * f1[n]) + g2 * f2[n], rtol=1e-6, atol=0)
     assert gated.fisher.keys() == f1.keys()
+
+
+def test_gamma_gated_ewc_listed_before_neuromod_is_refused_at_its_first_step(sentiment_folder, tmp_path):
+    # a step's gain exists once neuromod's after_step has run; ewc listed before it would silently
+    # average the previous steps' gains, so the order is an error naming both plugins
+    recipe = _two_task_recipe(sentiment_folder, tmp_path, [{"name": "ewc", "gamma_gated": True}, {"name": "neuromod"}])
+    with pytest.raises(UserError) as refused:
+        skillstream.train(recipe, out=tmp_path / "run", show_progress=False)
+    assert str(refused.value) == ("plugin 'ewc' reads the signal 'neuromod/gain', which no plugin has published "
+                                  "this step: list 'neuromod' before 'ewc' in plugins:")
 
 
 def test_ewc_and_replay_run_in_a_recipe_and_survive_checkpoints(sentiment_folder, tmp_path):

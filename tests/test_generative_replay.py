@@ -93,7 +93,7 @@ def full_run(tmp_path_factory):
     tok = load_backbone("tiny")[1]
     renderer = Renderer(tok, 128)
     spec = ComponentConfig(**_recipe(stream)["plugins"][0])
-    gr = build(spec, PLUGINS, "plugin", tokenizer=tok, renderer=renderer, recipe=load_recipe(recipe))
+    gr = build(spec, PLUGINS, "plugin", Plugin, tokenizer=tok, renderer=renderer, recipe=load_recipe(recipe))
     relabel, spy = Relabel(gr, tok, renderer), Spy()
     run = train(recipe, out=root / "full", show_progress=False, plugins=[gr, relabel, spy])
     return {"run": run, "stream": stream, "root": root, "spy": spy, "relabel": relabel, "gr": gr, "tok": tok}

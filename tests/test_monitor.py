@@ -199,7 +199,7 @@ def test_a_critical_stop_says_what_resume_would_do(sentiment_folder, tmp_path):
     last = checkpoint.list_checkpoints(run.run_dir / "checkpoints")[-1]
     mon = Monitor(on_critical="stop")
     with pytest.raises(UserError) as stop:
-        mon.check(StepContext(None, "main", 0, 3, 10, alert=lambda *a: None, extras={"run_dir": run.run_dir}),
+        mon.check(StepContext(None, "main", 0, 3, 10, alert=lambda *a: None, run_dir=run.run_dir),
                   float("nan"), 1.0, None)
     assert str(stop.value).endswith(f"(nan_loss; monitor.on_critical: stop); see alerts.jsonl, and "
                                     f"--resume continues from {last}")

@@ -72,7 +72,7 @@ class EarlyStopping(Plugin):
         if self._cadence is None:
             every = self.eval_every or max(1, ctx.total_steps // self.evals_per_stage)
             # the plan's batches per epoch; grad_accum of them make one optimizer step
-            epoch = max(1, len(ctx.extras["plan"].epoch(0)) // max(1, ctx.extras.get("grad_accum", 1)))
+            epoch = max(1, len(ctx.plan.epoch(0)) // max(1, ctx.grad_accum))
             self._cadence = (every, epoch)
         return self._cadence
 
@@ -80,13 +80,13 @@ class EarlyStopping(Plugin):
         return loss < best - max(self.min_delta, self.min_rel_delta * abs(best))
 
     def after_step(self, ctx: StepContext, metrics: dict):
-        items = ctx.extras.get("validation") or []
+        items = ctx.validation
         if not items:
             return None
         every, epoch_steps = self.cadence(ctx)
         if ctx.step % every:
             return None
-        loss = validation_loss(ctx.model, ctx.extras["objective"], items, ctx.extras["pad_id"])
+        loss = validation_loss(ctx.model, ctx.objective, items, ctx.pad_id)
         hist = self.history.setdefault(ctx.stage, [])
         hist.append([ctx.step, loss])
         best_i = 0

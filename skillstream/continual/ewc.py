@@ -4,7 +4,8 @@ After each task the diagonal Fisher information of the trainable (shared) parame
 estimated from per-sample gradients of the log-likelihood — the mean of squared per-example
 gradients, not the square of a batch gradient, which underestimates it. Across tasks it is
 accumulated online: F <- decay * F + g * F_task, where g = 1, or, gamma-gated, the mean
-neuromodulation gain seen while learning the task. The penalty added to the loss is
+neuromodulation gain seen while learning the task (the `neuromod/gain` signal, read every step,
+so neuromod comes before ewc in `plugins:`). The penalty added to the loss is
 lam * sum F * (theta - theta*)^2, whose gradient is 2 * lam * F * (theta - theta*).
 """
 from __future__ import annotations
@@ -69,12 +70,12 @@ class EWC(Plugin):
         return ewc_penalty(_trainables(ctx.model), self.fisher, self.anchor, self.lam)
 
     def after_step(self, ctx, metrics):
-        if "neuromod/gain" in ctx.extras:
-            self._gains.append(float(ctx.extras["neuromod/gain"]))
+        if self.gamma_gated:
+            self._gains.append(float(ctx.signals.read("neuromod/gain", self.name)))
         return None
 
     def after_stage(self, ctx: StepContext) -> None:
-        plan, objective, pad_id = ctx.extras["plan"], ctx.extras["objective"], ctx.extras["pad_id"]
+        plan, objective, pad_id = ctx.plan, ctx.objective, ctx.pad_id
         rng = random.Random(f"{self.seed}:ewc:{ctx.stage_index}")
         picks = rng.sample(range(len(plan.items)), min(self.fisher_samples, len(plan.items)))
         model, params = ctx.model, _trainables(ctx.model)
@@ -94,7 +95,6 @@ class EWC(Plugin):
                        for n, f in task_fisher.items()}
         self.anchor = {n: p.detach().clone() for n, p in params.items()}
         self.tasks += 1
-        ctx.extras["ewc/last_gain"] = gain
 
     def state_dict(self) -> dict:
         return {"fisher": self.fisher, "anchor": self.anchor, "tasks": self.tasks, "gains": self._gains}

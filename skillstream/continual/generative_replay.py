@@ -196,9 +196,9 @@ class GenerativeReplay(Plugin):
         tasks = past_tasks(self.recipe, ctx.stage_index)
         if not tasks:
             return
-        acc = ctx.extras.get("accelerator")
+        acc = ctx.accelerator
         model = acc.unwrap_model(ctx.model) if acc is not None else getattr(ctx.model, "module", ctx.model)
-        objective = ctx.extras["objective"]
+        objective = ctx.objective
         if acc is not None and acc.num_processes > 1:  # written once, by the main process, and shared
             from accelerate.utils import broadcast_object_list
             payload = [self.generate_pool(model, tasks, ctx.stage_index, objective) if acc.is_main_process else None]
@@ -217,7 +217,7 @@ class GenerativeReplay(Plugin):
         k = round(self.alpha * len(items))
         if not self.items or k == 0:
             return items
-        rank = getattr(ctx.extras.get("accelerator"), "process_index", 0) if ctx is not None else 0
+        rank = ctx.accelerator.process_index if ctx is not None and ctx.accelerator is not None else 0
         rng = random.Random(f"{self.seed}:{PREFIX}:{self.stage_index}:{self.draws}:{rank}")
         self.draws += 1
         pool = [item for _, item in self.items]

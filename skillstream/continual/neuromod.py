@@ -5,8 +5,9 @@ running mean and variance (exponential moving averages), so the gain reacts to s
 than to the signal's scale. The drive s = w_nll*z_nll - w_acc*z_acc + w_grad*z_grad + w_ent*z_ent
 is positive when the model meets something harder than usual, and
     gain = scale ** tanh(s)        in [1/scale, scale], 1 when nothing is unusual.
-Gamma-gated EWC reads the gain (consolidate more what was learned under high gain), and with
-`modulate_lr` the learning rate is multiplied by gain ** lr_power.
+Gamma-gated EWC reads the gain as the `neuromod/gain` signal (consolidate more what was learned
+under high gain; ewc comes after neuromod in `plugins:`), and with `modulate_lr` the learning rate
+is multiplied by gain ** lr_power.
 """
 from __future__ import annotations
 
@@ -51,9 +52,6 @@ class Neuromodulation(Plugin):
         self.z = {k: RunningZ(momentum) for k in SIGNALS}
         self.gain = 1.0
 
-    def before_stage(self, ctx: StepContext) -> None:
-        ctx.extras["neuromod/gain"] = self.gain
-
     def lr_scale(self, ctx: StepContext) -> float:
         return self.gain ** self.lr_power if self.modulate_lr else 1.0
 
@@ -64,7 +62,7 @@ class Neuromodulation(Plugin):
                 z = self.z[name].update(float(metrics[key]))
                 drive += self.weights[name] * (-z if name == "accuracy" else z)
         self.gain = self.scale ** math.tanh(drive)
-        ctx.extras["neuromod/gain"] = self.gain
+        ctx.signals.publish("neuromod/gain", self.gain)
         return {"neuromod/gain": self.gain, "neuromod/drive": drive}
 
     def state_dict(self) -> dict:

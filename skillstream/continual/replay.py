@@ -101,7 +101,7 @@ class Replay(Plugin):
 
     def after_stage(self, ctx: StepContext) -> None:
         rng = random.Random(f"{self.seed}:replay-fill:{ctx.stage_index}")
-        self.memory.add(list(ctx.extras["plan"].items), self._prefix(ctx) + ctx.stage, rng)
+        self.memory.add(list(ctx.plan.items), self._prefix(ctx) + ctx.stage, rng)
 
     def state_dict(self) -> dict:
         return {"draws": self.draws, "seen": self.memory.seen,

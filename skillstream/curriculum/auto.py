@@ -270,11 +270,11 @@ class AutoCurriculum(Plugin):
 
     # -- hooks ----------------------------------------------------------------------------------
     def before_stage(self, ctx: StepContext) -> None:
-        plan = ctx.extras.get("plan")
+        plan = ctx.plan
         self.active = plan is not None and len(plan.sources) >= 2 and (self.stages is None or ctx.stage in self.stages)
         if not self.active:
             return
-        self.plan, self.pad_id = plan, ctx.extras.get("pad_id", 0)
+        self.plan, self.pad_id = plan, ctx.pad_id
         self.samples = [self._take_sample(i, ctx.stage) for i in range(len(plan.sources))]  # seeded: same on resume
         if self.state.get("stage") == ctx.stage and self.state.get("history"):  # resumed mid-stage
             plan.set_weights(self.state["weights"])

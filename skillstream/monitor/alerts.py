@@ -97,8 +97,7 @@ class Monitor(Plugin):
 
     # -- hooks ----------------------------------------------------------------------------------
     def before_stage(self, ctx: StepContext) -> None:
-        run_dir = ctx.extras.get("run_dir")
-        acc = ctx.extras.get("accelerator")
+        run_dir, acc = ctx.run_dir, ctx.accelerator
         if run_dir is not None and (acc is None or acc.is_main_process):
             from .metrics_log import ALERTS
             (run_dir / ALERTS).touch()  # present and empty when nothing went wrong
@@ -212,7 +211,7 @@ class Monitor(Plugin):
             if hot:
                 alert("warning", "saturation", f"firing rate > {self.firing_rate_max} in layer(s) {', '.join(hot)}")
         if self.halted:
-            run_dir = ctx.extras.get("run_dir")
+            run_dir = ctx.run_dir
             # what --resume would do depends on whether a checkpoint was written before this step
             where = f"; see alerts.jsonl, and {resume_hint(run_dir / 'checkpoints')}" if run_dir is not None else ""
             raise UserError(f"run stopped by a critical alert at step {ctx.step} of stage {ctx.stage!r} "

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..data.examples import Example
 from ..data.render import IGNORE, Renderer
 from ..errors import UserError
+from .base import Objective
 from .lm import _plain_head_parts
 from .reference import Reference
 
@@ -125,12 +126,10 @@ def _unwrap(model):
     return getattr(model, "module", model)  # DDP
 
 
-class DPOObjective:
-    """DPO / IPO / hinge on preference pairs; see the module doc. Follows the objective protocol
-    of :class:`skillstream.objectives.lm.LMObjective`, plus ``begin_stage(model)``."""
+class DPOObjective(Objective):
+    """DPO / IPO / hinge on preference pairs; see the module doc."""
 
     name = "dpo"
-    token_cross_entropy = False  # a preference / policy loss: no uniform-guess value
 
     def __init__(self, beta: float = 0.1, loss: str = "sigmoid", reference: str = "auto", sft_weight: float = 0.0,
                  **context):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..data.batching import collate
 from ..data.render import IGNORE
+from .base import Objective
 
 
 def _plain_head_parts(model):
@@ -55,27 +56,11 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]):
     return F.cross_entropy(logits, targets[keep]), logits.detach(), targets[keep]
 
 
-class LMObjective:
-    """Loss = mean next-token cross-entropy over trainable tokens (completion or assistant turns).
-
-    The objective protocol every objective follows (DPO, PPO... add their own):
-      tokenize(example, renderer) -> item      what the batch plan groups and shuffles
-      collate(items, pad_id) -> batch          tensors for one micro-batch
-      __call__(model, batch) -> (loss, metrics, outputs)
-      extra_parameters() -> {name: Parameter}  trainables outside the model (a value head...)
-      loss_weight(batch) -> int                optional: what the loss is a mean over (here labelled
-                                               tokens); with several processes each one's loss is
-                                               weighted by its share, so the result is the global mean
-      state_dict() / load_state_dict(state)    JSON-able state that rides in checkpoints
-      token_cross_entropy: bool                whether the loss is a mean token cross-entropy (the
-                                               engine then knows its uniform-guess value, ln(vocab))
-    """
+class LMObjective(Objective):
+    """Loss = mean next-token cross-entropy over trainable tokens (completion or assistant turns)."""
 
     name = "lm"
     token_cross_entropy = True
-
-    def __init__(self, **context):
-        pass
 
     def tokenize(self, example, renderer):
         return renderer.tokenize(example)
@@ -83,17 +68,8 @@ class LMObjective:
     def collate(self, items, pad_id: int):
         return collate(items, pad_id)
 
-    def extra_parameters(self) -> dict:
-        return {}
-
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def __call__(self, model, batch: dict[str, torch.Tensor]):
         loss, logits, targets = causal_lm_loss(model, batch)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from .base import Objective
 from .lm import _plain_head_parts
 from .reference import Reference
 from .rewards import Sample, parse_rewards
@@ -166,7 +167,7 @@ class PromptItem:
 DEFAULT_REWARDS = {"bash_structure": 1.0}
 
 
-class PPOObjective:
+class PPOObjective(Objective):
     """Clipped PPO with a value head, GAE over generated tokens and a KL penalty to the reference.
 
     Arguments (recipe `objective: {name: ppo, ...}`; defaults follow TRL's PPOConfig where it has one):
@@ -187,7 +188,6 @@ class PPOObjective:
     """
 
     name = "ppo"
-    token_cross_entropy = False  # a preference / policy loss: no uniform-guess value
 
     def __init__(self, rewards=None, max_new_tokens: int = 32, temperature: float = 0.7, top_p: float = 1.0,
                  ppo_epochs: int = 4, num_mini_batches: int = 1, gamma: float = 1.0, lam: float = 0.95,
