@@ -177,11 +177,10 @@ def relative_depths(depth) -> tuple[float, ...]:
 
 class RouterConfig(_Strict):
     kind: Literal["linear", "mlp"] = Field("linear", description="Router head over pooled backbone features.")
-    # Defaults measured on SmolLM2-135M (bench/RESULTS.md, 2026-11-23 09:10): the dylora_moe router,
-    # trained the same way on either feature, routed 40 held-out prompts per skill 0.855 with the last
-    # token at 0.4 depth and 0.717 with the final layer's mean (which sent most "call" prompts to
-    # "decline"). Middle layers carry more linearly readable task information than the last one,
-    # which is shaped for the next token. bench/router_features compares poolings and depths.
+    # Defaults: middle layers carry more linearly readable task information than the last one, which
+    # is shaped for the next token, and the last token (where the answer starts) routed held-out
+    # prompts better than the final layer's mean (bench/RESULTS.md: "dylora_moe with the new router
+    # features"). bench/router_features compares poolings and depths.
     pooling: Literal["mean", "last"] = Field("last", description="Router features: the backbone's hidden states averaged over the prompt's tokens, or at its last token (where the answer starts).")
     depth: float | list[float] = Field(0.4, description="Router features come from this fraction of the backbone's layers (1.0: the final output; 0.4: after 40% of the layers); a list of fractions concatenates the features of each, every block normalised on its own.")
     lr: float = Field(1e-2, gt=0, description="Router learning rate (Adam).")
