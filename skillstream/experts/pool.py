@@ -31,6 +31,7 @@ import torch
 from peft import LoraConfig, PeftModel
 
 from ..errors import UserError
+from ..files import write_atomic
 from .mixing import lora_layers
 
 POOL_FILE = "pool.json"
@@ -243,9 +244,7 @@ class ExpertPool:
                 os.replace(written, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        meta = directory / f".{POOL_FILE}.tmp"
-        meta.write_text(json.dumps(self.metadata(), indent=1))
-        os.replace(meta, directory / POOL_FILE)
+        write_atomic(directory / POOL_FILE, json.dumps(self.metadata(), indent=1))
         # adapter folders of experts pruned since an earlier save would read as experts: remove them
         for stale in directory.iterdir():
             if stale.is_dir() and stale.name not in self.records and (stale / "adapter_config.json").is_file():

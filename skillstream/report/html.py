@@ -7,6 +7,7 @@ from html import escape
 from pathlib import Path
 from typing import Callable
 
+from ..files import write_atomic
 from . import plots
 from .rundata import RunData, fmt, load_run
 from .sections import RUN_SECTIONS, Section, duration, merged, table
@@ -60,9 +61,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None, warn: Callable[[
     out = Path(out)
     page = _single(runs[0]) if len(runs) == 1 else _compare(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)  # never leave a half-written page where a browser may be reading it
+    write_atomic(out, page)  # never a half-written page where a browser may be reading it
     return out
 
 

@@ -18,7 +18,6 @@ it does not change with file order, the categories loaded, or a new release that
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import itertools
 import re
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 from ..data.readers import read_file
 from ..errors import UserError
 from ..evaluation.tool_ast import answer_to_calls
+from ..files import package_dir
 from .calls import calls_to_message
 
 CATEGORIES = {
@@ -41,10 +41,7 @@ DECLINE = "None of the given functions fits this request."  # the target answer 
 
 
 def data_dir() -> Path:
-    spec = importlib.util.find_spec("bfcl_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("BFCL data needs the package bfcl-eval (pip install --no-deps bfcl-eval==2026.3.23)")
-    return Path(spec.submodule_search_locations[0]) / "data"
+    return package_dir("bfcl_eval", "bfcl-eval==2026.3.23", "BFCL data") / "data"
 
 
 def split_of(example_id: str) -> str:

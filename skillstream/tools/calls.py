@@ -140,7 +140,7 @@ def _to_call(item) -> ToolCall:
     return _call_from_object(item)
 
 
-def _parse_payload(text: str) -> tuple[list[ToolCall], list[str]]:
+def parse_payload(text: str) -> tuple[list[ToolCall], list[str]]:
     """One call or a list of calls, as JSON or as Python; each bad call is one error."""
     try:
         items = _payload_items(text.strip())
@@ -201,7 +201,7 @@ def _inline_segments(text: str) -> list[tuple[str, object]]:
         if m.start() > pos:
             segments.append(("text", text[pos : m.start()]))
         if m.group(1) is not None:
-            calls, errors = _parse_payload(m.group(1))
+            calls, errors = parse_payload(m.group(1))
             if len(calls) == 1 and not errors:
                 segments.append(("call", calls[0]))
             else:
@@ -327,7 +327,7 @@ def parse_model_output(text: str) -> ParsedOutput:
     if blocks:
         calls, errors = [], []
         for m in blocks:
-            found, bad = _parse_payload(m.group(2))
+            found, bad = parse_payload(m.group(2))
             calls.extend(found)
             errors.extend(bad)
         return ParsedOutput(calls, errors + _unclosed(text, _TAGS))
@@ -340,5 +340,5 @@ def parse_model_output(text: str) -> ParsedOutput:
         body = fenced.group(1).strip()
     if not _LOOKS_LIKE_CALL.match(body):
         return ParsedOutput([], [])
-    calls, errors = _parse_payload(body)
+    calls, errors = parse_payload(body)
     return ParsedOutput(calls, errors)

@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .calls import ToolCall, _parse_payload, render_call
+from ..files import write_jsonl
+from .calls import ToolCall, parse_payload, render_call
 
 
 class ToolError(Exception):
@@ -356,7 +357,7 @@ def propose(model, tok, tool: Tool, context: str, text: str, positions: int, thr
     for off, _ in sorted(best):
         for payload in sample_calls(model, tok, prompt + " " + text[:off] + " <tool>", samples):
             stats["proposed"] += 1
-            calls, errors = _parse_payload(payload)
+            calls, errors = parse_payload(payload)
             if len(calls) == 1 and not errors and calls[0].name == tool.name:
                 stats["parsed"] += 1
                 out.append(Candidate(off, calls[0]))
@@ -449,13 +450,7 @@ def run_file(inp: Path, out: Path, model_name: str, tau: float, tool_names: list
     tools = default_tools(tool_names)
     model, tok = load_backbone(model_name, seed=seed)
     result = augment_rows(model, tok, rows, tools, renderer=Renderer(tok, 4096), seed=seed, tau=tau, **kwargs)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w") as f:
-        for r in result:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    write_jsonl(out, result)
     totals: dict[str, int] = {}
     for r in result:
         for k, v in r["stats"].items():
