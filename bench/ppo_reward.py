@@ -95,7 +95,7 @@ def load_run(spec: str):
 
 
 def answers(trained, examples, renderer, max_new_tokens: int, batch_size: int, temperature: float, seed: int):
-    from skillstream.evaluation.runner import generate
+    from skillstream.evaluation.generation import generate
 
     torch.manual_seed(seed)  # every run samples from the same generator state
     return generate(trained.model, trained.tokenizer, [renderer.prompt_text(ex) for ex in examples], max_new_tokens,

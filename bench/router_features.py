@@ -48,13 +48,13 @@ def skill_prompts(recipe: str, model: str, n_train: int, n_test: int):
 @torch.no_grad()
 def layer_features(model, tok, renderer, examples, depths: list[float], max_length: int) -> dict:
     """{(pooling, depth): (n, hidden)} from one forward per prompt (batch 1: no padding at all)."""
-    from skillstream.experts.router import _body, _decoder_layers
+    from skillstream.experts.router import decoder_layers, transformer_body
 
-    body = _body(model)
-    n_layers = len(_decoder_layers(body))
+    body = transformer_body(model)
+    n_layers = len(decoder_layers(body))
     feats: dict[tuple[str, float], list[torch.Tensor]] = {}
     raw_last = {}  # hidden_states[-1] is the final *normed* output; the router reads the last layer's raw one
-    handle = _decoder_layers(body)[-1].register_forward_hook(
+    handle = decoder_layers(body)[-1].register_forward_hook(
         lambda module, args, output: raw_last.update(h=output[0] if isinstance(output, tuple) else output))
     try:
         for ex in examples:

@@ -28,7 +28,7 @@ class TrainedModel:
         self.instruction = (first.instruction if first else None) or (builtin[1] if builtin else None)
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None) -> str:
-        from .evaluation.runner import generate
+        from .evaluation.generation import generate
         ex = Example("prompt_completion", prompt=prompt, instruction=self.instruction)
         gen = self.config.generation
         with self._routing() as routing:

@@ -265,7 +265,7 @@ def test_held_chunks_go_to_the_new_expert_only_if_they_resemble_it():
     from types import SimpleNamespace
 
     from skillstream.experts.signals import SimilarityWeights, TaskSignal
-    from skillstream.experts.stream_run import _assign_held
+    from skillstream.experts.stream_run import assign_held_chunks
 
     def sig(direction):
         v = torch.tensor(direction, dtype=torch.float)
@@ -280,11 +280,11 @@ def test_held_chunks_go_to_the_new_expert_only_if_they_resemble_it():
                 "best": "expert_0", "best_sim": best_sim}
 
     # chunk 4 was a dip of the old skill (0.8 to expert_0, 0 to the new chunk); chunk 5 is the new skill
-    plan = _assign_held(life, {"decision": "create", "expert": "expert_1"}, new_skill,
-                        [held(4, old_skill, 0.8), held(5, new_skill, 0.1)])
+    plan = assign_held_chunks(life, {"decision": "create", "expert": "expert_1"}, new_skill,
+                              [held(4, old_skill, 0.8), held(5, new_skill, 0.1)])
     assert {k: [c for c, _, _ in v] for k, v in plan.items()} == {"expert_0": [4], "expert_1": [5]}
     # novelty that did not last: each held chunk returns to the expert it was closest to
-    plan = _assign_held(life, {"decision": "reuse", "expert": "expert_2"}, old_skill, [held(4, new_skill, 0.3)])
+    plan = assign_held_chunks(life, {"decision": "reuse", "expert": "expert_2"}, old_skill, [held(4, new_skill, 0.3)])
     assert list(plan) == ["expert_0"]
 
 

@@ -17,7 +17,7 @@ def test_cached_option_scores_equal_one_forward_per_option():
 
 
 def test_option_scores_read_from_the_generation_cache_equal_a_separate_pass():
-    from skillstream.evaluation.runner import generate, generate_and_score
+    from skillstream.evaluation.generation import generate, generate_and_score
 
     model, tok = load_backbone("tiny", seed=1)
     model.eval()

@@ -13,9 +13,8 @@ from ..config import SourceConfig
 from ..errors import UserError
 from .builtin import BUILTINS, builtin_source
 from .readers import Row, read_file, read_split, read_text
+from .stream import GENERIC_INSTRUCTION
 from .tool_chat import check_tool_calls, check_tools
-
-GENERIC_INSTRUCTION = "Choose the correct option."
 
 
 @dataclass

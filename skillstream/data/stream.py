@@ -14,8 +14,9 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
-from .examples import GENERIC_INSTRUCTION
 from .readers import read_text
+
+GENERIC_INSTRUCTION = "Choose the correct option."  # a classification task without an instruction of its own
 
 
 @dataclass

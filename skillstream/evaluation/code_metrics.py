@@ -15,6 +15,7 @@ import numpy as np
 
 from ..data.examples import Example
 from ..errors import UserError
+from .generation import generate
 
 CODE_BLOCK = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)(?:```|\Z)", re.S)
 SAMPLE_TEMPERATURE = 0.8
@@ -55,8 +56,6 @@ def require_test_examples(task: str, examples: list[Example]) -> None:
 
 def evaluate_unit_tests(model, tok, renderer, examples: list[Example], batch_size: int, max_new_tokens: int,
                         samples: int = 1) -> dict:
-    from .runner import generate
-
     prompts = [renderer.prompt_text(ex) for ex in examples]
     temperature = 0.0 if samples == 1 else SAMPLE_TEMPERATURE
     answers = [generate(model, tok, prompts, max_new_tokens, batch_size, temperature=temperature)

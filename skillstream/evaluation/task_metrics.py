@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import re
 
+from .generation import generate
+
 KNOWN_UTILITIES = frozenset("""
 awk basename bash bc bunzip2 bzip2 cat cd chgrp chmod chown cksum cmp column comm cp cpio crontab csplit
 cut date dd df diff dirname du echo egrep env expand export expr false fgrep file find fmt fold free
@@ -105,7 +107,6 @@ def bash_extras(outputs: list[str], commands: list[str]) -> dict:
 
 def evaluate_generated(kind: str, model, tok, renderer, examples, batch_size: int, max_new_tokens: int) -> dict:
     """Generate greedily for every example and score with ``kind`` ('function_call' | 'final_answer')."""
-    from .runner import generate
     outputs = generate(model, tok, [renderer.prompt_text(ex) for ex in examples], max_new_tokens, batch_size)
     out = score_function_calls(outputs, examples) if kind == "function_call" else score_final_answers(outputs, examples)
     out["samples"] = [{"prompt": ex.prompt[-300:], "output": o[:300], "references": [ex.completion[:300]]}

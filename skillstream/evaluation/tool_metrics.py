@@ -27,6 +27,7 @@ import math
 from ..data.examples import Example
 from ..errors import UserError
 from ..tools.calls import parse_model_output
+from .generation import generate
 from .tool_ast import argument_accuracy, check, tool_selection_correct
 
 Z95 = 1.959964
@@ -130,8 +131,6 @@ def _count(kinds) -> dict:
 
 
 def evaluate_tool_calls(model, tok, renderer, examples: list[Example], batch_size: int, max_new_tokens: int) -> dict:
-    from .runner import generate
-
     outputs = generate(model, tok, [renderer.prompt_text(ex) for ex in examples], max_new_tokens, batch_size)
     out = score_outputs(outputs, examples)
     out["samples"] = [{"prompt": next((m.get("content") or "" for m in reversed(ex.messages[:-1])

@@ -20,9 +20,8 @@ from __future__ import annotations
 import json
 import math
 import random
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,28 +29,17 @@ from safetensors.torch import load_file, save_file
 
 from ..config import relative_depths
 from ..errors import UserError
+from ..models.modes import eval_mode
 from .mixing import backbone_only
 
 ROUTER_WEIGHTS, ROUTER_CONFIG = "router.safetensors", "router.json"
 TRAINER_WEIGHTS, TRAINER_CONFIG = "router_trainer.safetensors", "router_trainer.json"
 
 
-def _body(model: torch.nn.Module) -> torch.nn.Module:
+def transformer_body(model: torch.nn.Module) -> torch.nn.Module:
     """The transformer without its LM head (the head's vocabulary-sized matmul is not needed)."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(hf, getattr(hf, "base_model_prefix", ""), hf)
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off while measuring (features and signals must not depend on the training mode)."""
-    modes = [(m, m.training) for m in model.modules()]  # restored per module: a frozen part may stay in eval
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -66,7 +54,7 @@ class _Reached(Exception):
     """Raised by the hook on the deepest chosen layer: the layers above it are not computed."""
 
 
-def _decoder_layers(body: torch.nn.Module) -> torch.nn.ModuleList:
+def decoder_layers(body: torch.nn.Module) -> torch.nn.ModuleList:
     n = getattr(getattr(body, "config", None), "num_hidden_layers", None)
     layers = getattr(body, "layers", None)
     if isinstance(layers, torch.nn.ModuleList):
@@ -91,7 +79,7 @@ def _hidden_at(body: torch.nn.Module, depths: tuple[float, ...], **inputs) -> li
     if all(d >= 1.0 for d in depths):
         out = body(**inputs).last_hidden_state
         return [out for _ in depths]
-    layers = _decoder_layers(body)
+    layers = decoder_layers(body)
     index = {d: min(len(layers), max(1, round(d * len(layers)))) - 1 for d in depths if d < 1.0}
     seen: dict[int, torch.Tensor] = {}
     stop_at = None if any(d >= 1.0 for d in depths) else max(index.values())
@@ -139,7 +127,7 @@ def pooled_features(model: torch.nn.Module, batch: dict, pooling: str = "mean",
     # (training) give the same features
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     with backbone_only(model), eval_mode(model):
-        hidden = _hidden_at(_body(model), depths, input_ids=batch["input_ids"], attention_mask=mask,
+        hidden = _hidden_at(transformer_body(model), depths, input_ids=batch["input_ids"], attention_mask=mask,
                             position_ids=positions, use_cache=False)
     pool = masked_mean if pooling == "mean" else last_real
     return torch.cat([pool(h.float(), mask) for h in hidden], dim=-1)

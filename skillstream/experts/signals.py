@@ -40,8 +40,9 @@ from safetensors.torch import load_file, save_file
 from ..data.batching import collate
 from ..data.examples import Example
 from ..data.render import IGNORE, Renderer, Tokenized
+from ..models.modes import eval_mode
 from .mixing import backbone_only
-from .router import eval_mode, masked_mean
+from .router import masked_mean
 
 
 @dataclass

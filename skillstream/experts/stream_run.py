@@ -197,7 +197,7 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
                 for g in expert_groups(life.pool, record["expert"], train_cfg0.weight_decay):
                     optimizer.add_param_group({**g, "lr": train_cfg0.lr, "betas": train_cfg0.betas})
             name = record["expert"]
-            plan = _assign_held(life, record, signal, state["pending"])
+            plan = assign_held_chunks(life, record, signal, state["pending"])
             plan.setdefault(name, []).append((chunk.index, signal, features))
             state["pending"] = []
             for target in sorted(plan, key=lambda n: n == name):  # the decided expert trains last
@@ -242,7 +242,7 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
                           time.time() - t_stream, main)
 
 
-def _assign_held(life: Lifecycle, record: dict, signal, held: list[dict]) -> dict[str, list]:
+def assign_held_chunks(life: Lifecycle, record: dict, signal, held: list[dict]) -> dict[str, list]:
     """Where the held-back chunks go once a decision is taken: {expert: [(chunk, signal, features)]}.
 
     On "create", a held chunk joins the new expert if it is at least as close to the chunk that

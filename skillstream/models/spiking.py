@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from .bdh import BDH, BDHConfig, BDHState, masked_lm_loss
+from .modes import eval_mode
 
 __all__ = ["SpikingBDHConfig", "SpikingBDH", "spike_fast_sigmoid", "lif_scan"]
 
@@ -185,22 +186,20 @@ class SpikingBDH(BDH):
         """Set each layer's x/y thresholds (layer by layer) so that the firing rate on ``idx``
         is ``target_rate``; returns the measured rates after calibration."""
         target = self.config.target_rate if target_rate is None else target_rate
-        was_training = self.training
-        self.eval()
-        for level in range(self.config.n_layer):
-            for pop in range(2):
-                lo, hi = self.thresholds[level, pop].item() / 8, self.thresholds[level, pop].item() * 8
-                for _ in range(iters):  # geometric bisection: rate decreases with the threshold
-                    mid = math.sqrt(lo * hi)
-                    self.thresholds[level, pop] = mid
-                    self._run(idx)
-                    if float(self._rates[level][pop]) > target:
-                        lo = mid
-                    else:
-                        hi = mid
-                self.thresholds[level, pop] = math.sqrt(lo * hi)
-        self._run(idx)
-        self.train(was_training)
+        with eval_mode(self):
+            for level in range(self.config.n_layer):
+                for pop in range(2):
+                    lo, hi = self.thresholds[level, pop].item() / 8, self.thresholds[level, pop].item() * 8
+                    for _ in range(iters):  # geometric bisection: rate decreases with the threshold
+                        mid = math.sqrt(lo * hi)
+                        self.thresholds[level, pop] = mid
+                        self._run(idx)
+                        if float(self._rates[level][pop]) > target:
+                            lo = mid
+                        else:
+                            hi = mid
+                    self.thresholds[level, pop] = math.sqrt(lo * hi)
+            self._run(idx)
         return self.last_firing_rates
 
     # --------------------------------------------------------------- core
