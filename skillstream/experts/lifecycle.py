@@ -18,6 +18,7 @@ import math
 import torch
 
 from ..config import ExpertsConfig, PhaseConfig
+from ..curriculum.schedules import warmup_stable_decay
 from ..plugins import Plugin, StepContext
 from .novelty import NoveltyDetector
 from .pool import ExpertPool, ExpertRecord, MaturityRule
@@ -44,13 +45,9 @@ def phase_lr(step: int, seeding: PhaseConfig, consolidation: PhaseConfig) -> flo
         period = n / seeding.cycles
         t = (step % period) / period
         return lo + (hi - lo) * (1 - abs(2 * t - 1))
-    if seeding.warmup_steps and step < seeding.warmup_steps:
-        return hi * (step + 1) / seeding.warmup_steps
-    decay = max(1, round(seeding.decay_fraction * n))
-    start = n - decay
-    if step < start:
-        return hi
-    return hi + (lo - hi) * (step - start + 1) / decay
+    decay = max(1, round(seeding.decay_fraction * n))  # the last `decay` seeding steps: the last one is at lo
+    return warmup_stable_decay(step, warmup_steps=seeding.warmup_steps, decay_start=n - decay - 1, decay_steps=decay,
+                               peak=hi, end=lo)
 
 
 class ExpertLR(Plugin):
