@@ -30,8 +30,9 @@ from .evaluation.suite import evaluate_all
 from .model_setup import attach_lora, bf16_enabled  # attach_lora is also imported from here by tests and benches
 from .monitor.metrics_log import ALERTS, METRICS, MetricsLog, rewrite_jsonl
 from .plugins import Plugin
-from .run_files import _finish, _write_atomic
-from .stages import PreparedStage, _build_sources, prepare_stages
+from .files import write_atomic
+from .run_files import finish_run
+from .stages import PreparedStage, build_sources, prepare_stages
 
 
 @dataclass
@@ -145,7 +146,7 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
         if dist.is_main_process:
             ckpt.clean_temporaries(ckpt_dir)
             if not resume:
-                _write_atomic(run_dir / "config.yaml", recipe_to_yaml(cfg))
+                write_atomic(run_dir / "config.yaml", recipe_to_yaml(cfg))
             copy_inherited_files(cfg, run_dir)  # init_from's files built by stages this run skips (pairs.jsonl)
 
         if cfg.lora is not None:
@@ -233,7 +234,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
             model.set_adapter(st.name)  # only this stage's expert trains
         state = stage_state if (si == start_stage and stage_state) else StageState()
         if st.data is not None and st.plan is None:
-            _build_sources(st, cfg, run_dir, model, tok, renderer, accelerator)
+            build_sources(st, cfg, run_dir, model, tok, renderer, accelerator)
         if si not in begun:
             st.objective.begin_stage(model)
         optimizer = build_optimizer(list(_all_trainables(model, st.objective).values()), st.train_cfg)
@@ -281,7 +282,7 @@ def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accel
                                   **({"heldout": heldout} if heldout else {})})
         save(state, done=True)
 
-    final = _finish(cfg, run_dir, model, eval_tasks, results) if main else {}
+    final = finish_run(cfg, run_dir, model, eval_tasks, results) if main else {}
     accelerator.wait_for_everyone()
     return Run(run_dir, cfg, final)
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from .config import RecipeConfig
 from .continual.metrics import summarize
 from .data.examples import skipped_rows
+from .files import write_atomic
 
 EXPERTS = "experts"
 DEFAULT_EXPERT = "default"
@@ -18,12 +19,6 @@ FULL_MODEL = "model"  # recipes with lora: null save the whole model here (safet
 
 if TYPE_CHECKING:
     from .evaluation.suite import EvalTask
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def expert_names(cfg: RecipeConfig) -> list[str]:
@@ -52,7 +47,8 @@ def save_model_files(model, run_dir: Path, lora: bool) -> None:
     os.replace(tmp, final)
 
 
-def _finish(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask], results: dict) -> dict:
+def finish_run(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask], results: dict) -> dict:
+    """What a finished run leaves: its model files and results.json (the accuracy-matrix summary), returned."""
     save_model_files(model, run_dir, lora=cfg.lora is not None)
 
     names = [t.name for t in eval_tasks]
@@ -65,7 +61,7 @@ def _finish(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask],
                   "skipped_rows": skipped_rows(cfg),  # rows dropped under data.invalid_labels=skip, per file
                   "evaluations_remembered": remembered(results)})
     final.update(protocol_summaries(names, results))
-    _write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
+    write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
     return final
 
 

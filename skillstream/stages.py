@@ -13,6 +13,7 @@ from .data.examples import load_examples
 from .data.render import Renderer
 from .errors import UserError
 from .evaluation.suite import EvalTask, prepare_eval_tasks
+from .models.modes import eval_mode
 from .objectives.base import Objective
 
 
@@ -83,7 +84,7 @@ def _hold_out(sources: list[list], fraction: float, seed: int) -> tuple[list[lis
     return kept, held
 
 
-def _build_sources(st: PreparedStage, cfg, run_dir: Path, model, tok, renderer, accelerator) -> None:
+def build_sources(st: PreparedStage, cfg, run_dir: Path, model, tok, renderer, accelerator) -> None:
     """Run the stage's data builders (once: a file already written is reused on resume), then plan."""
     built = {}
     for src in st.data.train:
@@ -94,13 +95,9 @@ def _build_sources(st: PreparedStage, cfg, run_dir: Path, model, tok, renderer, 
             print(f"stage {st.name!r}: using {out} (built earlier)", flush=True)
         elif accelerator.is_main_process:
             fn = resolve(src.build.name, BUILDERS, "builder")
-            was_training = model.training
-            model.eval()
-            try:
+            with eval_mode(model):
                 built[src.source] = fn(out, model=model, tokenizer=tok, renderer=renderer, recipe=cfg,
                                        **dict(src.build.model_extra or {}))
-            finally:
-                model.train(was_training)
             print(f"stage {st.name!r}: built {out}: {built[src.source]}", flush=True)
         accelerator.wait_for_everyone()
     st.plan, st.truncated, st.n_examples = _plan(cfg, st.data, st.train_cfg, st.objective, renderer, run_dir)

@@ -12,7 +12,8 @@ from .data.examples import Example
 from .data.render import Renderer
 from .errors import UserError
 from .evaluation.suite import evaluate_all, prepare_eval_tasks
-from .run_files import DEFAULT_EXPERT, EXPERTS, FULL_MODEL, _write_atomic
+from .files import write_atomic
+from .run_files import DEFAULT_EXPERT, EXPERTS, FULL_MODEL
 
 
 class TrainedModel:
@@ -68,7 +69,7 @@ class TrainedModel:
         if write:
             from .run_lock import run_lock
             with run_lock(self.run_dir):  # not into a run that a train or --resume is writing
-                _write_atomic(self.run_dir / "eval.json", json.dumps(out, indent=1))
+                write_atomic(self.run_dir / "eval.json", json.dumps(out, indent=1))
         return out
 
 

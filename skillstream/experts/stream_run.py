@@ -30,8 +30,10 @@ from ..engine import StageState, train_stage
 from ..errors import UserError
 from ..evaluation.memo import EvalMemo, adds_nothing
 from ..evaluation.runner import evaluate_examples
+from ..files import write_atomic
 from ..monitor.metrics_log import ALERTS, METRICS, rewrite_jsonl
 from ..monitor.progress import Progress
+from ..run_files import EXPERTS, protocol_summaries, remembered
 from .lifecycle import Lifecycle, chunk_steps, expert_groups
 from .routed import routed
 
@@ -314,8 +316,6 @@ def _oracle_row(life, tok, renderer, tasks, cfg, oracle: dict[str, str], results
 
 
 def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, decisions, state, seconds, main) -> dict:
-    from ..run_files import EXPERTS, _write_atomic, protocol_summaries, remembered
-
     results = state["results"]
     # the expert trained on each skill: the one that trained most of its chunks (ties: the first)
     skill_expert = {int(s): Counter(names).most_common(1)[0][0] for s, names in state["assignments"].items()}
@@ -363,5 +363,5 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
         life.router.save(run_dir / ROUTER_DIR)
         from .signals import save_profiles
         save_profiles(run_dir / ROUTER_DIR, life.profiles)
-        _write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
+        write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
     return final
