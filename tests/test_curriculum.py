@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from skillstream.curriculum.auto import (AutoCurriculum, _example_losses, alignment_matrix, alignment_update,
-                                         difficulty_update, exp3_update, hardest_weights, normalise, per_example_loss,
+from skillstream.curriculum.auto import (AutoCurriculum, alignment_matrix, alignment_update, difficulty_update,
+                                         example_losses, exp3_update, hardest_weights, normalise, per_example_loss,
                                          progress_update, sample_gradient)
 from skillstream.data.batching import BatchPlan, Position, collate
 from skillstream.data.render import Tokenized
@@ -159,11 +159,11 @@ def test_sample_gradient_is_the_gradient_of_the_mean_loss_and_leaves_grad_alone(
     g = sample_gradient(model, items, tok.pad_token_id, batch_size=2)   # two batches, summed
     assert all(p.grad is None for p in params)                          # the optimizer's .grad untouched
     model.eval()
-    _example_losses(model, collate(items, tok.pad_token_id)).mean().backward()
+    example_losses(model, collate(items, tok.pad_token_id)).mean().backward()
     expected = torch.cat([p.grad.flatten() for p in params])
     torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
     assert per_example_loss(model, items, tok.pad_token_id) == pytest.approx(
-        _example_losses(model, collate(items, tok.pad_token_id)).tolist(), rel=1e-5)
+        example_losses(model, collate(items, tok.pad_token_id)).tolist(), rel=1e-5)
 
 
 def _train_easy_and_noise(tmp_path, mixing: str, steps: int) -> None:

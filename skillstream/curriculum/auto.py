@@ -56,11 +56,11 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..data.batching import collate
-from ..data.render import IGNORE
 from ..errors import UserError
+from ..models.modes import eval_mode
+from ..objectives.lm import labelled_nll
 from ..plugins import Plugin, StepContext
 
 MIXINGS = ("uniform", "fixed", "difficulty", "bandit", "alignment", "hardest")
@@ -134,38 +134,21 @@ def source_names(sources) -> list[str]:
     return names
 
 
-def _example_losses(model, batch) -> torch.Tensor:
+def example_losses(model, batch) -> torch.Tensor:
     """(batch,) mean next-token loss of each row on its labelled tokens (differentiable)."""
-    from ..objectives.lm import _plain_head_parts
-
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    parts = _plain_head_parts(model)
-    if parts is not None:
-        decoder, head = parts
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = head(hidden[:, :-1][keep]).float()
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep].float()
-    token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
-    row = keep.nonzero()[:, 0]
-    sums = torch.zeros(keep.shape[0], device=token_loss.device, dtype=token_loss.dtype).index_add(0, row, token_loss)
-    return sums / keep.sum(1).clamp(min=1)
+    sums, counts = labelled_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return sums / counts.clamp(min=1)
 
 
 @torch.no_grad()
 def per_example_loss(model, items, pad_id: int, batch_size: int = 8) -> list[float]:
     """Mean next-token loss of each item on its labelled tokens (eval mode, no dropout)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with eval_mode(model):
         for i in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
-            out += _example_losses(model, batch).tolist()
-    finally:
-        model.train(was_training)
+            out += example_losses(model, batch).tolist()
     return out
 
 
@@ -177,13 +160,11 @@ def sample_gradient(model, items, pad_id: int, batch_size: int = 8, losses: list
     if not params:
         raise ValueError("sample_gradient: the model has no trainable parameters")
     device = params[0].device
-    was_training = model.training
-    model.eval()
     total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    try:
+    with eval_mode(model):
         for i in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
-            per_example = _example_losses(model, batch)
+            per_example = example_losses(model, batch)
             if losses is not None:
                 losses += per_example.tolist()
             loss = per_example.sum() / len(items)
@@ -191,8 +172,6 @@ def sample_gradient(model, items, pad_id: int, batch_size: int = 8, losses: list
             for t, g in zip(total, grads):
                 if g is not None:
                     t += g.float()
-    finally:
-        model.train(was_training)
     return torch.cat([t.flatten() for t in total])
 
 

@@ -119,13 +119,18 @@ class BatchPlan:
 
 
 def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(t.input_ids) for t in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for i, t in enumerate(items):
-        n = len(t.input_ids)
-        ids[i, :n] = torch.tensor(t.input_ids)
-        labels[i, :n] = torch.tensor(t.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return pad_batch([t.input_ids for t in items], [t.labels for t in items], pad_id)
+
+
+def pad_batch(input_ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Sequences padded on the right to the longest: input_ids (pad_id), labels (IGNORE) and
+    attention_mask (1 on the sequence, 0 on padding), each (len(input_ids), longest)."""
+    width = max(len(s) for s in input_ids)
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+    padded_labels = torch.full((len(input_ids), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for i, (s, lab) in enumerate(zip(input_ids, labels)):
+        ids[i, :len(s)] = torch.tensor(s)
+        padded_labels[i, :len(s)] = torch.tensor(lab)
+        mask[i, :len(s)] = 1
+    return {"input_ids": ids, "labels": padded_labels, "attention_mask": mask}

@@ -5,28 +5,21 @@ log-probability (summed over the continuation's tokens, rendered as the DPO obje
 them) than the rejected one; ``margin``: the mean difference of those log-probabilities. This is
 the model's own ranking, with no reference model: DPO's implicit-reward accuracy
 (``rewards/accuracies``) needs the reference of the stage that trained it, which an evaluation
-after the run does not have.
+after the run does not have. The numbers come from `objectives.dpo.preference_ranking`, which the DPO
+objective also reports beside its implicit rewards.
 """
 from __future__ import annotations
 
 import torch
 
 from ..errors import UserError
-from ..objectives.dpo import DPOObjective, sequence_logps
-from .tool_metrics import wilson
+from ..objectives.dpo import DPOObjective, preference_ranking, sequence_logps
 
 
 def require_preference_examples(task: str, examples) -> None:
     bad = next((e for e in examples if e.kind != "preference"), None)
     if bad is not None:
         raise UserError(f"data.eval[{task}]: metric 'preference' needs prompt/chosen/rejected rows ({bad.where} is {bad.kind})")
-
-
-def ranking(margins: list[float]) -> dict:
-    """The metric from each pair's log-probability difference (chosen minus rejected)."""
-    n, right = len(margins), sum(d > 0 for d in margins)
-    return {"preference_accuracy": right / n, "margin": sum(margins) / n, "n": n,
-            "ci95": {"preference_accuracy": wilson(right, n)}}
 
 
 @torch.no_grad()
@@ -38,4 +31,4 @@ def evaluate_preferences(model, tok, renderer, examples, batch_size: int) -> dic
         batch = {k: v.to(model.device) for k, v in obj.collate(items, tok.pad_token_id).items()}
         chosen, rejected = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).chunk(2)
         margins += (chosen - rejected).tolist()
-    return ranking(margins)
+    return preference_ranking(margins)

@@ -38,11 +38,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..data.batching import pad_batch
 from ..data.examples import Example
 from ..data.render import IGNORE, Renderer
 from ..errors import UserError
+from ..evaluation.tool_metrics import wilson
+from ..models.modes import eval_mode
 from .base import Objective
-from .lm import _plain_head_parts
+from .lm import labelled_nll
 from .reference import Reference
 
 LOSSES = ("sigmoid", "hinge", "ipo")
@@ -94,18 +97,16 @@ def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[lis
 
 def sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
     """Sum of log p(label token) per row, the LM head applied only where a label follows."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    parts = _plain_head_parts(model)
-    if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
-    else:
-        decoder, head = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        logits = head(hidden[:, :-1][keep])
-    token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
-    return torch.zeros(input_ids.shape[0], device=token_logps.device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    return -labelled_nll(model, input_ids, attention_mask, labels)[0]
+
+
+def preference_ranking(margins: list[float]) -> dict:
+    """The `preference` metric (evaluation/preference.py) from each pair's summed log-probability
+    difference, chosen minus rejected: the share of pairs ranked right, the mean margin, n, and a
+    Wilson interval on the share."""
+    n, right = len(margins), sum(d > 0 for d in margins)
+    return {"preference_accuracy": right / n, "margin": sum(margins) / n, "n": n,
+            "ci95": {"preference_accuracy": wilson(right, n)}}
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss: str = "sigmoid",
@@ -158,16 +159,8 @@ class DPOObjective(Objective):
         return PairItem(sides[0][0], sides[0][1], sides[1][0], sides[1][1], truncated)
 
     def collate(self, items: list[PairItem], pad_id: int) -> dict[str, torch.Tensor]:
-        seqs = [(it.chosen_ids, it.chosen_labels) for it in items] + [(it.rejected_ids, it.rejected_labels) for it in items]
-        width = max(len(ids) for ids, _ in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (s, lab) in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            labels[i, : len(s)] = torch.tensor(lab)
-            mask[i, : len(s)] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return pad_batch([it.chosen_ids for it in items] + [it.rejected_ids for it in items],
+                         [it.chosen_labels for it in items] + [it.rejected_labels for it in items], pad_id)
 
     def extra_parameters(self) -> dict:
         return self.reference.parameters()
@@ -190,13 +183,8 @@ class DPOObjective(Objective):
     @torch.no_grad()
     def reference_logps(self, model, batch) -> torch.Tensor:
         inner = _unwrap(model)
-        was_training = inner.training
-        inner.eval()
-        try:
-            with self.reference.active(inner):
-                return sequence_logps(inner, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        finally:
-            inner.train(was_training)
+        with eval_mode(inner), self.reference.active(inner):
+            return sequence_logps(inner, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
     @torch.no_grad()
     def implicit_rewards(self, model, examples, renderer: Renderer, pad_id: int, batch_size: int) -> dict:
@@ -204,14 +192,9 @@ class DPOObjective(Objective):
         ``rewards/accuracies`` (share with chosen reward > rejected reward; 0 while the policy is the
         reference), ``rewards/margins``, ``rewards/chosen``, ``rewards/rejected``, ``n``, ``ci95``; and
         under ``ranking`` the `preference` metric from the same policy pass (evaluation/preference.py)."""
-        from ..evaluation.preference import ranking
-        from ..evaluation.tool_metrics import wilson
-
         inner = _unwrap(model)
-        was_training = inner.training
-        inner.eval()
         chosen, rejected, margins = [], [], []
-        try:
+        with eval_mode(inner):
             for i in range(0, len(examples), batch_size):
                 batch = self.collate([self.tokenize(e, renderer) for e in examples[i:i + batch_size]], pad_id)
                 batch = {k: v.to(inner.device) for k, v in batch.items()}
@@ -219,13 +202,11 @@ class DPOObjective(Objective):
                 chosen += (self.beta * (pc - rc)).tolist()
                 rejected += (self.beta * (pr - rr)).tolist()
                 margins += (pc - pr).tolist()
-        finally:
-            inner.train(was_training)
         n = len(chosen)
         right = sum(c > r for c, r in zip(chosen, rejected))
         return {"rewards/accuracies": right / n, "rewards/margins": sum(c - r for c, r in zip(chosen, rejected)) / n,
                 "rewards/chosen": sum(chosen) / n, "rewards/rejected": sum(rejected) / n, "n": n,
-                "ci95": {"rewards/accuracies": wilson(right, n)}, "ranking": ranking(margins)}
+                "ci95": {"rewards/accuracies": wilson(right, n)}, "ranking": preference_ranking(margins)}
 
     def _logps(self, model, batch) -> tuple[torch.Tensor, ...]:
         """Summed completion log-probabilities: policy chosen, policy rejected, reference chosen, reference rejected."""

@@ -42,8 +42,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from ..models.modes import eval_mode
 from .base import Objective
-from .lm import _plain_head_parts
+from .lm import head_logits
 from .reference import Reference
 from .rewards import Sample, parse_rewards
 
@@ -289,9 +290,7 @@ class PPOObjective(Objective):
                            if k not in ("order", "prompt_width") else v) for k, v in buf.items()}
 
     def __call__(self, model, batch: dict):
-        was_training = model.training
-        model.eval()  # no dropout: PPO's ratio compares two evaluations of the same function
-        try:
+        with eval_mode(model):  # no dropout: PPO's ratio compares two evaluations of the same function
             if self.buffer is None or self.pos >= len(self.buffer["order"]):
                 self._rollout(model, batch)
             device = batch["input_ids"].device
@@ -302,23 +301,15 @@ class PPOObjective(Objective):
             index = self.buffer["order"][self.pos]
             self.pos += 1
             loss, metrics = self._minibatch_loss(model, index)
-        finally:
-            model.train(was_training)
         return loss, {**self.stats, **metrics}, None
 
     # -- forward passes --------------------------------------------------------------------------
     def _forward(self, model, ids, mask, prompt_width: int, values: bool = True):
         """(log-probs of the generated tokens, their entropies, V(s_t) or None), each (batch, gen length)."""
         position = (mask.cumsum(-1) - 1).clamp(min=0)
-        parts = _plain_head_parts(model)
-        if parts is not None:
-            decoder, head = parts
-            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position).last_hidden_state
-            hidden = hidden[:, prompt_width - 1:-1]
-            logits = head(hidden)
-        else:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=position, output_hidden_states=True)
-            hidden, logits = out.hidden_states[-1][:, prompt_width - 1:-1], out.logits[:, prompt_width - 1:-1]
+        # the positions that predict the generated tokens
+        logits, hidden, _ = head_logits(model, ids, mask, lambda t: t[:, prompt_width - 1:-1], position_ids=position,
+                                        hidden=values)
         logp = torch.log_softmax(logits.float() / (self.temperature + 1e-7), -1)
         logprobs = logp.gather(-1, ids[:, prompt_width:, None]).squeeze(-1)
         entropy = -(logp.exp() * logp).sum(-1)
