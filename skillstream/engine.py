@@ -42,11 +42,16 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def decay_groups(params: list[torch.nn.Parameter], weight_decay: float, **tags) -> list[dict]:
+    """Optimizer parameter groups: matrices decay, vectors (biases, norms) do not; empty groups are
+    left out, and `tags` (e.g. expert=NAME) are set on each group."""
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **tags},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **tags}]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW(decay_groups(params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
 
 
 def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: BatchPlan, cfg: TrainConfig,

@@ -27,21 +27,20 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from ..models.modes import eval_mode
 from ..plugins import Plugin, StepContext
 
 
 @torch.no_grad()
 def validation_loss(model, objective, items, pad_id: int, batch_size: int = 16) -> float:
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     device = next(p for p in model.parameters()).device
-    for i in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in objective.collate(items[i:i + batch_size], pad_id).items()}
-        loss, _, _ = objective(model, batch)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total, count = total + float(loss) * n, count + n
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in objective.collate(items[i:i + batch_size], pad_id).items()}
+            loss, _, _ = objective(model, batch)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, count = total + float(loss) * n, count + n
     return total / max(count, 1)
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..models.modes import eval_mode
 from ..plugins import Plugin, StepContext
 
 
@@ -86,10 +87,8 @@ class EWC(Plugin):
             loss, _, _ = objective(model, batch)
             return loss * max(int((batch["labels"][:, 1:] != -100).sum()), 1)
 
-        was_training = model.training
-        model.eval()  # no dropout: the Fisher of the model as it is
-        task_fisher = diagonal_fisher(params, picks, nll)
-        model.train(was_training)
+        with eval_mode(model):  # no dropout: the Fisher of the model as it is
+            task_fisher = diagonal_fisher(params, picks, nll)
         gain = sum(self._gains) / len(self._gains) if (self.gamma_gated and self._gains) else 1.0
         self.fisher = {n: self.decay * self.fisher.get(n, torch.zeros_like(f)) + gain * f
                        for n, f in task_fisher.items()}

@@ -33,8 +33,10 @@ import torch
 from ..data.examples import Example, is_task_folder, load_examples
 from ..data.render import Tokenized
 from ..errors import UserError
+from ..evaluation.generation import generate
 from ..evaluation.option_scoring import score_options
-from ..evaluation.runner import generate, normalize_text
+from ..evaluation.runner import normalize_text
+from ..models.modes import eval_mode
 from ..plugins import Plugin, StepContext
 
 PREFIX = "generative_replay"
@@ -171,16 +173,12 @@ class GenerativeReplay(Plugin):
 
     def generate_pool(self, model, tasks: list[dict], stage_index: int, objective) -> tuple[list, list, dict]:
         items, candidates, stats = [], [], {}
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             for ti, task in enumerate(tasks):
                 kept, counts, labelled = self.pseudo_examples(model, task, _seed(self.seed, PREFIX, stage_index, ti))
                 stats[task["task"]] = counts
                 candidates += labelled
                 items += [(task["task"], objective.tokenize(ex, self.renderer)) for ex in kept]
-        finally:
-            model.train(was_training)
         return items, candidates, stats
 
     # -- hooks -------------------------------------------------------------------------------

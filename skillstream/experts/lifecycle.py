@@ -19,6 +19,7 @@ import torch
 
 from ..config import ExpertsConfig, PhaseConfig
 from ..curriculum.schedules import warmup_stable_decay
+from ..engine import decay_groups
 from ..plugins import Plugin, StepContext
 from .novelty import NoveltyDetector
 from .pool import ExpertPool, ExpertRecord, MaturityRule
@@ -82,10 +83,7 @@ class ExpertLR(Plugin):
 
 def expert_groups(pool: ExpertPool, name: str, weight_decay: float) -> list[dict]:
     """An expert's optimizer parameter groups (matrices decay, vectors do not), tagged with its name."""
-    params = list(pool.parameters_of(name).values())
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "expert": name},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "expert": name}]
-    return [g for g in groups if g["params"]]
+    return decay_groups(list(pool.parameters_of(name).values()), weight_decay, expert=name)
 
 
 class Lifecycle:
