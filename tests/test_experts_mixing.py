@@ -218,3 +218,75 @@ def test_routed_exact_match_with_option_scoring_beside_it_equals_the_protocols_a
     assert both["samples"] == em["samples"] and both["protocols"]["accuracy"] == acc["accuracy"]
     assert len(set(together.top())) > 1                        # more than one expert answered
     assert together.choices == apart.choices[:len(examples)]   # one routing per prompt, the same ones
+
+
+def test_the_peft_internals_mixing_relies_on_are_still_there():
+    """experts/mixing.py reaches into PEFT's LoRA layers (see its module doc): a PEFT upgrade that
+    changes what it reads fails here, naming the piece, instead of as wrong numbers elsewhere."""
+    import inspect
+
+    import peft
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from skillstream.experts.mixing import backbone_only, lora_layers
+
+    where = f"peft {peft.__version__} changed what skillstream/experts/mixing.py relies on: "
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), PeftLoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["proj"]))
+    model.add_adapter("b", PeftLoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["proj"]))
+    model.eval()
+    layers = lora_layers(model)
+    assert len(layers) == 1, where + "LoRA layers are no longer LoraLayer modules"
+    layer = layers[0]
+    assert isinstance(layer, LoraLinear), where + "a LoRA Linear is not peft.tuners.lora.layer.Linear"
+    assert issubclass(LoraLinear, LoraLayer)
+
+    # the forward the hook reads: x first (args[0] or kwargs["x"]), adapter_names as a keyword
+    params = list(inspect.signature(LoraLinear.forward).parameters.values())
+    assert params[1].name == "x" and any(p.kind is p.VAR_KEYWORD for p in params), \
+        where + f"LoRA Linear.forward{inspect.signature(LoraLinear.forward)} no longer takes x first and **kwargs"
+    assert "adapter_names" in inspect.getsource(LoraLinear.forward), \
+        where + "LoRA Linear.forward no longer reads the adapter_names keyword (mixing refuses it inside a block)"
+
+    # what _add_mix and mixing() read, by name
+    for name in ("lora_A", "lora_B", "lora_dropout"):
+        d = getattr(layer, name, None)
+        assert isinstance(d, torch.nn.ModuleDict) and set(d) == {"default", "b"}, \
+            where + f"layer.{name} is not a ModuleDict keyed by adapter name"
+    assert isinstance(layer.scaling, dict) and layer.scaling["b"] == pytest.approx(2.0), \
+        where + "layer.scaling is not {adapter: lora_alpha / r}"
+    assert isinstance(layer.lora_variant, dict) and "b" not in layer.lora_variant, \
+        where + "layer.lora_variant is not a dict holding only the adapters with a variant (DoRA, ...)"
+    assert layer.merged is False and layer.disable_adapters is False, where + "layer.merged / layer.disable_adapters"
+    with model.disable_adapter():
+        assert layer.disable_adapters is True, where + "disable_adapter() no longer sets layer.disable_adapters"
+
+    # the switch: _active_adapter holds the active adapter(s); [] makes PEFT's forward the base layer's
+    model.set_adapter("b")
+    assert getattr(layer, "_active_adapter", None) in ("b", ["b"]) and layer.active_adapters == ["b"], \
+        where + "LoraLayer._active_adapter no longer holds the active adapter(s)"
+    with torch.no_grad():
+        layer.lora_B["b"].weight.normal_()  # a fresh B is 0: make the adapter change the output
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        delta = layer.lora_B["b"](layer.lora_A["b"](layer.lora_dropout["b"](x))) * layer.scaling["b"]
+        assert torch.allclose(model(x), base + delta, atol=1e-6), \
+            where + "PEFT's LoRA output is no longer base + lora_B(lora_A(dropout(x))) * scaling"
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        with backbone_only(model):
+            assert layer.active_adapters == [], where + "an empty _active_adapter is not an empty active_adapters"
+            assert torch.equal(model(x), base), where + "with _active_adapter = [] the LoRA layer adds something"
+        assert layer._active_adapter in ("b", ["b"]) and torch.allclose(model(x), base + delta, atol=1e-6)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == grads, \
+            where + "switching _active_adapter changed requires_grad"
