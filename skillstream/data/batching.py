@@ -134,3 +134,15 @@ def pad_batch(input_ids: list[list[int]], labels: list[list[int]], pad_id: int) 
         padded_labels[i, :len(s)] = torch.tensor(lab)
         mask[i, :len(s)] = 1
     return {"input_ids": ids, "labels": padded_labels, "attention_mask": mask}
+
+
+def left_pad(input_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) padded on the left to the longest, so that every sequence ends at
+    the last position (where generation and option scoring go on)."""
+    width = max(len(s) for s in input_ids)
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for i, s in enumerate(input_ids):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask

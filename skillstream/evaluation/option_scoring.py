@@ -11,15 +11,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-
-def _left_pad(seqs: list[list[int]], pad_id: int):
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
+from ..data.batching import left_pad
 
 
 def _last_logits_only(model) -> dict:
@@ -33,7 +25,7 @@ def score_options(model, prompts: list[list[int]], options: list[list[int]], pad
 
     Every prompt in the call shares the same option list (one task's labels.json).
     """
-    ids, mask = (t.to(model.device) for t in _left_pad(prompts, pad_id))
+    ids, mask = (t.to(model.device) for t in left_pad(prompts, pad_id))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     # only the last prompt position's logits are read: asking for just those skips the LM head
     # (a vocabulary-sized matmul) at every other position, about a fifth of a small model's prefill

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.batching import left_pad
 from ..errors import UserError
 from ..models.modes import eval_mode
 from .base import Objective
@@ -250,12 +251,7 @@ class PPOObjective(Objective):
         return PromptItem(ids[-renderer.max_length:], example, len(ids) > renderer.max_length)
 
     def collate(self, items: list[PromptItem], pad_id: int) -> dict:
-        width = max(len(t.input_ids) for t in items)
-        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, t in enumerate(items):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(t.input_ids):] = torch.tensor(t.input_ids)
-            mask[i, width - len(t.input_ids):] = 1
+        ids, mask = left_pad([t.input_ids for t in items], pad_id)  # every prompt ends where generation starts
         return {"input_ids": ids, "attention_mask": mask, "examples": [t.example for t in items]}
 
     def extra_parameters(self) -> dict:
