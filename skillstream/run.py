@@ -27,10 +27,10 @@ from .errors import UserError
 from .evaluation.runner import evaluate_examples
 from .evaluation.memo import EvalMemo
 from .evaluation.suite import evaluate_all
+from .files import write_atomic
 from .model_setup import attach_lora, bf16_enabled  # attach_lora is also imported from here by tests and benches
 from .monitor.metrics_log import ALERTS, METRICS, MetricsLog, rewrite_jsonl
 from .plugins import Plugin
-from .files import write_atomic
 from .run_files import finish_run
 from .stages import PreparedStage, build_sources, prepare_stages
 
