@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,10 @@ class PreparedStage:
     n_examples: int
     data: Any = None          # the stage's DataConfig: sources with `build` are made when the stage begins
     built: dict | None = None  # what the builders reported
+    # every training example of the stage and its tokenized item, in source order, before the
+    # validation hold-out: a skill stream cuts its chunks from these (nothing is read or tokenized twice)
+    examples: list = field(default_factory=list)
+    items: list = field(default_factory=list)
 
 
 def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tuple[list[PreparedStage], list[EvalTask]]:
@@ -43,20 +47,23 @@ def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tupl
                     [objective.tokenize(ex, renderer) for ex in load_examples(src)]
             stages.append(PreparedStage(name, train_cfg, objective, None, 0, 0, data_cfg))
         else:
-            stages.append(PreparedStage(name, train_cfg, objective, *_plan(cfg, data_cfg, train_cfg, objective, renderer)))
+            plan, truncated, n_examples, examples, items = _plan(cfg, data_cfg, train_cfg, objective, renderer)
+            stages.append(PreparedStage(name, train_cfg, objective, plan, truncated, n_examples,
+                                        examples=examples, items=items))
         if eval_tasks is None:
             eval_tasks = prepare_eval_tasks(cfg, data_cfg)  # the recipe's evaluation suite
     return stages, eval_tasks or []
 
 
 def _plan(cfg, data_cfg, train_cfg, objective, renderer, root: Path | None = None):
-    """(batch plan, truncated examples, examples) of a stage's training sources."""
+    """(batch plan, truncated examples, examples trained on, every example, every item) of a stage's
+    training sources."""
     srcs = [src.model_copy(update={"source": str(root / src.source), "build": None}) if src.build and root else src
             for src in data_cfg.train]
     examples = [load_examples(src) for src in srcs]
-    sources = [[objective.tokenize(ex, renderer) for ex in exs] for exs in examples]
-    truncated = sum(t.truncated for src in sources for t in src)
-    sources, validation = _hold_out(sources, data_cfg.validation_fraction, cfg.seed)
+    tokenized = [[objective.tokenize(ex, renderer) for ex in exs] for exs in examples]
+    truncated = sum(t.truncated for src in tokenized for t in src)
+    sources, validation = _hold_out(tokenized, data_cfg.validation_fraction, cfg.seed)
     from accelerate import PartialState
     # Planned at the global batch (per-process batch x processes) and sliced per process in the
     # engine, so 1 process with batch 2B and 2 processes with batch B see the same batches.
@@ -66,7 +73,8 @@ def _plan(cfg, data_cfg, train_cfg, objective, renderer, root: Path | None = Non
     if plan is not None:
         plan.validation = validation  # early stopping reads it; never trained on
         plan.validation_examples = _hold_out(examples, data_cfg.validation_fraction, cfg.seed)[1]  # the same, as examples
-    return plan, truncated, sum(len(s) for s in sources)
+    return (plan, truncated, sum(len(s) for s in sources), [ex for exs in examples for ex in exs],
+            [it for items in tokenized for it in items])
 
 
 def _hold_out(sources: list[list], fraction: float, seed: int) -> tuple[list[list], list]:
@@ -100,5 +108,6 @@ def build_sources(st: PreparedStage, cfg, run_dir: Path, model, tok, renderer, a
                                        **dict(src.build.model_extra or {}))
             print(f"stage {st.name!r}: built {out}: {built[src.source]}", flush=True)
         accelerator.wait_for_everyone()
-    st.plan, st.truncated, st.n_examples = _plan(cfg, st.data, st.train_cfg, st.objective, renderer, run_dir)
+    st.plan, st.truncated, st.n_examples, st.examples, st.items = _plan(cfg, st.data, st.train_cfg, st.objective,
+                                                                         renderer, run_dir)
     st.built = built or None

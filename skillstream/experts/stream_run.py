@@ -49,20 +49,19 @@ class Chunk:
     items: list
 
 
-def make_chunks(stages, renderer, cfg) -> list[Chunk]:
-    """Each skill's examples in a seeded order, cut into chunks of `experts.chunk_size`, skills in order."""
+def make_chunks(stages, cfg) -> list[Chunk]:
+    """Each skill's examples in a seeded order, cut into chunks of `experts.chunk_size`, skills in order.
+    The examples and their tokenized items are the ones the stages were prepared with."""
     size = min(cfg.experts.chunk_size, 4) if cfg.smoke else cfg.experts.chunk_size
     chunks = []
-    for si, (st, resolved) in enumerate(zip(stages, cfg.resolved_stages())):
-        examples = [ex for src in resolved.data.train for ex in load_examples(src)]
-        if not examples:
+    for si, st in enumerate(stages):
+        if not st.examples:
             raise UserError(f"stage {st.name!r}: the skill has no training examples (an empty chunk of the stream)")
-        order = list(range(len(examples)))
+        order = list(range(len(st.examples)))
         random.Random(f"{cfg.seed}:stream:{st.name}").shuffle(order)
-        examples = [examples[i] for i in order]
-        for start in range(0, len(examples), size):
-            part = examples[start:start + size]
-            chunks.append(Chunk(len(chunks), si, part, [st.objective.tokenize(ex, renderer) for ex in part]))
+        for start in range(0, len(order), size):
+            part = order[start:start + size]
+            chunks.append(Chunk(len(chunks), si, [st.examples[i] for i in part], [st.items[i] for i in part]))
     return chunks
 
 
@@ -123,7 +122,6 @@ def routing_examples(task, n: int) -> list:
         return task.examples
     if n <= len(task.examples):
         return task.examples[:n]
-    from ..data.examples import load_examples
     return load_examples(task.source.model_copy(update={"limit": n}))
 
 
@@ -145,7 +143,7 @@ def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_
                      plugins, show_progress, log) -> dict:
     main = accelerator.is_main_process
     ecfg = cfg.experts
-    chunks = make_chunks(stages, renderer, cfg)
+    chunks = make_chunks(stages, cfg)
     life = Lifecycle(model, tok, renderer, ecfg, seed=cfg.seed, max_length=cfg.data.max_length)
     own_plugins, plugins = plugins, [life.schedule, *plugins]  # the schedule's state rides in the lifecycle's
     train_cfg0 = stages[0].train_cfg
