@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .data.readers import read_text
 from .errors import UserError
@@ -19,7 +19,9 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # frozen: a loaded recipe is read, never changed, by everything it is passed to (a changed copy is
+    # made with model_copy(update=...)), so the stages it resolves once stay true
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
 
 
 class ComponentConfig(BaseModel):
@@ -32,12 +34,30 @@ def _component_shorthand(v):
     return {"name": v} if isinstance(v, str) else v
 
 
+class QuantizationConfig(_Strict):
+    """QLoRA: the frozen backbone loaded in 4 or 8 bits through bitsandbytes (a CUDA GPU needed)."""
+    bits: Literal[4, 8] = Field(..., description="4: NF4 with double quantization, computing in bf16 (fp16 on a GPU "
+                                                 "without bf16) (QLoRA); 8: LLM.int8().")
+
+
 class ModelConfig(_Strict):
     name: str = Field("smollm2-135m", description="'smollm2-135m' (bundled), 'tiny' (random test model), a Hugging Face id or a local path.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for Hugging Face ids.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless the recipe turns it on.")
     freeze_backbone: bool = Field(True, description="Freeze the base weights; only adapters (and heads) train.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for a registered model builder (e.g. BDH sizes).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the backbone's weights: 'auto' is bfloat16 where the hardware computes it (as "
+                               "train.bf16: auto decides) and float32 elsewhere or when the weights train. LoRA adapters, "
+                               "heads and the router stay float32 whatever it is; weights that train (freeze_backbone: "
+                               "false) must be float32. Registered models (bdh) are float32.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="Attention kernel of Hugging Face models: sdpa (torch's; transformers falls back to eager for "
+                            "a model without it), flash_attention_2 (needs the flash-attn package and a CUDA GPU) or eager; "
+                            "registered models (bdh) have their own attention.")
+    quantization: QuantizationConfig | None = Field(
+        None, description="Load the frozen backbone quantized, e.g. {bits: 4} (QLoRA); needs a CUDA GPU and "
+                          "bitsandbytes (pip install 'skillstream[quantization]').")
 
 
 class LoraConfig(_Strict):
@@ -109,8 +129,8 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _invalid_labels_to_sources(self):  # sources without their own setting follow data.invalid_labels
         for src in [*self.train, *self.eval]:
-            if src.invalid_labels is None:
-                src.invalid_labels = self.invalid_labels
+            if src.invalid_labels is None:  # still being built: the one write to a frozen config
+                object.__setattr__(src, "invalid_labels", self.invalid_labels)
         return self
 
 
@@ -127,6 +147,8 @@ class TrainConfig(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine, wsd, linear).")
     max_grad_norm: float | None = Field(1.0, description="Clip gradients to this global norm; null disables.")
     bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast; 'auto' turns it on where the device supports it.")
+    gradient_checkpointing: bool = Field(False, description="Recompute the backbone's activations in the backward pass instead of "
+                                                            "keeping them (less memory, about a third more compute); set once per run.")
     batching: Literal["length_grouped", "random"] = Field("length_grouped", description="Group examples of similar length to waste little compute on padding.")
     log_every: int = Field(5, gt=0)
     checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps (and at each stage end).")
@@ -252,6 +274,7 @@ class RecipeConfig(_Strict):
                                                     "files that stages this run skips would have built (e.g. pairs.jsonl) are "
                                                     "copied from it instead of built again. Same model and LoRA shape required.")
     experts: ExpertsConfig | None = Field(None, description="Learn the stages as an unlabelled stream of chunks with a growing pool of LoRA experts and a router (DyLoRA-MoE).")
+    _resolved: tuple | None = PrivateAttr(None)  # resolved_stages(), once
 
     @field_validator("model", "objective", mode="before")
     @classmethod
@@ -266,8 +289,19 @@ class RecipeConfig(_Strict):
     def _stream_stages(self) -> list[StageConfig]:
         return _stream_stages_of(self) if self.data.stream else []
 
-    def resolved_stages(self) -> list["ResolvedStage"]:
-        """(name, data, train, objective) per stage, with stage overrides applied and smoke sizes."""
+    def resolved_stages(self) -> tuple["ResolvedStage", ...]:
+        """(name, data, train, objective) per stage, with stage overrides applied and smoke sizes;
+        resolved once per recipe (stream folders read, checks run), then the same stages every call."""
+        if self._resolved is None:
+            self._resolved = tuple(self._resolve_stages())
+        return self._resolved
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> "RecipeConfig":
+        copy = super().model_copy(update=update, deep=deep)
+        copy._resolved = None  # the copy resolves its own stages from its own fields
+        return copy
+
+    def _resolve_stages(self) -> list["ResolvedStage"]:
         if any(st.train.get("bf16", self.train.bf16) != self.train.bf16 for st in self.stages):
             raise UserError("stages[].train.bf16: precision is set once per run, in train.bf16")
         raw = self._stream_stages() or self.stages or [StageConfig(name="main")]
@@ -281,17 +315,17 @@ class RecipeConfig(_Strict):
             if self.smoke:
                 train = train.model_copy(update=dict(steps=min(train.steps, 3), batch_size=min(train.batch_size, 2),
                                                      grad_accum=1, warmup_steps=1, log_every=1, checkpoint_every=2))
-                for src in data.train:
-                    src.limit = min(src.limit or 8, 8)
-                for task in data.eval:
-                    task.limit = min(task.limit or 4, 4)
-                    task.max_new_tokens = min(task.max_new_tokens, 16)
+                data = data.model_copy(update={
+                    "train": [src.model_copy(update={"limit": min(src.limit or 8, 8)}) for src in data.train],
+                    "eval": [task.model_copy(update={"limit": min(task.limit or 4, 4),
+                                                     "max_new_tokens": min(task.max_new_tokens, 16)})
+                             for task in data.eval]})
             out.append(ResolvedStage(st.name, data, train, st.objective or self.objective))
         i = self._pick([st.name for st in out])
         if i is None:
             return out
-        out[i].data.eval = out[0].data.eval  # scored on the suite of a full run (a stage's data may replace it)
-        return [out[i]]
+        # scored on the suite of a full run (a stage's data may replace it)
+        return [out[i]._replace(data=out[i].data.model_copy(update={"eval": out[0].data.eval}))]
 
     def _pick(self, names: list[str]) -> int | None:
         """Index of the stage `stage` names (None for 'all'); an unknown name is a UserError."""
