@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .config import RecipeConfig
+from .errors import UserError
 from .run_files import expert_names
 
 
@@ -15,11 +16,45 @@ def attach_lora(model, cfg: RecipeConfig):
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     first, *rest = expert_names(cfg)
+    # PEFT creates the adapters in float32 over a bf16/fp16 (or 4-bit) backbone (autocast_adapter_dtype,
+    # on by default here and in add_adapter / PeftModel.from_pretrained): their small updates keep
+    # their precision (tests/test_backbone_options.py)
     model = get_peft_model(model, lora, adapter_name=first)
     for name in rest:
         model.add_adapter(name, lora)
     model.set_adapter(first)
     return model
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def backbone_options(cfg: RecipeConfig, *, training: bool = True) -> dict:
+    """`load_backbone`'s keyword arguments for the recipe's model.dtype, model.attn_implementation,
+    model.quantization and (when `training`) train.gradient_checkpointing. A run and `trained.load`
+    both call this, so a run loads back in the dtype and quantization it trained with."""
+    from .components import MODELS
+
+    m = cfg.model
+    weights_train = not m.freeze_backbone  # lora: null, or LoRA beside trained base weights
+    if any(st.train.get("gradient_checkpointing", cfg.train.gradient_checkpointing) != cfg.train.gradient_checkpointing
+           for st in cfg.stages):  # the backbone is set up once, before the first stage
+        raise UserError("stages[].train.gradient_checkpointing: set once per run, in train.gradient_checkpointing")
+    if m.quantization is not None and weights_train:
+        raise UserError("model.quantization: quantized weights cannot train; keep model.freeze_backbone: true "
+                        "and a lora (QLoRA)")
+    if m.dtype not in ("auto", "float32") and weights_train:
+        # the optimizer would update bf16/fp16 weights in place, where small updates round away
+        raise UserError(f"model.dtype: {m.dtype} with model.freeze_backbone: false would train the weights in "
+                        f"{m.dtype}; use float32 (train.bf16 still computes in bf16)")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    # auto: the weights go to bf16 exactly where train.bf16: auto would autocast to it, for a frozen
+    # Hugging Face backbone only (trained weights and registered models such as BDH stay float32)
+    auto_bf16 = not weights_train and m.name not in MODELS and bf16_enabled("auto", device_type)
+    dtype = (torch.bfloat16 if auto_bf16 else torch.float32) if m.dtype == "auto" else DTYPES[m.dtype]
+    return {"dtype": dtype, "attn_implementation": m.attn_implementation,
+            "quantization_bits": m.quantization.bits if m.quantization else None,
+            "gradient_checkpointing": training and cfg.train.gradient_checkpointing}
 
 
 def bf16_enabled(setting, device_type: str) -> bool:

@@ -28,7 +28,7 @@ from .evaluation.runner import evaluate_examples
 from .evaluation.memo import EvalMemo
 from .evaluation.suite import evaluate_all
 from .files import write_atomic
-from .model_setup import attach_lora, bf16_enabled  # attach_lora is also imported from here by tests and benches
+from .model_setup import attach_lora, backbone_options, bf16_enabled  # attach_lora is also imported from here by tests and benches
 from .monitor.metrics_log import ALERTS, METRICS, MetricsLog, rewrite_jsonl
 from .plugins import Plugin
 from .run_files import finish_run
@@ -129,7 +129,8 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
         if cfg.lora is None and cfg.model.freeze_backbone:
             raise UserError("lora: null trains the model's own weights; set model.freeze_backbone: false too")
         model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision, args=cfg.model.args,
-                                   trust_remote_code=cfg.model.trust_remote_code, freeze=cfg.model.freeze_backbone)
+                                   trust_remote_code=cfg.model.trust_remote_code, freeze=cfg.model.freeze_backbone,
+                                   **backbone_options(cfg))
         renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
         context = {"tokenizer": tok, "renderer": renderer, "recipe": cfg}
         stages, eval_tasks = prepare_stages(cfg, renderer, context)

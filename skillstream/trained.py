@@ -13,6 +13,7 @@ from .data.render import Renderer
 from .errors import UserError
 from .evaluation.suite import evaluate_all, prepare_eval_tasks
 from .files import write_atomic
+from .model_setup import backbone_options
 from .run_files import DEFAULT_EXPERT, EXPERTS, FULL_MODEL
 
 
@@ -90,7 +91,7 @@ def load(run_dir: str | Path, expert: str | None = None) -> TrainedModel:
         if not weights.is_file():
             raise UserError(f"{run_dir}: no {FULL_MODEL}/model.safetensors (has the run finished?)")
         model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision, args=cfg.model.args,
-                                   trust_remote_code=cfg.model.trust_remote_code)
+                                   trust_remote_code=cfg.model.trust_remote_code, **backbone_options(cfg, training=False))
         load_model(model, str(weights))
         model.eval()
         return TrainedModel(run_dir, cfg, model, tok)
@@ -102,7 +103,7 @@ def load(run_dir: str | Path, expert: str | None = None) -> TrainedModel:
         have = sorted(p.name for p in (run_dir / EXPERTS).iterdir()) if (run_dir / EXPERTS).is_dir() else []
         raise UserError(f"{run_dir}: no expert {expert!r} (experts: {have or 'none — has the run finished?'})")
     model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision, args=cfg.model.args,
-                               trust_remote_code=cfg.model.trust_remote_code)
+                               trust_remote_code=cfg.model.trust_remote_code, **backbone_options(cfg, training=False))
     model = PeftModel.from_pretrained(model, str(adapter), adapter_name=expert)
     model.eval()
     return TrainedModel(run_dir, cfg, model, tok)
@@ -117,7 +118,7 @@ def _load_pool(run_dir: Path, cfg, expert: str | None) -> TrainedModel:
     if not (run_dir / EXPERTS / POOL_FILE).is_file() or not (run_dir / ROUTER_DIR).is_dir():
         raise UserError(f"{run_dir}: no {EXPERTS}/{POOL_FILE} or {ROUTER_DIR}/ (has the run finished?)")
     model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision, args=cfg.model.args,
-                               trust_remote_code=cfg.model.trust_remote_code)
+                               trust_remote_code=cfg.model.trust_remote_code, **backbone_options(cfg, training=False))
     pool = ExpertPool.load(run_dir / EXPERTS, model, is_trainable=False)
     if expert is not None and expert not in pool:
         raise UserError(f"{run_dir}: no expert {expert!r} (experts: {pool.names})")
