@@ -14,7 +14,8 @@ def train(recipe="quickstart", **kwargs):
     return _train(recipe, **kwargs)
 
 
-def load(run_dir, expert="default"):
-    """The trained model of a run directory: `.generate(prompt)`, `.evaluate()`."""
+def load(run_dir, expert=None):
+    """The trained model of a run directory: `.generate(prompt)`, `.evaluate()`. `expert`: the adapter that
+    answers (default: the run's only one; a skill-stream run's router picks per input)."""
     from .trained import load as _load
     return _load(run_dir, expert)

@@ -447,8 +447,7 @@ def load_recipe(recipe: str | Path | dict, overrides: dict[str, Any] | None = No
     except ValidationError as e:
         raise UserError(f"{where}: {_first_error(e)}") from None
     _check_curriculum_steps(cfg, where)
-    if cfg.stage != "all" and not cfg.data.stream:  # an unknown stage name is bad input: say so before any work
-        cfg._pick([st.name for st in cfg.stages] or ["main"])
+    cfg.resolved_stages()  # resolved here, once: a bad stream folder or stage name stops before any work
     return cfg
 
 

@@ -147,6 +147,15 @@ def test_every_chunk_logs_how_the_router_shares_it_among_the_experts(stream_run)
     assert [sum(k.startswith("router/share/") for k in r) for r in shares] == [1, 1, 1, 1, 2, 2]
 
 
+def test_the_python_api_loads_a_stream_run_with_its_router(stream_run):
+    import skillstream
+
+    _, run = stream_run
+    model = skillstream.load(run.run_dir)  # no expert named: the router picks one per input
+    model.generate("find all .log files under /var", max_new_tokens=2)
+    assert model.last_routing is not None and len(model.last_routing.choices) == 1
+
+
 def test_run_directory_serves_experts_and_router(stream_run, tmp_path):
     from peft import PeftModel
 
