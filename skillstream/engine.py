@@ -76,14 +76,7 @@ def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: Ba
     window_tokens, window_t0 = 0, time.time()
     while state.step < cfg.steps:
         ctx.signals.clear()  # signals live one step: a reader before its publisher fails, never reads a stale value
-        lr = cfg.lr * lr_factor(state.step, cfg)
-        for p in plugins:
-            lr *= p.lr_scale(ctx)
-        for group in optimizer.param_groups:
-            group_lr = lr
-            for p in plugins:
-                group_lr = p.group_lr(ctx, group, group_lr)
-            group["lr"] = group_lr
+        lr = _set_rates(optimizer, plugins, ctx, cfg, state.step)
         loss_sum, extra_metrics, step_tokens = 0.0, {}, 0
         for micro in range(cfg.grad_accum):
             indices, state.position = next(batches)
@@ -94,33 +87,18 @@ def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: Ba
                      for k, v in objective.collate(items, pad_id).items()}
             step_tokens += int(batch["attention_mask"].sum())  # this process's; summed over processes below
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 and world > 1 else _null()
-            # several processes: each loss is weighted by its process's share of what it averages over
-            # (tokens for lm/sft), so the averaged gradient is that of the global batch as one process has it
-            weight = objective.loss_weight(batch) if world > 1 else None
-            share = _share(accelerator, weight) if weight is not None else 1.0
             with sync, accelerator.autocast():
-                loss, metrics, outputs = objective(model, batch)
-                loss = loss * share if share != 1.0 else loss
-                for p in plugins:
-                    term = p.loss_term(ctx, batch, outputs)
-                    if term is not None:
-                        metrics[f"{p.name}/loss"] = float(term.detach())
-                        loss = loss + term
+                loss, metrics = _micro_batch_loss(accelerator, model, objective, plugins, ctx, batch)
                 accelerator.backward(loss / cfg.grad_accum)
             loss_sum += float(loss.detach()) / cfg.grad_accum
             for k, v in metrics.items():
                 extra_metrics[k] = extra_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else \
-            torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        grad_norm = None if grad_norm is None else float(grad_norm)  # DeepSpeed may report none
+        grad_norm = _clipped_grad_norm(accelerator, optimizer, cfg.max_grad_norm)
         if world > 1:  # before the step: every process skips a bad step alike, and plugins (neuromodulation,
             # early stop) see and decide alike everywhere
             loss_sum, extra_metrics, step_tokens = _over_processes(accelerator, loss_sum, extra_metrics, step_tokens)
         verdict = health.judge(state.health, state.step + 1, loss_sum, grad_norm)
-        # the rate the optimizer applied to what trained (per-expert rates differ from the schedule's)
-        applied = [g["lr"] for g in optimizer.param_groups if any(p.grad is not None for p in g["params"])]
-        applied_lr = max(applied) if applied else lr
+        applied_lr = _applied_lr(optimizer, lr)
         if verdict.apply:  # (DeepSpeed steps inside accelerator.backward: there a bad step is only counted)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -162,6 +140,51 @@ def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: Ba
     for p in plugins:
         p.after_stage(ctx)
     return state
+
+
+def _set_rates(optimizer, plugins: list[Plugin], ctx: StepContext, cfg: TrainConfig, step: int) -> float:
+    """The schedule's rate scaled by the plugins (neuromodulation), then each group's own (per-expert
+    phases); returns the scaled rate."""
+    lr = cfg.lr * lr_factor(step, cfg)
+    for p in plugins:
+        lr *= p.lr_scale(ctx)
+    for group in optimizer.param_groups:
+        group_lr = lr
+        for p in plugins:
+            group_lr = p.group_lr(ctx, group, group_lr)
+        group["lr"] = group_lr
+    return lr
+
+
+def _micro_batch_loss(accelerator, model, objective: Objective, plugins: list[Plugin], ctx: StepContext,
+                      batch: dict) -> tuple[torch.Tensor, dict]:
+    """The objective's loss plus the plugins' terms (EWC...), and the metrics of both."""
+    # several processes: each loss is weighted by its process's share of what it averages over
+    # (tokens for lm/sft), so the averaged gradient is that of the global batch as one process has it
+    weight = objective.loss_weight(batch) if accelerator.num_processes > 1 else None
+    share = _share(accelerator, weight) if weight is not None else 1.0
+    loss, metrics, outputs = objective(model, batch)
+    loss = loss * share if share != 1.0 else loss
+    for p in plugins:
+        term = p.loss_term(ctx, batch, outputs)
+        if term is not None:
+            metrics[f"{p.name}/loss"] = float(term.detach())
+            loss = loss + term
+    return loss, metrics
+
+
+def _clipped_grad_norm(accelerator, optimizer, max_grad_norm: float | None) -> float | None:
+    """The global gradient norm (before clipping to `max_grad_norm`); None where DeepSpeed reports none."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else \
+        torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    return None if grad_norm is None else float(grad_norm)
+
+
+def _applied_lr(optimizer, scheduled: float) -> float:
+    """The rate the optimizer applies to what trains (per-expert rates differ from the schedule's)."""
+    applied = [g["lr"] for g in optimizer.param_groups if any(p.grad is not None for p in g["params"])]
+    return max(applied) if applied else scheduled
 
 
 def _share(accelerator, n: int) -> float:
