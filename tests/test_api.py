@@ -27,3 +27,21 @@ def test_lora_null_with_a_frozen_backbone_is_refused(tmp_path):
     from skillstream.errors import UserError
     with pytest.raises(UserError, match="freeze_backbone: false"):
         skillstream.train("quickstart", out=tmp_path / "run", smoke=True, overrides={"model": "tiny", "lora": None})
+
+
+def test_the_accelerate_internals_train_resets_are_still_there():
+    """train() clears accelerate's process-wide state (AcceleratorState._shared_state, _reset_state) so
+    that a second train() in one process may pick another precision; accelerate has no public way. An
+    accelerate upgrade that renames them must fail here, not in a user's second run."""
+    import accelerate
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    where = f"accelerate {accelerate.__version__}"
+    assert isinstance(AcceleratorState._shared_state, dict), f"{where}: AcceleratorState._shared_state is gone"
+    Accelerator(mixed_precision="bf16", cpu=True)
+    assert AcceleratorState._shared_state, f"{where}: an Accelerator no longer fills AcceleratorState._shared_state"
+    AcceleratorState._reset_state(True)
+    assert not AcceleratorState._shared_state, f"{where}: AcceleratorState._reset_state(True) no longer clears it"
+    assert Accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"  # another precision, same process
+    AcceleratorState._reset_state(True)
