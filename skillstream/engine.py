@@ -63,11 +63,11 @@ def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: Ba
     rank, world = accelerator.process_index, accelerator.num_processes
     health = StepHealth(cfg.max_bad_steps, cfg.collapse_steps,
                         math.log(vocab_size) if objective.token_cross_entropy else None)
-    run_dir = getattr(log, "run_dir", None)
+    run_dir = log.run_dir
     ctx = StepContext(model, stage, stage_index, state.step, cfg.steps,
                       alert=lambda sev, kind, msg: log.alert(state.step, sev, kind, msg),
                       plan=plan, objective=objective, pad_id=pad_id, accelerator=accelerator,
-                      validation=getattr(plan, "validation", []), grad_accum=cfg.grad_accum, run_dir=run_dir)
+                      validation=plan.validation, grad_accum=cfg.grad_accum, run_dir=run_dir)
     for p in plugins:
         p.before_stage(ctx)
     batches = plan.iterate(state.position)

@@ -71,7 +71,7 @@ def _plan(cfg, data_cfg, train_cfg, objective, renderer, root: Path | None = Non
                      cfg.seed,
                      length_grouped=train_cfg.batching == "length_grouped") if sources else None
     if plan is not None:
-        plan.validation = validation  # early stopping reads it; never trained on
+        plan.validation = validation
         plan.validation_examples = _hold_out(examples, data_cfg.validation_fraction, cfg.seed)[1]  # the same, as examples
     return (plan, truncated, sum(len(s) for s in sources), [ex for exs in examples for ex in exs],
             [it for items in tokenized for it in items])

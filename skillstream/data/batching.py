@@ -34,6 +34,10 @@ class BatchPlan:
         self.batch_size, self.seed = batch_size, seed
         self.length_grouped, self.group_factor = length_grouped, group_factor
         self.mixed = False  # set_weights() switches to run-time mixing
+        # held out of training by the stage (data.validation_fraction): early stopping and the held-out
+        # preference score read them; never trained on
+        self.validation: list[Tokenized] = []
+        self.validation_examples: list = []
 
     def _index(self) -> None:
         """The flat list of items and where each source starts in it (batches hold flat indices)."""
