@@ -137,7 +137,7 @@ def run_strategy(mode: str, args, files: dict, out: Path, val_items: dict, pad_i
     train(recipe, out=out / mode, show_progress=False, plugins=[probe])
     from skillstream.checkpoint import list_checkpoints
 
-    state = json.loads((list_checkpoints(out / mode / "checkpoints")[-1] / "state.json").read_text())
+    state = json.loads((list_checkpoints(out / mode / "checkpoints")[-1] / "state.json").read_text())["run_state"]
     curriculum = state["plugins"]["curriculum"]       # one entry per refresh, step 0 included
     names = curriculum["names"]
     noise = next((i for i, n in enumerate(names) if n.startswith("noise")), None)  # None: the oracle has none

@@ -76,7 +76,7 @@ def load_run(spec: str):
     if step:
         stage = ppo_stage(trained.config).name
         saved = {(s["stage"], s["stage_state"]["step"]): p for p in list_checkpoints(Path(run) / "checkpoints")
-                 for s in [json.loads((p / "state.json").read_text())]}
+                 for s in [json.loads((p / "state.json").read_text())["run_state"]]}
         found = [p for (name, at), p in saved.items() if name == stage and str(at) == step]
         if not found:
             raise SystemExit(f"error: {run}: no checkpoint of stage {stage!r} at step {step} "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +19,18 @@ import yaml
 from . import checkpoint as ckpt
 from .components import PLUGINS, build
 from .config import RecipeConfig, load_recipe, recipe_to_yaml
-from .data.batching import Position
 from .data.render import Renderer
 from .engine import StageState, build_optimizer, train_stage, trainable_parameters
-from .step_health import StepCounts
 from .errors import UserError
 from .evaluation.runner import evaluate_examples
 from .evaluation.memo import EvalMemo
 from .evaluation.suite import evaluate_all
 from .files import write_atomic
 from .model_setup import attach_lora, backbone_options, bf16_enabled  # attach_lora is also imported from here by tests and benches
-from .monitor.metrics_log import ALERTS, METRICS, MetricsLog, rewrite_jsonl
+from .monitor.metrics_log import MetricsLog
 from .plugins import Plugin
 from .run_files import finish_run
+from .run_state import STAGES, Restored, RunSetup, RunState, restore_run, save_run
 from .stages import PreparedStage, build_sources, prepare_stages
 
 
@@ -167,125 +166,132 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
                                                        for k in ("FSDP", "DEEPSPEED")):
             print("note: accelerate enables neither FSDP nor DeepSpeed on CPU: this runs as plain DDP (gloo)", flush=True)
         try:
-            return _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
-                        plugins, show_progress)
+            log = MetricsLog(run_dir, accelerator, enabled=accelerator.is_main_process)
+            return _run(RunSetup(cfg, run_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
+                                 plugins, show_progress, log))
         finally:
             accelerator.end_training()
             AcceleratorState._reset_state(True)  # the next train() in this process may pick other settings
 
 
-def _run(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume, plugins,
-         show_progress) -> Run:
-    model.to(accelerator.device)
-    main = accelerator.is_main_process
+def _run(setup: RunSetup) -> Run:
+    cfg, accelerator = setup.cfg, setup.accelerator
+    setup.model.to(accelerator.device)
     if accelerator.process_index > 0:  # its own dropout stream (the same seed would draw the same masks)
         torch.manual_seed(cfg.seed + accelerator.process_index)
-    log = MetricsLog(run_dir, accelerator, enabled=main)
-    if cfg.report_to and main:
+    if cfg.report_to and accelerator.is_main_process:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
                 for k, v in _flatten(cfg.model_dump(mode="json")).items()}
         accelerator.init_trackers("tb", config=flat)
-
     if cfg.experts is not None:  # DyLoRA-MoE: the stages are skills of one unlabelled stream
         from .experts.stream_run import run_skill_stream
-        final = run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator,
-                                 resume, plugins, show_progress, log)
-        return Run(run_dir, cfg, final)
+        return Run(setup.run_dir, cfg, run_skill_stream(setup))
+    return Run(setup.run_dir, cfg, _run_stages(setup))
 
-    results = {"initial": None, "rows": [], "details": [], "stages": []}
-    memo = EvalMemo(cfg.data.eval_cache)  # e.g. an old task's untouched expert is not scored twice
-    start_stage, stage_state, seq, begun = 0, None, 0, set()
-    latest = [c for c in [ckpt.newest_intact(ckpt_dir)] if c] if resume else []  # damaged ones skipped, named
-    optimizer_state = None
-    if latest:
-        weights, optimizer_state, state = ckpt.load(latest[0], rank=accelerator.process_index)
-        if state.get("processes", 1) != accelerator.num_processes:  # the global batch is part of the run
-            raise UserError(f"--resume: {run_dir} was trained with {state.get('processes', 1)} process(es), "
-                            f"not {accelerator.num_processes}: resume it with as many")
-        results, seq = state["results"], state["seq"]
-        for p in plugins:
-            p.load_state_dict(state.get("plugins", {}).get(p.name, {}))
-        start_stage = state["stage_index"] + (1 if state["stage_done"] else 0)
-        objective = stages[state["stage_index"]].objective
-        objective.load_state_dict(state.get("objective", {}))
-        objective.begin_stage(model)
-        begun.add(state["stage_index"])
-        _load_trainables(_checkpoint_params(model, objective), weights)
-        if not state["stage_done"]:
-            s = state["stage_state"]
-            stage_state = StageState(s["step"], Position(**s["position"]), s["tokens"], s["seconds"],
-                                     health=StepCounts(**s.get("health", {})))
-        done_stage, done_step = state["stage_index"], state["stage_state"]["step"]
-        if main:  # drop log lines of steps the resumed run will redo
-            rewrite_jsonl(run_dir / METRICS, lambda r: _before(r, stages, done_stage, done_step))
-            rewrite_jsonl(run_dir / ALERTS, lambda r: True)
-        print(f"resuming {run_dir} at stage {stages[min(start_stage, len(stages) - 1)].name!r} "
-              f"step {stage_state.step if stage_state else 0}", flush=True)
-    elif resume:
-        print(f"resuming {run_dir}: no checkpoint yet, starting from the beginning", flush=True)
 
-    if results["initial"] is None:
+def _run_stages(setup: RunSetup) -> dict:
+    """Every stage in order, each scored after it trains; a resumed run starts where its checkpoint stood."""
+    memo = EvalMemo(setup.cfg.data.eval_cache)  # e.g. an old task's untouched expert is not scored twice
+    run, mid_stage = _restore_stages(setup)
+    if run.results["initial"] is None:
         t0 = time.time()
-        results["initial"] = evaluate_all(model, tok, renderer, eval_tasks, cfg, memo)
-        results["eval_seconds"] = time.time() - t0
-
-    for si in range(start_stage, len(stages)):
-        st = stages[si]
-        if cfg.lora is not None and cfg.lora.per_stage:
-            model.set_adapter(st.name)  # only this stage's expert trains
-        state = stage_state if (si == start_stage and stage_state) else StageState()
-        if st.data is not None and st.plan is None:
-            build_sources(st, cfg, run_dir, model, tok, renderer, accelerator)
-        if si not in begun:
-            st.objective.begin_stage(model)
-        optimizer = build_optimizer(list(_all_trainables(model, st.objective).values()), st.train_cfg)
-        if optimizer_state is not None and si == start_stage and stage_state:
-            optimizer.load_state_dict(optimizer_state)
-        _check_sharding(accelerator, st.train_cfg)
-        train_model, optimizer = accelerator.prepare(model, optimizer) if accelerator.num_processes > 1 \
-            else (model, optimizer)
-
-        def save(s: StageState, done: bool = False):
-            nonlocal seq
-            seq += 1
-            # every process's RNG (LoRA dropout draws differ per process), so a resume is exact
-            from accelerate.utils import gather_object
-            rngs = gather_object([ckpt.rng_state()]) if accelerator.num_processes > 1 else None
-            if main:
-                ckpt.save(ckpt_dir, f"{seq:06d}", _checkpoint_params(model, st.objective), optimizer.state_dict(),
-                          {"seq": seq, "stage_index": si, "stage": st.name, "stage_done": done,
-                           "stage_state": {"step": s.step, "position": asdict(s.position), "tokens": s.tokens,
-                                           "seconds": s.seconds, "health": asdict(s.health)},
-                           "results": results, "plugins": {p.name: p.state_dict() for p in plugins},
-                           "objective": st.objective.state_dict(), "processes": accelerator.num_processes},
-                          keep=st.train_cfg.keep_checkpoints, rank_rng=rngs)
-            accelerator.wait_for_everyone()
-
-        if st.plan is not None and state.step < st.train_cfg.steps:
-            if state.step == 0:
-                _score_heldout(results, st, "before", model, tok, renderer, cfg)
-            state = train_stage(accelerator=accelerator, model=train_model, optimizer=optimizer, objective=st.objective,
-                                plan=st.plan, cfg=st.train_cfg, stage=st.name, stage_index=si, state=state,
-                                plugins=plugins, log=log, pad_id=tok.pad_token_id, checkpoint=save,
-                                show_progress=show_progress, vocab_size=len(tok),
-                                global_step=sum(done["steps"] for done in results["stages"]))
-        if accelerator.num_processes > 1:
-            model = accelerator.unwrap_model(train_model, keep_fp32_wrapper=False)
-        row = evaluate_all(model, tok, renderer, eval_tasks, cfg, memo)
-        results["details"].append(row)
-        results["rows"].append([r["score"] for r in row])
-        heldout = _score_heldout(results, st, "after", model, tok, renderer, cfg)
-        results["stages"].append({"name": st.name, "steps": state.step, "seconds": state.seconds,
-                                  "tokens": state.tokens, "tokens_per_s": state.tokens / max(state.seconds, 1e-9),
-                                  "examples": st.n_examples, "truncated": st.truncated,
-                                  "stopped_early": state.stopped_early,
-                                  **({"built": st.built} if st.built else {}),
-                                  **({"heldout": heldout} if heldout else {})})
+        run.results["initial"] = evaluate_all(setup.model, setup.tok, setup.renderer, setup.eval_tasks, setup.cfg, memo)
+        run.results["eval_seconds"] = time.time() - t0
+    for si in range(run.next_index, len(setup.stages)):
+        state, save = _train_one_stage(setup, run, si, mid_stage)
+        mid_stage = None  # only the first stage resumes
+        _evaluate_after_stage(setup, run.results, setup.stages[si], state, memo)
         save(state, done=True)
+    final = finish_run(setup.cfg, setup.run_dir, setup.model, setup.eval_tasks, run.results) \
+        if setup.accelerator.is_main_process else {}
+    setup.accelerator.wait_for_everyone()
+    return final
 
-    final = finish_run(cfg, run_dir, model, eval_tasks, results) if main else {}
-    accelerator.wait_for_everyone()
-    return Run(run_dir, cfg, final)
+
+def _restore_stages(setup: RunSetup) -> tuple[RunState, Restored | None]:
+    """The run's state: a new one, or the newest checkpoint's with its weights in the model. The second
+    value is the checkpoint where it stopped inside a stage (whose optimizer and position resume)."""
+    fresh = RunState(STAGES, {"initial": None, "rows": [], "details": [], "stages": []},
+                     processes=setup.accelerator.num_processes)
+    restored = restore_run(setup.run_dir, STAGES, setup.accelerator) if setup.resume else None
+    if restored is None:
+        if setup.resume:
+            print(f"resuming {setup.run_dir}: no checkpoint yet, starting from the beginning", flush=True)
+        return fresh, None
+    run = restored.run
+    run.restore_plugins(setup.plugins)
+    objective = setup.stages[run.stage_index].objective
+    objective.load_state_dict(run.objective)
+    objective.begin_stage(setup.model)  # an objective's own parameters (a value head) exist before the copy
+    restored.load_weights(_checkpoint_params(setup.model, objective))
+    print(f"resuming {setup.run_dir} at stage {setup.stages[min(run.next_index, len(setup.stages) - 1)].name!r} "
+          f"step {0 if run.stage_done else run.stage_state.step}", flush=True)
+    return run, None if run.stage_done else restored
+
+
+@dataclass
+class StageSaver:
+    """train_stage's checkpoint callback for one stage: where the stage stands goes into the run's
+    state, saved with the weights and this stage's optimizer."""
+    setup: RunSetup
+    run: RunState
+    index: int
+    optimizer: torch.optim.Optimizer
+
+    def __call__(self, stage_state: StageState, done: bool = False) -> None:
+        st = self.setup.stages[self.index]
+        self.run.stage_index, self.run.stage, self.run.stage_done = self.index, st.name, done
+        self.run.stage_state = stage_state
+        self.run.save_plugins(self.setup.plugins)
+        self.run.objective = st.objective.state_dict()
+        save_run(self.setup.accelerator, self.setup.ckpt_dir, self.run, _checkpoint_params(self.setup.model, st.objective),
+                 self.optimizer, keep=st.train_cfg.keep_checkpoints)
+
+
+def _train_one_stage(setup: RunSetup, run: RunState, si: int, mid_stage: Restored | None
+                     ) -> tuple[StageState, StageSaver]:
+    """Stage `si`'s optimizer steps (from where `mid_stage` stopped, if given); returns where it ended
+    and its saver."""
+    cfg, model, accelerator, st = setup.cfg, setup.model, setup.accelerator, setup.stages[si]
+    if cfg.lora is not None and cfg.lora.per_stage:
+        model.set_adapter(st.name)  # only this stage's expert trains
+    state = mid_stage.run.stage_state if mid_stage else StageState()
+    if st.data is not None and st.plan is None:
+        build_sources(st, cfg, setup.run_dir, model, setup.tok, setup.renderer, accelerator)
+    if mid_stage is None:  # a resumed stage began when it was restored
+        st.objective.begin_stage(model)
+    optimizer = build_optimizer(list(_all_trainables(model, st.objective).values()), st.train_cfg)
+    if mid_stage:
+        mid_stage.load_optimizer(optimizer)
+    _check_sharding(accelerator, st.train_cfg)
+    train_model, optimizer = accelerator.prepare(model, optimizer) if accelerator.num_processes > 1 \
+        else (model, optimizer)
+    save = StageSaver(setup, run, si, optimizer)
+    if st.plan is not None and state.step < st.train_cfg.steps:
+        if state.step == 0:
+            _score_heldout(run.results, st, "before", model, setup.tok, setup.renderer, cfg)
+        state = train_stage(accelerator=accelerator, model=train_model, optimizer=optimizer, objective=st.objective,
+                            plan=st.plan, cfg=st.train_cfg, stage=st.name, stage_index=si, state=state,
+                            plugins=setup.plugins, log=setup.log.tagged(stage_index=si), pad_id=setup.tok.pad_token_id,
+                            checkpoint=save, show_progress=setup.show_progress, vocab_size=len(setup.tok),
+                            global_step=sum(done["steps"] for done in run.results["stages"]))
+    if accelerator.num_processes > 1:
+        setup.model = accelerator.unwrap_model(train_model, keep_fp32_wrapper=False)
+    return state, save
+
+
+def _evaluate_after_stage(setup: RunSetup, results: dict, st: PreparedStage, state: StageState, memo: EvalMemo) -> None:
+    """The accuracy row after a stage, its held-out pairs' scores, and its numbers, into `results`."""
+    row = evaluate_all(setup.model, setup.tok, setup.renderer, setup.eval_tasks, setup.cfg, memo)
+    results["details"].append(row)
+    results["rows"].append([r["score"] for r in row])
+    heldout = _score_heldout(results, st, "after", setup.model, setup.tok, setup.renderer, setup.cfg)
+    results["stages"].append({"name": st.name, "steps": state.step, "seconds": state.seconds,
+                              "tokens": state.tokens, "tokens_per_s": state.tokens / max(state.seconds, 1e-9),
+                              "examples": st.n_examples, "truncated": st.truncated,
+                              "stopped_early": state.stopped_early,
+                              **({"built": st.built} if st.built else {}),
+                              **({"heldout": heldout} if heldout else {})})
 
 
 def _score_heldout(results: dict, st: PreparedStage, when: str, model, tok, renderer, cfg) -> dict | None:
@@ -332,12 +338,6 @@ def _check_sharding(accelerator, train_cfg) -> None:
             gradient_clipping=train_cfg.max_grad_norm or 0.0)
 
 
-def _before(record: dict, stages, done_stage: int, done_step: int) -> bool:
-    names = [s.name for s in stages]
-    idx = names.index(record["stage"]) if record.get("stage") in names else -1
-    return idx < done_stage or (idx == done_stage and record.get("step", 0) <= done_step)
-
-
 def _all_trainables(model, objective) -> dict[str, torch.nn.Parameter]:
     """The model's trainable parameters plus the objective's own (e.g. a PPO value head)."""
     extra = {f"objective.{k}": v for k, v in objective.extra_parameters().items()}
@@ -347,15 +347,6 @@ def _all_trainables(model, objective) -> dict[str, torch.nn.Parameter]:
 def _checkpoint_params(model, objective) -> dict[str, torch.nn.Parameter]:
     """What a checkpoint holds: the trainables plus every adapter's weights (frozen experts too)."""
     return {**{n: p for n, p in model.named_parameters() if "lora_" in n}, **_all_trainables(model, objective)}
-
-
-def _load_trainables(params: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
-    missing = set(params) - set(weights)
-    if missing:
-        raise UserError(f"checkpoint does not match the model: {len(missing)} trainable tensors missing (e.g. {sorted(missing)[0]})")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from skillstream.checkpoint import MANIFEST, damage, list_checkpoints
+from skillstream.checkpoint import MANIFEST, damage, list_checkpoints, write_manifest
 from skillstream.errors import UserError
 from skillstream.run import train
 
@@ -28,7 +28,7 @@ def killed_after_step_6(finished, dst):
     """The finished run's folder as a kill after step 6 would have left it: checkpoints at steps 3 and 6."""
     shutil.copytree(finished.run_dir, dst)
     for ckpt in list_checkpoints(dst / "checkpoints"):
-        state = json.loads((ckpt / "state.json").read_text())
+        state = json.loads((ckpt / "state.json").read_text())["run_state"]
         if state["stage_done"] or state["stage_state"]["step"] > 6:
             shutil.rmtree(ckpt)
     shutil.rmtree(dst / "experts")
@@ -75,3 +75,16 @@ def test_the_manifest_lists_every_file_of_the_checkpoint(finished):
     assert set(files) == {p.name for p in ckpt.iterdir()} - {MANIFEST}
     assert all(files[name]["bytes"] == (ckpt / name).stat().st_size for name in files)
     assert damage(ckpt) is None
+
+
+def test_a_checkpoint_of_an_older_skillstream_is_refused_in_one_line(finished, tmp_path):
+    """state.json as skillstream wrote it before run_state: the run's fields at its top level."""
+    older, newest = killed_after_step_6(finished, tmp_path / "run")
+    state = json.loads((newest / "state.json").read_text())
+    old_layout = {**state.pop("run_state"), **state}
+    (newest / "state.json").write_text(json.dumps(old_layout))
+    write_manifest(newest)  # an intact checkpoint, only of the older layout
+    with pytest.raises(UserError) as refused:
+        train("quickstart", out=tmp_path / "run", resume=True, show_progress=False)
+    assert str(refused.value) == (f"--resume: {newest} was written by an older skillstream (no run_state); "
+                                  "start a new run with --out")

@@ -194,8 +194,8 @@ def test_ewc_and_replay_run_in_a_recipe_and_survive_checkpoints(sentiment_folder
     assert len(run.results["matrix"]) == 2 and run.results["bwt"] is not None
     from skillstream import checkpoint
     _, _, state = checkpoint.load(checkpoint.list_checkpoints(run.run_dir / "checkpoints")[-1])
-    assert torch.is_tensor(next(iter(state["plugins"]["ewc"]["fisher"].values())))
-    assert len(state["plugins"]["replay"]["items"]) == 4
+    assert torch.is_tensor(next(iter(state["run_state"]["plugins"]["ewc"]["fisher"].values())))
+    assert len(state["run_state"]["plugins"]["replay"]["items"]) == 4
 
 
 def test_early_stopping_stops_a_stage_of_the_adaptive_learner_recipes_own_length(tmp_path):

@@ -184,7 +184,7 @@ def test_alignment_mixing_in_a_real_run_gives_the_noise_less_weight(tmp_path):
     _train_easy_and_noise(tmp_path, "alignment", steps=16)
     from skillstream.checkpoint import list_checkpoints
 
-    state = json.loads((list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "state.json").read_text())
+    state = json.loads((list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "state.json").read_text())["run_state"]
     history = state["plugins"]["curriculum"]["history"]
     assert [h["step"] for h in history] == [0, 4, 8, 12, 16]
     assert all(len(h["alignment"]) == 2 for h in history)           # the matrix of every refresh is kept
@@ -273,7 +273,7 @@ def test_resume_from_a_mid_stage_checkpoint_restores_weights_and_curriculum(tmp_
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
     for ckpt in list_checkpoints(cut / "checkpoints"):
-        state = json.loads((ckpt / "state.json").read_text())
+        state = json.loads((ckpt / "state.json").read_text())["run_state"]
         if state["stage_done"] or state["stage_state"]["step"] > 8:
             shutil.rmtree(ckpt)
     for name in ("results.json", "model", "experts"):
@@ -282,7 +282,7 @@ def test_resume_from_a_mid_stage_checkpoint_restores_weights_and_curriculum(tmp_
 
     def last(run):
         ckpt = list_checkpoints(run / "checkpoints")[-1]
-        return load_file(str(ckpt / "weights.safetensors")), json.loads((ckpt / "state.json").read_text())
+        return load_file(str(ckpt / "weights.safetensors")), json.loads((ckpt / "state.json").read_text())["run_state"]
 
     (wa, sa), (wb, sb) = last(full), last(cut)
     for k in wa:

@@ -102,7 +102,7 @@ def test_sigkill_in_the_middle_of_ppo_resumes_to_the_uninterrupted_weights(tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (broken / "results.json").exists(), "the run finished before it was killed"
-    state = json.loads((list_checkpoints(broken / "checkpoints")[-1] / "state.json").read_text())
+    state = json.loads((list_checkpoints(broken / "checkpoints")[-1] / "state.json").read_text())["run_state"]
     assert state["stage"] == "ppo" and 0 < state["objective"]["pos"] < 8   # a rollout buffer half used
     resumed = run_cli("train", "destruct", "--out", str(broken), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr

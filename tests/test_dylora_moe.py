@@ -236,7 +236,7 @@ def test_a_reused_expert_rehearses_its_own_chunks_and_the_memory_survives_a_resu
         if d["trained"]:
             trained |= {(d["trained"], i) for i in d["chunks_trained"]}
             trained |= {(t, int(i)) for i, t in d["reassigned"].items()}
-    keys = {item["key"] for item in state["plugins"]["replay"]["items"]}  # "<expert>:chunk_<last of batch>/<class>"
+    keys = {item["key"] for item in state["run_state"]["plugins"]["replay"]["items"]}  # "<expert>:chunk_<last of batch>/<class>"
     assert keys and all((k.split(":")[0], int(k.split(":")[1].split("/")[0][len("chunk_"):])) in trained for k in keys)
     assert len({key.split(":")[0] for key in keys}) == 3  # every expert keeps some of its own chunks
     rows = [json.loads(x) for x in (whole.run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -206,7 +206,7 @@ def test_a_run_interrupted_in_the_second_task_resumes_with_the_same_pool_and_los
     assert "resuming" in out and "generative replay:" not in out  # the checkpoint's pool, not a new one
     _, _, state = checkpoint.load(checkpoint.list_checkpoints(resumed.run_dir / "checkpoints")[-1])
     _, _, ref = checkpoint.load(checkpoint.list_checkpoints(full_run["run"].run_dir / "checkpoints")[-1])
-    assert state["plugins"]["generative_replay"] == ref["plugins"]["generative_replay"]
+    assert state["run_state"]["plugins"]["generative_replay"] == ref["run_state"]["plugins"]["generative_replay"]
 
     def losses(run):
         return [(r["stage"], r["step"], r["loss"]) for r in

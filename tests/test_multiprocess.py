@@ -75,7 +75,7 @@ def test_two_processes_match_one_at_the_same_global_batch(runs):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     state = json.loads(sorted((runs / "two" / "checkpoints").glob("ckpt-*"))[-1].joinpath("state.json").read_text())
-    assert state["processes"] == 2 and len(state["rng_ranks"]) == 1  # process 1's RNG rides beside process 0's
+    assert state["run_state"]["processes"] == 2 and len(state["rng_ranks"]) == 1  # process 1's RNG rides beside process 0's
 
 
 def _free_port() -> int:

@@ -153,7 +153,7 @@ def test_one_stage_at_a_time_hands_over_adapter_and_pairs(smoke_run, tmp_path, c
     # dpo starts from the SFT adapter: it is the reference (a frozen copy), the first loss is log 2
     assert dpo.config.init_from == str(pairs.run_dir.resolve())
     state = json.loads(sorted((dpo.run_dir / "checkpoints").glob("ckpt-*/state.json"))[-1].read_text())
-    assert state["objective"] == {"reference": "adapter"}
+    assert state["run_state"]["objective"] == {"reference": "adapter"}
     logged = [json.loads(line) for line in (dpo.run_dir / "metrics.jsonl").read_text().splitlines()]
     # the DPO part of the loss (the loss less sft_weight 1.0 x NLL of the chosen answers) starts at log 2
     assert len(logged) == 3 and abs(logged[0]["loss"] - logged[0]["nll/chosen"] - math.log(2)) < 0.05

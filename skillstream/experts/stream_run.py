@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import checkpoint as ckpt
 from ..continual.metrics import summarize
 from ..data.batching import BatchPlan
 from ..data.examples import load_examples, skipped_rows
@@ -31,13 +30,12 @@ from ..errors import UserError
 from ..evaluation.memo import EvalMemo, adds_nothing
 from ..evaluation.runner import evaluate_examples
 from ..files import write_atomic
-from ..monitor.metrics_log import ALERTS, METRICS, rewrite_jsonl
 from ..monitor.progress import Progress
 from ..run_files import EXPERTS, protocol_summaries, remembered
+from ..run_state import DECISIONS, SKILL_STREAM, Restored, RunSetup, RunState, StreamState, restore_run, save_run
 from .lifecycle import Lifecycle, chunk_steps, expert_groups
 from .routed import routed
 
-DECISIONS = "decisions.jsonl"
 ROUTER_DIR = "router"
 
 
@@ -139,107 +137,116 @@ def _routing_accuracy(life: Lifecycle, tasks, skill_expert: dict[int, str], n_ex
     return {"task_agnostic_accuracy": hits / max(total, 1), "per_task": per_task}
 
 
-def run_skill_stream(cfg, run_dir, ckpt_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
-                     plugins, show_progress, log) -> dict:
-    main = accelerator.is_main_process
-    ecfg = cfg.experts
+def run_skill_stream(setup: RunSetup) -> dict:
+    cfg, stages = setup.cfg, setup.stages
     chunks = make_chunks(stages, cfg)
-    life = Lifecycle(model, tok, renderer, ecfg, seed=cfg.seed, max_length=cfg.data.max_length)
-    own_plugins, plugins = plugins, [life.schedule, *plugins]  # the schedule's state rides in the lifecycle's
+    life = Lifecycle(setup.model, setup.tok, setup.renderer, cfg.experts, seed=cfg.seed, max_length=cfg.data.max_length)
     train_cfg0 = stages[0].train_cfg
-    state = {"chunk": -1, "pending": [], "seq": 0, "results": {"initial": None, "rows": [], "details": []},
-             "assignments": {}, "skill_stats": {}, "global_step": 0}
-    decisions: list[dict] = []
-    optimizer_state = None
-    latest = [c for c in [ckpt.newest_intact(ckpt_dir)] if c] if resume else []  # damaged ones skipped, named
-    if latest:
-        weights, optimizer_state, saved = ckpt.load(latest[0])
-        life.load_state_dict(saved.pop("lifecycle"))
-        params = {n: p for n, p in model.named_parameters() if "lora_" in n}
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(weights[n])
-        for p in own_plugins:  # e.g. a replay memory: resumed, not rebuilt from nothing
-            p.load_state_dict(saved.get("plugins", {}).get(p.name, {}))
-        state = saved
-        state.pop("plugins", None)
-        decisions = state.pop("decisions")
-        if main:
-            done = state["chunk"]
-            rewrite_jsonl(run_dir / METRICS, lambda r: int(str(r.get("stage", "chunk_-1")).rsplit("_", 1)[-1]) <= done)
-            rewrite_jsonl(run_dir / ALERTS, lambda r: True)
-            rewrite_jsonl(run_dir / DECISIONS, lambda r: r["chunk"] <= done)
-        print(f"resuming {run_dir} after chunk {state['chunk'] + 1} of {len(chunks)}", flush=True)
+    run, restored = _restore_stream(setup, life, len(chunks))
     groups = [g for name in life.pool.names for g in expert_groups(life.pool, name, train_cfg0.weight_decay)]
     optimizer = torch.optim.AdamW(groups, lr=train_cfg0.lr, betas=train_cfg0.betas)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    results = state["results"]
-    if results["initial"] is None:
-        results["initial"] = _eval_row(life, tok, renderer, eval_tasks, cfg, memo=EvalMemo(cfg.data.eval_cache))
+    if restored is not None:
+        restored.load_optimizer(optimizer)
+    if run.results["initial"] is None:
+        run.results["initial"] = _eval_row(life, setup.tok, setup.renderer, setup.eval_tasks, cfg,
+                                           memo=EvalMemo(cfg.data.eval_cache))
 
     last_of_skill = {c.skill: c.index for c in chunks}
-    progress = Progress(len(chunks), "skill stream", state["chunk"] + 1, enabled=show_progress and main)
+    main = setup.accelerator.is_main_process
+    progress = Progress(len(chunks), "skill stream", run.next_index, enabled=setup.show_progress and main)
     t_stream = time.time()
-    for chunk in chunks[state["chunk"] + 1:]:
-        record, signal, features = life.decide(chunk.examples)
-        shares = life.routed_shares(features)  # before the chunk trains anything: where the router sends it
-        record.update(skill=stages[chunk.skill].name, examples=len(chunk.examples))  # logged, not used
-        novel_wait = record["decision"] == "wait" and record["streak"] > 0
-        if novel_wait and chunk.index != len(chunks) - 1:
-            # held back until novelty lasts a window; its signal decides later where it goes
-            sig_tensors, sig_meta = signal.state()
-            state["pending"].append({"chunk": chunk.index, "signal": sig_tensors, "signal_meta": sig_meta,
-                                     "features": features, "best": record["best"], "best_sim": record["similarity"]})
-            record["trained"] = None
-        else:
-            if life.adopt(record, state["global_step"]):
-                for g in expert_groups(life.pool, record["expert"], train_cfg0.weight_decay):
-                    optimizer.add_param_group({**g, "lr": train_cfg0.lr, "betas": train_cfg0.betas})
-            name = record["expert"]
-            plan = assign_held_chunks(life, record, signal, state["pending"])
-            plan.setdefault(name, []).append((chunk.index, signal, features))
-            state["pending"] = []
-            for target in sorted(plan, key=lambda n: n == name):  # the decided expert trains last
-                batch = [chunks[i] for i, _, _ in plan[target]]
-                steps, seconds, tokens = _train_expert(life, target, batch, cfg, train_cfg0, stages[0].objective,
-                                                       accelerator, model, optimizer, plugins, log, tok,
-                                                       state["global_step"])
-                for c in batch:  # time and tokens by the true skill of the chunks (measurement only)
-                    stats = state["skill_stats"].setdefault(str(c.skill), {"steps": 0, "seconds": 0.0, "tokens": 0})
-                    share = len(c.items) / sum(len(b.items) for b in batch)
-                    stats["steps"] += steps * share
-                    stats["seconds"] += seconds * share
-                    stats["tokens"] += round(tokens * share)
-                    state["assignments"].setdefault(str(c.skill), []).append(target)
-                router_loss = life.learn_chunk(target, [sg for _, sg, _ in plan[target]],
-                                               torch.cat([f for _, _, f in plan[target]]), steps, state["global_step"])
-                state["global_step"] += steps
-            record.update(trained=name, chunks_trained=[i for i, _, _ in plan[name]], steps=steps,
-                          seconds=round(seconds, 2), router_loss=router_loss, lr=life.schedule.rate(name),
-                          reassigned={str(i): t for t in plan if t != name for i, _, _ in plan[t]})
-        decisions.append(record)
-        # which expert the router gives how much of the stream: the monitor and the report read these
-        log.log({"stage": f"chunk_{chunk.index:04d}", "step": record.get("steps") or 0, "global_step": state["global_step"],
-                 **{f"router/share/{n}": v for n, v in shares.items()},
-                 **({"router/entropy": record["entropy"]} if record.get("entropy") is not None else {})})
+    for chunk in chunks[run.next_index:]:
+        record = _learn_chunk(setup, life, chunks, chunk, run.stream, optimizer)
         if main:
-            with (run_dir / DECISIONS).open("a") as f:
+            with (setup.run_dir / DECISIONS).open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if last_of_skill[chunk.skill] == chunk.index:  # the harness scores the matrix at true boundaries
-            row = _eval_row(life, tok, renderer, eval_tasks, cfg)
-            results["details"].append(row)
-            results["last_row_step"] = state["global_step"]
-            results["rows"].append([r["score"] for r in row])
-        state["chunk"] = chunk.index
+            row = _eval_row(life, setup.tok, setup.renderer, setup.eval_tasks, cfg)
+            run.results["details"].append(row)
+            run.results["last_row_step"] = run.stream.global_step
+            run.results["rows"].append([r["score"] for r in row])
+        run.stage_index, run.stage = chunk.index, f"chunk_{chunk.index:04d}"
         # a held-back chunk trained nothing: the line shows the last expert's rate
         last_lr = life.schedule.rate(life.schedule.current) if life.schedule.current else 0.0
         progress.update(chunk.index + 1, {"loss": life.schedule.last_loss, "lr": record.get("lr") or last_lr,
                                           "tokens_per_s": life.schedule.tokens_per_s})
-        _save(ckpt_dir, state, decisions, life, model, optimizer, train_cfg0, main, own_plugins)
+        _save(setup, run, life, optimizer)
     progress.close()
-    return _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, decisions, state,
+    return _finish_stream(cfg, setup.run_dir, life, setup.tok, setup.renderer, stages, setup.eval_tasks, chunks, run,
                           time.time() - t_stream, main)
+
+
+def _restore_stream(setup: RunSetup, life: Lifecycle, n_chunks: int) -> tuple[RunState, Restored | None]:
+    """A new stream's state, or the newest checkpoint's with the lifecycle, weights and plugins restored.
+    A stream is saved between chunks only: each checkpoint's chunk is done."""
+    fresh = RunState(SKILL_STREAM, {"initial": None, "rows": [], "details": []}, stage_index=-1, stage_done=True,
+                     processes=setup.accelerator.num_processes, stream=StreamState())
+    restored = restore_run(setup.run_dir, SKILL_STREAM, setup.accelerator) if setup.resume else None
+    if restored is None:
+        return fresh, None
+    run = restored.run
+    life.load_state_dict(run.lifecycle)
+    restored.load_weights({n: p for n, p in setup.model.named_parameters() if "lora_" in n})
+    run.restore_plugins(setup.plugins)  # e.g. a replay memory: resumed, not rebuilt from nothing
+    print(f"resuming {setup.run_dir} after chunk {run.stage_index + 1} of {n_chunks}", flush=True)
+    return run, restored
+
+
+def _learn_chunk(setup: RunSetup, life: Lifecycle, chunks: list[Chunk], chunk: Chunk, stream: StreamState,
+                 optimizer) -> dict:
+    """The learner decides where the chunk goes; it is held back, or trains its expert (with the chunks
+    held back before it). Returns the decision record, also appended to `stream.decisions`."""
+    stages, train_cfg0 = setup.stages, setup.stages[0].train_cfg
+    plugins = [life.schedule, *setup.plugins]  # the schedule's state rides in the lifecycle's
+    record, signal, features = life.decide(chunk.examples)
+    shares = life.routed_shares(features)  # before the chunk trains anything: where the router sends it
+    record.update(skill=stages[chunk.skill].name, examples=len(chunk.examples))  # logged, not used
+    novel_wait = record["decision"] == "wait" and record["streak"] > 0
+    if novel_wait and chunk.index != len(chunks) - 1:
+        # held back until novelty lasts a window; its signal decides later where it goes
+        sig_tensors, sig_meta = signal.state()
+        stream.pending.append({"chunk": chunk.index, "signal": sig_tensors, "signal_meta": sig_meta,
+                               "features": features, "best": record["best"], "best_sim": record["similarity"]})
+        record["trained"] = None
+    else:
+        if life.adopt(record, stream.global_step):
+            for g in expert_groups(life.pool, record["expert"], train_cfg0.weight_decay):
+                optimizer.add_param_group({**g, "lr": train_cfg0.lr, "betas": train_cfg0.betas})
+        name = record["expert"]
+        plan = assign_held_chunks(life, record, signal, stream.pending)
+        plan.setdefault(name, []).append((chunk.index, signal, features))
+        stream.pending = []
+        for target in sorted(plan, key=lambda n: n == name):  # the decided expert trains last
+            batch = [chunks[i] for i, _, _ in plan[target]]
+            steps, seconds, tokens = _train_expert(life, target, batch, setup.cfg, train_cfg0, stages[0].objective,
+                                                   setup.accelerator, setup.model, optimizer, plugins, setup.log,
+                                                   setup.tok, stream.global_step)
+            _count_by_skill(stream, batch, target, steps, seconds, tokens)
+            router_loss = life.learn_chunk(target, [sg for _, sg, _ in plan[target]],
+                                           torch.cat([f for _, _, f in plan[target]]), steps, stream.global_step)
+            stream.global_step += steps
+        record.update(trained=name, chunks_trained=[i for i, _, _ in plan[name]], steps=steps,
+                      seconds=round(seconds, 2), router_loss=router_loss, lr=life.schedule.rate(name),
+                      reassigned={str(i): t for t in plan if t != name for i, _, _ in plan[t]})
+    stream.decisions.append(record)
+    # which expert the router gives how much of the stream: the monitor and the report read these
+    setup.log.tagged(stage_index=chunk.index).log(
+        {"stage": f"chunk_{chunk.index:04d}", "step": record.get("steps") or 0, "global_step": stream.global_step,
+         **{f"router/share/{n}": v for n, v in shares.items()},
+         **({"router/entropy": record["entropy"]} if record.get("entropy") is not None else {})})
+    return record
+
+
+def _count_by_skill(stream: StreamState, batch: list[Chunk], target: str, steps: int, seconds: float,
+                    tokens: int) -> None:
+    """Time and tokens by the true skill of the chunks an expert trained on (measurement only)."""
+    for c in batch:
+        stats = stream.skill_stats.setdefault(str(c.skill), {"steps": 0, "seconds": 0.0, "tokens": 0})
+        share = len(c.items) / sum(len(b.items) for b in batch)
+        stats["steps"] += steps * share
+        stats["seconds"] += seconds * share
+        stats["tokens"] += round(tokens * share)
+        stream.assignments.setdefault(str(c.skill), []).append(target)
 
 
 def assign_held_chunks(life: Lifecycle, record: dict, signal, held: list[dict]) -> dict[str, list]:
@@ -274,7 +281,8 @@ def _train_expert(life, name, batch, cfg, train_cfg, objective, accelerator, mod
                      length_grouped=st_cfg.batching == "length_grouped")
     state = train_stage(accelerator=accelerator, model=model, optimizer=optimizer, objective=objective, plan=plan,
                         cfg=st_cfg, stage=f"chunk_{batch[-1].index:04d}", stage_index=batch[-1].index,
-                        state=StageState(), plugins=plugins, log=log, pad_id=tok.pad_token_id,
+                        state=StageState(), plugins=plugins, log=log.tagged(stage_index=batch[-1].index),
+                        pad_id=tok.pad_token_id,
                         checkpoint=lambda s: None, show_progress=False, vocab_size=len(tok),
                         global_step=global_step)
     return state.step, state.seconds, state.tokens
@@ -287,15 +295,11 @@ def life_stage_cfg(cfg, t, n_items: int):
                                 "log_every": min(t.log_every, steps), "checkpoint_every": 10 ** 9})
 
 
-def _save(ckpt_dir, state, decisions, life, model, optimizer, train_cfg, main, plugins) -> None:
-    if not main:
-        return
-    state["seq"] += 1
-    weights = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    ckpt.save(ckpt_dir, f"{state['seq']:06d}", weights, optimizer.state_dict(),
-              {**state, "decisions": decisions, "lifecycle": life.state_dict(), "processes": 1,
-               "plugins": {p.name: p.state_dict() for p in plugins},
-               "kind": "skill_stream"}, keep=train_cfg.keep_checkpoints)
+def _save(setup: RunSetup, run: RunState, life: Lifecycle, optimizer) -> None:
+    run.lifecycle = life.state_dict()
+    run.save_plugins(setup.plugins)
+    weights = {n: p for n, p in setup.model.named_parameters() if "lora_" in n}
+    save_run(setup.accelerator, setup.ckpt_dir, run, weights, optimizer, keep=setup.stages[0].train_cfg.keep_checkpoints)
 
 
 def _oracle_row(life, tok, renderer, tasks, cfg, oracle: dict[str, str], results: dict, step: int) -> list[dict]:
@@ -313,13 +317,13 @@ def _oracle_row(life, tok, renderer, tasks, cfg, oracle: dict[str, str], results
             for j, t in enumerate(tasks)]
 
 
-def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, decisions, state, seconds, main) -> dict:
-    results = state["results"]
+def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, run: RunState, seconds, main) -> dict:
+    results, stream, decisions = run.results, run.stream, run.stream.decisions
     # the expert trained on each skill: the one that trained most of its chunks (ties: the first)
-    skill_expert = {int(s): Counter(names).most_common(1)[0][0] for s, names in state["assignments"].items()}
+    skill_expert = {int(s): Counter(names).most_common(1)[0][0] for s, names in stream.assignments.items()}
     task_skill = {j: j for j in range(len(eval_tasks))} if len(eval_tasks) == len(stages) else {}
     oracle = {eval_tasks[j].name: skill_expert[s] for j, s in task_skill.items() if s in skill_expert}
-    oracle_row = _oracle_row(life, tok, renderer, eval_tasks, cfg, oracle, results, state["global_step"])
+    oracle_row = _oracle_row(life, tok, renderer, eval_tasks, cfg, oracle, results, stream.global_step)
     names = [t.name for t in eval_tasks]
     final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},
                       [r["score"] for r in results["initial"]], results["rows"])
@@ -348,14 +352,14 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
         "stages": [{"name": st.name, "chunks": sum(c.skill == i for c in chunks),
                     "examples": sum(len(c.examples) for c in chunks if c.skill == i),
                     "truncated": sum(it.truncated for c in chunks if c.skill == i for it in c.items),
-                    **{k: 0 for k in ("steps", "seconds", "tokens")}, **state["skill_stats"].get(str(i), {})}
+                    **{k: 0 for k in ("steps", "seconds", "tokens")}, **stream.skill_stats.get(str(i), {})}
                    for i, st in enumerate(stages)],
         "truncated": sum(it.truncated for c in chunks for it in c.items),
         "skipped_rows": skipped_rows(cfg),  # rows dropped under data.invalid_labels=skip, per file
         **protocol_summaries(names, results),
         "evaluations_remembered": remembered(results),
-        "seconds": sum(v["seconds"] for v in state["skill_stats"].values()),  # training only
-        "wall_seconds": seconds, "steps": state["global_step"]})
+        "seconds": sum(v["seconds"] for v in stream.skill_stats.values()),  # training only
+        "wall_seconds": seconds, "steps": stream.global_step})
     if main:
         life.pool.save(run_dir / EXPERTS)
         life.router.save(run_dir / ROUTER_DIR)

@@ -47,8 +47,14 @@ def _clean(v):
 class MetricsLog:
     """Append-only logs of a run; only the main process writes."""
 
-    def __init__(self, run_dir: Path, accelerator=None, enabled: bool = True):
+    def __init__(self, run_dir: Path, accelerator=None, enabled: bool = True, tags: dict | None = None):
         self.run_dir, self.accelerator, self.enabled = run_dir, accelerator, enabled
+        self.tags = tags or {}
+
+    def tagged(self, **tags) -> MetricsLog:
+        """This log with `tags` in every metrics record: a stage's or chunk's `stage_index`, by which a
+        resume drops the records it will write again (run_state.drop_redone_records)."""
+        return MetricsLog(self.run_dir, self.accelerator, self.enabled, {**self.tags, **tags})
 
     def _append(self, name: str, record: dict) -> None:
         if not self.enabled:
@@ -58,10 +64,11 @@ class MetricsLog:
             f.flush()
 
     def log(self, record: dict) -> None:
+        record = {**record, **self.tags}
         self._append(METRICS, record)
         if self.accelerator is not None and self.accelerator.trackers:
             numeric = {f"{record.get('stage', '')}/{k}": v for k, v in record.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "stage_index")}
             self.accelerator.log(numeric, step=record.get("global_step", record.get("step")))
 
     def alert(self, step: int, severity: str, kind: str, message: str, **extra) -> None:
