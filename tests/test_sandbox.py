@@ -11,19 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from skillstream import sandbox
 from skillstream.errors import UserError
-from skillstream.sandbox import run_bash, run_python
+from skillstream.sandbox import private_view_unavailable, run_bash, run_python
+from skillstream.sandbox.checks import bubblewrap_check, isolation_works
+from skillstream.sandbox.child import UID_BASE, UID_SPAN
+from skillstream.sandbox.processes import pids_of
 
 pytestmark = pytest.mark.skipif(
-    not sandbox._isolation_works(),
+    not isolation_works(),
     reason="no network namespace available here (needs root or unprivileged user namespaces)")
 
 
 def _sandbox_pids() -> list[int]:
     """Live processes running under any of the sandbox's throw-away uids."""
-    lo, hi = sandbox._UID_BASE, sandbox._UID_BASE + sandbox._UID_SPAN
-    return [pid for uid in _uids_in_use(lo, hi) for pid in sandbox._pids_of(uid)]
+    lo, hi = UID_BASE, UID_BASE + UID_SPAN
+    return [pid for uid in _uids_in_use(lo, hi) for pid in pids_of(uid)]
 
 
 def _uids_in_use(lo: int, hi: int) -> set[int]:
@@ -42,7 +44,7 @@ def _uids_in_use(lo: int, hi: int) -> set[int]:
 @pytest.fixture
 def private_view():
     """Skips, saying why, where bubblewrap cannot give runs a private filesystem view."""
-    why = sandbox.private_view_unavailable()
+    why = private_view_unavailable()
     if why:
         pytest.skip(f"no private filesystem view here: {why}")
 
@@ -214,7 +216,7 @@ def test_code_cannot_read_the_callers_tree_or_other_world_readable_files(private
 
 def test_without_bubblewrap_it_warns_once_and_uses_the_fallback(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # no bwrap to be found
-    sandbox._bubblewrap_check.cache_clear()  # the warning comes once per process: start afresh
+    bubblewrap_check.cache_clear()  # the warning comes once per process: start afresh
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -223,9 +225,9 @@ def test_without_bubblewrap_it_warns_once_and_uses_the_fallback(monkeypatch):
         assert len(said) == 1 and "apt-get install bubblewrap" in said[0]
         assert first.stdout == second.stdout == "hi\n" and first.ok and first.network_blocked
         assert not first.private_fs and not second.private_fs
-        assert sandbox.private_view_unavailable() == "bubblewrap is not installed (no bwrap on PATH)"
+        assert private_view_unavailable() == "bubblewrap is not installed (no bwrap on PATH)"
     finally:
-        sandbox._bubblewrap_check.cache_clear()
+        bubblewrap_check.cache_clear()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop only happens when run as root")
