@@ -155,6 +155,8 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, gt=0)
     max_bad_steps: int = Field(5, gt=0, description="Steps in a row with a non-finite loss or gradient (each skipped, weights unchanged) after which the run stops with exit status 3.")
     collapse_steps: int = Field(10, gt=0, description="Steps in a row with gradient norm 0 or a token loss at ln(vocabulary) (the uniform guess) that raise a 'collapsed' alert.")
+    sample_every: int = Field(0, ge=0, description="Generate from sample_prompts every N steps and at each stage end (greedy, into samples.jsonl, the monitor, the report and TensorBoard); 0 = off.")
+    sample_prompts: list[str] = Field(default_factory=list, description="User messages to sample (chat-templated like evaluation prompts); empty = the first 2 test prompts of each evaluation task.")
 
 
 class StageConfig(_Strict):

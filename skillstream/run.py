@@ -134,6 +134,12 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
         context = {"tokenizer": tok, "renderer": renderer, "recipe": cfg}
         stages, eval_tasks = prepare_stages(cfg, renderer, context)
         plugins = [build(p, PLUGINS, "plugin", Plugin, **context) for p in cfg.plugins] + list(plugins or [])
+        every = {st.name: st.train_cfg.sample_every for st in stages}
+        if cfg.train.sample_every > 0 or any(every.values()):
+            from .monitor.samples import SamplePlugin, default_prompts
+            plugins.append(SamplePlugin(tokenizer=tok, renderer=renderer, every=every, default=cfg.train.sample_every,
+                                        prompts=cfg.train.sample_prompts or default_prompts(eval_tasks),
+                                        max_new_tokens=cfg.generation.max_new_tokens))
         if cfg.experts is not None:
             from .experts.stream_run import check_stream_recipe
             check_stream_recipe(cfg, stages, eval_tasks, dist.num_processes)

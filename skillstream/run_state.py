@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from .data.batching import Position
 from .engine import StageState
 from .errors import UserError
-from .monitor.metrics_log import ALERTS, METRICS, rewrite_jsonl
+from .monitor.metrics_log import ALERTS, METRICS, SAMPLES, rewrite_jsonl
 from .step_health import StepCounts
 
 RUN_STATE = "run_state"  # state.json's key; a checkpoint without it predates this layout
@@ -156,6 +156,7 @@ def drop_redone_records(run_dir: Path, run: RunState) -> None:
     rewrite_jsonl(run_dir / METRICS, lambda r: run.precedes(r.get("stage_index", -1), r.get("step", 0)))
     rewrite_jsonl(run_dir / ALERTS, lambda r: True)  # only a torn last line goes
     rewrite_jsonl(run_dir / DECISIONS, lambda r: run.precedes(r["chunk"], 0))
+    rewrite_jsonl(run_dir / SAMPLES, lambda r: run.precedes(r.get("stage_index", -1), r.get("step", 0)))
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..report.rundata import CONFIG, RESULTS, fmt, numeric, planned_stages
-from .metrics_log import ALERTS, METRICS
+from .metrics_log import ALERTS, METRICS, SAMPLES
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "error": "bold red", "critical": "bold white on red"}
@@ -65,10 +65,12 @@ class View:
     metrics: list[dict] = field(default_factory=list)
     alerts: list[dict] = field(default_factory=list)
     results: dict | None = None
+    sample: dict | None = None  # the newest record of samples.jsonl (train.sample_every)
     seen: deque = field(default_factory=lambda: deque(maxlen=50))  # (wall time, global step)
 
     def __post_init__(self):
         self._metrics, self._alerts = Follower(self.run_dir / METRICS), Follower(self.run_dir / ALERTS)
+        self._samples = Follower(self.run_dir / SAMPLES)
 
     @property
     def finished(self) -> bool:
@@ -81,6 +83,9 @@ class View:
         self.metrics += new
         new_alerts, reset = self._alerts.poll()
         self.alerts = (new_alerts if reset else self.alerts + new_alerts)[-200:]
+        new_samples, reset = self._samples.poll()
+        if new_samples or reset:
+            self.sample = new_samples[-1] if new_samples else None
         if new:
             self.seen.append((time.monotonic(), self.global_step(new[-1])))
         if (self.run_dir / RESULTS).is_file():
@@ -187,6 +192,8 @@ def render(view: View):
         r = view.results
         grid.add_row("results", f"AvgAcc {fmt(r.get('avg_acc'))}  BWT {fmt(r.get('bwt'))}  FWT {fmt(r.get('fwt'))}"
                                 f"  train time {r.get('seconds', 0):.1f}s")
+    if view.sample:
+        grid.add_row("sample", _sample_line(view.sample))
     parts = [grid]
     if view.alerts:
         alerts = Table(title="latest alerts", show_edge=False, title_justify="left")
@@ -198,6 +205,16 @@ def render(view: View):
                            str(a.get("kind", "")), Text(str(a.get("message", "")), style=style))
         parts.append(alerts)
     return Panel(Group(*parts), title=f"[bold]{name}[/] · {status}", subtitle=str(view.run_dir), expand=False)
+
+
+def _sample_line(s: dict, width: int = 50) -> Text:
+    """The newest sample as one line: step, prompt -> output, each cut to `width` characters."""
+    from rich.text import Text
+
+    def cut(v) -> str:
+        v = " ".join(str(v or "").split())
+        return v if len(v) <= width else v[:width - 1] + "…"
+    return Text(f"step {s.get('step')}  {cut(s.get('prompt'))} -> {cut(s.get('output')) or '(nothing)'}")
 
 
 def _experts(view: View) -> str:

@@ -10,6 +10,7 @@ from ..files import write_atomic
 
 METRICS = "metrics.jsonl"
 ALERTS = "alerts.jsonl"
+SAMPLES = "samples.jsonl"  # generations during training (monitor/samples.py)
 
 
 def read_jsonl(path: Path) -> list[dict]:

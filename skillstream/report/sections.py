@@ -280,8 +280,27 @@ def samples(run: RunData) -> Section | None:
     return Section("samples", "Sample generations", "".join(parts)) if parts else None
 
 
+def training_samples(run: RunData) -> Section | None:
+    """The newest generation of each `train.sample_prompts` prompt (samples.jsonl), with when it was made."""
+    from ..monitor.metrics_log import SAMPLES, read_jsonl
+    latest: dict[str, dict] = {}
+    records = read_jsonl(run.path / SAMPLES)
+    for r in records:
+        latest[str(r.get("prompt", ""))] = r  # in file order, so the last one of each prompt stays
+    if not latest:
+        return None
+    rows = "".join(f"<tr><td>{escape(str(r.get('stage', '')))}</td><td>{escape(str(r.get('step', '')))}</td>"
+                   f"<td><pre>{_text(p)}</pre></td><td><pre>{_text(r.get('output'))}</pre></td></tr>"
+                   for p, r in latest.items())
+    return Section("training-samples", "Samples during training",
+                   f"<p>The newest of {len(records)} generations in {SAMPLES} (greedy, every train.sample_every "
+                   f"steps and at each stage end), one per prompt.</p><table class=\"samples\"><thead><tr><th>stage</th>"
+                   f"<th>step</th><th>prompt</th><th>output</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 def config(run: RunData) -> Section:
     return Section("config", "Resolved config", f"<pre class=\"config\">{escape(run.config_text)}</pre>")
 
 
-RUN_SECTIONS = [summary, task_scores, training, objective_metrics, routing, experts, curriculum, alerts, samples, config]
+RUN_SECTIONS = [summary, task_scores, training, objective_metrics, routing, experts, curriculum, alerts, samples,
+                training_samples, config]
