@@ -13,6 +13,7 @@ recipe that never names PPO never imports it.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from .errors import UserError
@@ -67,6 +68,9 @@ def build(spec, registry: dict[str, str], what: str, base: type, **context):
     if not (isinstance(cls, type) and issubclass(cls, base)):
         shown = cls.__name__ if isinstance(cls, type) else repr(cls)
         raise UserError(f"{what} {spec.name!r}: {shown} must subclass {base.__module__}.{base.__qualname__}")
+    if inspect.isabstract(cls):  # a required part left out: say which, before anything runs
+        raise UserError(f"{what} {spec.name!r}: {cls.__name__} does not define "
+                        f"{', '.join(sorted(cls.__abstractmethods__))} (required by {base.__qualname__})")
     kwargs = dict(spec.model_extra or {})
     try:
         return cls(**kwargs, **context) if context else cls(**kwargs)

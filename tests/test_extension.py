@@ -26,10 +26,13 @@ def test_a_toy_objective_and_plugin_from_test_modules_train_in_a_recipe(tmp_path
 @pytest.mark.parametrize("key, value, message", [
     ("objective", "toy_objective:NotAnObjective",
      "objective 'toy_objective:NotAnObjective': NotAnObjective must subclass skillstream.objectives.base.Objective"),
+    ("objective", "toy_objective:IncompleteObjective",
+     "objective 'toy_objective:IncompleteObjective': IncompleteObjective does not define __call__, collate "
+     "(required by Objective)"),
     ("plugins", [{"name": "toy_objective:ToyObjective"}],
      "plugin 'toy_objective:ToyObjective': ToyObjective must subclass skillstream.plugins.Plugin"),
 ])
-def test_a_class_without_the_contract_base_is_refused_in_one_line(tmp_path, key, value, message):
+def test_a_class_that_breaks_the_contract_is_refused_in_one_line(tmp_path, key, value, message):
     with pytest.raises(UserError) as refused:
         _smoke(tmp_path, **{key: value})
     assert str(refused.value) == message

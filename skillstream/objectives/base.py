@@ -13,6 +13,7 @@ arguments plus the run's objects, which the base ``__init__`` accepts and ignore
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from ..data.render import Renderer
 
 
-class Objective:
+class Objective(ABC):
     name = "objective"  # what logs and errors call it
     # the loss is a mean token cross-entropy: the engine's step guard then knows its uniform-guess
     # value, ln(vocabulary), and warns when the loss sits there (step_health.py)
@@ -31,18 +32,19 @@ class Objective:
         pass
 
     # -- required ------------------------------------------------------------------------------------
+    # (abstract: a class that leaves one out is refused by components.build before the run starts)
+    @abstractmethod
     def tokenize(self, example, renderer: Renderer) -> Any:
         """One example -> the item the batch plan groups and shuffles (it needs `length` or `input_ids`)."""
-        raise NotImplementedError(f"{type(self).__name__} must define tokenize(example, renderer)")
 
+    @abstractmethod
     def collate(self, items: list, pad_id: int) -> dict:
         """Items -> one micro-batch; the engine moves its tensors to the device and counts
         `attention_mask` as the step's tokens, so the batch must have one."""
-        raise NotImplementedError(f"{type(self).__name__} must define collate(items, pad_id)")
 
+    @abstractmethod
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict, Any]:
         """(loss, {metric name: float}, outputs that plugins' loss_term receive, or None)."""
-        raise NotImplementedError(f"{type(self).__name__} must define __call__(model, batch)")
 
     # -- optional: the defaults do nothing ----------------------------------------------------------
     def extra_parameters(self) -> dict[str, torch.nn.Parameter]:
