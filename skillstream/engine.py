@@ -97,7 +97,7 @@ def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: Ba
         if world > 1:  # before the step: every process skips a bad step alike, and plugins (neuromodulation,
             # early stop) see and decide alike everywhere
             loss_sum, extra_metrics, step_tokens = _over_processes(accelerator, loss_sum, extra_metrics, step_tokens)
-        verdict = health.judge(state.health, state.step + 1, loss_sum, grad_norm)
+        verdict = health.judge(state.health, loss_sum, grad_norm)
         applied_lr = _applied_lr(optimizer, lr)
         if verdict.apply:  # (DeepSpeed steps inside accelerator.backward: there a bad step is only counted)
             optimizer.step()

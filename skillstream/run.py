@@ -74,9 +74,10 @@ def _first_difference(saved: Any, new: Any, key: str = "") -> tuple[str, Any] | 
     return None if saved == new else (key, saved)
 
 
-def check_run_dir(run_dir: Path, resume: bool, overrides: dict | None, smoke: bool = False) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overrides: dict | None, smoke: bool = False) -> RecipeConfig | None:
     """--resume needs a run directory, and takes --set / --smoke only where they repeat its saved
-    config (re-running the same command resumes); a new run needs an empty or new one."""
+    config (re-running the same command resumes); returns that saved recipe. A new run needs an
+    empty or new one (returns None)."""
     from .run_lock import LOCK_FILE
 
     if resume:
@@ -84,18 +85,27 @@ def check_run_dir(run_dir: Path, resume: bool, overrides: dict | None, smoke: bo
         if not saved_file.is_file():
             raise UserError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
         saved_raw = yaml.safe_load(saved_file.read_text())
-        saved = load_recipe(saved_raw).model_dump(mode="json")
-        # each one alone on the saved config, validated as load_recipe would (train.lr=5e-4 is a saved
-        # 0.0005; model=tiny is a saved model.name tiny), so that a refusal names the key it is about
-        changes = [(f"--set {k}={_shown(v)}", {k: v}, False) for k, v in (overrides or {}).items()]
-        changes += [("--smoke", {}, True)] if smoke else []
-        for flag, override, smoke_flag in changes:
-            differs = _first_difference(saved, load_recipe(saved_raw, override, smoke_flag).model_dump(mode="json"))
-            if differs is not None:
-                raise UserError(f"--resume: {flag} changes the saved run ({differs[0]} is {_shown(differs[1])} "
-                                f"in {saved_file}); drop it or start a new --out")
-    elif run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):  # the lock is not the run's
+        saved = load_recipe(saved_raw)
+        # validated as load_recipe would (train.lr=5e-4 is a saved 0.0005; model=tiny is a saved model.name
+        # tiny); the usual case, the same command again, costs one load
+        if (overrides or smoke) and _first_difference(saved.model_dump(mode="json"), load_recipe(
+                saved_raw, overrides, smoke).model_dump(mode="json")) is not None:
+            _name_the_change(saved.model_dump(mode="json"), saved_raw, saved_file, overrides or {}, smoke)
+        return saved
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):  # the lock is not the run's
         raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it or --out for a new one")
+    return None
+
+
+def _name_the_change(saved: dict, saved_raw: dict, saved_file: Path, overrides: dict, smoke: bool) -> None:
+    """Each --set (and --smoke) alone on the saved config: the first that changes it is refused by key."""
+    changes = [(f"--set {k}={_shown(v)}", {k: v}, False) for k, v in overrides.items()]
+    changes += [("--smoke", {}, True)] if smoke else []
+    for flag, override, smoke_flag in changes:
+        differs = _first_difference(saved, load_recipe(saved_raw, override, smoke_flag).model_dump(mode="json"))
+        if differs is not None:
+            raise UserError(f"--resume: {flag} changes the saved run ({differs[0]} is {_shown(differs[1])} "
+                            f"in {saved_file}); drop it or start a new --out")
 
 
 def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = None, resume: bool = False,
@@ -117,9 +127,9 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
     from contextlib import nullcontext
     from .run_lock import run_lock
     with run_lock(run_dir) if dist.is_main_process else nullcontext():
-        check_run_dir(run_dir, resume, overrides, smoke)
-        if resume:
-            cfg = load_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        saved = check_run_dir(run_dir, resume, overrides, smoke)
+        if saved is not None:  # --resume: the run goes on with the recipe it was started with
+            cfg = saved
         from .init_from import check_init_from, copy_inherited_files, load_init_from
         cfg = check_init_from(cfg)  # a run to start from (stage: dpo after an sft run): same model, same LoRA
 

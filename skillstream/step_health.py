@@ -45,7 +45,7 @@ class StepHealth:
         """`uniform_loss`: ln(vocabulary) for objectives whose loss is a token cross-entropy, else None."""
         self.max_bad_steps, self.collapse_steps, self.uniform_loss = max_bad_steps, collapse_steps, uniform_loss
 
-    def judge(self, counts: StepCounts, step: int, loss: float, grad_norm: float | None) -> Verdict:
+    def judge(self, counts: StepCounts, loss: float, grad_norm: float | None) -> Verdict:
         """`grad_norm` None: the backend did not report one (DeepSpeed); the loss alone decides."""
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             counts.bad_in_row += 1

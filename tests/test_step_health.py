@@ -84,14 +84,14 @@ def test_a_loss_stuck_at_the_uniform_guess_is_a_collapse_and_a_learning_one_is_n
     vocab = 49152
     health = StepHealth(max_bad_steps=5, collapse_steps=3, uniform_loss=math.log(vocab))
     counts = StepCounts()
-    verdicts = [health.judge(counts, s, math.log(vocab) + 0.001, grad_norm=0.7) for s in range(1, 4)]
+    verdicts = [health.judge(counts, math.log(vocab) + 0.001, grad_norm=0.7) for _ in range(3)]
     assert [v.alerts for v in verdicts[:2]] == [[], []]
     assert verdicts[2].alerts[0][1] == "collapsed" and "the uniform guess" in verdicts[2].alerts[0][2]
     learning = StepCounts()
-    assert not any(health.judge(learning, s, 10.0 - 0.5 * s, grad_norm=0.7).alerts for s in range(1, 10))
+    assert not any(health.judge(learning, 10.0 - 0.5 * s, grad_norm=0.7).alerts for s in range(1, 10))
     # a preference or policy loss has no uniform-guess value: only a zero gradient counts there
     dpo = StepHealth(max_bad_steps=5, collapse_steps=3, uniform_loss=None)
-    assert not any(dpo.judge(StepCounts(), s, math.log(vocab), grad_norm=0.7).alerts for s in range(1, 5))
+    assert not any(dpo.judge(StepCounts(), math.log(vocab), grad_norm=0.7).alerts for _ in range(4))
 
 
 def test_the_global_step_only_grows_across_stages_in_the_log_and_in_tensorboard(tmp_path):

@@ -33,6 +33,10 @@ model much worse than where the stage began: it diverged. (``loss_spike`` warns 
 recent losses instead.) The reference is kept in checkpoints, so a run resumed mid-stage compares
 with the same level. ``loss_max: 10.0`` (an absolute bound) replaces the relative check.
 
+In training, a step with a NaN or infinite loss or gradient norm is skipped and alerted by the
+engine itself (``nonfinite_step``, skillstream/step_health.py) before plugins see it; ``nan_loss`` and
+``nan_grad`` fire for numbers given to :meth:`Monitor.check` directly.
+
 The same kind is not raised again within ``cooldown`` steps (a dead network would otherwise
 write one line per step). ``on_critical: stop`` ends the run at the first critical alert (after
 writing it: exit status 2 and one line naming it; the checkpoints written before it stay, so
