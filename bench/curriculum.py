@@ -31,7 +31,8 @@ or below it; ratio to uniform's steps), final validation loss, and the noise sou
 
 Goal (issue 6): the best adaptive strategy needs <= 0.8x the steps of uniform and gives the noise
 source less weight over time. `difficulty-raw` is the seed's rule with raw (not per-share)
-progress, kept for comparison. `hardest` (weights proportional to difficulty) is included to show
+progress, kept for comparison; `difficulty-var` is the difficulty rule on the seed's combined signal,
+mean loss + `--var-coef` x its variance. `hardest` (weights proportional to difficulty) is included to show
 what naive "sample the hardest" does with an unlearnable source.
 """
 from __future__ import annotations
@@ -130,7 +131,8 @@ def run_strategy(mode: str, args, files: dict, out: Path, val_items: dict, pad_i
         "plugins": [{"name": "auto_curriculum", "mixing": "uniform" if mode == "oracle" else mode.split("-")[0], "freeze_interval": args.freeze_interval,
                      "sample_size": args.sample_size, "eta": args.eta, "bandit_lr": args.bandit_lr,
                      **{k: getattr(args, k) for k in ("max_scale", "smoothing", "absolute", "probe")},
-                     **({"progress": "raw"} if mode == "difficulty-raw" else {})}],
+                     **({"progress": "raw"} if mode == "difficulty-raw" else {}),
+                     **({"var_coef": args.var_coef} if mode == "difficulty-var" else {})}],
     }
     probe = make_probe(val_items, pad_id, args.eval_every)
     t0 = time.time()
@@ -167,7 +169,7 @@ def table(results: list[dict], steps: int) -> str:
         ends = ", ".join(f"{k} {v:.2f}" for k, v in r["weights_end"].items())
         lines.append(f"| {r['mode']} | {s if s is not None else '-'} | {ratio} | {r['final']:.4f} | "
                      f"{w['start']:.3f} / {w['second_half_mean']:.3f} / {w['end']:.3f} | {ends} | {r['seconds']:.0f} |")
-    adaptive = [r for r in results if r["mode"] in ("difficulty", "difficulty-raw", "bandit", "alignment")]
+    adaptive = [r for r in results if r["mode"] in ("difficulty", "difficulty-raw", "difficulty-var", "bandit", "alignment")]
     best = min(adaptive, key=lambda r: (steps_to(r["curve"], target) or 10 ** 9), default=None)
     if best is not None:
         s = steps_to(best["curve"], target)
@@ -186,7 +188,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model, a few steps: wiring check (records nothing)")
     ap.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
     ap.add_argument("--modes", default="uniform,difficulty,bandit,hardest",
-                    help="comma-separated: uniform, difficulty, difficulty-raw, bandit, alignment, hardest, oracle")
+                    help="comma-separated: uniform, difficulty, difficulty-raw, difficulty-var, bandit, alignment, hardest, oracle")
+    ap.add_argument("--var-coef", type=float, default=1.0,
+                    help="difficulty-var: the difficulty rule with signal = mean loss + VAR_COEF x its variance "
+                         "(the seed's combination; `difficulty` uses the plugin's default)")
     ap.add_argument("--noise", choices=["printable", "symbols"], default="printable",
                     help="the unlearnable source: random printable characters or space-separated single-token symbols")
     ap.add_argument("--model", default="tiny", help="tiny (trained from scratch, full weights) or a model with LoRA")
@@ -258,7 +263,7 @@ def main(argv=None) -> int:
                     f"Model {args.model}, {args.steps} steps, batch {args.batch_size}, max_length {args.max_length}, "
                     f"lr {args.lr}, noise {args.noise}, freeze_interval {args.freeze_interval}, sample_size {args.sample_size}, eta {args.eta}, "
                     f"probe {args.probe}, max_scale {args.max_scale}, smoothing {args.smoothing}, absolute {args.absolute}, "
-                    f"bandit_lr {args.bandit_lr}, seed {args.seed}\n\n"
+                    f"bandit_lr {args.bandit_lr}, var_coef (difficulty-var) {args.var_coef}, seed {args.seed}\n\n"
                     f"{text}\n")
         print(f"appended to {RESULTS_MD}")
     return 0

@@ -34,11 +34,13 @@ PLUGINS: dict[str, str] = {
     "generative_replay": "skillstream.continual.generative_replay:GenerativeReplay",
     "neuromod": "skillstream.continual.neuromod:Neuromodulation",
     "early_stop": "skillstream.continual.early_stop:EarlyStopping",
+    "preference_eval": "skillstream.objectives.preference_eval:PreferenceEval",
 }
 # Data builders: functions run at the start of a stage on the current model to write a source
 # file (`data.train[].build`); called as fn(out_path, model=, tokenizer=, renderer=, recipe=, **kwargs).
 BUILDERS = {
     "verifier_pairs": "skillstream.objectives.preference_pairs:verifier_pairs",
+    "toolformer": "skillstream.tools.toolformer_chats:toolformer_chats",
 }
 # model name -> builder(seed=..., **model.args) -> (model, tokenizer), for models that are not
 # Hugging Face causal LMs loaded by id or path (those need no entry).

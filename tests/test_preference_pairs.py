@@ -61,3 +61,21 @@ def test_builder_samples_reproducibly_and_merges_user_pairs(tmp_path):
         verifier_pairs(tmp_path / "c.jsonl", merge=[str(bad)], **kw)
     with pytest.raises(UserError, match="temperature must be > 0"):
         verifier_pairs(tmp_path / "d.jsonl", temperature=0, **kw)
+
+
+def test_min_margin_keeps_strong_preferences_and_counts_the_dropped(examples):
+    ex = examples[0]  # calculate_triangle_area(base=10, height=5, unit='units')
+    gold = answer_to_calls(ex.meta["ground_truth"], ex.meta["functions"])[0]
+    one_wrong = type(gold)(gold.name, {**gold.arguments, "base": "zzz"})  # 2 of 3 arguments right: score 1/3
+    malformed = "<tool>calculate_triangle_area(base=</tool>"               # score 0
+    samples = [[render_inline(gold), render_inline(one_wrong), malformed]]
+    rows, counts = build_pairs(examples[:1], samples, pairs_per_prompt=2)
+    assert [r["score_margin"] for r in rows] == [pytest.approx(2 / 3, abs=1e-6), 1.0] and counts["dropped_margin"] == 0
+    rows, counts = build_pairs(examples[:1], samples, pairs_per_prompt=2, min_margin=0.8)
+    assert counts["pairs"] == 1 and counts["dropped_margin"] == 1
+    assert rows[0]["rejected"] == [{"role": "assistant", "content": malformed}] and rows[0]["score_margin"] == 1.0
+    # a threshold no pair reaches: one line, not an empty training set
+    with pytest.raises(UserError, match=r"min_margin 0.9 dropped every pair \(1\)"):
+        build_pairs(examples[:1], [[render_inline(gold), render_inline(one_wrong)]], min_margin=0.9)
+    with pytest.raises(UserError, match=r"min_margin must be in \[0, 1\]"):
+        verifier_pairs("unused.jsonl", model=None, tokenizer=None, renderer=None, min_margin=2)
