@@ -56,7 +56,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
 
 def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: BatchPlan, cfg: TrainConfig,
                 stage: str, stage_index: int, state: StageState, plugins: list[Plugin], log, pad_id: int,
-                checkpoint: Callable[[StageState], None], show_progress: bool = True, vocab_size: int,
+                checkpoint: Callable[[StageState], None] | None, show_progress: bool = True, vocab_size: int,
                 global_step: int = 0) -> StageState:
     """`global_step`: optimizer steps of the run before this stage's step 0 (earlier stages, earlier
     chunks), so the logged `global_step` only grows. `vocab_size`: for the uniform-guess loss."""
@@ -133,8 +133,10 @@ def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: Ba
         if ctx.stop:
             state.stopped_early = True
             break
-        # not while steps are being skipped: the newest checkpoint stays the last good one
-        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps and state.health.bad_in_row == 0:
+        # not while steps are being skipped: the newest checkpoint stays the last good one; no callback:
+        # the unit is saved only when it is done (a chunk of a skill stream)
+        if checkpoint is not None and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps \
+                and state.health.bad_in_row == 0:
             checkpoint(state)
     progress.close()
     for p in plugins:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,18 +19,15 @@ from . import checkpoint as ckpt
 from .components import PLUGINS, build
 from .config import RecipeConfig, load_recipe, recipe_to_yaml
 from .data.render import Renderer
-from .engine import StageState, build_optimizer, train_stage, trainable_parameters
+from .driver import drive
 from .errors import UserError
-from .evaluation.runner import evaluate_examples
-from .evaluation.memo import EvalMemo
-from .evaluation.suite import evaluate_all
 from .files import write_atomic
 from .model_setup import attach_lora, backbone_options, bf16_enabled  # attach_lora is also imported from here by tests and benches
 from .monitor.metrics_log import MetricsLog
 from .plugins import Plugin
-from .run_files import finish_run
-from .run_state import STAGES, Restored, RunSetup, RunState, restore_run, save_run
-from .stages import PreparedStage, build_sources, prepare_stages
+from .run_state import RunSetup
+from .stage_plan import StagePlan
+from .stages import prepare_stages
 
 
 @dataclass
@@ -152,7 +148,7 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
                                         max_new_tokens=cfg.generation.max_new_tokens))
         if cfg.experts is not None:
             from .experts.stream_run import check_stream_recipe
-            check_stream_recipe(cfg, stages, eval_tasks, dist.num_processes)
+            check_stream_recipe(cfg, stages, eval_tasks)
 
         # Input is valid: from here on we write the run directory (the main process; every process has
         # checked it above before any of them writes).
@@ -199,170 +195,12 @@ def _run(setup: RunSetup) -> Run:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
                 for k, v in _flatten(cfg.model_dump(mode="json")).items()}
         accelerator.init_trackers("tb", config=flat)
-    if cfg.experts is not None:  # DyLoRA-MoE: the stages are skills of one unlabelled stream
-        from .experts.stream_run import run_skill_stream
-        return Run(setup.run_dir, cfg, run_skill_stream(setup))
-    return Run(setup.run_dir, cfg, _run_stages(setup))
-
-
-def _run_stages(setup: RunSetup) -> dict:
-    """Every stage in order, each scored after it trains; a resumed run starts where its checkpoint stood."""
-    memo = EvalMemo(setup.cfg.data.eval_cache)  # e.g. an old task's untouched expert is not scored twice
-    run, mid_stage = _restore_stages(setup)
-    if run.results["initial"] is None:
-        t0 = time.time()
-        run.results["initial"] = evaluate_all(setup.model, setup.tok, setup.renderer, setup.eval_tasks, setup.cfg, memo)
-        run.results["eval_seconds"] = time.time() - t0
-    for si in range(run.next_index, len(setup.stages)):
-        state, save = _train_one_stage(setup, run, si, mid_stage)
-        mid_stage = None  # only the first stage resumes
-        _evaluate_after_stage(setup, run.results, setup.stages[si], state, memo)
-        save(state, done=True)
-    final = finish_run(setup.cfg, setup.run_dir, setup.model, setup.eval_tasks, run.results) \
-        if setup.accelerator.is_main_process else {}
-    setup.accelerator.wait_for_everyone()
-    return final
-
-
-def _restore_stages(setup: RunSetup) -> tuple[RunState, Restored | None]:
-    """The run's state: a new one, or the newest checkpoint's with its weights in the model. The second
-    value is the checkpoint where it stopped inside a stage (whose optimizer and position resume)."""
-    fresh = RunState(STAGES, {"initial": None, "rows": [], "details": [], "stages": []},
-                     processes=setup.accelerator.num_processes)
-    restored = restore_run(setup.run_dir, STAGES, setup.accelerator) if setup.resume else None
-    if restored is None:
-        if setup.resume:
-            print(f"resuming {setup.run_dir}: no checkpoint yet, starting from the beginning", flush=True)
-        return fresh, None
-    run = restored.run
-    run.restore_plugins(setup.plugins)
-    objective = setup.stages[run.stage_index].objective
-    objective.load_state_dict(run.objective)
-    objective.begin_stage(setup.model)  # an objective's own parameters (a value head) exist before the copy
-    restored.load_weights(_checkpoint_params(setup.model, objective))
-    print(f"resuming {setup.run_dir} at stage {setup.stages[min(run.next_index, len(setup.stages) - 1)].name!r} "
-          f"step {0 if run.stage_done else run.stage_state.step}", flush=True)
-    return run, None if run.stage_done else restored
-
-
-@dataclass
-class StageSaver:
-    """train_stage's checkpoint callback for one stage: where the stage stands goes into the run's
-    state, saved with the weights and this stage's optimizer."""
-    setup: RunSetup
-    run: RunState
-    index: int
-    optimizer: torch.optim.Optimizer
-
-    def __call__(self, stage_state: StageState, done: bool = False) -> None:
-        st = self.setup.stages[self.index]
-        self.run.stage_index, self.run.stage, self.run.stage_done = self.index, st.name, done
-        self.run.stage_state = stage_state
-        self.run.save_plugins(self.setup.plugins)
-        self.run.objective = st.objective.state_dict()
-        save_run(self.setup.accelerator, self.setup.ckpt_dir, self.run, _checkpoint_params(self.setup.model, st.objective),
-                 self.optimizer, keep=st.train_cfg.keep_checkpoints)
-
-
-def _train_one_stage(setup: RunSetup, run: RunState, si: int, mid_stage: Restored | None
-                     ) -> tuple[StageState, StageSaver]:
-    """Stage `si`'s optimizer steps (from where `mid_stage` stopped, if given); returns where it ended
-    and its saver."""
-    cfg, model, accelerator, st = setup.cfg, setup.model, setup.accelerator, setup.stages[si]
-    if cfg.lora is not None and cfg.lora.per_stage:
-        model.set_adapter(st.name)  # only this stage's expert trains
-    state = mid_stage.run.stage_state if mid_stage else StageState()
-    if st.data is not None and st.plan is None:
-        build_sources(st, cfg, setup.run_dir, model, setup.tok, setup.renderer, accelerator)
-    if mid_stage is None:  # a resumed stage began when it was restored
-        st.objective.begin_stage(model)
-    optimizer = build_optimizer(list(_all_trainables(model, st.objective).values()), st.train_cfg)
-    if mid_stage:
-        mid_stage.load_optimizer(optimizer)
-    _check_sharding(accelerator, st.train_cfg)
-    train_model, optimizer = accelerator.prepare(model, optimizer) if accelerator.num_processes > 1 \
-        else (model, optimizer)
-    save = StageSaver(setup, run, si, optimizer)
-    if st.plan is not None and state.step < st.train_cfg.steps:
-        if state.step == 0:
-            _score_heldout(run.results, st, "before", model, setup.tok, setup.renderer, cfg)
-        state = train_stage(accelerator=accelerator, model=train_model, optimizer=optimizer, objective=st.objective,
-                            plan=st.plan, cfg=st.train_cfg, stage=st.name, stage_index=si, state=state,
-                            plugins=setup.plugins, log=setup.log.tagged(stage_index=si), pad_id=setup.tok.pad_token_id,
-                            checkpoint=save, show_progress=setup.show_progress, vocab_size=len(setup.tok),
-                            global_step=sum(done["steps"] for done in run.results["stages"]))
-    if accelerator.num_processes > 1:
-        setup.model = accelerator.unwrap_model(train_model, keep_fp32_wrapper=False)
-    return state, save
-
-
-def _evaluate_after_stage(setup: RunSetup, results: dict, st: PreparedStage, state: StageState, memo: EvalMemo) -> None:
-    """The accuracy row after a stage, its held-out pairs' scores, and its numbers, into `results`."""
-    row = evaluate_all(setup.model, setup.tok, setup.renderer, setup.eval_tasks, setup.cfg, memo)
-    results["details"].append(row)
-    results["rows"].append([r["score"] for r in row])
-    heldout = _score_heldout(results, st, "after", setup.model, setup.tok, setup.renderer, setup.cfg)
-    results["stages"].append({"name": st.name, "steps": state.step, "seconds": state.seconds,
-                              "tokens": state.tokens, "tokens_per_s": state.tokens / max(state.seconds, 1e-9),
-                              "examples": st.n_examples, "truncated": st.truncated,
-                              "stopped_early": state.stopped_early,
-                              **({"built": st.built} if st.built else {}),
-                              **({"heldout": heldout} if heldout else {})})
-
-
-def _score_heldout(results: dict, st: PreparedStage, when: str, model, tok, renderer, cfg) -> dict | None:
-    """Preference pairs a training stage holds out (data.validation_fraction), scored by the
-    `preference` metric before and after it trains; kept in `results` (so in checkpoints: a resumed
-    stage keeps its 'before'). Returns the stage's {'before': ..., 'after': ...} or None."""
-    examples = [e for e in getattr(st.plan, "validation_examples", None) or [] if e.kind == "preference"]
-    if not examples or (when == "after" and st.name not in results.get("heldout", {})):
-        return None
-    scores = results.setdefault("heldout", {}).setdefault(st.name, {})
-    if when not in scores:
-        # DPO: TRL's eval rewards/* against the stage's reference, and the preference metric from the
-        # same policy pass over the pairs; other objectives: the preference metric alone
-        rewards = st.objective.implicit_rewards(model, examples, renderer, tok.pad_token_id, cfg.data.eval_batch_size)
-        if rewards is not None:
-            own = rewards.pop("ranking")
-            scores[when] = {"score": own["preference_accuracy"], "metric": "preference_accuracy", **own, "rewards": rewards}
-        else:
-            scores[when] = evaluate_examples(model, tok, renderer, examples, "preference", cfg.data.eval_batch_size)
-    if when == "after":
-        implicit = ""
-        if "rewards" in scores["before"] and "rewards" in scores["after"]:
-            implicit = (f"; implicit-reward accuracy {scores['before']['rewards']['rewards/accuracies']:.3f} before, "
-                        f"{scores['after']['rewards']['rewards/accuracies']:.3f} after")
-        print(f"stage {st.name!r}: held-out pairs (n={len(examples)}): preference accuracy "
-              f"{scores['before']['score']:.3f} before, {scores['after']['score']:.3f} after{implicit}", flush=True)
-    return scores
-
-
-def _check_sharding(accelerator, train_cfg) -> None:
-    """DeepSpeed / FSDP chosen by an `accelerate launch --config_file`. Neither was run here (no GPU;
-    accelerate enables neither on CPU): see the README's "Multi-process and GPUs"."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise UserError("FSDP is not supported yet: checkpoints and experts/ are written from the main process's "
-                        "parameters, which FSDP shards (use DDP, or DeepSpeed ZeRO-2)")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        if train_cfg.grad_accum != 1:  # accelerator.backward steps the DeepSpeed engine on every micro-batch
-            raise UserError("DeepSpeed: set train.grad_accum to 1 (raise train.batch_size or processes instead)")
-        # no dataloader goes through prepare(), so DeepSpeed is told the batch here (accelerate's own advice)
-        accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=train_cfg.batch_size, gradient_accumulation_steps=1,
-            gradient_clipping=train_cfg.max_grad_norm or 0.0)
-
-
-def _all_trainables(model, objective) -> dict[str, torch.nn.Parameter]:
-    """The model's trainable parameters plus the objective's own (e.g. a PPO value head)."""
-    extra = {f"objective.{k}": v for k, v in objective.extra_parameters().items()}
-    return {**trainable_parameters(model), **extra}
-
-
-def _checkpoint_params(model, objective) -> dict[str, torch.nn.Parameter]:
-    """What a checkpoint holds: the trainables plus every adapter's weights (frozen experts too)."""
-    return {**{n: p for n, p in model.named_parameters() if "lora_" in n}, **_all_trainables(model, objective)}
+    if cfg.experts is not None:  # DyLoRA-MoE: the stages are skills of one unlabelled stream, cut into chunks
+        from .experts.stream_run import StreamPlan
+        plan = StreamPlan(setup)
+    else:
+        plan = StagePlan(setup)
+    return Run(setup.run_dir, cfg, drive(plan))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -8,9 +8,10 @@ trains the expert it picks. Novel chunks are held back (not trained) until novel
 
 Evaluation is task-agnostic (the router picks experts per input, with the hybrid policy); at the
 end every task is also scored with the oracle choice (the expert that trained most of its skill's
-chunks) for comparison. Checkpoints are written after every chunk; a resumed run restarts the
-chunk that was interrupted from that checkpoint's exact state (weights, optimizer, router, its
-memory and Adam state, profiles, novelty streak, RNG).
+chunks) for comparison. The chunks are the run's units for the one driver (skillstream/driver.py):
+checkpoints are written after every chunk, and a resumed run restarts the chunk that was interrupted
+from that checkpoint's exact state (weights, optimizer, router, its memory and Adam state, profiles,
+novelty streak, RNG).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from ..evaluation.runner import evaluate_examples
 from ..files import write_atomic
 from ..monitor.progress import Progress
 from ..run_files import EXPERTS, protocol_summaries, remembered
-from ..run_state import DECISIONS, SKILL_STREAM, Restored, RunSetup, RunState, StreamState, restore_run, save_run
+from ..driver import RunPlan, UnitSaver
+from ..run_state import DECISIONS, SKILL_STREAM, Restored, RunSetup, RunState, StreamState
 from .lifecycle import Lifecycle, chunk_steps, expert_groups
 from .routed import routed
 
@@ -63,10 +65,8 @@ def make_chunks(stages, cfg) -> list[Chunk]:
     return chunks
 
 
-def check_stream_recipe(cfg, stages, eval_tasks, world: int) -> None:
+def check_stream_recipe(cfg, stages, eval_tasks) -> None:
     """Input checks before the run directory exists."""
-    if world > 1:
-        raise UserError("experts: the skill stream runs in one process (drop --processes / accelerate launch)")
     if cfg.lora is None:
         raise UserError("experts: needs lora settings (each expert is a LoRA adapter)")
     if cfg.lora.per_stage:
@@ -137,104 +137,185 @@ def _routing_accuracy(life: Lifecycle, tasks, skill_expert: dict[int, str], n_ex
     return {"task_agnostic_accuracy": hits / max(total, 1), "per_task": per_task}
 
 
-def run_skill_stream(setup: RunSetup) -> dict:
-    cfg, stages = setup.cfg, setup.stages
-    chunks = make_chunks(stages, cfg)
-    life = Lifecycle(setup.model, setup.tok, setup.renderer, cfg.experts, seed=cfg.seed, max_length=cfg.data.max_length)
-    train_cfg0 = stages[0].train_cfg
-    run, restored = _restore_stream(setup, life, len(chunks))
-    groups = [g for name in life.pool.names for g in expert_groups(life.pool, name, train_cfg0.weight_decay)]
-    optimizer = torch.optim.AdamW(groups, lr=train_cfg0.lr, betas=train_cfg0.betas)
-    if restored is not None:
-        restored.load_optimizer(optimizer)
-    if run.results["initial"] is None:
-        run.results["initial"] = _eval_row(life, setup.tok, setup.renderer, setup.eval_tasks, cfg,
-                                           memo=EvalMemo(cfg.data.eval_cache))
+class StreamPlan(RunPlan):
+    """A skill stream's units are its chunks. For each, the learner decides where it goes (held back,
+    or an expert, made new if novel), and the chunk trains that expert through the engine; the matrix
+    row is scored at the true end of each skill. One optimizer lives through the stream (each expert's
+    groups join it when the expert is made). A chunk is saved when it is done, not inside: its decision
+    changes the lifecycle before it trains, and a chunk is a few steps.
 
-    last_of_skill = {c.skill: c.index for c in chunks}
-    main = setup.accelerator.is_main_process
-    progress = Progress(len(chunks), "skill stream", run.next_index, enabled=setup.show_progress and main)
-    t_stream = time.time()
-    for chunk in chunks[run.next_index:]:
-        record = _learn_chunk(setup, life, chunks, chunk, run.stream, optimizer)
-        if main:
-            with (setup.run_dir / DECISIONS).open("a") as f:
+    With several processes every process computes the same decision from the same chunk and the same
+    (DDP-synchronised) weights, and each chunk's decision is compared across processes: a difference
+    stops the run rather than letting processes train different experts."""
+    kind = SKILL_STREAM
+
+    def __init__(self, setup: RunSetup):
+        super().__init__(setup)
+        cfg = setup.cfg
+        self.chunks = make_chunks(setup.stages, cfg)
+        self.life = Lifecycle(setup.model, setup.tok, setup.renderer, cfg.experts, seed=cfg.seed,
+                              max_length=cfg.data.max_length)
+        self.train_cfg, self.objective = setup.stages[0].train_cfg, setup.stages[0].objective
+        self.last_of_skill = {c.skill: c.index for c in self.chunks}
+        self.optimizer: torch.optim.Optimizer | None = None  # built once the experts exist (after a restore)
+        self.progress: Progress | None = None
+        self.started = time.time()
+
+    @property
+    def n_units(self) -> int:
+        return len(self.chunks)
+
+    def unit_name(self, index: int) -> str:
+        return f"chunk_{index:04d}"
+
+    def keep_checkpoints(self, index: int) -> int:
+        return self.train_cfg.keep_checkpoints
+
+    def fresh_state(self) -> RunState:
+        return RunState(SKILL_STREAM, {"initial": None, "rows": [], "details": []}, stage_index=-1, stage_done=True,
+                        processes=self.setup.accelerator.num_processes, stream=StreamState())
+
+    def restore(self, restored: Restored) -> None:
+        self.life.load_state_dict(restored.run.lifecycle)
+        restored.load_weights(self.saved_weights())
+        restored.load_optimizer(self.expert_optimizer())
+
+    def resume_message(self, run: RunState) -> str:
+        return f"after chunk {run.stage_index + 1} of {len(self.chunks)}"
+
+    def expert_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            t = self.train_cfg
+            groups = [g for name in self.life.pool.names for g in expert_groups(self.life.pool, name, t.weight_decay)]
+            self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
+        return self.optimizer
+
+    def saved_weights(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.setup.model.named_parameters() if "lora_" in n}
+
+    def saved_parts(self, run: RunState, index: int) -> dict[str, torch.nn.Parameter]:
+        run.lifecycle = self.life.state_dict()
+        return self.saved_weights()
+
+    def score_before(self, run: RunState) -> None:
+        s = self.setup
+        run.results["initial"] = _eval_row(self.life, s.tok, s.renderer, s.eval_tasks, s.cfg,
+                                           memo=EvalMemo(s.cfg.data.eval_cache))
+
+    def train_unit(self, run: RunState, index: int, mid_unit: Restored | None) -> tuple[StageState, UnitSaver]:
+        s = self.setup
+        if self.progress is None:
+            self.progress = Progress(len(self.chunks), "skill stream", index,
+                                     enabled=s.show_progress and s.accelerator.is_main_process)
+        record, state = self._learn_chunk(self.chunks[index], run.stream)
+        if s.accelerator.is_main_process:
+            with (s.run_dir / DECISIONS).open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        if last_of_skill[chunk.skill] == chunk.index:  # the harness scores the matrix at true boundaries
-            row = _eval_row(life, setup.tok, setup.renderer, setup.eval_tasks, cfg)
-            run.results["details"].append(row)
-            run.results["last_row_step"] = run.stream.global_step
-            run.results["rows"].append([r["score"] for r in row])
-        run.stage_index, run.stage = chunk.index, f"chunk_{chunk.index:04d}"
         # a held-back chunk trained nothing: the line shows the last expert's rate
-        last_lr = life.schedule.rate(life.schedule.current) if life.schedule.current else 0.0
-        progress.update(chunk.index + 1, {"loss": life.schedule.last_loss, "lr": record.get("lr") or last_lr,
-                                          "tokens_per_s": life.schedule.tokens_per_s})
-        _save(setup, run, life, optimizer)
-    progress.close()
-    return _finish_stream(cfg, setup.run_dir, life, setup.tok, setup.renderer, stages, setup.eval_tasks, chunks, run,
-                          time.time() - t_stream, main)
+        schedule = self.life.schedule
+        last_lr = schedule.rate(schedule.current) if schedule.current else 0.0
+        self.progress.update(index + 1, {"loss": schedule.last_loss, "lr": record.get("lr") or last_lr,
+                                         "tokens_per_s": schedule.tokens_per_s})
+        return state, UnitSaver(self, run, index, self.expert_optimizer())
+
+    def score_unit(self, run: RunState, index: int, state: StageState) -> None:
+        chunk = self.chunks[index]
+        if self.last_of_skill[chunk.skill] != chunk.index:
+            return  # the harness scores the matrix at the true skill boundaries only
+        s = self.setup
+        row = _eval_row(self.life, s.tok, s.renderer, s.eval_tasks, s.cfg)
+        run.results["details"].append(row)
+        run.results["last_row_step"] = run.stream.global_step
+        run.results["rows"].append([r["score"] for r in row])
+
+    def finish(self, run: RunState) -> dict:
+        s = self.setup
+        if self.progress is not None:
+            self.progress.close()
+        final = _finish_stream(s.cfg, s.run_dir, self.life, s.tok, s.renderer, s.stages, s.eval_tasks, self.chunks,
+                               run, time.time() - self.started, s.accelerator.is_main_process)
+        s.accelerator.wait_for_everyone()
+        return final
+
+    def _learn_chunk(self, chunk: Chunk, stream: StreamState) -> tuple[dict, StageState]:
+        """The learner decides where the chunk goes; it is held back, or trains its expert (with the chunks
+        held back before it). Returns the decision record, also appended to `stream.decisions`, and where
+        the last training ended."""
+        setup, life, chunks, t = self.setup, self.life, self.chunks, self.train_cfg
+        record, signal, features = life.decide(chunk.examples)
+        _same_on_every_process(setup.accelerator, record, chunk.index)
+        shares = life.routed_shares(features)  # before the chunk trains anything: where the router sends it
+        record.update(skill=setup.stages[chunk.skill].name, examples=len(chunk.examples))  # logged, not used
+        state = StageState()
+        novel_wait = record["decision"] == "wait" and record["streak"] > 0
+        if novel_wait and chunk.index != len(chunks) - 1:
+            # held back until novelty lasts a window; its signal decides later where it goes
+            sig_tensors, sig_meta = signal.state()
+            stream.pending.append({"chunk": chunk.index, "signal": sig_tensors, "signal_meta": sig_meta,
+                                   "features": features, "best": record["best"], "best_sim": record["similarity"]})
+            record["trained"] = None
+        else:
+            optimizer = self.expert_optimizer()
+            if life.adopt(record, stream.global_step):
+                for g in expert_groups(life.pool, record["expert"], t.weight_decay):
+                    optimizer.add_param_group({**g, "lr": t.lr, "betas": t.betas})
+            name = record["expert"]
+            plan = assign_held_chunks(life, record, signal, stream.pending)
+            plan.setdefault(name, []).append((chunk.index, signal, features))
+            stream.pending = []
+            for target in sorted(plan, key=lambda n: n == name):  # the decided expert trains last
+                batch = [chunks[i] for i, _, _ in plan[target]]
+                state = self._train_expert(target, batch, stream.global_step)
+                _count_by_skill(stream, batch, target, state.step, state.seconds, state.tokens)
+                router_loss = life.learn_chunk(target, [sg for _, sg, _ in plan[target]],
+                                               torch.cat([f for _, _, f in plan[target]]), state.step, stream.global_step)
+                stream.global_step += state.step
+            record.update(trained=name, chunks_trained=[i for i, _, _ in plan[name]], steps=state.step,
+                          seconds=round(state.seconds, 2), router_loss=router_loss, lr=life.schedule.rate(name),
+                          reassigned={str(i): other for other in plan if other != name for i, _, _ in plan[other]})
+        stream.decisions.append(record)
+        # which expert the router gives how much of the stream: the monitor and the report read these
+        setup.log.tagged(stage_index=chunk.index).log(
+            {"stage": self.unit_name(chunk.index), "step": record.get("steps") or 0, "global_step": stream.global_step,
+             **{f"router/share/{n}": v for n, v in shares.items()},
+             **({"router/entropy": record["entropy"]} if record.get("entropy") is not None else {})})
+        return record, state
+
+    def _train_expert(self, name: str, batch: list[Chunk], global_step: int) -> StageState:
+        """The named expert alone trains (PEFT's own single-adapter path) on the chunks' examples, through
+        the engine like a stage (with several processes, the model is wrapped for these steps)."""
+        setup, life, cfg = self.setup, self.life, self.setup.cfg
+        accelerator = setup.accelerator
+        life.pool.set_trainable([name])
+        life.model.set_adapter(name)
+        life.schedule.current = name
+        items = [it for c in batch for it in c.items]
+        st_cfg = life_stage_cfg(cfg, self.train_cfg, len(items))
+        plan = BatchPlan([items], [1.0], st_cfg.batch_size, cfg.seed + batch[-1].index,
+                         length_grouped=st_cfg.batching == "length_grouped")
+        model, optimizer = setup.model, self.expert_optimizer()
+        if accelerator.num_processes > 1:
+            model, optimizer = accelerator.prepare(model, optimizer)
+        state = train_stage(accelerator=accelerator, model=model, optimizer=optimizer, objective=self.objective,
+                            plan=plan, cfg=st_cfg, stage=self.unit_name(batch[-1].index), stage_index=batch[-1].index,
+                            state=StageState(), plugins=[life.schedule, *setup.plugins],  # its state rides in the lifecycle's
+                            log=setup.log.tagged(stage_index=batch[-1].index), pad_id=setup.tok.pad_token_id,
+                            checkpoint=None, show_progress=False, vocab_size=len(setup.tok), global_step=global_step)
+        if accelerator.num_processes > 1:
+            setup.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        return state
 
 
-def _restore_stream(setup: RunSetup, life: Lifecycle, n_chunks: int) -> tuple[RunState, Restored | None]:
-    """A new stream's state, or the newest checkpoint's with the lifecycle, weights and plugins restored.
-    A stream is saved between chunks only: each checkpoint's chunk is done."""
-    fresh = RunState(SKILL_STREAM, {"initial": None, "rows": [], "details": []}, stage_index=-1, stage_done=True,
-                     processes=setup.accelerator.num_processes, stream=StreamState())
-    restored = restore_run(setup.run_dir, SKILL_STREAM, setup.accelerator) if setup.resume else None
-    if restored is None:
-        return fresh, None
-    run = restored.run
-    life.load_state_dict(run.lifecycle)
-    restored.load_weights({n: p for n, p in setup.model.named_parameters() if "lora_" in n})
-    run.restore_plugins(setup.plugins)  # e.g. a replay memory: resumed, not rebuilt from nothing
-    print(f"resuming {setup.run_dir} after chunk {run.stage_index + 1} of {n_chunks}", flush=True)
-    return run, restored
-
-
-def _learn_chunk(setup: RunSetup, life: Lifecycle, chunks: list[Chunk], chunk: Chunk, stream: StreamState,
-                 optimizer) -> dict:
-    """The learner decides where the chunk goes; it is held back, or trains its expert (with the chunks
-    held back before it). Returns the decision record, also appended to `stream.decisions`."""
-    stages, train_cfg0 = setup.stages, setup.stages[0].train_cfg
-    plugins = [life.schedule, *setup.plugins]  # the schedule's state rides in the lifecycle's
-    record, signal, features = life.decide(chunk.examples)
-    shares = life.routed_shares(features)  # before the chunk trains anything: where the router sends it
-    record.update(skill=stages[chunk.skill].name, examples=len(chunk.examples))  # logged, not used
-    novel_wait = record["decision"] == "wait" and record["streak"] > 0
-    if novel_wait and chunk.index != len(chunks) - 1:
-        # held back until novelty lasts a window; its signal decides later where it goes
-        sig_tensors, sig_meta = signal.state()
-        stream.pending.append({"chunk": chunk.index, "signal": sig_tensors, "signal_meta": sig_meta,
-                               "features": features, "best": record["best"], "best_sim": record["similarity"]})
-        record["trained"] = None
-    else:
-        if life.adopt(record, stream.global_step):
-            for g in expert_groups(life.pool, record["expert"], train_cfg0.weight_decay):
-                optimizer.add_param_group({**g, "lr": train_cfg0.lr, "betas": train_cfg0.betas})
-        name = record["expert"]
-        plan = assign_held_chunks(life, record, signal, stream.pending)
-        plan.setdefault(name, []).append((chunk.index, signal, features))
-        stream.pending = []
-        for target in sorted(plan, key=lambda n: n == name):  # the decided expert trains last
-            batch = [chunks[i] for i, _, _ in plan[target]]
-            steps, seconds, tokens = _train_expert(life, target, batch, setup.cfg, train_cfg0, stages[0].objective,
-                                                   setup.accelerator, setup.model, optimizer, plugins, setup.log,
-                                                   setup.tok, stream.global_step)
-            _count_by_skill(stream, batch, target, steps, seconds, tokens)
-            router_loss = life.learn_chunk(target, [sg for _, sg, _ in plan[target]],
-                                           torch.cat([f for _, _, f in plan[target]]), steps, stream.global_step)
-            stream.global_step += steps
-        record.update(trained=name, chunks_trained=[i for i, _, _ in plan[name]], steps=steps,
-                      seconds=round(seconds, 2), router_loss=router_loss, lr=life.schedule.rate(name),
-                      reassigned={str(i): t for t in plan if t != name for i, _, _ in plan[t]})
-    stream.decisions.append(record)
-    # which expert the router gives how much of the stream: the monitor and the report read these
-    setup.log.tagged(stage_index=chunk.index).log(
-        {"stage": f"chunk_{chunk.index:04d}", "step": record.get("steps") or 0, "global_step": stream.global_step,
-         **{f"router/share/{n}": v for n, v in shares.items()},
-         **({"router/entropy": record["entropy"]} if record.get("entropy") is not None else {})})
-    return record
+def _same_on_every_process(accelerator, record: dict, chunk: int) -> None:
+    """Every process decided the chunk alike (same inputs, same weights); a difference would train
+    different experts on different processes, so it stops the run."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+    seen = gather_object([(record["decision"], record["expert"])])
+    if len(set(seen)) > 1:
+        raise RuntimeError(f"chunk {chunk}: the processes decided differently ({seen}); "
+                           "the skill stream needs identical hardware on every process")
 
 
 def _count_by_skill(stream: StreamState, batch: list[Chunk], target: str, steps: int, seconds: float,
@@ -269,37 +350,11 @@ def assign_held_chunks(life: Lifecycle, record: dict, signal, held: list[dict]) 
     return plan
 
 
-def _train_expert(life, name, batch, cfg, train_cfg, objective, accelerator, model, optimizer, plugins, log,
-                  tok, global_step: int) -> tuple[int, float, int]:
-    """The named expert alone trains (PEFT's own single-adapter path) on the chunks' examples."""
-    life.pool.set_trainable([name])
-    life.model.set_adapter(name)
-    life.schedule.current = name
-    items = [it for c in batch for it in c.items]
-    st_cfg = life_stage_cfg(cfg, train_cfg, len(items))
-    plan = BatchPlan([items], [1.0], st_cfg.batch_size, cfg.seed + batch[-1].index,
-                     length_grouped=st_cfg.batching == "length_grouped")
-    state = train_stage(accelerator=accelerator, model=model, optimizer=optimizer, objective=objective, plan=plan,
-                        cfg=st_cfg, stage=f"chunk_{batch[-1].index:04d}", stage_index=batch[-1].index,
-                        state=StageState(), plugins=plugins, log=log.tagged(stage_index=batch[-1].index),
-                        pad_id=tok.pad_token_id,
-                        checkpoint=lambda s: None, show_progress=False, vocab_size=len(tok),
-                        global_step=global_step)
-    return state.step, state.seconds, state.tokens
-
-
 def life_stage_cfg(cfg, t, n_items: int):
     """A chunk's train settings: the recipe's, for the steps its examples need; rates come from ExpertLR."""
     steps = chunk_steps(n_items, cfg.experts.chunk_epochs, t.batch_size * t.grad_accum)
     return t.model_copy(update={"steps": steps, "schedule": "constant", "warmup_steps": 0,
-                                "log_every": min(t.log_every, steps), "checkpoint_every": 10 ** 9})
-
-
-def _save(setup: RunSetup, run: RunState, life: Lifecycle, optimizer) -> None:
-    run.lifecycle = life.state_dict()
-    run.save_plugins(setup.plugins)
-    weights = {n: p for n, p in setup.model.named_parameters() if "lora_" in n}
-    save_run(setup.accelerator, setup.ckpt_dir, run, weights, optimizer, keep=setup.stages[0].train_cfg.keep_checkpoints)
+                                "log_every": min(t.log_every, steps)})
 
 
 def _oracle_row(life, tok, renderer, tasks, cfg, oracle: dict[str, str], results: dict, step: int) -> list[dict]:
