@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..files import package_dir
 from .dragon_tasks import DRAGON_BUILTINS
 from .readers import Row, read_text
+from .tool_workflows import workflow_rows
 
 NL2BASH_FILES = [f"nl2bash_fs_{i}.json" for i in range(1, 6)]
 NL2BASH_INSTRUCTION = "Write a single bash command that does the following. Answer with the command only."
@@ -114,6 +115,7 @@ BUILTINS = {"nl2bash": (nl2bash_rows, NL2BASH_INSTRUCTION, "bash"),
             "bfcl": (bfcl_rows, None, "tool_call"),
             "pydoc_topics": (pydoc_topics_rows, None, "perplexity"),
             "nl2bash_fenced": (nl2bash_fenced_rows, BASH_INSTRUCTION, "bash"),
+            "tool_workflows": (workflow_rows, None, "tool_workflow"),  # data/tool_workflows.py
             **DRAGON_BUILTINS}  # pydoc_text, bfcl_calls, bfcl_tools, arithmetic
 
 

@@ -92,7 +92,7 @@ def _perplexity(model, renderer: Renderer, examples, batch_size, pad_id) -> dict
 
 MAIN_METRIC = {"accuracy": "accuracy", "exact_match": "exact_match", "bash": "exact_match", "perplexity": "perplexity",
                "tool_call": "ast_accuracy", "function_call": "ast_accuracy", "final_answer": "exact_match",
-               "preference": "preference_accuracy", "unit_tests": "pass@1"}
+               "preference": "preference_accuracy", "unit_tests": "pass@1", "tool_workflow": "workflow_success"}
 
 
 def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], metric: str,
@@ -138,6 +138,9 @@ def _evaluate_one(model, tok, renderer: Renderer, examples: list[Example], metri
         elif metric == "unit_tests":  # pass@k of the model's Python in the sandbox (HumanEval)
             from .code_metrics import evaluate_unit_tests
             out = evaluate_unit_tests(model, tok, renderer, examples, batch_size, max_new_tokens, samples)
+        elif metric == "tool_workflow":  # multi-step tool dialogues, step by step (evaluation/tool_workflow.py)
+            from .tool_workflow import evaluate_workflows
+            out = evaluate_workflows(model, tok, renderer, examples, batch_size, max_new_tokens)
         elif metric == "preference":  # held-out pairs: does the model rank chosen above rejected
             from .preference import evaluate_preferences
             out = evaluate_preferences(model, tok, renderer, examples, batch_size)
