@@ -211,6 +211,7 @@ class StreamPlan(RunPlan):
         if s.accelerator.is_main_process:
             with (s.run_dir / DECISIONS).open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        s.log.decision(record, len(self.life.pool))
         # a held-back chunk trained nothing: the line shows the last expert's rate
         schedule = self.life.schedule
         last_lr = schedule.rate(schedule.current) if schedule.current else 0.0
@@ -290,8 +291,10 @@ class StreamPlan(RunPlan):
         life.model.set_adapter(name)
         life.schedule.current = name
         items = [it for c in batch for it in c.items]
-        st_cfg = life_stage_cfg(cfg, self.train_cfg, len(items))
-        plan = BatchPlan([items], [1.0], st_cfg.batch_size, cfg.seed + batch[-1].index,
+        world = accelerator.num_processes
+        st_cfg = life_stage_cfg(cfg, self.train_cfg, len(items), world)
+        # planned at the global batch and sliced per process in the engine, as a stage's plan is
+        plan = BatchPlan([items], [1.0], st_cfg.batch_size * world, cfg.seed + batch[-1].index,
                          length_grouped=st_cfg.batching == "length_grouped")
         model, optimizer = setup.model, self.expert_optimizer()
         if accelerator.num_processes > 1:
@@ -350,9 +353,10 @@ def assign_held_chunks(life: Lifecycle, record: dict, signal, held: list[dict]) 
     return plan
 
 
-def life_stage_cfg(cfg, t, n_items: int):
-    """A chunk's train settings: the recipe's, for the steps its examples need; rates come from ExpertLR."""
-    steps = chunk_steps(n_items, cfg.experts.chunk_epochs, t.batch_size * t.grad_accum)
+def life_stage_cfg(cfg, t, n_items: int, processes: int = 1):
+    """A chunk's train settings: the recipe's, for the steps its examples need at the global batch
+    (per-process batch x processes x accumulation); rates come from ExpertLR."""
+    steps = chunk_steps(n_items, cfg.experts.chunk_epochs, t.batch_size * processes * t.grad_accum)
     return t.model_copy(update={"steps": steps, "schedule": "constant", "warmup_steps": 0,
                                 "log_every": min(t.log_every, steps)})
 
