@@ -91,10 +91,11 @@ class EvalTaskConfig(SourceConfig):
     name: str = Field(..., description="Task name used in results.json.")
     split: str = "test"
     metric: Literal["auto", "accuracy", "exact_match", "bash", "perplexity", "tool_call", "function_call",
-                    "final_answer", "preference", "unit_tests", "tool_workflow"] = Field(
+                    "final_answer", "preference", "unit_tests", "tool_workflow", "tool_use"] = Field(
         "auto", description="accuracy (option scoring), exact_match / bash / tool_call (greedy generation), perplexity, "
                             "unit_tests (pass@k of generated Python in the sandbox), tool_workflow (multi-step tool "
-                            "dialogues checked step by step: calls by AST, the final answer by exact match).")
+                            "dialogues checked step by step: calls by AST, the final answer by exact match), tool_use "
+                            "(arithmetic problems answered with a real calculator: answer accuracy, calls made where they help).")
     samples: int = Field(1, gt=0, description="unit_tests: answers per problem (1: greedy pass@1; n > 1: sampled at "
                                               "temperature 0.8, pass@1/10/100 up to n by the unbiased estimator).")
     max_new_tokens: int = Field(64, gt=0, description="Generation budget for generative metrics.")

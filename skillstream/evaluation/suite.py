@@ -33,6 +33,9 @@ def prepare_eval_tasks(cfg: RecipeConfig, data_cfg) -> list[EvalTask]:
         if metric == "tool_workflow":
             from .tool_workflow import require_workflow_examples
             require_workflow_examples(t.name, examples)
+        if metric == "tool_use":
+            from .tool_use import require_tool_use_examples
+            require_tool_use_examples(t.name, examples)
         if metric == "unit_tests":
             from .code_metrics import require_test_examples
             require_test_examples(t.name, examples)
