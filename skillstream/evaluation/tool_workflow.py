@@ -32,6 +32,7 @@ from .task_metrics import final_answer
 from .tool_ast import check
 from .tool_metrics import wilson
 
+
 def workflow_steps(ex: Example) -> list[int]:
     """Indices of the assistant turns (the steps); refuses a dialogue a step of which cannot be scored."""
     if ex.kind != "messages" or not ex.tools:
