@@ -169,6 +169,35 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One run directory, o
 
 
 @app.command()
+def sweep(recipe: str = typer.Argument(..., help="Bundled recipe name or path to a recipe YAML."),
+          grid: list[str] = typer.Option([], "--grid", help="key.path=value1,value2: the values a recipe key takes "
+                                         "(repeatable; grid: every combination, tpe: the choices)."),
+          trials: Optional[int] = typer.Option(None, "--trials", help="Trials for --sampler tpe (grid: all combinations)."),
+          sampler: str = typer.Option("grid", "--sampler", help="grid or tpe (Optuna's GridSampler / TPESampler)."),
+          metric: str = typer.Option("validation.score", "--metric", help="The objective: a number of each trial's "
+                                     "results.json on validation data (validation.score or validation.tasks.TASK.FIELD)."),
+          direction: str = typer.Option("maximize", "--direction", help="maximize or minimize the metric."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Sweep directory (default sweeps/NAME)."),
+          set_: list[str] = typer.Option([], "--set", help="Override for every trial: key.path=value (repeatable)."),
+          smoke: bool = typer.Option(False, "--smoke", help="Every trial a smoke run (a few steps on a few examples).")):
+    """Sweep hyperparameters on Optuna: each trial a run directory, compared in DIR/report.html; re-run to resume."""
+    from .config import parse_override
+    from .sweep import SWEEP_FILE, make_spec, resolve_sweep_dir, run_sweep
+
+    spec, notes = make_spec(recipe, grid, sampler=sampler, trials=trials, metric=metric, direction=direction,
+                            overrides=dict(parse_override(s) for s in set_), smoke=smoke)
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    result = run_sweep(spec, out)
+    sweep_dir = resolve_sweep_dir(spec, out)
+    best = result["best"]
+    if best is not None:
+        print(f"best: trial {best['number']} ({' '.join(f'{k}={v}' for k, v in best['params'].items())}) "
+              f"{spec.metric} {best['value']:.4f}  ·  {sweep_dir / best['run_dir']}")
+    print(f"wrote {sweep_dir / SWEEP_FILE} and {sweep_dir / 'report.html'}")
+
+
+@app.command()
 def monitor(run_dir: Path = typer.Argument(..., help="A run directory, finished or in progress."),
             once: bool = typer.Option(False, "--once", help="Render one frame and exit."),
             interval: float = typer.Option(1.0, "--interval", help="Seconds between refreshes.")):

@@ -59,7 +59,9 @@ def finish_run(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTas
                   "seconds": sum(s["seconds"] for s in results["stages"]),
                   "truncated": sum(s["truncated"] for s in results["stages"]),
                   "skipped_rows": skipped_rows(cfg),  # rows dropped under data.invalid_labels=skip, per file
-                  "evaluations_remembered": remembered(results)})
+                  "evaluations_remembered": remembered(results),
+                  # data.validation_eval: the tasks scored on held-out training examples (what sweeps select on)
+                  **({"validation": results["validation"]} if "validation" in results else {})})
     final.update(protocol_summaries(names, results))
     write_atomic(run_dir / "results.json", json.dumps(final, indent=1))
     return final

@@ -52,6 +52,9 @@ def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tupl
                                         examples=examples, items=items))
         if eval_tasks is None:
             eval_tasks = prepare_eval_tasks(cfg, data_cfg)  # the recipe's evaluation suite
+    if cfg.data.validation_eval:
+        from .evaluation.validation import check_validation
+        check_validation(cfg)
     return stages, eval_tasks or []
 
 
@@ -72,7 +75,11 @@ def _plan(cfg, data_cfg, train_cfg, objective, renderer, root: Path | None = Non
                      length_grouped=train_cfg.batching == "length_grouped") if sources else None
     if plan is not None:
         plan.validation = validation
-        plan.validation_examples = _hold_out(examples, data_cfg.validation_fraction, cfg.seed)[1]  # the same, as examples
+        # the same, as examples, each with the source it came from (validation_eval scores a task on its own source's)
+        held = _hold_out([[(src.source, ex) for ex in exs] for src, exs in zip(data_cfg.train, examples)],
+                         data_cfg.validation_fraction, cfg.seed)[1]
+        plan.validation_examples = [ex for _, ex in held]
+        plan.validation_sources = [source for source, _ in held]
     return (plan, truncated, sum(len(s) for s in sources), [ex for exs in examples for ex in exs],
             [it for items in tokenized for it in items])
 

@@ -38,6 +38,7 @@ class BatchPlan:
         # preference score read them; never trained on
         self.validation: list[Tokenized] = []
         self.validation_examples: list = []
+        self.validation_sources: list[str] = []  # the `source` of the training source each held-out example came from
 
     def _index(self) -> None:
         """The flat list of items and where each source starts in it (batches hold flat indices)."""

@@ -34,6 +34,7 @@ pre.config{background:#f7f7f7;padding:10px;max-height:520px;overflow:auto}
 .note{background:#fff8e1;border-left:4px solid #ffb300;padding:6px 10px;font-size:13px}
 tr.sev-warning td{background:#fff8e1} tr.sev-error td{background:#ffebee} tr.sev-critical td{background:#ffcdd2;font-weight:600}
 tr.sev-info td{background:#e3f2fd}
+tr.best td{background:#e8f5e9;font-weight:600}
 details>summary{cursor:pointer;font-size:17px;font-weight:600;margin:12px 0}
 """
 
@@ -69,7 +70,7 @@ def _sections(run: RunData) -> list[Section]:
     return [s for s in (f(run) for f in RUN_SECTIONS) if s is not None]
 
 
-def _page(title: str, subtitle: list[str], sections: list[Section], notes: list[str], extra: str = "") -> str:
+def page(title: str, subtitle: list[str], sections: list[Section], notes: list[str], extra: str = "") -> str:
     nav = "".join(f'<a href="#{s.id}">{escape(s.title)}</a>' for s in sections)
     body = "".join(f'<section id="{s.id}"><h2>{escape(s.title)}</h2>{s.body}</section>' for s in sections)
     note = "".join(f'<p class="note">{escape(n)}</p>' for n in notes)
@@ -92,7 +93,7 @@ def _facts(run: RunData) -> list[str]:
 
 
 def _single(run: RunData) -> str:
-    return _page(f"skillstream report: {run.name}", _facts(run), _sections(run), run.notes)
+    return page(f"skillstream report: {run.name}", _facts(run), _sections(run), run.notes)
 
 
 def _labels(runs: list[RunData]) -> list[str]:
@@ -131,9 +132,14 @@ def _compare(runs: list[RunData]) -> str:
         parts.append(plots.panels({"mean score over all tasks after stage i": series}, [],
                                   "average score after each stage (overlaid)", xlabel="stage", cols=1))
     compare = Section("compare", "Comparison", "".join(parts))
-    per_run = "".join(
+    notes = [n for run in runs for n in run.notes]
+    return page(f"skillstream comparison: {len(runs)} runs", [" · ".join(labels)], [compare], notes,
+                run_details(labels, runs))
+
+
+def run_details(labels: list[str], runs: list[RunData]) -> str:
+    """Each run's own report, folded (a <details> per run) below a comparison."""
+    return "".join(
         f'<details id="run-{i}"><summary>{escape(label)}</summary>'
         + "".join(f'<section><h2>{escape(s.title)}</h2>{s.body}</section>' for s in _sections(run))
         + "</details>" for i, (label, run) in enumerate(zip(labels, runs)))
-    notes = [n for run in runs for n in run.notes]
-    return _page(f"skillstream comparison: {len(runs)} runs", [" · ".join(labels)], [compare], notes, per_run)

@@ -30,7 +30,8 @@ def _boundaries(ax, bounds: list[tuple[float, str]]) -> None:
         ax.axvline(x, color="#999", linestyle="--", linewidth=0.8)
 
 
-def heatmap(row_labels: list[str], col_labels: list[str], values: list[list[float | None]], title: str) -> str:
+def heatmap(row_labels: list[str], col_labels: list[str], values: list[list[float | None]], title: str,
+            xlabel: str = "evaluated on task", ylabel: str | None = None) -> str:
     vals = [[math.nan if v is None else v for v in row] for row in values]
     finite = [v for row in vals for v in row if not math.isnan(v)]
     vmax = max([1.0] + finite)  # scores are usually in [0, 1]; keep the scale fixed so runs compare by eye
@@ -39,7 +40,9 @@ def heatmap(row_labels: list[str], col_labels: list[str], values: list[list[floa
     im = ax.imshow(vals, cmap="viridis", vmin=min([0.0] + finite), vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right")
     ax.set_yticks(range(len(row_labels)), row_labels)
-    ax.set_xlabel("evaluated on task")
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
     ax.set_title(title)
     for i, row in enumerate(vals):
         for j, v in enumerate(row):

@@ -1,0 +1,56 @@
+"""Validation scores (`data.validation_eval`): each evaluation task scored, after the last stage, on the
+training examples its own source held out (`data.validation_fraction`), with the task's metric.
+
+Selecting hyperparameters on the test split would report a test score that was also the selection
+criterion, so `skillstream sweep` selects on these instead. The held-out examples are never trained on
+(stages.py cuts them off each training source with a seeded shuffle) and come from the train split, so
+the test split stays untouched. A task is matched to the training sources that read its `source` (the
+quickstart's nl2bash task to the nl2bash training source); a task without one has no validation score.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..config import RecipeConfig
+from ..errors import UserError
+from .suite import EvalTask, evaluate_all
+
+
+def check_validation(cfg: RecipeConfig) -> None:
+    """Before the run: validation_eval needs a held-out share and an evaluation task fed by a training source."""
+    if cfg.experts is not None:
+        raise UserError("data.validation_eval: skill-stream recipes (experts:) have no validation scoring yet")
+    stages = cfg.resolved_stages()
+    if not any(st.data.validation_fraction > 0 for st in stages):
+        raise UserError("data.validation_eval: no stage holds anything out; set data.validation_fraction "
+                        "(e.g. 0.1) to hold out a share of each training source")
+    trained = {src.source for st in stages if st.data.validation_fraction > 0 for src in st.data.train}
+    tasks = stages[0].data.eval  # the recipe's evaluation suite (prepare_stages reads the same)
+    if not any(t.source in trained for t in tasks):
+        raise UserError(f"data.validation_eval: no evaluation task reads a training source with a held-out share "
+                        f"(tasks read {sorted({t.source for t in tasks})}, training reads {sorted(trained)})")
+
+
+def validation_tasks(stages: list, eval_tasks: list[EvalTask]) -> list[EvalTask]:
+    """The evaluation tasks that have held-out training examples of their source, with those as examples.
+    A source held out by several stages counts once (its first stage's share)."""
+    by_source: dict[str, list] = {}
+    for st in stages:
+        if st.plan is None:
+            continue
+        own: dict[str, list] = {}
+        for source, example in zip(st.plan.validation_sources, st.plan.validation_examples):
+            own.setdefault(source, []).append(example)
+        for source, examples in own.items():
+            by_source.setdefault(source, examples)
+    return [replace(t, examples=by_source[t.source.source]) for t in eval_tasks if t.source.source in by_source]
+
+
+def score_validation(model, tok, renderer, stages: list, eval_tasks: list[EvalTask], cfg: RecipeConfig) -> dict:
+    """{'score': mean of the tasks' scores, 'tasks': {name: {'score', 'metric', 'n', ...numbers}}}."""
+    tasks = validation_tasks(stages, eval_tasks)
+    rows = evaluate_all(model, tok, renderer, tasks, cfg)
+    per_task = {t.name: {"metric": r["metric"], "n": len(t.examples),
+                         **{k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+                for t, r in zip(tasks, rows)}
+    return {"score": sum(r["score"] for r in rows) / len(rows), "tasks": per_task}
