@@ -154,6 +154,42 @@ def _candidates(root: Path) -> list[Path]:
     return sorted(root.glob(f"{PREFIX}*")) if root.is_dir() else []
 
 
+def pick(root: Path, name: str) -> Path:
+    """The resumable checkpoint `name` of a run: its folder name (ckpt-000004) or the sequence number
+    in it (ckpt-4); it must exist and be intact. One line naming what is there otherwise."""
+    seq = name[len(PREFIX):] if name.startswith(PREFIX) else ""
+    if not seq.isdigit():
+        raise UserError(f"checkpoint {name!r}: expected {PREFIX}N (e.g. {PREFIX}4), best or final")
+    found = {int(p.name[len(PREFIX):]): p for p in _candidates(root) if p.name[len(PREFIX):].isdigit()}
+    if int(seq) not in found:
+        have = ", ".join(p.name for p in found.values()) or "none"
+        raise UserError(f"checkpoint {name!r}: not in {root} (there: {have}; train.keep_checkpoints says how "
+                        "many are kept)")
+    path = found[int(seq)]
+    why = damage(path)
+    if why is not None:
+        raise UserError(f"checkpoint {path} is damaged ({why}): pick another")
+    return path
+
+
+SUPERSEDED = "superseded"  # checkpoints/superseded/: the ones after a --resume-from point, kept aside
+
+
+def set_aside_newer(root: Path, path: Path) -> list[Path]:
+    """Move the checkpoints newer than `path` to checkpoints/superseded/ (a run resumed from `path`
+    writes its own after it; left in place they would be taken as newer). Returns where they went."""
+    moved = []
+    for p in _candidates(root):
+        if p.name > path.name:  # zero-padded sequence numbers: name order is age order
+            dest = root / SUPERSEDED / p.name
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(p, dest)
+            moved.append(dest)
+    return moved
+
+
 def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     """Refuse to save a NaN or infinite weight: a run whose numbers went bad stops instead."""
     for key, t in tensors.items():

@@ -272,7 +272,12 @@ class RecipeConfig(_Strict):
     objective: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="lm"),
                                        description="Training objective: lm/sft, or a registered/importable one.")
     plugins: list[ComponentConfig] = Field(default_factory=list, description="Plugins attached to the engine's hooks.")
-    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Accelerate trackers: tensorboard, wandb, mlflow, ... ([] for none).")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers, through Accelerate's: tensorboard (RUN_DIR/tb), mlflow (the server of "
+                    "MLFLOW_TRACKING_URI; experiment = the recipe's name), wandb (WANDB_MODE, WANDB_DIR apply; "
+                    "project = the recipe's name). Each gets every metrics.jsonl number, the evaluations, alerts, "
+                    "samples and decisions; mlflow and wandb also the run's files. [] for none.")
     smoke: bool = Field(False, description="Run every stage for a few steps on a few examples (wiring check).")
     stage: str = Field("all", description="Which stages run: 'all' (default), or the name of one stage (e.g. muse's sft, "
                                           "pairs or dpo), which then starts from `init_from` (else from the bare model) and "

@@ -94,7 +94,7 @@ def restore(plan: RunPlan) -> tuple[RunState, Restored | None]:
     """The run's state: a new one, or the newest checkpoint's with everything put back. The second value
     is the checkpoint where it stopped inside a unit (whose optimizer and data position resume)."""
     setup = plan.setup
-    restored = restore_run(setup.run_dir, plan.kind, setup.accelerator) if setup.resume else None
+    restored = restore_run(setup.run_dir, plan.kind, setup.accelerator, setup.resume_from) if setup.resume else None
     if restored is None:
         if setup.resume:
             print(f"resuming {setup.run_dir}: no checkpoint yet, starting from the beginning", flush=True)
@@ -109,11 +109,16 @@ def restore(plan: RunPlan) -> tuple[RunState, Restored | None]:
 def drive(plan: RunPlan) -> dict:
     """The run: every unit from where the run stands, each scored and saved once it is done."""
     run, mid_unit = restore(plan)
+    log, tasks = plan.setup.log, [t.name for t in plan.setup.eval_tasks]
     if run.results["initial"] is None:
         plan.score_before(run)
+        log.evaluation(tasks, run.results["initial"], "initial")
     for index in range(run.next_index, plan.n_units):
         state, save = plan.train_unit(run, index, mid_unit)
         mid_unit = None  # only the first unit resumes inside itself
+        rows = len(run.results["details"])
         plan.score_unit(run, index, state)
+        if len(run.results["details"]) > rows:  # a new accuracy row (a stream scores at skill boundaries only)
+            log.evaluation(tasks, run.results["details"][-1], plan.unit_name(index))
         save(state, done=True)
     return plan.finish(run)

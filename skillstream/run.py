@@ -106,8 +106,9 @@ def _name_the_change(saved: dict, saved_raw: dict, saved_file: Path, overrides: 
 
 def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = None, resume: bool = False,
           smoke: bool = False, overrides: dict[str, Any] | None = None, show_progress: bool = True,
-          plugins: list | None = None) -> Run:
-    """Train a recipe and return the Run. `overrides` use dotted keys: {"train.lr": 1e-4, "model": "tiny"}."""
+          plugins: list | None = None, resume_from: str | None = None) -> Run:
+    """Train a recipe and return the Run. `overrides` use dotted keys: {"train.lr": 1e-4, "model": "tiny"}.
+    `resume_from`: resume from this checkpoint of the run directory (ckpt-N) instead of the newest."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
@@ -117,6 +118,7 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
     dist = PartialState(cpu=cpu)
     cfg = load_recipe(recipe, overrides, smoke)
     run_dir = resolve_run_dir(cfg.name, out)
+    resume = resume or resume_from is not None
     # One process at a time in a run directory, taken before the checks below so that of two runs
     # started together on one --out exactly one passes them. Rank 0 holds it for every rank (or the
     # `--processes` launcher does, see run_lock.HELD_BY_LAUNCHER); the kernel frees it if we die.
@@ -128,6 +130,10 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
             cfg = saved
         from .init_from import check_init_from, copy_inherited_files, load_init_from
         cfg = check_init_from(cfg)  # a run to start from (stage: dpo after an sft run): same model, same LoRA
+        if resume_from is not None:  # the checkpoint exists and is intact, before anything is written
+            ckpt.pick(run_dir / ckpt.CHECKPOINTS, resume_from)
+        from .monitor.trackers import build_trackers, check_trackers
+        check_trackers(cfg.report_to)
 
         from .models.backbone import load_backbone
         set_seed(cfg.seed)
@@ -172,15 +178,15 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
             # settings in accelerate's process-wide state, and a new one with another precision would
             # refuse to start; a single process owns no distributed setup that a reset could break
             AcceleratorState._reset_state(True)
-        accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", log_with=cfg.report_to or None,
-                                  project_dir=str(run_dir), cpu=cpu)
+        accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", project_dir=str(run_dir), cpu=cpu,
+                                  log_with=build_trackers(cfg.report_to, run_dir, cfg.name) or None)
         if cpu and accelerator.is_main_process and any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"
                                                        for k in ("FSDP", "DEEPSPEED")):
             print("note: accelerate enables neither FSDP nor DeepSpeed on CPU: this runs as plain DDP (gloo)", flush=True)
         try:
             log = MetricsLog(run_dir, accelerator, enabled=accelerator.is_main_process)
             return _run(RunSetup(cfg, run_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
-                                 plugins, show_progress, log))
+                                 plugins, show_progress, log, resume_from=resume_from))
         finally:
             accelerator.end_training()
             AcceleratorState._reset_state(True)  # the next train() in this process may pick other settings
@@ -194,13 +200,16 @@ def _run(setup: RunSetup) -> Run:
     if cfg.report_to and accelerator.is_main_process:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
                 for k, v in _flatten(cfg.model_dump(mode="json")).items()}
-        accelerator.init_trackers("tb", config=flat)
+        from .monitor.trackers import start_trackers
+        start_trackers(accelerator, setup.run_dir, flat)
     if cfg.experts is not None:  # DyLoRA-MoE: the stages are skills of one unlabelled stream, cut into chunks
         from .experts.stream_run import StreamPlan
         plan = StreamPlan(setup)
     else:
         plan = StagePlan(setup)
-    return Run(setup.run_dir, cfg, drive(plan))
+    results = drive(plan)
+    setup.log.finish(results)  # the summary and the run's files to the trackers
+    return Run(setup.run_dir, cfg, results)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

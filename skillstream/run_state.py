@@ -132,10 +132,12 @@ class Restored:
         optimizer.load_state_dict(self.optimizer_state)
 
 
-def restore_run(run_dir: Path, kind: str, accelerator) -> Restored | None:
-    """The newest intact checkpoint of the run (damaged newer ones skipped and named), or None when none
+def restore_run(run_dir: Path, kind: str, accelerator, name: str | None = None) -> Restored | None:
+    """The newest intact checkpoint of the run (damaged newer ones skipped and named), or the one `name`
+    picks (--resume-from ckpt-N: the newer ones are set aside in checkpoints/superseded/); None when none
     was written yet. Restores this process's RNG as a side effect (checkpoint.load)."""
-    path = ckpt.newest_intact(run_dir / ckpt.CHECKPOINTS)
+    root = run_dir / ckpt.CHECKPOINTS
+    path = ckpt.pick(root, name) if name is not None else ckpt.newest_intact(root)
     if path is None:
         return None
     weights, optimizer_state, saved = ckpt.load(path, rank=accelerator.process_index)
@@ -147,6 +149,10 @@ def restore_run(run_dir: Path, kind: str, accelerator) -> Restored | None:
                         f"not {accelerator.num_processes}: resume it with as many")
     if accelerator.is_main_process:
         drop_redone_records(run_dir, run)
+        if name is not None:
+            for moved in ckpt.set_aside_newer(root, path):
+                print(f"--resume-from {path.name}: the later {moved.name} is set aside in {moved.parent}", flush=True)
+    accelerator.wait_for_everyone()  # no process reads the checkpoints while they move
     return Restored(path, run, weights, optimizer_state)
 
 
@@ -174,6 +180,7 @@ class RunSetup:
     plugins: list
     show_progress: bool
     log: Any                   # monitor.metrics_log.MetricsLog
+    resume_from: str | None = None  # --resume-from: the checkpoint to resume from (default: the newest intact)
 
     @property
     def ckpt_dir(self) -> Path:

@@ -2,8 +2,8 @@
 
 Every N optimizer steps and at each stage end the main process decodes a few prompts greedily and
 appends one record per prompt to RUN_DIR/samples.jsonl ({global_step, stage, stage_index, step,
-prompt, output}); the live monitor shows the latest, the report lists the latest per prompt, and a
-TensorBoard tracker gets them as text (other trackers get nothing: they have no plain-text log).
+prompt, output}); the live monitor shows the latest, the report lists the latest per prompt, and the
+trackers get them as a `samples` table (a text per sample in TensorBoard; monitor/trackers.py).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 
 from ..plugins import Plugin, StepContext
 from .metrics_log import SAMPLES
+from .trackers import log_table
 
 PER_TASK = 2        # default prompts: the first test prompts of each evaluation task
 MAX_NEW_TOKENS = 32  # a glance at what the model says, not an evaluation
@@ -76,15 +77,6 @@ class SamplePlugin(Plugin):
         if ctx.run_dir is not None:
             with (ctx.run_dir / SAMPLES).open("a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in records))
-        for tracker in (acc.trackers if acc is not None else []):
-            if tracker.name == "tensorboard":  # add_text renders markdown: quote the texts as code
-                tracker.log({f"samples/{i}": _markdown(ctx.stage, ctx.step, r["prompt"], r["output"])
-                             for i, r in enumerate(records)}, step=gs)
+        log_table(acc, "samples", ["stage", "step", "prompt", "output"],
+                  [[r["stage"], r["step"], r["prompt"], r["output"]] for r in records], gs)
         return records
-
-
-def _markdown(stage: str, step: int, prompt: str, output: str) -> str:
-    """One sample as TensorBoard text (markdown): prompt and output as indented code blocks."""
-    def block(s: str) -> str:
-        return "\n".join("    " + line for line in (s or " ").split("\n"))
-    return f"stage {stage} step {step}\n\nprompt:\n\n{block(prompt)}\n\noutput:\n\n{block(output)}"
