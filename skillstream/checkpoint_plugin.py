@@ -7,8 +7,10 @@
           - {source: pydoc_text, split: validation, limit: 32}
           - {source: arithmetic, split: validation, limit: 32}
 
-Each validation measures the mean token loss of the objective on each source (``val/<name>/loss``,
-and ``val/<name>/bits`` = loss / ln 2, bits per byte for the byte tokenizer) and their mean
+Each validation measures the mean token loss on each source (``val/<name>/loss``, the stage
+objective's token cross-entropy, or for objectives that have none -- DPO, PPO -- the plain LM loss
+of the sources' completions, so every stage of a recipe is measured alike;
+``val/<name>/bits`` = loss / ln 2, bits per byte for the byte tokenizer) and their mean
 ``val/loss``. The records go to ``validation.jsonl`` in the run directory (and, on log steps, to
 metrics.jsonl). Where they land, all safetensors of the whole model (``safetensors.torch.save_model``):
 
@@ -38,6 +40,7 @@ from .errors import UserError
 from .plugins import Plugin, StepContext
 
 VALIDATION = "validation.jsonl"
+BEST, FINAL = "best", "final"  # checkpoints/best/ and checkpoints/final/
 
 
 class BestFinalCheckpoints(Plugin):
@@ -47,6 +50,9 @@ class BestFinalCheckpoints(Plugin):
                  tokenizer=None, renderer=None, recipe=None, **context):
         if every < 1:
             raise UserError(f"best_final.every {every}: expected at least 1")
+        if recipe is not None and recipe.experts is not None:
+            raise UserError("best_final: a skill-stream recipe (experts:) saves its experts and router when it "
+                            "finishes; best_final is for staged recipes")
         self.every, self.batch_size, self.renderer, self.recipe = every, batch_size, renderer, recipe
         if sources is None:
             specs = [{"name": t.name, "source": t.source, "split": t.split, "limit": min(t.limit or limit, limit)}
@@ -89,7 +95,7 @@ class BestFinalCheckpoints(Plugin):
         if ctx.step % self.every or ctx.step == 0:
             self._validate(ctx)
         if self.n_stages is not None and ctx.stage_index == self.n_stages - 1:
-            self._save(ctx, "final", {"step": ctx.step, "stage": ctx.stage, "global_step": self.global_step})
+            self._save(ctx, FINAL, {"step": ctx.step, "stage": ctx.stage, "global_step": self.global_step})
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_step": self.best_step, "global_step": self.global_step}
@@ -101,12 +107,15 @@ class BestFinalCheckpoints(Plugin):
     # -- work -----------------------------------------------------------------------------------
     def _validate(self, ctx: StepContext) -> dict:
         from .continual.early_stop import validation_loss
+        from .objectives.lm import LMObjective
         items = self._prepare()
         if not items:
             return {}
         out = {}
+        objective = ctx.objective if ctx.objective is not None and ctx.objective.token_cross_entropy \
+            else LMObjective()  # preference and reward objectives have no token loss of a completion
         for name, its in items:
-            loss = validation_loss(ctx.model, ctx.objective, its, ctx.pad_id, self.batch_size)
+            loss = validation_loss(ctx.model, objective, its, ctx.pad_id, self.batch_size)
             out[f"val/{name}/loss"] = loss
             out[f"val/{name}/bits"] = loss / math.log(2)
         val = sum(out[f"val/{n}/loss"] for n, _ in items) / len(items)
@@ -114,7 +123,7 @@ class BestFinalCheckpoints(Plugin):
         record = {"step": ctx.step, "stage": ctx.stage, "global_step": self.global_step, **out}
         if math.isfinite(val) and (self.best is None or val < self.best):
             self.best, self.best_step = val, self.global_step
-            self._save(ctx, "best", record)
+            self._save(ctx, BEST, record)
             record["best"] = True
         self._append(ctx, record)
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import yaml
 
 from .config import load_recipe
@@ -20,8 +21,10 @@ from .run_files import DEFAULT_EXPERT, EXPERTS, FULL_MODEL
 class TrainedModel:
     """Backbone + the run's LoRA expert(s). `generate(prompt)` and `evaluate()` use the recipe's format."""
 
-    def __init__(self, run_dir: Path, cfg, model, tokenizer, router=None, expert: str | None = None):
+    def __init__(self, run_dir: Path, cfg, model, tokenizer, router=None, expert: str | None = None,
+                 checkpoint: str | None = None):
         self.run_dir, self.config, self.model, self.tokenizer = run_dir, cfg, model, tokenizer
+        self.checkpoint = checkpoint  # None: the model the run saved when it finished
         # a skill-stream run: the router picks experts per input unless `expert` names one
         self.router, self.expert, self.last_routing = router, expert, None
         self.renderer = Renderer(tokenizer, cfg.data.max_length, cfg.data.system_prompt)
@@ -51,8 +54,13 @@ class TrainedModel:
         return routed(self.model, self.router, pool.names, pool.maturities(pool.names), threshold=e.maturity_threshold,
                       top_k=e.top_k, expert=self.expert)
 
+    @property
+    def eval_file(self) -> Path:
+        """Where evaluate() writes: RUN_DIR/eval.json, or eval-<checkpoint>.json for a picked checkpoint."""
+        return self.run_dir / ("eval.json" if self.checkpoint is None else f"eval-{self.checkpoint}.json")
+
     def evaluate(self, write: bool = True) -> dict:
-        """Scores on the recipe's evaluation tasks; written to RUN_DIR/eval.json."""
+        """Scores on the recipe's evaluation tasks; written to `eval_file`."""
         tasks = prepare_eval_tasks(self.config, self.config.resolved_stages()[0].data)
         if self.config.experts is not None:
             from collections import Counter
@@ -66,17 +74,22 @@ class TrainedModel:
                 rows.append({**row, "routed_to": {n: c / len(routing.choices) for n, c in top.items()}})
         else:
             rows = evaluate_all(self.model, self.tokenizer, self.renderer, tasks, self.config)
-        out = {"tasks": {t.name: r for t, r in zip(tasks, rows)}}
+        out = {"tasks": {t.name: r for t, r in zip(tasks, rows)},
+               **({"checkpoint": self.checkpoint} if self.checkpoint is not None else {})}
         if write:
             from .run_lock import run_lock
             with run_lock(self.run_dir):  # not into a run that a train or --resume is writing
-                write_atomic(self.run_dir / "eval.json", json.dumps(out, indent=1))
+                write_atomic(self.eval_file, json.dumps(out, indent=1))
         return out
 
 
-def load(run_dir: str | Path, expert: str | None = None) -> TrainedModel:
+def load(run_dir: str | Path, expert: str | None = None, checkpoint: str | None = None) -> TrainedModel:
     """The run's model. Skill-stream runs route each input with the trained router unless `expert` names
-    one; other runs answer with `expert` (default: their only adapter)."""
+    one; other runs answer with `expert` (default: their only adapter).
+
+    `checkpoint`: None or "final", the model the run saved when it finished; "best", the best_final
+    plugin's lowest-validation-loss weights (checkpoints/best/); "ckpt-N", the weights of a resumable
+    checkpoint (checkpoints/ckpt-00000N/)."""
     from peft import PeftModel
 
     from .models.backbone import load_backbone
@@ -85,6 +98,8 @@ def load(run_dir: str | Path, expert: str | None = None) -> TrainedModel:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = load_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    if checkpoint not in (None, "final"):
+        return _load_checkpoint(run_dir, cfg, checkpoint, expert)
     if cfg.lora is None:  # the whole model was trained: no adapters, one weights file
         from safetensors.torch import load_model
         weights = run_dir / FULL_MODEL / "model.safetensors"
@@ -128,3 +143,49 @@ def _load_pool(run_dir: Path, cfg, expert: str | None) -> TrainedModel:
     trained = TrainedModel(run_dir, cfg, pool.model, tok, Router.load(run_dir / ROUTER_DIR), expert)
     trained.pool = pool
     return trained
+
+
+def _load_checkpoint(run_dir: Path, cfg, checkpoint: str, expert: str | None) -> TrainedModel:
+    """The backbone with the run's adapters as training built them, their weights from `checkpoint`:
+    best (the whole model's state, safetensors.torch.save_model) or ckpt-N (the trained tensors, by name)."""
+    from safetensors.torch import load_file, load_model
+
+    from . import checkpoint as ckpt
+    from .checkpoint_plugin import BEST
+    from .model_setup import attach_lora
+    from .models.backbone import load_backbone
+
+    if cfg.experts is not None:  # a stream's experts and router are made as it runs; only its end is saved whole
+        raise UserError(f"{run_dir}: --checkpoint {checkpoint} is for staged recipes; a skill-stream run loads "
+                        "the experts and router it saved when it finished (drop --checkpoint)")
+    root = run_dir / ckpt.CHECKPOINTS
+    if checkpoint == "best":
+        weights = root / BEST / "model.safetensors"
+        if not weights.is_file():
+            raise UserError(f"{run_dir}: no {ckpt.CHECKPOINTS}/{BEST}/model.safetensors (the best_final plugin "
+                            "writes it: add {name: best_final} to the recipe's plugins)")
+    else:
+        weights = ckpt.pick(root, checkpoint) / "weights.safetensors"
+    model, tok = load_backbone(cfg.model.name, seed=cfg.seed, revision=cfg.model.revision, args=cfg.model.args,
+                               trust_remote_code=cfg.model.trust_remote_code, **backbone_options(cfg, training=False))
+    if cfg.lora is not None:
+        model = attach_lora(model, cfg)
+        expert = expert or (DEFAULT_EXPERT if not cfg.lora.per_stage else None)
+        if expert not in model.peft_config:
+            raise UserError(f"{run_dir}: name the expert to answer with (experts: {sorted(model.peft_config)})")
+        model.set_adapter(expert)
+    if checkpoint == "best":
+        load_model(model, str(weights))
+    else:
+        saved = load_file(str(weights))
+        params = dict(model.named_parameters())
+        wanted = [n for n in params if "lora_" in n] if cfg.lora is not None else list(params)
+        missing = [n for n in wanted if n not in saved]
+        if missing:
+            raise UserError(f"{weights}: does not match the run's model ({len(missing)} tensors missing, e.g. "
+                            f"{missing[0]})")
+        with torch.no_grad():
+            for n in wanted:
+                params[n].copy_(saved[n])
+    model.eval()
+    return TrainedModel(run_dir, cfg, model, tok, expert=expert, checkpoint=checkpoint)

@@ -43,6 +43,18 @@ writing it: exit status 2 and one line naming it; the checkpoints written before
 ``--resume`` restarts from the last one -- the roll-back -- or, when none was written yet, starts
 the run over: the line says which); ``continue`` only records it.
 
+Every step it also measures the training itself (``stats: false`` turns this off), logged with the
+step's metrics:
+
+* ``activation/mean``, ``activation/std`` -- of the outputs of the model's blocks (the longest
+  ``nn.ModuleList`` of the model: its decoder layers), over the step's training micro-batches, and
+  ``activation/<i>/std`` per block (a block whose spread collapses or explodes stands out);
+* ``weight/norm`` -- the L2 norm of the trainable weights; ``weight/update_ratio`` -- the norm of
+  this step's change of them over their norm before it (about 1e-3 is the usual healthy order);
+  it keeps a copy of the trainable weights, small for LoRA, the model's size for ``lora: null``;
+* ``nonfinite/activations``, ``nonfinite/weights`` -- how many NaN or infinite values the blocks'
+  outputs and the trainable weights held.
+
 Firing rates come from models that expose ``last_firing_rates`` (one float per layer, the mean
 over the forward's neurons and positions; :class:`skillstream.models.bdh_lm.BDHForCausalLM` for
 ``bdh-spiking``); they are averaged over the step's micro-batches and logged as
@@ -76,7 +88,7 @@ class Monitor(Plugin):
                  grad_norm_max: float = 100.0, firing_rate_max: float = 0.5,
                  spike_factor: float = 2.0, spike_window: int = 20, plateau_window: int = 500,
                  plateau_min_delta: float = 0.01, cooldown: int = 50, on_critical: str = "continue",
-                 rate_weight: float = 0.0, target_rate: float = 0.1, **context):
+                 rate_weight: float = 0.0, target_rate: float = 0.1, stats: bool = True, **context):
         if on_critical not in ("continue", "stop"):
             raise UserError(f"monitor.on_critical {on_critical!r}: expected 'continue' or 'stop'")
         if loss_factor <= 1 or loss_ref_steps < 1:
@@ -98,6 +110,10 @@ class Monitor(Plugin):
         self.counts: dict[str, int] = {}
         self._rates_sum: list[float] | None = None
         self._rates_n = 0
+        self.stats = stats
+        self._hooks: list = []
+        self._act: list[torch.Tensor | None] = []  # per block: [sum of means, sum of stds, non-finite, n]
+        self._before: dict[str, torch.Tensor] = {}  # the trainable weights before this step
 
     # -- hooks ----------------------------------------------------------------------------------
     def before_stage(self, ctx: StepContext) -> None:
@@ -112,6 +128,65 @@ class Monitor(Plugin):
         if ctx.step == 0 or self.loss_ref_stage != ctx.stage:
             self.loss_ref, self.loss_ref_stage = [], ctx.stage
         self.halted = False  # a resumed run starts again from its last checkpoint
+        if self.stats:
+            self._watch(ctx.model)
+
+    def after_stage(self, ctx: StepContext) -> None:
+        self._unwatch()
+
+    # -- training statistics ------------------------------------------------------------------------
+    def _unwatch(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._act, self._before = [], [], {}
+
+    def _watch(self, model) -> None:
+        """Forward hooks on the model's blocks, and the trainable weights as they stand."""
+        self._unwatch()
+        lists = [m for m in _unwrap(model).modules() if isinstance(m, torch.nn.ModuleList)]
+        blocks = max(lists, key=len) if lists else []
+        self._act = [None] * len(blocks)
+        for i, block in enumerate(blocks):
+            self._hooks.append(block.register_forward_hook(self._block_hook(i)))
+        self._before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def _block_hook(self, i: int):
+        def hook(module, args, output):
+            if not module.training or not torch.is_grad_enabled():  # evaluation, sampling: not training
+                return
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not torch.is_tensor(out) or not out.is_floating_point():
+                return
+            x = out.detach().float()
+            finite = torch.isfinite(x)
+            x = torch.where(finite, x, torch.zeros_like(x))
+            now = torch.stack([x.mean(), x.std(), (~finite).sum().float(), torch.ones((), device=x.device)])
+            self._act[i] = now if self._act[i] is None else self._act[i] + now
+        return hook
+
+    def _step_stats(self, model) -> dict:
+        """The step's activation, weight, update and non-finite numbers (see the module doc)."""
+        out = {}
+        acts = [a.cpu() for a in self._act if a is not None]
+        if acts:
+            per_block = [(a[0] / a[3], a[1] / a[3]) for a in acts]
+            out["activation/mean"] = float(sum(m for m, _ in per_block)) / len(per_block)
+            out["activation/std"] = float(sum(sd for _, sd in per_block)) / len(per_block)
+            out.update({f"activation/{i}/std": float(sd) for i, (_, sd) in enumerate(per_block)})
+            out["nonfinite/activations"] = int(sum(a[2] for a in acts))
+        self._act = [None] * len(self._act)
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        if params:
+            norm2 = sum(float(p.float().pow(2).sum()) for p in params.values())
+            out["weight/norm"] = math.sqrt(norm2)
+            out["nonfinite/weights"] = sum(int((~torch.isfinite(p)).sum()) for p in params.values())
+            before = {n: self._before[n] for n in params if n in self._before}
+            if before:
+                delta2 = sum(float((params[n].float() - b.float()).pow(2).sum()) for n, b in before.items())
+                was2 = sum(float(b.float().pow(2).sum()) for b in before.values())
+                out["weight/update_ratio"] = math.sqrt(delta2) / max(math.sqrt(was2), 1e-12)
+            self._before = {n: p.clone() for n, p in params.items()}
+        return out
 
     def loss_term(self, ctx: StepContext, batch: dict, outputs) -> torch.Tensor | None:
         model = _unwrap(ctx.model)
@@ -134,6 +209,8 @@ class Monitor(Plugin):
             out = {f"firing_rate/{i}": r for i, r in enumerate(rates)}
             out["firing_rate/mean"] = sum(rates) / len(rates)
             self._rates_sum, self._rates_n = None, 0
+        if self.stats:
+            out.update(self._step_stats(ctx.model))
         self.check(ctx, metrics.get("loss"), metrics.get("grad_norm"), rates)
         return out
 
