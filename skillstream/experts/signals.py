@@ -6,7 +6,8 @@ A `TaskSignal` describes a handful of a task's examples as the frozen backbone s
     examples, averaged half-and-half with the task description's when one is given.
 (b) gradient sketch — the gradients the examples' LM loss induces on the `lora_B` of a *fresh*
     LoRA (B = 0, A = a seeded Gaussian of rank `sketch_rank`) on every Linear whose name ends with
-    one of `grad_modules` (default: each decoder layer's MLP `down_proj`). At B = 0 that gradient
+    one of `grad_modules` (default: each decoder layer's MLP output projection, `down_proj` in Llama,
+    Qwen, Gemma, Mistral and Phi-3, `fc2` in Phi). At B = 0 that gradient
     is scale * (dL/dW) A^T, so it is read from the frozen layer's input and output gradient through
     hooks, without adding an adapter to the model. Two fixed seeded Gaussian projections to
     `sketch_dim` numbers each keep:
@@ -47,7 +48,9 @@ from .router import masked_mean
 
 @dataclass
 class SignalConfig:
-    grad_modules: tuple[str, ...] = ("down_proj",)  # Linear layers whose (sketched) gradient is read
+    # Linear layers whose (sketched) gradient is read: the MLP output projection under its names in the
+    # families tests/test_families.py trains (a model has one of them)
+    grad_modules: tuple[str, ...] = ("down_proj", "fc2")
     sketch_rank: int = 4                            # rank of the virtual fresh LoRA's A
     sketch_dim: int = 64                            # length of each gradient sketch (mean and Fisher)
     max_length: int = 128                           # tokens per example
