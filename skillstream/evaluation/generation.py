@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .option_scoring import score_on_cache
+from .precision import eval_autocast
 
 
 @torch.no_grad()
@@ -36,7 +37,9 @@ def generate_and_score(model, tok, prompts: list[str], max_new_tokens: int, batc
             kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
             if options is not None:
                 kw.update(return_dict_in_generate=True, output_logits=True)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
+            # stops as soon as every row has written its end-of-sequence token (generation_config.eos_token_id)
+            with eval_autocast(model.device):
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
             sequences = gen.sequences if options is not None else gen
             width = enc["input_ids"].shape[1]
             for j, text in zip(idx, tok.batch_decode(sequences[:, width:], skip_special_tokens=True)):

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..files import write_atomic
+from .precision import eval_dtype
 
 _UNREMEMBERED = {"unit_tests"}  # sandboxed code under time limits: not a pure function of the weights
 _CODE: str | None = None
@@ -147,7 +148,7 @@ class EvalMemo:
             "tokenizer": [getattr(tok, "name_or_path", ""), len(tok), getattr(tok, "chat_template", None)],
             "renderer": [renderer.max_length, renderer.system_prompt],
             "generation": _generation_settings(gen),
-            "autocast": [torch.is_autocast_enabled("cpu"), str(torch.get_autocast_dtype("cpu"))],
+            "autocast": [torch.is_autocast_enabled("cpu"), str(torch.get_autocast_dtype("cpu")), str(eval_dtype())],
             "examples": [asdict(ex) for ex in examples],
         }
         h = hashlib.sha256(_code_digest().encode() + self.fingerprint(model).encode())
