@@ -69,6 +69,9 @@ def train(recipe: str = typer.Argument(..., help="Bundled recipe name or path to
     from .run import check_run_dir, resolve_run_dir, train as run_train
 
     overrides = dict(parse_override(s) for s in set_)
+          resume_from: Optional[str] = typer.Option(None, "--resume-from", metavar="ckpt-N",
+                                                    help="Continue the run from this checkpoint of RUN_DIR/checkpoints "
+                                                         "(implies --resume; the later ones are set aside)."),
     if processes < 1:
         raise UserError(f"--processes must be 1 or more, not {processes}")
     if processes > 1 and "WORLD_SIZE" not in os.environ:
@@ -78,12 +81,13 @@ def train(recipe: str = typer.Argument(..., help="Bundled recipe name or path to
         # this process outlives the ones it launches, so it holds the run directory's lock for them
         with run_lock(run_dir):
             # bad input: status 2 and one line here, before any process starts (they would each say it)
-            check_run_dir(run_dir, resume, overrides, smoke)
+            check_run_dir(run_dir, resume or resume_from is not None, overrides, smoke)
             args = ["train", recipe, *(["--out", str(out)] if out else []), *[a for s in set_ for a in ("--set", s)],
-                    *(["--resume"] if resume else []), *(["--smoke"] if smoke else [])]
+                    *(["--resume"] if resume else []), *(["--resume-from", resume_from] if resume_from else []),
+                    *(["--smoke"] if smoke else [])]
             sys.exit(launch_processes(processes, args, run_dir))
     _die_with_launcher()
-    run = run_train(recipe, out=out, resume=resume, smoke=smoke, overrides=overrides)
+    run = run_train(recipe, out=out, resume=resume, smoke=smoke, overrides=overrides, resume_from=resume_from)
     if run.results:  # the main process's; the others return none
         print_summary(run)
 
@@ -130,17 +134,21 @@ def _prctl_pdeathsig(sig: int) -> None:
 
 
 @app.command("eval")
-def eval_(run_dir: Path = typer.Argument(..., help="A run directory.")):
-    """Evaluate the final model of a run on its recipe's test data; writes RUN_DIR/eval.json."""
+def eval_(run_dir: Path = typer.Argument(..., help="A run directory."),
+          checkpoint: Optional[str] = typer.Option(None, "--checkpoint", metavar="best|final|ckpt-N",
+                                                   help="Which weights: final (default), best (the best_final "
+                                                        "plugin's) or a resumable checkpoint ckpt-N.")):
+    """Evaluate a run's model on its recipe's test data; writes RUN_DIR/eval.json (eval-CHECKPOINT.json)."""
     from .run_lock import run_lock
     from .trained import load
 
     with run_lock(run_dir):  # not while a train or --resume writes the run (nor another eval)
-        out = load(run_dir).evaluate()
+        trained = load(run_dir, checkpoint=checkpoint)
+        out = trained.evaluate()
     for name, r in out["tasks"].items():
         extras = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and k not in ("score", r["metric"]))
         print(f"{name}: {r['metric']} {r['score']:.4f}  {extras}".rstrip())
-    print(f"wrote {Path(run_dir) / 'eval.json'}")
+    print(f"wrote {trained.eval_file}")
 
 
 @app.command()
@@ -200,7 +208,9 @@ def sweep(recipe: str = typer.Argument(..., help="Bundled recipe name or path to
 @app.command()
 def monitor(run_dir: Path = typer.Argument(..., help="A run directory, finished or in progress."),
             once: bool = typer.Option(False, "--once", help="Render one frame and exit."),
-            interval: float = typer.Option(1.0, "--interval", help="Seconds between refreshes.")):
+            interval: float = typer.Option(1.0, "--interval", help="Seconds between refreshes."),
+            csv: Optional[Path] = typer.Option(None, "--csv", metavar="FILE",
+                                               help="Write the run's metrics.jsonl to FILE as CSV and exit.")):
     """Follow a run live in the terminal: stage, loss, tokens/s, ETA, experts, alerts."""
     from .monitor.live import monitor as run_monitor
 
@@ -211,6 +221,12 @@ def monitor(run_dir: Path = typer.Argument(..., help="A run directory, finished 
 def toolformer(inp: Path = typer.Argument(..., metavar="IN.jsonl", help="Rows with 'text' (or 'original_text') or 'messages'."),
                out: Path = typer.Argument(..., metavar="OUT.jsonl", help="Augmented rows: original_text, augmented_text, tool_calls."),
                model: str = typer.Option("smollm2-135m", "--model", help="Model that proposes and scores the calls."),
+    if csv is not None:
+        from .monitor.export import export_csv
+
+        rows, columns = export_csv(run_dir, csv)
+        print(f"wrote {csv}: {rows} rows, {columns} columns")
+        return
                tau: float = typer.Option(0.1, "--tau", help="Keep a call when it lowers the loss of the next tokens by at least this."),
                tools: str = typer.Option("calculator,python,search", "--tools", help="Comma-separated tools."),
                positions: int = typer.Option(3, "--positions", help="Candidate positions per text and tool."),
