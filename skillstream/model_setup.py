@@ -5,6 +5,7 @@ import torch
 
 from .config import RecipeConfig
 from .errors import UserError
+from .models.backbone import gpu_computes_bf16
 from .run_files import expert_names
 
 
@@ -48,6 +49,9 @@ def backbone_options(cfg: RecipeConfig, *, training: bool = True) -> dict:
         raise UserError(f"model.dtype: {m.dtype} with model.freeze_backbone: false would train the weights in "
                         f"{m.dtype}; use float32 (train.bf16 still computes in bf16)")
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.train.bf16 is True and device_type == "cuda" and not gpu_computes_bf16():  # (a CPU computes bf16)
+        raise UserError(f"train.bf16: true needs a GPU with bf16 arithmetic (compute capability 8.0 or newer; "
+                        f"{torch.cuda.get_device_name()} has none); use auto or false")
     # auto: the weights go to bf16 exactly where train.bf16: auto would autocast to it, for a frozen
     # Hugging Face backbone only (trained weights and registered models such as BDH stay float32)
     auto_bf16 = not weights_train and m.name not in MODELS and bf16_enabled("auto", device_type)
@@ -62,6 +66,6 @@ def bf16_enabled(setting, device_type: str) -> bool:
         # Only where the hardware has bf16 arithmetic: on a CPU without AVX512-BF16/AMX, torch
         # emulates bf16 matmuls and autocast is slower than fp32 (measured in bench/throughput).
         if device_type == "cuda":
-            return torch.cuda.is_bf16_supported()
+            return gpu_computes_bf16()
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return bool(setting)

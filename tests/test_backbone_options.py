@@ -94,11 +94,41 @@ def test_a_bf16_backbone_trains_float32_adapters_that_load_back_into_a_bf16_back
     assert loaded.model.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
 
 
+def test_a_bf16_skill_stream_keeps_its_router_and_experts_float32(tmp_path):
+    run = skillstream.train("dylora_moe", out=tmp_path / "run", smoke=True, show_progress=False,
+                            overrides={**tiny(dtype="bfloat16"), "report_to": []})
+    assert {t.dtype for t in load_file(str(run.run_dir / "router" / "router.safetensors")).values()} == {torch.float32}
+    experts = sorted((run.run_dir / "experts").glob("expert_*"))
+    assert experts
+    backbone, _ = load_backbone("tiny", seed=0, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(backbone, str(experts[0]))
+    for path in experts:
+        assert {t.dtype for t in load_file(str(path / "adapter_model.safetensors")).values()} == {torch.float32}
+        model.load_adapter(str(path), adapter_name=path.name)  # each expert into the one bf16 backbone
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert {q_proj.lora_A[name].weight.dtype for name in q_proj.lora_A} == {torch.float32}
+
+
 def test_bf16_weights_that_would_train_are_refused(tmp_path):
     with pytest.raises(UserError, match=r"^model\.dtype: bfloat16 with model\.freeze_backbone: false"):
         skillstream.train("quickstart", out=tmp_path / "run", overrides={
             **tiny(dtype="bfloat16", freeze_backbone=False), "lora": None, "report_to": []})
     assert not (tmp_path / "run").exists()
+
+
+def test_bf16_on_a_gpu_without_bf16_arithmetic_stops_with_one_line(monkeypatch):
+    # No GPU here: torch's answers on a Tesla T4 (compute capability 7.5, bf16 only emulated) stand in for one.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(UserError, match=r"^model\.dtype: bfloat16 needs a GPU with bf16 arithmetic .*Tesla T4 has none"):
+        load_backbone("tiny", dtype=torch.bfloat16)
+    with pytest.raises(UserError, match=r"^train\.bf16: true needs a GPU with bf16 arithmetic .*Tesla T4 has none"):
+        backbone_options(load_recipe("quickstart", {**tiny(), "train.bf16": True}))
+    # auto picks what the GPU computes: float32 weights, no bf16 autocast
+    assert backbone_options(load_recipe("quickstart", tiny(dtype="auto")))["dtype"] == torch.float32
+    assert not bf16_enabled("auto", "cuda")
 
 
 # -- model.attn_implementation --------------------------------------------------------------------

@@ -70,6 +70,12 @@ def _from_hub_or_path(cls, name: str, revision, trust_remote_code, **kw):
         raise UserError(f"model {name!r}: cannot load ({first})") from None
 
 
+def gpu_computes_bf16() -> bool:
+    """Whether this process's GPU has bf16 arithmetic. torch also answers True for GPUs that only emulate
+    it (pre-Ampere), many times slower than float16: those count as not computing it."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def check_backbone_options(name: str, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                            quantization_bits: int | None = None) -> None:
     """What this machine and this model cannot do, said in one line naming the recipe key, before anything
@@ -87,6 +93,9 @@ def check_backbone_options(name: str, *, dtype: torch.dtype = torch.float32, att
         except ImportError:
             raise UserError(f"model.quantization: {quantization_bits}-bit loading needs bitsandbytes "
                             f"(pip install 'skillstream[quantization]')") from None
+    if dtype == torch.bfloat16 and torch.cuda.is_available() and not gpu_computes_bf16():
+        raise UserError(f"model.dtype: bfloat16 needs a GPU with bf16 arithmetic (compute capability 8.0 or newer; "
+                        f"{torch.cuda.get_device_name()} has none); use float16 or float32")
     if name in MODELS:  # built by our own code (BDH): its own attention, float32, no quantized kernels
         for key, value, default in (("model.attn_implementation", attn_implementation, "sdpa"),
                                     ("model.dtype", dtype, torch.float32),
