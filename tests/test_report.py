@@ -16,8 +16,9 @@ import yaml
 
 from conftest import run_cli
 from skillstream.monitor.metrics_log import MetricsLog
-from skillstream.report.html import write_report
-from skillstream.report.rundata import fmt
+from skillstream.report.html import page as html_page, write_report
+from skillstream.report.rundata import fmt, load_run
+from skillstream.report.sections import samples as samples_section, training_samples
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("SKILLSTREAM_ARTIFACTS", "/tmp/skillstream-artifacts"))
@@ -124,7 +125,8 @@ needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(),
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("report-smoke")
-    res = run_cli("train", "quickstart", "--smoke", "--set", "model=tiny", "--set", "report_to=[]", cwd=cwd)
+    res = run_cli("train", "quickstart", "--smoke", "--set", "model=tiny", "--set", "report_to=[]",
+                  "--set", "train.sample_every=2", cwd=cwd)  # samples.jsonl: generations during training
     assert res.returncode == 0, res.stderr
     return cwd, cwd / "runs" / "quickstart"
 
@@ -148,11 +150,22 @@ def test_real_run_report_renders_in_headless_chromium(smoke_run, tmp_path):
     # the LM objective's own signals (lm/token_accuracy, lm/entropy) are data the run has, so they show
     assert section_ids(dom) & set(OPTIONAL) == {"objective"}
     assert "lm/token_accuracy" in dom
-    assert {"summary", "tasks", "training", "samples", "config"} <= section_ids(dom)
+    assert {"summary", "tasks", "training", "samples", "training-samples", "config"} <= section_ids(dom)
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples and f"The newest of {len(samples)} generations in samples.jsonl" in dom
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "report-smoke.png"
     shot.unlink(missing_ok=True)
     chromium([f"--screenshot={shot}"], out.resolve().as_uri(), tmp_path)
+    assert shot.stat().st_size > 10_000
+    # the sample generations (at evaluation, and during training from samples.jsonl) on a page of their
+    # own, rendered by the report's own page and sections, so the screenshot shows them whole
+    alone = tmp_path / "samples.html"
+    data = load_run(run)
+    alone.write_text(html_page("skillstream report: samples", [str(run)], [samples_section(data), training_samples(data)], []))
+    shot = ARTIFACTS / "report-smoke-samples.png"
+    shot.unlink(missing_ok=True)
+    chromium([f"--screenshot={shot}"], alone.resolve().as_uri(), tmp_path)
     assert shot.stat().st_size > 10_000
     shutil.copy(out, ARTIFACTS / "report-smoke.html")
 
