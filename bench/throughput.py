@@ -138,6 +138,7 @@ def child_ours(spec: dict) -> dict:
         run = train(RECIPE, out=Path(tmp) / "run", overrides=_overrides(spec), show_progress=False, plugins=[Timer()])
     stage = run.results["stages"][0]
     out = meter.result(spec["steps"])
+    out.update(training_mfu(spec, out["tokens_per_s"]))
     out.update(whole_loop_tokens_per_s=stage["tokens_per_s"], engine_tokens=stage["tokens"],
                engine_seconds=stage["seconds"], sequences_not_in_dataset=foreign[0], examples=len(known))
     return out
@@ -202,6 +203,7 @@ def child_trainer(spec: dict, grouped: bool) -> dict:
                           processing_class=tok, callbacks=[Timer()])
         trainer.train()
     out = meter.result(t.steps)
+    out.update(training_mfu(spec, out["tokens_per_s"]))
     whole = meter.batches[:t.steps]
     out.update(whole_loop_tokens_per_s=sum(b[0] for b in whole) / max(meter.t1 - meter.t_begin, 1e-9),
                examples=len(features), optim=args.optim if isinstance(args.optim, str) else args.optim.value)
@@ -248,8 +250,135 @@ def child_scoring(spec: dict) -> dict:
             "agreement": agree, "max_abs_diff": (fast.cpu() - naive.cpu()).abs().max().item()}
 
 
+def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 6) -> float:
+    """This machine's dense matmul rate in FLOP/s (best of `repeats` n x n @ n x n products, after one
+    untimed product), in this process: the denominator of model-FLOPs utilisation."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+class LinearFlops:
+    """Matmul FLOPs of every nn.Linear forward while attached (2 x in x out per row: the projections,
+    MLP, LoRA factors and LM head, padding rows included; attention's score products are not counted)."""
+
+    def __init__(self, model):
+        import torch
+        self.flops = 0
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def _hook(self, module, args, out):
+        self.flops += 2 * module.in_features * module.out_features * (args[0].numel() // module.in_features)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def training_mfu(spec: dict, tokens_per_s: float) -> dict:
+    """Model FLOPs of LoRA training per token: 4 x the backbone's Linear weights (2 forward, 2 for the
+    gradient of the activations; the frozen weights get no gradient, LoRA's own are negligible), per
+    second, over this process's matmul peak in the run's precision."""
+    import torch
+
+    from skillstream.models.backbone import load_backbone
+
+    model, _ = load_backbone(spec["model"], seed=0)
+    weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    peak = matmul_peak("bf16" if spec["bf16"] else "fp32")
+    return {"flops_per_token": 4 * weights, "peak_flops_per_s": peak, "mfu": 4 * weights * tokens_per_s / peak}
+
+
+RTE = SHARED / "data" / "glue_stream" / "rte"
+# RTE with ten more answer options than its two: no shared task has >= 10 labels, and option scoring's
+# cost grows with the options (the labels stay RTE's, so the distractors are never the answer)
+DISTRACTORS = ["neutral", "paraphrase", "unrelated", "partial entailment", "opposite", "cause", "effect", "example",
+               "generalization", "specialization"]
+
+
+def eval_task(tmp: Path, n: int, model: str):
+    """The stream's task as the adaptive_learner recipe reads it: rte12 (RTE's test rows, 12 options)."""
+    from skillstream.config import load_recipe
+    from skillstream.evaluation.suite import prepare_eval_tasks
+
+    folder = tmp / "stream" / "rte12"
+    folder.mkdir(parents=True)
+    (folder / "labels.json").write_text(json.dumps(json.loads((RTE / "labels.json").read_text()) + DISTRACTORS))
+    for split in ("train", "test"):
+        (folder / f"{split}.json").write_text((RTE / f"{split}.json").read_text())
+    (tmp / "stream" / "stream.yaml").write_text("tasks: [rte12]\ninstructions: {rte12: 'Does sentence 1 entail sentence 2?'}\n")
+    cfg = load_recipe("adaptive_learner", overrides={"model": model, "data.stream": str(tmp / "stream"),
+                                                     "data.stream_test_limit": n})
+    return cfg, prepare_eval_tasks(cfg, cfg.resolved_stages()[0].data)[0]
+
+
+def child_eval(spec: dict) -> dict:
+    """Stream evaluation (generative exact match with option scoring beside it) with the skillstream
+    found at spec["code"] (this checkout or a worktree of an older commit): outputs and examples/s."""
+    sys.path.insert(0, spec["code"])
+    import skillstream
+    from skillstream.data.render import Renderer
+    from skillstream.evaluation.generation import generate_and_score
+    from skillstream.models.backbone import load_backbone
+    from skillstream.run import attach_lora
+
+    if spec["precision"] == "bf16":  # what a run with train.bf16 on declares (evaluation/precision.py reads it)
+        from accelerate import Accelerator
+        Accelerator(mixed_precision="bf16", cpu=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, task = eval_task(Path(tmp), spec["eval_examples"], spec["model"])
+    model, tok = load_backbone(cfg.model.name, seed=cfg.seed)
+    model = attach_lora(model, cfg)  # what the stream scores: the LoRA-wrapped backbone, in eval mode
+    model.eval()
+    renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
+    examples = task.examples
+    prompts = [renderer.prompt_text(ex) for ex in examples]
+    options = examples[0].options
+    opt_ids = [tok(renderer.answer_text(examples[0], o), add_special_tokens=False)["input_ids"] for o in options]
+    bs, new = cfg.data.eval_batch_size, task.max_new_tokens
+    generate_and_score(model, tok, prompts[:bs], new, bs, options=opt_ids)  # warm-up, not timed
+    flops = LinearFlops(model)
+    profiling = spec.get("profile", False)
+    if profiling:  # the timed pass only (not loading, not warm-up)
+        from torch.profiler import ProfilerActivity, profile
+        prof = profile(activities=[ProfilerActivity.CPU])
+        prof.__enter__()
+    t0 = time.perf_counter()
+    # the inner loop of evaluate_examples(exact_match, also=[accuracy]) on one option group
+    texts, scores = generate_and_score(model, tok, prompts, new, bs, options=opt_ids)
+    seconds = time.perf_counter() - t0
+    top_ops = []
+    if profiling:
+        prof.__exit__(None, None, None)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        top_ops = [(e.key, e.count, e.self_cpu_time_total / 1e6, e.self_cpu_time_total / total) for e in events[:12]]
+    flops.remove()
+    peak = matmul_peak(spec["precision"])
+    from skillstream.evaluation.runner import normalize_text
+    em = sum(normalize_text(t) == normalize_text(ex.completion) for t, ex in zip(texts, examples)) / len(examples)
+    acc = sum(options[b] == ex.completion for b, ex in zip(scores.argmax(-1).tolist(), examples)) / len(examples)
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    return {"code": str(Path(skillstream.__file__).resolve().parents[1]), "precision": spec["precision"],
+            "examples": len(examples), "options": len(options), "batch": bs, "max_new_tokens": new,
+            "prompt_tokens_mean": sum(lengths) / len(lengths), "seconds": seconds,
+            "examples_per_s": len(examples) / seconds, "flops": flops.flops, "flops_per_s": flops.flops / seconds,
+            "peak_flops_per_s": peak, "mfu": flops.flops / seconds / peak, "exact_match": em, "accuracy": acc,
+            "texts": texts, "scores": scores.float().tolist(), "weights_dtype": str(next(model.parameters()).dtype),
+            "model": spec["model"], "top_ops": top_ops}
+
+
 CHILDREN = {"ours": child_ours, "trainer": lambda s: child_trainer(s, grouped=False),
-            "trainer_grouped": lambda s: child_trainer(s, grouped=True), "scoring": child_scoring}
+            "trainer_grouped": lambda s: child_trainer(s, grouped=True), "scoring": child_scoring,
+            "eval": child_eval}
 
 
 def child_main(kind: str, spec_json: str) -> None:
@@ -269,19 +398,55 @@ def run_child(kind: str, spec: dict) -> dict:
                             cwd=REPO)
 
 
+def eval_report(evals: list[dict], base_rev: str) -> str:
+    """Stream evaluation, each run against the first run of the code before (same examples, fp32)."""
+    base = next(e for e in evals if e["side"] == "before")
+    rows = ["| code | precision | examples/s | speed-up vs before fp32 | model GFLOP/s | matmul peak GFLOP/s | MFU | "
+            "exact match | option accuracy | generated texts as before | option argmax as before | max abs logp diff |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    for e in evals:
+        same_text = sum(a == b for a, b in zip(e["texts"], base["texts"]))
+        arg = [max(range(len(r)), key=r.__getitem__) for r in e["scores"]]
+        arg0 = [max(range(len(r)), key=r.__getitem__) for r in base["scores"]]
+        same_arg = sum(a == b for a, b in zip(arg, arg0))
+        diff = max(abs(x - y) for r, r0 in zip(e["scores"], base["scores"]) for x, y in zip(r, r0))
+        name = f"before ({base_rev})" if e["side"] == "before" else "this commit"
+        rows.append(f"| {name} | {e['precision']} | {e['examples_per_s']:.2f} | "
+                    f"{e['examples_per_s'] / base['examples_per_s']:.2f}x | {e['flops_per_s'] / 1e9:.1f} | "
+                    f"{e['peak_flops_per_s'] / 1e9:.0f} | {100 * e['mfu']:.1f}% | {e['exact_match']:.3f} | "
+                    f"{e['accuracy']:.3f} | {same_text}/{e['examples']} | {same_arg}/{e['examples']} | {diff:.1e} |")
+    e = evals[0]
+    note = (f"Task rte12 (glue_stream/rte test rows with 10 distractor options added: {e['options']} options), first "
+            f"{e['examples']} examples, mean prompt {e['prompt_tokens_mean']:.0f} tokens, adaptive_learner's system "
+            f"prompt, eval batch {e['batch']}, max_new_tokens {e['max_new_tokens']} (the stream's); {e['model']}, fp32 weights "
+            f"with an untrained LoRA (r 8, all-linear). Timed: `generate_and_score` over all examples (the inner loop "
+            f"of `evaluate_examples(exact_match, also=[accuracy])`), after one untimed batch; model FLOPs = "
+            f"nn.Linear matmul FLOPs counted by hooks in the timed pass; bf16 = inside an `Accelerator(mixed_precision="
+            f"'bf16')`, as a run with train.bf16 on.")
+    return "\n".join(rows) + "\n\n" + note + "\n"
+
+
+def profile_report(prof: dict) -> str:
+    lines = ["| operator | calls | self CPU s | share |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {c} | {t:.2f} | {100 * f:.1f}% |" for k, c, t, f in prof["top_ops"]]
+    return (f"torch.profiler over the timed pass, this commit, {prof['model']}, {prof['precision']}, "
+            f"{prof['examples']} examples of rte12 ({prof['seconds']:.1f} s):\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
 
 
 def build_report(args, runs: dict, scoring: dict, model: str) -> str:
-    rows = ["| run | precision | timed steps | tokens | seconds | tokens/s | whole-loop tokens/s | pad % | peak GiB |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| run | precision | timed steps | tokens | seconds | tokens/s | whole-loop tokens/s | pad % | peak GiB | MFU |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     names = {"ours": "skillstream engine", "trainer": "Trainer + PEFT (random sampler)",
              "trainer_grouped": "Trainer + PEFT (group_by_length)"}
     for (kind, prec), r in runs.items():
         rows.append(f"| {names[kind]} | {prec} | {r['timed_steps']} | {r['tokens']} | {r['seconds']:.2f} | "
                     f"{r['tokens_per_s']:.0f} | {r['whole_loop_tokens_per_s']:.0f} | {100 * r['pad_fraction']:.1f} | "
-                    f"{r['peak_rss_bytes'] / GiB:.2f} |")
+                    f"{r['peak_rss_bytes'] / GiB:.2f} | {100 * r['mfu']:.1f}% |")
     summary = ["| measurement | ours | baseline | ratio | target | status |", "|---|---:|---:|---:|---|---|"]
     for prec in dict.fromkeys(p for _, p in runs):
         ours = runs[("ours", prec)]
@@ -348,6 +513,13 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", choices=["both", "on", "off"], default=None, help="precision(s) to run (default both; off with --quick)")
     ap.add_argument("--examples", type=int, default=None, help="SST-2 test examples to score (default 200; 8 with --quick)")
     ap.add_argument("--score-batch", type=int, default=None, help="prompts per score_options call (default 16; 4 with --quick)")
+    ap.add_argument("--phases", default=None, help="comma list: train (training vs Trainer, option scoring vs "
+                    "naive, memory), eval (stream evaluation vs --base), profile (where stream evaluation's time goes); default "
+                    "train, and eval with --base")
+    ap.add_argument("--base", default=None, help="eval: a checkout (git worktree) of the code before, run side by side")
+    ap.add_argument("--base-rev", default=None, help="eval: the commit --base holds, for the record (default: read from it)")
+    ap.add_argument("--eval-examples", type=int, default=None, help="eval: rte12 test examples (default 200; 8 with --quick)")
+    ap.add_argument("--profile-examples", type=int, default=None, help="profile: examples (default 32; 4 with --quick)")
     ap.add_argument("--record", action="store_true", help="with --quick: append to bench/RESULTS.md anyway")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
@@ -364,6 +536,16 @@ def main(argv=None) -> None:
     args.examples = args.examples or (8 if q else 200)
     args.score_batch = args.score_batch or (4 if q else 16)
     args.train_limit = 64 if q else None  # quick: tokenize only the first 64 training examples
+    args.phases = [p.strip() for p in (args.phases or ("train,eval" if args.base else "train")).split(",") if p.strip()]
+    unknown = [p for p in args.phases if p not in ("train", "eval", "profile")]
+    if unknown:
+        _fail(f"--phases: unknown phase {unknown[0]!r} (expected train, eval, profile)")
+    args.eval_examples = args.eval_examples or (8 if q else 200)
+    args.profile_examples = args.profile_examples or (4 if q else 32)
+    if "eval" in args.phases and not args.base:
+        _fail("--phases eval needs --base PATH: a git worktree of the commit before (git worktree add PATH REV)")
+    if args.base and not (Path(args.base) / "skillstream").is_dir():
+        _fail(f"--base {args.base}: no skillstream package there")
     if not SST2.is_dir():
         _fail(f"SST-2 task folder not found at {SST2} (expected ../shared next to the repository)")
     if args.steps <= args.skip:
@@ -377,6 +559,42 @@ def main(argv=None) -> None:
           f"precision {'/'.join('bf16' if p else 'fp32' for p in precisions)}", file=sys.stderr)
     base = {"model": args.model, "steps": args.steps, "skip": args.skip, "batch_size": args.batch_size,
             "lr_warmup": args.lr_warmup, "examples": args.examples, "score_batch": args.score_batch, "train_limit": args.train_limit}
+    parts = []
+    if "train" in args.phases:
+        parts.append(train_phase(args, base, precisions))
+    if "eval" in args.phases:
+        import subprocess
+        rev = args.base_rev or subprocess.run(["git", "-C", args.base, "rev-parse", "--short", "HEAD"],
+                                              capture_output=True, text=True).stdout.strip()
+        spec = {**base, "bf16": False, "eval_examples": args.eval_examples}
+        sides = [("before", args.base, "fp32"), ("this", str(REPO), "fp32"), ("this", str(REPO), "bf16")]
+        evals = []
+        for side, code, prec in sides:
+            if prec == "bf16" and not _bf16_hardware():
+                continue
+            r = common.run_child(__file__, "eval", {**spec, "code": code, "precision": prec},
+                                 label=f"eval {side:<6} {prec}", bench="bench/throughput", cwd=REPO)
+            evals.append({**r, "side": side})
+        parts.append("### Stream evaluation\n\n" + eval_report(evals, rev))
+    if "profile" in args.phases:
+        prec = "bf16" if _bf16_hardware() else "fp32"
+        prof = common.run_child(__file__, "eval", {**base, "bf16": False, "code": str(REPO), "precision": prec,
+                                                   "eval_examples": args.profile_examples, "profile": True},
+                                label=f"profile {prec}", bench="bench/throughput", cwd=REPO)
+        parts.append("### Where stream evaluation's time goes\n\n" + profile_report(prof))
+    report = "\n".join(parts)
+    print(f"\n{command}\nmachine: {common.machine()}\n\n{report}")
+    if (not q or args.record) and not args.no_record:
+        record(report, command, q)
+        print(f"appended to {RESULTS_MD.relative_to(REPO)}", file=sys.stderr)
+
+
+def _bf16_hardware() -> bool:
+    from skillstream.model_setup import bf16_enabled
+    return bf16_enabled("auto", "cpu")
+
+
+def train_phase(args, base: dict, precisions: list[bool]) -> str:
     runs = {}
     for bf16 in precisions:
         for kind in ("ours", "trainer", "trainer_grouped"):
@@ -384,12 +602,7 @@ def main(argv=None) -> None:
     if any(r.get("sequences_not_in_dataset") for r in runs.values()):
         sys.exit("bench/throughput: the engine trained on sequences that are not in the shared tokenized set")
     scoring = run_child("scoring", {**base, "bf16": False})
-
-    report = build_report(args, runs, scoring, args.model)
-    print(f"\n{command}\nmachine: {common.machine()}\n\n{report}")
-    if (not q or args.record) and not args.no_record:
-        record(report, command, q)
-        print(f"appended to {RESULTS_MD.relative_to(REPO)}", file=sys.stderr)
+    return "### Training and option scoring\n\n" + build_report(args, runs, scoring, args.model)
 
 
 if __name__ == "__main__":
