@@ -154,15 +154,42 @@ def fmt(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def with_ci(value, ci) -> str:
+    return fmt(value) if not ci else f"{fmt(value)} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def minus_mtl(r: dict, mtl: dict) -> str:
+    """AvgAcc minus MTL's on the same test examples, with its paired-bootstrap 95% interval; '*' where
+    the interval excludes 0."""
+    from skillstream.evaluation.intervals import bootstrap_matrix
+
+    def outcomes(row):
+        return [c.get("outcomes") for c in row]
+    initial, pair = outcomes(r["initial_details"]), [outcomes(r["details"][-1]), outcomes(mtl["details"][-1])]
+    if any(o is None for o in initial + pair[0] + pair[1]):
+        return "n/a"
+    ci = bootstrap_matrix(initial, pair, lambda i, m: sum(m[0]) / len(m[0]) - sum(m[1]) / len(m[1]))
+    if ci is None:
+        return "n/a"
+    star = "*" if ci[0] > 0 or ci[1] < 0 else ""
+    return f"{r['avg_acc'] - mtl['avg_acc']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]{star}"
+
+
 def table(rows: dict, protocol: str | None) -> str:
+    """The main protocol's rows carry per-example outcomes: AvgAcc, BWT and FWT with their paired-bootstrap
+    95% intervals and each method's difference to MTL; a further protocol has its scores only."""
     def pick(r):
         return r["results"] if protocol is None else r["results"]["protocols"][protocol]
     mtl = pick(rows["mtl"])["avg_acc"] if "mtl" in rows else None
-    lines = ["| method | AvgAcc | BWT | FWT | AvgAcc / MTL | train s | s/step |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | AvgAcc [95% CI] | BWT [95% CI] | FWT | AvgAcc / MTL | AvgAcc − MTL [paired 95% CI] | n per task "
+             "| train s | s/step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         p = pick(r)
+        ci = p.get("ci95", {}) if protocol is None else {}
         ratio = p["avg_acc"] / mtl if mtl else None
-        lines.append(f"| {name} | {fmt(p['avg_acc'])} | {fmt(p['bwt'])} | {fmt(p['fwt'])} | {fmt(ratio)} | "
+        diff = minus_mtl(p, rows["mtl"]["results"]) if protocol is None and "mtl" in rows and name != "mtl" else ""
+        lines.append(f"| {name} | {with_ci(p['avg_acc'], ci.get('avg_acc'))} | {with_ci(p['bwt'], ci.get('bwt'))} | "
+                     f"{with_ci(p['fwt'], ci.get('fwt'))} | {fmt(ratio)} | {diff} | {p.get('n', '') if protocol is None else ''} | "
                      f"{r['train_s']:.0f} | {r['s_per_step']:.2f} |")
     return "\n".join(lines)
 

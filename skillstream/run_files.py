@@ -53,7 +53,7 @@ def finish_run(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTas
 
     names = [t.name for t in eval_tasks]
     final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},
-                      [r["score"] for r in results["initial"]], results["rows"])
+                      [r["score"] for r in results["initial"]], results["rows"], results["initial"], results["details"])
     final.update({"initial_details": results["initial"], "details": results["details"],
                   "stages": results["stages"], "experts": expert_names(cfg),
                   "seconds": sum(s["seconds"] for s in results["stages"]),

@@ -90,7 +90,7 @@ def test_the_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert "skillstream.errors" in graph["skillstream.data.readers"]       # from ..errors import (module level)
     assert "skillstream.run_lock" in graph["skillstream.cli"]              # from .run_lock import (in a function)
-    assert "skillstream.evaluation.suite" in graph["skillstream.run"]      # from .evaluation.suite import
+    assert "skillstream.evaluation.suite" in graph["skillstream.stage_plan"]  # from .evaluation.suite import
 
 
 def test_skillstream_has_no_import_cycle():

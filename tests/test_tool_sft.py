@@ -14,7 +14,8 @@ from skillstream.data.tool_chat import TOOLS_HEADER, template_supports_tools
 from skillstream.errors import UserError
 from skillstream.evaluation.runner import evaluate_examples
 from skillstream.evaluation.tool_ast import answer_to_calls
-from skillstream.evaluation.tool_metrics import score_outputs, wilson
+from skillstream.evaluation.intervals import wilson
+from skillstream.evaluation.tool_metrics import score_outputs
 from skillstream.models.backbone import load_backbone, load_tokenizer
 from skillstream.objectives.lm import LMObjective
 from skillstream.tools.calls import parse_model_output, render_inline

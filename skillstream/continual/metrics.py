@@ -32,7 +32,28 @@ def forgetting(matrix: list[list[float]]) -> list[float | None]:
             for j in range(len(matrix[0]))] if matrix else []
 
 
-def summarize(tasks: list[str], metric: dict[str, str], initial: list[float], matrix: list[list[float]]) -> dict:
-    return {"tasks": tasks, "metric": metric, "initial": initial, "matrix": matrix,
-            "avg_acc": avg_acc(matrix), "bwt": bwt(matrix), "fwt": fwt(matrix, initial),
-            "forgetting": forgetting(matrix)}
+def summarize(tasks: list[str], metric: dict[str, str], initial: list[float], matrix: list[list[float]],
+              initial_details: list[dict] | None = None, details: list[list[dict]] | None = None) -> dict:
+    """The matrix's summaries; with the evaluation rows (`initial_details`, `details`) that carry per-example
+    outcomes, also each score's n and the 95% intervals of AvgAcc, BWT and FWT (paired bootstrap over
+    each task's examples, evaluation/intervals.py)."""
+    out = {"tasks": tasks, "metric": metric, "initial": initial, "matrix": matrix,
+           "avg_acc": avg_acc(matrix), "bwt": bwt(matrix), "fwt": fwt(matrix, initial),
+           "forgetting": forgetting(matrix)}
+    if initial_details is not None and details is not None:
+        out.update(matrix_intervals(initial_details, details))
+    return out
+
+
+def matrix_intervals(initial_details: list[dict], details: list[list[dict]]) -> dict:
+    """{'n': examples per task, 'ci95': {avg_acc, bwt, fwt}} where every cell has its outcomes, else {}."""
+    from ..evaluation.intervals import bootstrap_matrix
+
+    initial = [r.get("outcomes") for r in initial_details]
+    rows = [[r.get("outcomes") for r in row] for row in details]
+    if not rows or any(o is None for o in initial) or any(o is None for row in rows for o in row):
+        return {}
+    return {"n": [len(o) for o in initial],
+            "ci95": {"avg_acc": bootstrap_matrix(initial, rows, lambda i, m: avg_acc(m)),
+                     "bwt": bootstrap_matrix(initial, rows, lambda i, m: bwt(m)),
+                     "fwt": bootstrap_matrix(initial, rows, lambda i, m: fwt(m, i))}}

@@ -64,6 +64,7 @@ def evaluate_unit_tests(model, tok, renderer, examples: list[Example], batch_siz
     out = {f"pass@{k}": sum(pass_at_k(samples, c, k) for c in passed) / len(examples)
            for k in (1, 10, 100) if k <= samples}
     out.update({"n": len(examples), "samples_per_problem": samples, "problems_solved": sum(c > 0 for c in passed),
+                "outcomes": [pass_at_k(samples, c, 1) for c in passed],  # each problem's pass@1 (the score is their mean)
                 "samples": [{"prompt": ex.prompt[:300], "output": answers[0][i][:300], "passed": passed[i]}
                             for i, ex in enumerate(examples[:5])]})
     return out

@@ -11,6 +11,7 @@ from ..data.examples import Example
 from ..data.render import Renderer
 from ..models.modes import eval_mode
 from .generation import generate, generate_and_score
+from .intervals import with_interval
 from .option_scoring import score_options
 from .precision import eval_autocast
 
@@ -30,18 +31,18 @@ def _option_groups(tok, renderer: Renderer, examples: list[Example]):
 
 
 def _accuracy(model, tok, renderer: Renderer, examples: list[Example], batch_size: int) -> dict:
-    correct, samples = 0, []
+    outcomes, samples = [0] * len(examples), []
     for options, indices, opt_ids in _option_groups(tok, renderer, examples):
-        group = [examples[i] for i in indices]
-        for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
-            prompts = [tok(renderer.prompt_text(ex), add_special_tokens=True)["input_ids"] for ex in chunk]
+        for i in range(0, len(indices), batch_size):
+            chunk = indices[i:i + batch_size]
+            prompts = [tok(renderer.prompt_text(examples[k]), add_special_tokens=True)["input_ids"] for k in chunk]
             best = score_options(model, prompts, opt_ids, tok.pad_token_id).argmax(-1)
-            for ex, b in zip(chunk, best.tolist()):
-                correct += options[b] == ex.completion
+            for k, b in zip(chunk, best.tolist()):
+                ex = examples[k]
+                outcomes[k] = int(options[b] == ex.completion)
                 if len(samples) < 5:
                     samples.append({"prompt": ex.prompt[:300], "predicted": options[b], "label": ex.completion})
-    return {"accuracy": correct / len(examples), "samples": samples}
+    return {"accuracy": sum(outcomes) / len(examples), "outcomes": outcomes, "samples": samples}
 
 
 def _exact_match_and_accuracy(model, tok, renderer, examples, batch_size, max_new_tokens) -> tuple[dict, float]:
@@ -75,7 +76,7 @@ def _score_generated(examples, outputs: list[str], bash: bool) -> dict:
         extra = {}
     samples = [{"prompt": ex.prompt[:300], "output": o[:300], "references": ex.references[:2]}
                for ex, o in zip(examples[:5], outputs[:5])]
-    return {"exact_match": sum(em) / len(em), **extra, "samples": samples}
+    return {"exact_match": sum(em) / len(em), **extra, "outcomes": [int(e) for e in em], "samples": samples}
 
 
 def _perplexity(model, renderer: Renderer, examples, batch_size, pad_id) -> dict:
@@ -121,7 +122,7 @@ def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], m
     for m in extra:
         other = _evaluate_one(model, tok, renderer, examples, m, batch_size, max_new_tokens, 1)
         row.setdefault("protocols", {})[other["metric"]] = other["score"]
-    return row
+    return with_interval(row)
 
 
 def _evaluate_one(model, tok, renderer: Renderer, examples: list[Example], metric: str,

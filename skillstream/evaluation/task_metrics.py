@@ -81,7 +81,7 @@ def final_answer(output: str) -> str | None:
 def score_final_answers(outputs: list[str], examples) -> dict:
     answers = [final_answer(o) for o in outputs]
     em = [a is not None and a in ex.references for a, ex in zip(answers, examples)]
-    return {"exact_match": sum(em) / max(len(em), 1),
+    return {"exact_match": sum(em) / max(len(em), 1), "outcomes": [int(e) for e in em],
             "answered": sum(a is not None for a in answers) / max(len(answers), 1)}
 
 

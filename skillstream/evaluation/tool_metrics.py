@@ -22,37 +22,13 @@ calls (each argument's value as the one possible value), checked against the ``t
 """
 from __future__ import annotations
 
-import math
 
 from ..data.examples import Example
 from ..errors import UserError
 from ..tools.calls import parse_model_output
 from .generation import generate
+from .intervals import mean_interval, wilson
 from .tool_ast import argument_accuracy, check, tool_selection_correct
-
-Z95 = 1.959964
-
-
-def wilson(successes: float, n: int) -> list[float] | None:
-    if n == 0:
-        return None
-    p = successes / n
-    denom = 1 + Z95 ** 2 / n
-    centre = (p + Z95 ** 2 / (2 * n)) / denom
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / denom
-    return [round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)]
-
-
-def mean_interval(values: list[float]) -> list[float] | None:
-    if not values:
-        return None
-    n, m = len(values), sum(values) / len(values)
-    if n == 1:
-        return [m, m]
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    half = Z95 * sd / math.sqrt(n)
-    return [round(max(0.0, m - half), 6), round(min(1.0, m + half), 6)]
-
 
 def answer_key(ex: Example) -> tuple[list[dict], list[dict], str]:
     """(functions, ground_truth, category) of a tool-calling example."""
@@ -119,6 +95,7 @@ def score_outputs(outputs: list[str], examples: list[Example]) -> dict:
                  "argument_accuracy": mean_interval(args),
                  "irrelevance_accuracy": wilson(sum(irrelevance), len(irrelevance))},
         "errors": _count(r["error_kind"] for r in rows if r["error_kind"]),
+        "outcomes": [int(x) for x in ast_ok],
         "per_example": rows,
     }
 

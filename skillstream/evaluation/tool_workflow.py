@@ -30,7 +30,7 @@ from ..tools.calls import parse_model_output
 from .generation import generate
 from .task_metrics import final_answer
 from .tool_ast import check
-from .tool_metrics import wilson
+from .intervals import wilson
 
 
 def workflow_steps(ex: Example) -> list[int]:
@@ -109,7 +109,7 @@ def score_workflows(outputs: list[list[str]], examples: list[Example]) -> dict:
     def share(xs):
         return sum(xs) / len(xs) if xs else 0.0
 
-    return {"workflow_success": share(success), "first_call_accuracy": share(first),
+    return {"workflow_success": share(success), "outcomes": [int(x) for x in success], "first_call_accuracy": share(first),
             "final_answer_accuracy": share(final), "step_accuracy": share(steps_ok),
             "failed_at": failed_at, "n": n, "steps": len(steps_ok),
             "ci95": {"workflow_success": wilson(sum(success), n), "first_call_accuracy": wilson(sum(first), n),

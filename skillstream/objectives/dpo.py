@@ -42,7 +42,7 @@ from ..data.batching import pad_batch
 from ..data.examples import Example
 from ..data.render import IGNORE, Renderer
 from ..errors import UserError
-from ..evaluation.tool_metrics import wilson
+from ..evaluation.intervals import wilson
 from ..models.modes import eval_mode
 from .base import Objective
 from .lm import labelled_nll
@@ -106,7 +106,7 @@ def preference_ranking(margins: list[float]) -> dict:
     Wilson interval on the share."""
     n, right = len(margins), sum(d > 0 for d in margins)
     return {"preference_accuracy": right / n, "margin": sum(margins) / n, "n": n,
-            "ci95": {"preference_accuracy": wilson(right, n)}}
+            "outcomes": [int(d > 0) for d in margins], "ci95": {"preference_accuracy": wilson(right, n)}}
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss: str = "sigmoid",

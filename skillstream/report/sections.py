@@ -77,16 +77,23 @@ def summary(run: RunData) -> Section | None:
         stage_names = [f"stage {i + 1}" for i in range(len(matrix))]
     rows = ([("before training", r["initial"])] if r.get("initial") else []) + \
         [(f"after {n}", row) for n, row in zip(stage_names, matrix)]
+    ci = r.get("ci95", {})
     cards = "".join(
         f'<div class="card"><div class="k">{label}</div><div class="v" data-metric="{key}">{fmt(r.get(key))}</div>'
-        f'<div class="h">{escape(hint)}</div></div>'
+        + (f'<div class="h" data-ci="{key}">95% interval [{fmt(ci[key][0])}, {fmt(ci[key][1])}]</div>' if ci.get(key) else "")
+        + f'<div class="h">{escape(hint)}</div></div>'
         for label, key, hint in [("AvgAcc", "avg_acc", "mean of the last row"),
                                  ("BWT", "bwt", "backward transfer: < 0 is forgetting"),
                                  ("FWT", "fwt", "forward transfer: gain before training a task")])
     img = plots.heatmap([l for l, _ in rows], tasks, [row for _, row in rows], "accuracy matrix")
     metric = r.get("metric", {})
-    head = ["", *[f"{t} ({metric.get(t, '')})" for t in tasks]]
-    tab = table(head, [[label, *[fmt(v) for v in row]] for label, row in rows], "num")
+    n = r.get("n") or [None] * len(tasks)
+    head = ["", *[f"{t} ({metric.get(t, '')}{'' if k is None else f', n={k}'})" for t, k in zip(tasks, n)]]
+    evals = ([r["initial_details"]] if r.get("initial") else []) + (r.get("details") or [])
+    if len(evals) != len(rows) or not all(len(ev) == len(tasks) for ev in evals):
+        evals = [[{}] * len(tasks)] * len(rows)  # no rows beside the matrix: the scores alone
+    tab = table(head, [[label, *[fmt(v) + _interval(ev[j]) for j, v in enumerate(row)]]
+                       for (label, row), ev in zip(rows, evals)], "num")
     forgetting = r.get("forgetting")
     if forgetting and any(f is not None for f in forgetting):
         tab += table(["forgetting", *tasks], [["max earlier score − final", *[fmt(f) for f in forgetting]]], "num")
@@ -94,6 +101,12 @@ def summary(run: RunData) -> Section | None:
     note = "" if len(tasks) > 1 else \
         '<p class="note">One task: BWT and FWT need at least two tasks, so they are not defined.</p>'
     return Section("summary", "Accuracy matrix", f'<div class="cards">{cards}</div>{note}{img}{tab}')
+
+
+def _interval(row: dict) -> str:
+    """' [lo, hi]' after a score whose evaluation row has its 95% interval (evaluation/intervals.py)."""
+    ci = row.get("score_ci95")
+    return f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""
 
 
 def _other_scores(r: dict, row_labels: list[str]) -> str:
