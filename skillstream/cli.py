@@ -27,6 +27,8 @@ def print_summary(run) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .evaluation.intervals import shown
+
     r = run.results
     table = Table(title=f"{run.config.name}: before and after training")
     table.add_column("task")
@@ -36,8 +38,10 @@ def print_summary(run) -> None:
         table.add_column(f"after {st['name']}", justify="right")
     for j, task in enumerate(r["tasks"]):
         extra = r["initial_details"][j].get("structure")
-        cells = [f"{r['initial'][j]:.4f}"] + [f"{row[j]:.4f}" for row in r["matrix"]]
-        table.add_row(task, r["metric"][task], *cells)
+        # each score with its 95% interval where the metric has per-example outcomes (evaluation/intervals.py)
+        cells = [shown(d[j]["score"], d[j].get("score_ci95")) for d in [r["initial_details"], *r["details"]]]
+        n = r["initial_details"][j].get("n")
+        table.add_row(task if n is None else f"{task} (n={n})", r["metric"][task], *cells)
         if extra is not None:
             table.add_row("", "structure", f"{extra:.4f}", *[f"{d[j]['structure']:.4f}" for d in r["details"]])
     console = Console(stderr=False)
@@ -45,12 +49,17 @@ def print_summary(run) -> None:
     tps = sum(s["tokens"] for s in r["stages"]) / max(r["seconds"], 1e-9)
     console.print(f"train time {r['seconds']:.1f}s  ·  {tps:.0f} tokens/s  ·  truncated examples {r['truncated']}"
                   f"  ·  run directory {run.run_dir}")
+    if "routing" not in r and len(r["matrix"]) > 1 and r.get("ci95"):  # several stages: the continual-learning numbers
+        console.print(f"AvgAcc {shown(r['avg_acc'], r['ci95']['avg_acc'])}  ·  BWT {shown(r['bwt'], r['ci95']['bwt'])}"
+                      f"  ·  FWT {shown(r['fwt'], r['ci95']['fwt'])}  (95% intervals: paired bootstrap over examples)")
     if "routing" in r:  # a skill stream (experts:): how the learner found and routed the skills
         nov = r["novelty"]
         oracle = r["oracle"]["avg_acc"]
-        console.print(f"AvgAcc {r['avg_acc']:.4f} (oracle expert choice {float('nan') if oracle is None else oracle:.4f})  ·  "
-                      f"BWT {r['bwt'] if r['bwt'] is not None else float('nan'):+.4f}  ·  routing accuracy "
-                      f"{r['routing']['task_agnostic_accuracy']:.4f}  ·  experts {r['experts_created']} for "
+        ci = r.get("ci95", {})
+        console.print(f"AvgAcc {shown(r['avg_acc'], ci.get('avg_acc'))} (oracle expert choice "
+                      f"{shown(oracle, r['oracle'].get('avg_acc_ci95'))})  ·  "
+                      f"BWT {shown(r['bwt'], ci.get('bwt'))}  ·  routing accuracy "
+                      f"{shown(r['routing']['task_agnostic_accuracy'], r['routing'].get('ci95'))}  ·  experts {r['experts_created']} for "
                       f"{r['skills']} skills  ·  new experts at chunks {nov['created_at']} (true boundaries "
                       f"{nov['true_boundaries']})  ·  wall {r['wall_seconds']:.0f}s")
 

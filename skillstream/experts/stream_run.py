@@ -28,6 +28,7 @@ from ..data.batching import BatchPlan
 from ..data.examples import load_examples, skipped_rows
 from ..engine import StageState, train_stage
 from ..errors import UserError
+from ..evaluation.intervals import wilson
 from ..evaluation.memo import EvalMemo, adds_nothing
 from ..evaluation.runner import evaluate_examples
 from ..files import write_atomic
@@ -132,9 +133,10 @@ def _routing_accuracy(life: Lifecycle, tasks, skill_expert: dict[int, str], n_ex
             probs = life.router.probs(life.prompt_features(routing_examples(t, n_examples)).cpu())
         chosen = [life.pool.names[i] for i in probs.argmax(-1).tolist()]
         ok = sum(c == skill_expert[j] for c in chosen)
-        per_task[t.name] = {"accuracy": ok / len(chosen), "expert": skill_expert[j], "n": len(chosen)}
+        per_task[t.name] = {"accuracy": ok / len(chosen), "expert": skill_expert[j], "n": len(chosen),
+                            "ci95": wilson(ok, len(chosen))}
         hits, total = hits + ok, total + len(chosen)
-    return {"task_agnostic_accuracy": hits / max(total, 1), "per_task": per_task}
+    return {"task_agnostic_accuracy": hits / max(total, 1), "n": total, "ci95": wilson(hits, total), "per_task": per_task}
 
 
 class StreamPlan(RunPlan):
@@ -376,6 +378,27 @@ def _oracle_row(life, tok, renderer, tasks, cfg, oracle: dict[str, str], results
             for j, t in enumerate(tasks)]
 
 
+def _oracle_intervals(results: dict, oracle_row: list[dict]) -> dict:
+    """The oracle's AvgAcc interval, and the routed AvgAcc minus the oracle's with its paired interval
+    (the same examples, resampled together), where every row carries per-example outcomes."""
+    from ..evaluation.intervals import bootstrap_matrix
+
+    def outcomes(row):
+        return [r.get("outcomes") for r in row]
+
+    def mean_of(scores):
+        return sum(scores) / len(scores)
+
+    if not oracle_row or not results["details"]:
+        return {}
+    initial, pair = outcomes(results["initial"]), [outcomes(results["details"][-1]), outcomes(oracle_row)]
+    if any(o is None for o in initial + pair[0] + pair[1]):
+        return {}
+    gap = bootstrap_matrix(initial, pair, lambda i, m: mean_of(m[0]) - mean_of(m[1]))
+    return {"avg_acc_ci95": bootstrap_matrix(initial, pair, lambda i, m: mean_of(m[1])),
+            "routed_minus_oracle": {"ci95": gap, "excludes_zero": gap is not None and (gap[0] > 0 or gap[1] < 0)}}
+
+
 def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, run: RunState, seconds, main) -> dict:
     results, stream, decisions = run.results, run.stream, run.stream.decisions
     # the expert trained on each skill: the one that trained most of its chunks (ties: the first)
@@ -385,7 +408,7 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
     oracle_row = _oracle_row(life, tok, renderer, eval_tasks, cfg, oracle, results, stream.global_step)
     names = [t.name for t in eval_tasks]
     final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},
-                      [r["score"] for r in results["initial"]], results["rows"])
+                      [r["score"] for r in results["initial"]], results["rows"], results["initial"], results["details"])
     routing = _routing_accuracy(life, eval_tasks, {j: skill_expert[s] for j, s in task_skill.items() if s in skill_expert},
                                 cfg.experts.router.eval_examples)
     routing["policy"] = {"maturity_threshold": cfg.experts.router.maturity_threshold, "top_k": cfg.experts.router.top_k,
@@ -393,11 +416,12 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
     boundaries = [c.index for c in chunks if c.index and chunks[c.index - 1].skill != c.skill]
     created = [d["chunk"] for d in decisions if d["decision"] == "create"]
     oracle_scores = [r["score"] for r in oracle_row]
+    oracle_ci = _oracle_intervals(results, oracle_row)
     final.update({
         "routing": routing,
         "oracle": {"experts": oracle, "scores": oracle_scores,
                    "avg_acc": sum(oracle_scores) / len(oracle_scores) if oracle_scores and None not in oracle_scores else None,
-                   "details": oracle_row},
+                   **oracle_ci, "details": oracle_row},
         "experts": life.pool.names, "experts_created": len(life.pool), "skills": len(stages),
         "skill_expert": {stages[int(s)].name: e for s, e in skill_expert.items()},
         "novelty": {"true_boundaries": boundaries, "created_at": created[1:], "first_expert_at": created[:1],
