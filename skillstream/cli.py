@@ -69,6 +69,9 @@ def train(recipe: str = typer.Argument(..., help="Bundled recipe name or path to
           out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/NAME)."),
           set_: list[str] = typer.Option([], "--set", help="Override: key.path=value (repeatable)."),
           resume: bool = typer.Option(False, "--resume", help="Continue the run in the run directory."),
+          resume_from: Optional[str] = typer.Option(None, "--resume-from", metavar="ckpt-N",
+                                                    help="Continue the run from this checkpoint of RUN_DIR/checkpoints "
+                                                         "(implies --resume; the later ones are set aside)."),
           smoke: bool = typer.Option(False, "--smoke", help="Every stage for a few steps on a few examples."),
           processes: int = typer.Option(1, "--processes",
                                         help="Data-parallel processes (through `accelerate launch`; gloo on CPU). "
@@ -78,9 +81,6 @@ def train(recipe: str = typer.Argument(..., help="Bundled recipe name or path to
     from .run import check_run_dir, resolve_run_dir, train as run_train
 
     overrides = dict(parse_override(s) for s in set_)
-          resume_from: Optional[str] = typer.Option(None, "--resume-from", metavar="ckpt-N",
-                                                    help="Continue the run from this checkpoint of RUN_DIR/checkpoints "
-                                                         "(implies --resume; the later ones are set aside)."),
     if processes < 1:
         raise UserError(f"--processes must be 1 or more, not {processes}")
     if processes > 1 and "WORLD_SIZE" not in os.environ:
@@ -221,6 +221,12 @@ def monitor(run_dir: Path = typer.Argument(..., help="A run directory, finished 
             csv: Optional[Path] = typer.Option(None, "--csv", metavar="FILE",
                                                help="Write the run's metrics.jsonl to FILE as CSV and exit.")):
     """Follow a run live in the terminal: stage, loss, tokens/s, ETA, experts, alerts."""
+    if csv is not None:
+        from .monitor.export import export_csv
+
+        rows, columns = export_csv(run_dir, csv)
+        print(f"wrote {csv}: {rows} rows, {columns} columns")
+        return
     from .monitor.live import monitor as run_monitor
 
     run_monitor(run_dir, once=once, interval=interval)
@@ -230,12 +236,6 @@ def monitor(run_dir: Path = typer.Argument(..., help="A run directory, finished 
 def toolformer(inp: Path = typer.Argument(..., metavar="IN.jsonl", help="Rows with 'text' (or 'original_text') or 'messages'."),
                out: Path = typer.Argument(..., metavar="OUT.jsonl", help="Augmented rows: original_text, augmented_text, tool_calls."),
                model: str = typer.Option("smollm2-135m", "--model", help="Model that proposes and scores the calls."),
-    if csv is not None:
-        from .monitor.export import export_csv
-
-        rows, columns = export_csv(run_dir, csv)
-        print(f"wrote {csv}: {rows} rows, {columns} columns")
-        return
                tau: float = typer.Option(0.1, "--tau", help="Keep a call when it lowers the loss of the next tokens by at least this."),
                tools: str = typer.Option("calculator,python,search", "--tools", help="Comma-separated tools."),
                positions: int = typer.Option(3, "--positions", help="Candidate positions per text and tool."),
