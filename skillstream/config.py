@@ -177,6 +177,15 @@ class StageConfig(_Strict):
         return _component_shorthand(v)
 
 
+class CalibrationConfig(_Strict):
+    prior_slope: float = Field(20.0, gt=0, description="calibrated decider: before any outcome, the logistic model is the threshold rule, logit = prior_slope * (weighted similarity - similarity_threshold); its prior is centred there.")
+    prior_precision: float = Field(1.0, gt=0, description="calibrated decider: precision of the Gaussian prior on the logistic weights (larger: outcomes move it more slowly).")
+    explore: float = Field(1.0, ge=0, description="calibrated decider: UCB bonus, in standard deviations of the logit (Laplace approximation), added while it has fewer than explore_outcomes outcomes; 0 = no exploration.")
+    explore_outcomes: int = Field(10, ge=0, description="calibrated decider: outcomes after which the UCB bonus stops.")
+    reuse_probability: float = Field(0.5, gt=0, lt=1, description="calibrated decider: reuse an expert when its (optimistic) probability of successful reuse is at least this.")
+    harm_tolerance: float = Field(0.02, ge=0, description="Outcome of a reuse: it failed when the expert's loss on its own held-out examples rose by more than this fraction; outcome of a create: reuse would have failed when the new expert's held-out loss is below the best old expert's by more than this fraction.")
+
+
 class NoveltyConfig(_Strict):
     similarity_threshold: float = Field(0.5, ge=0, le=1, description="A chunk whose best similarity to every expert profile is below this is novel.")
     entropy_threshold: float = Field(0.5, ge=0, le=1, description="Reuse the best-matching expert only when the router's normalised entropy on the chunk is at most this.")
@@ -186,6 +195,8 @@ class NoveltyConfig(_Strict):
     signal_examples: int = Field(4, gt=0, description="Examples of each chunk whose triple signal (embedding, gradient sketch, context) is compared with the expert profiles.")
     weights: dict[str, float] = Field(default_factory=lambda: {"embedding": 0.4, "gradient": 0.4, "context": 0.2},
                                       description="Weights of the similarity's three components.")
+    decider: Literal["threshold", "calibrated"] = Field("threshold", description="How a chunk is judged close enough to reuse an expert: threshold = the similarity thresholds above with the entropy guard; calibrated = a logistic model over the similarity components and router entropy fitted online on the outcomes of past decisions, with UCB exploration (needs experts.validation.holdout >= 1).")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="The calibrated decider's prior, exploration and outcome rule.")
 
     @field_validator("weights")
     @classmethod
@@ -239,6 +250,32 @@ class PhaseConfig(_Strict):
     cycles: int = Field(2, gt=0, description="cyclic: cycles over the seeding steps.")
 
 
+class ValidationConfig(_Strict):
+    holdout: int = Field(0, ge=0, description="Examples of every chunk an expert trains on that it does not train on: its own held-out validation set, read after each of its training rounds; 0 = off (maturity from steps alone).")
+    capacity: int = Field(8, gt=0, description="Held-out examples kept per expert (the first ones: the set stays fixed once full, so successive losses compare).")
+    trend_window: int = Field(1, gt=0, description="Training rounds whose relative change of held-out loss (on the same examples before and after the round) are averaged into the trend.")
+    flat_tolerance: float = Field(0.02, gt=0, description="Relative held-out loss drop per round still counted as learning: maturity's stability is 1 - drop / flat_tolerance (clipped), 0 until trend_window rounds were measured.")
+
+
+class MergeConfig(_Strict):
+    method: Literal["none", "ties", "dare_ties", "dare_linear"] = Field("none", description="Merge two converged experts into one with this PEFT combination (none = never merge).")
+    similarity: float = Field(0.95, ge=-1, le=1, description="Profiles converged: the similarity of the two experts' signal profiles is at least this.")
+    max_output_kl: float = Field(0.05, ge=0, description="Outputs converged: the mean per-token symmetric KL divergence of the two experts' next-token distributions on their held-out examples is at most this (nats).")
+    density: float = Field(1.0, gt=0, le=1, description="TIES/DARE density: share of each expert's delta kept (1.0: nothing trimmed or dropped).")
+
+
+class PruneConfig(_Strict):
+    unused_chunks: int = Field(0, ge=0, description="Prune an expert that was no chunk input's top router choice and trained on nothing for this many chunks in a row (its router class removed); 0 = never prune.")
+
+
+class IndexConfig(_Strict):
+    kind: Literal["exact", "hnsw"] = Field("hnsw", description="How novelty finds the experts a chunk is compared with in full: exact = every expert; hnsw = an approximate-nearest-neighbour index (hnswlib) over the profiles' embedding and gradient parts, once the pool has exact_below experts.")
+    exact_below: int = Field(32, gt=0, description="Below this many experts every expert is compared (exact search) whatever the kind.")
+    candidates: int = Field(8, gt=0, description="Experts the index returns for the full similarity (embedding, gradient and context).")
+    ef: int = Field(64, gt=0, description="hnswlib's ef (search breadth) at query and construction.")
+    m: int = Field(16, gt=1, description="hnswlib's M (links per node).")
+
+
 class ExpertsConfig(_Strict):
     """The DyLoRA-MoE skill lifecycle: an unlabelled stream of chunks, novelty -> new expert -> seed ->
     consolidate, and a router trained beside the experts (skillstream/experts/lifecycle.py)."""
@@ -251,6 +288,10 @@ class ExpertsConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     seeding: PhaseConfig = Field(default_factory=lambda: PhaseConfig(lr=1e-3, steps=16))
     consolidation: PhaseConfig = Field(default_factory=lambda: PhaseConfig(lr=2e-4, shape="constant"))
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Each expert's held-out examples: maturity from the trend of its loss on them, and the outcomes the calibrated decider learns from.")
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="Merging two experts whose profiles and outputs have converged.")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="Pruning experts no input is routed to.")
+    index: IndexConfig = Field(default_factory=IndexConfig, description="Search over the expert profiles for novelty decisions.")
 
 
 class GenerationConfig(_Strict):

@@ -95,7 +95,7 @@ def test_save_and_load_round_trip_outputs_and_metadata(tmp_path):
     train(pool, "bash", lm_batch(tok, skill_texts("bash", 0, 8)))
     pool.create("math", fork_from="bash", skill="math", step=3)
     train(pool, "math", lm_batch(tok, skill_texts("math", 0, 8)))
-    pool.record_validation("math", 0.5)
+    pool.record_validation("math", 1.0, 0.5)
     pool.tag("math", task="arith")
     expected = {n: logits(pool, n, probe) for n in pool.names}
 
@@ -110,7 +110,7 @@ def test_save_and_load_round_trip_outputs_and_metadata(tmp_path):
         assert torch.equal(logits(loaded, name, probe), expected[name]), name
     assert loaded.record("math") == pool.record("math")
     assert loaded.record("math").tasks == ["arith"]
-    assert loaded.maturity("bash") == pool.maturity("bash") == 0.5  # 3 of 6 steps, no scores
+    assert loaded.maturity("bash") == pool.maturity("bash") == 0.5  # 3 of 6 steps, no validation
     assert loaded.template.r == RANK
 
     # each expert folder is a standard PEFT adapter on its own
@@ -147,24 +147,33 @@ def test_merging_one_expert_with_weight_one_reproduces_it():
     assert "m_ties" not in pool and "m_ties" not in pool.model.peft_config
 
 
-def test_maturity_follows_steps_and_the_trend_of_validation_scores():
-    pool, _ = new_pool(rule=MaturityRule(mature_steps=10, trend_window=3, trend_tolerance=0.01))
+def test_maturity_follows_steps_and_rises_only_when_the_held_out_loss_flattens():
+    pool, _ = new_pool(rule=MaturityRule(mature_steps=10, trend_window=2, flat_tolerance=0.02, needs_validation=True))
     pool.create("e")
-    pool.record_training("e", 5)
-    assert pool.maturity("e") == 0.5                   # half the steps, no scores yet
-    pool.record_training("e", 10)
-    assert pool.maturity("e") == 1.0                   # steps complete, no evidence against
-    for s in (0.2, 0.4, 0.6):
-        pool.record_validation("e", s)
-    assert pool.trend("e") == pytest.approx(0.2)
-    assert pool.maturity("e") == 0.0                   # still climbing fast: immature
-    for s in (0.605, 0.61):                            # last 3: 0.6, 0.605, 0.61 -> slope 0.005
-        pool.record_validation("e", s)
-    assert pool.maturity("e") == pytest.approx(0.5)    # 1 - 0.005 / 0.01
-    for s in (0.61, 0.6):                              # plateau (slightly falling)
-        pool.record_validation("e", s)
+    pool.record_training("e", 15)
+    assert pool.maturity("e") == 0.0                   # steps complete, but no evidence the loss has flattened
+    pool.record_validation("e", 2.0, 1.0)              # the round halved the held-out loss
+    assert pool.trend("e") is None and pool.maturity("e") == 0.0   # one round: a window of 2 needs two
+    pool.record_validation("e", 1.0, 0.9)              # -10%: still learning fast
+    assert pool.trend("e") == pytest.approx(-0.3) and pool.maturity("e") == 0.0
+    pool.record_validation("e", 0.9, 0.9 * 0.99)       # -1%, the window's mean: (-10% - 1%) / 2 = -5.5%
+    assert pool.maturity("e") == 0.0
+    pool.record_validation("e", 1.0, 0.99)             # -1% again: half the 2% tolerance
+    assert pool.maturity("e") == pytest.approx(0.5)
+    pool.record_validation("e", 1.0, 1.005)            # the loss rose a little: mean -0.25%
+    assert pool.maturity("e") == pytest.approx(1 - 0.0025 / 0.02)
+    pool.record_validation("e", 0.8, 0.9)             # rising: flat, not learning
     assert pool.maturity("e") == 1.0
-    assert pool.maturities().tolist() == [0.0, 1.0]    # "default" has never trained
+    pool.record("e").steps_trained = 5
+    assert pool.maturity("e") == 0.5                   # flat, but half the steps: progress still counts
+    assert pool.record("e").val_loss == 0.9
+
+    steps_only, _ = new_pool(rule=MaturityRule(mature_steps=10))
+    steps_only.create("e")
+    steps_only.record_training("e", 5)
+    assert steps_only.maturity("e") == 0.5             # validation off: steps alone, as before
+    with pytest.raises(ValueError, match="finite and positive"):
+        steps_only.record_validation("e", 0.0, 1.0)
 
 
 def test_unknown_and_duplicate_expert_names_are_user_errors():

@@ -21,10 +21,15 @@ from ..config import ExpertsConfig, PhaseConfig
 from ..curriculum.schedules import warmup_stable_decay
 from ..engine import decay_groups
 from ..plugins import Plugin, StepContext
+from ..errors import UserError
+from .calibration import ReuseCalibrator, features as calibration_features
+from .heldout import HeldOut, item_losses, output_divergence
+from .index import ProfileIndex
 from .novelty import NoveltyDetector
 from .pool import ExpertPool, ExpertRecord, MaturityRule
 from .router import FeatureMemory, Router, RouterTrainer, depths_of
-from .signals import ExpertProfile, SignalConfig, SimilarityWeights, TaskSignal, compute_signal, similarity
+from .signals import (ExpertProfile, SignalConfig, SimilarityWeights, TaskSignal, compute_signal, similarity,
+                      similarity_components)
 
 
 def phase_lr(step: int, seeding: PhaseConfig, consolidation: PhaseConfig) -> float:
@@ -55,13 +60,22 @@ class ExpertLR(Plugin):
     """Sets each expert's parameter group to its own phase rate and counts the steps it trains."""
     name = "expert_lifecycle"
 
-    def __init__(self, cfg: ExpertsConfig):
+    def __init__(self, cfg: ExpertsConfig, pool: ExpertPool | None = None):
         self.cfg = cfg
+        # with held-out validation an expert leaves seeding as soon as it is mature (its held-out
+        # loss has flattened), even before its seeding steps are spent
+        self.pool = pool if cfg.validation.holdout > 0 else None
         self.steps: dict[str, int] = {}
         self.current: str | None = None
         self.last_loss, self.tokens_per_s = float("nan"), 0.0  # for the progress line
 
+    def mature(self, expert: str) -> bool:
+        return (self.pool is not None and expert in self.pool
+                and self.pool.maturity(expert) >= self.cfg.router.maturity_threshold)
+
     def rate(self, expert: str) -> float:
+        if self.mature(expert):
+            return self.cfg.consolidation.lr
         return phase_lr(self.steps.get(expert, 0), self.cfg.seeding, self.cfg.consolidation)
 
     def group_lr(self, ctx: StepContext, group: dict, lr: float) -> float:
@@ -95,7 +109,16 @@ class Lifecycle:
 
     def __init__(self, model, tokenizer, renderer, cfg: ExpertsConfig, *, seed: int, max_length: int):
         self.model, self.tok, self.renderer, self.cfg = model, tokenizer, renderer, cfg
-        self.pool = ExpertPool(model, rule=MaturityRule(mature_steps=cfg.router.mature_steps), seed=seed)
+        v = cfg.validation
+        self.pool = ExpertPool(model, rule=MaturityRule(mature_steps=cfg.router.mature_steps, trend_window=v.trend_window,
+                                                        flat_tolerance=v.flat_tolerance, needs_validation=v.holdout > 0),
+                               seed=seed)
+        if v.holdout == 0 and (cfg.novelty.decider == "calibrated" or cfg.merge.method != "none"):
+            raise UserError("experts.validation.holdout: must be at least 1 for "
+                            + ("experts.novelty.decider: calibrated (its outcomes are held-out losses)"
+                               if cfg.novelty.decider == "calibrated" else
+                               "experts.merge (two experts' outputs are compared on their held-out examples)"))
+        self.heldout = HeldOut(v.holdout, v.capacity, seed)
         dim = model.get_base_model().config.hidden_size * len(depths_of(cfg.router.depth))
         self.router = Router(dim, 1, kind=cfg.router.kind, seed=seed, pooling=cfg.router.pooling, depth=cfg.router.depth)
         self.trainer = RouterTrainer(self.router, feature_alpha=cfg.router.feature_alpha, lr=cfg.router.lr,
@@ -104,9 +127,23 @@ class Lifecycle:
                                        cfg.novelty.window, prefix=cfg.prefix, spread_z=cfg.novelty.spread_z,
                                        min_spread=cfg.novelty.min_spread)
         self.profiles: dict[str, ExpertProfile] = {}
-        self.schedule = ExpertLR(cfg)
+        self.schedule = ExpertLR(cfg, self.pool)
         self.weights = SimilarityWeights(**cfg.novelty.weights)
         self.signal_cfg = SignalConfig(max_length=max_length, seed=seed)
+        ix = cfg.index
+        self.index = ProfileIndex(self.weights, kind=ix.kind, exact_below=ix.exact_below, candidates=ix.candidates,
+                                  ef=ix.ef, m=ix.m, seed=seed)
+        cal = cfg.novelty.calibration
+        self.calibrator = (ReuseCalibrator.from_threshold(cfg.novelty.similarity_threshold, cfg.novelty.weights,
+                                                          cal.prior_slope, prior_precision=cal.prior_precision,
+                                                          explore=cal.explore, explore_outcomes=cal.explore_outcomes)
+                           if cfg.novelty.decider == "calibrated" else None)
+        self.unused: dict[str, int] = {}      # chunks in a row no input was routed to the expert (pruning)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # within one chunk (never checkpointed: a chunk is saved when it is done)
+        self.outcome: dict | None = None      # the decision whose outcome the round measures
+        self.round: dict | None = None        # the round in progress: its held-out items and losses before
+        self.rounds: dict[str, dict] = {}     # what each round of this chunk measured, for the decision record
 
     # -- measuring a chunk -------------------------------------------------------------------------
     def prompt_features(self, examples) -> torch.Tensor:
@@ -134,17 +171,39 @@ class Lifecycle:
         signal = compute_signal(self.model, self.tok, examples[:self.cfg.novelty.signal_examples],
                                 config=self.signal_cfg)
         features = self.prompt_features(examples)
-        sims = {n: similarity(signal, p, self.weights) for n, p in self.profiles.items()}
+        w = self.weights
+        components = {n: similarity_components(signal, self.profiles[n].signal)
+                      for n in self.index.candidates(signal, self.profiles)}
+        sims = {n: w.embedding * c["embedding"] + w.gradient * c["gradient"] + w.context * c["context"]
+                for n, c in components.items()}
         best = max(sims, key=sims.get) if sims else None
         with torch.no_grad():
             entropy = float(self.router.entropy(features).mean()) if self.router.n_experts >= 2 else None
-        record = self.novelty.observe(entropy, sims[best] if best else None, best, sims)
+        reusable, calibrated = None, {}
+        if self.calibrator is not None and sims:
+            x = {n: calibration_features(c, entropy) for n, c in components.items()}
+            p = {n: self.calibrator.probability(v) for n, v in x.items()}
+            upper = {n: self.calibrator.upper(v) for n, v in x.items()}
+            reusable = {n: p[n] for n in sims if upper[n] >= self.cfg.novelty.calibration.reuse_probability}
+            calibrated = {"x": x, "p": p}
+        record = self.novelty.observe(entropy, sims[best] if best else None, best, sims, reusable)
         if record["decision"] == "create" and self.novelty.created > self.cfg.max_experts:
             self.novelty.created -= 1  # the pool is full: the closest expert takes the skill
             self.novelty.current = record["expert"] = best
             record["decision"] = "reuse (pool full)"
         record["similarities"] = {k: round(v, 4) for k, v in sims.items()}
         record["best"] = best
+        if len(components) < len(self.profiles):
+            record["index_candidates"] = len(components)
+        self.rounds, self.outcome = {}, None
+        if calibrated:
+            record["p_reuse"] = {n: round(v, 4) for n, v in calibrated["p"].items()}
+            record["exploring"] = self.calibrator.exploring()
+            judged = record["expert"] if record["decision"].startswith("reuse") else best
+            if record["decision"] != "wait" and judged in calibrated["x"]:
+                self.outcome = {"kind": "reuse" if record["decision"].startswith("reuse") else "create",
+                                "expert": record["expert"], "against": best,
+                                "x": calibrated["x"][judged], "p": calibrated["p"][judged]}
         return record, signal, features
 
     def adopt(self, record: dict, step: int) -> bool:
@@ -157,15 +216,158 @@ class Lifecycle:
         self.trainer.add_expert()
         return True
 
-    def index(self, name: str) -> int:
+    def index_of(self, name: str) -> int:
         return self.pool.names.index(name)
+
+    # -- a training round: held-out examples, maturity, the decision's outcome ------------------------
+    def begin_round(self, name: str, chunks: list[tuple[int, list]]) -> list:
+        """The items of the chunks (index, items) that `name` trains on; with validation on, a few of
+        each chunk are held out, and its loss on its held-out set before the round is measured."""
+        if not self.heldout.enabled:
+            return [it for _, items in chunks for it in items]
+        train, held = self.heldout.split(chunks)
+        old = self.heldout.of(name)
+        before = self._losses(name, old) if old else []
+        self.round = {"name": name, "held": held, "old": len(old), "before": before}
+        return train
+
+    def end_round(self, name: str) -> None:
+        """After `name` trained: its held-out change (maturity), its new held-out items, and the
+        outcome of the chunk's decision when this round settles it (calibrated decider)."""
+        r, self.round = self.round, None
+        if r is None:
+            return
+        old = self.heldout.of(name)
+        losses = self._losses(name, old + r["held"])
+        info: dict = {"held_out": len(r["held"])}
+        change = None
+        if r["old"]:
+            before, after = _mean(r["before"]), _mean(losses[:r["old"]])
+            change = self.pool.record_validation(name, before, after, loss=_mean(losses))
+            info.update(val_before=round(before, 5), val_after=round(after, 5), val_change=round(change, 5))
+        elif losses:
+            self.pool.record(name).val_loss = _mean(losses)
+        self.heldout.add(name, r["held"])
+        info["maturity"] = round(self.pool.maturity(name), 4)
+        o = self.outcome
+        tol = self.cfg.novelty.calibration.harm_tolerance
+        if self.calibrator is not None and o is not None and o["expert"] == name:
+            success = None
+            if o["kind"] == "reuse" and change is not None:
+                success = change <= tol  # the reuse did not raise the expert's own held-out loss
+                info["outcome"] = {"kind": "reuse", "success": success, "val_change": round(change, 5)}
+            elif o["kind"] == "create" and r["held"] and o["against"] in self.pool:
+                new = _mean(losses[len(old):])
+                reuse = _mean(self._losses(o["against"], r["held"]))
+                success = not new < reuse * (1 - tol)  # the new expert did not beat reusing the best old one
+                info["outcome"] = {"kind": "create", "success": success, "new_loss": round(new, 5),
+                                   "reuse_loss": round(reuse, 5), "against": o["against"]}
+            if success is not None:
+                self.calibrator.record(o["x"], success, o["p"])
+                self.outcome = None
+        self.rounds[name] = info
+
+    def _losses(self, name: str, items: list) -> list[float]:
+        self.pool.activate(name)
+        return item_losses(self.model, items, self.pad_id)
+
+    # -- merge and prune ---------------------------------------------------------------------------
+    def maintain(self, shares: dict[str, float], trained: list[str], step: int) -> list[dict]:
+        """After a chunk: prune experts no input has been routed to (nor trained) for `prune.unused_chunks`
+        chunks, then merge one pair of converged experts. Returns the events, in order:
+        {"prune": name} and {"merge": [a, b], "into": new}."""
+        events: list[dict] = []
+        for n in self.pool.names:
+            self.unused[n] = 0 if shares.get(n, 0.0) > 0 or n in trained else self.unused.get(n, 0) + 1
+        limit = self.cfg.prune.unused_chunks
+        if limit:
+            for n in list(self.pool.names):
+                if self.unused[n] >= limit and n != self.novelty.current and len(self.pool) > 1:
+                    self.remove(n)
+                    events.append({"prune": n, "unused_chunks": limit})
+        if self.cfg.merge.method != "none":
+            pair = self.converged(trained)
+            if pair is not None:
+                events.append(self.merge(pair[0], pair[1], step, pair[2]))
+        return events
+
+    def converged(self, trained: list[str]) -> tuple[str, str, dict] | None:
+        """The first pair (one of them trained this chunk) whose profiles are at least `merge.similarity`
+        alike and whose outputs on their held-out examples are at most `merge.max_output_kl` apart."""
+        m = self.cfg.merge
+        for a in [n for n in trained if n in self.pool and n in self.profiles]:
+            for b in self.pool.names:
+                if b == a or b not in self.profiles:
+                    continue
+                sim = similarity(self.profiles[a].signal, self.profiles[b], self.weights)
+                items = self.heldout.of(a) + self.heldout.of(b)
+                if sim < m.similarity or not items:
+                    continue
+                kl = output_divergence(self.model, (a, b), items, self.pad_id)
+                if kl <= m.max_output_kl:
+                    first, second = sorted((a, b), key=self.pool.names.index)
+                    return first, second, {"profile_similarity": round(sim, 4), "output_kl": round(kl, 6)}
+        return None
+
+    def merge(self, a: str, b: str, step: int, why: dict | None = None) -> dict:
+        """`a` and `b` become one new expert (the next name) by the recipe's TIES/DARE merge, weighted by
+        the steps each trained; the router's two classes fold into one, their profiles, held-out sets,
+        novelty histories and step counts combine."""
+        m = self.cfg.merge
+        steps = [max(1, self.pool.record(n).steps_trained) for n in (a, b)]
+        share = [s / sum(steps) for s in steps]
+        # ties / dare_ties average the deltas that agree in sign (a disjoint mean): weights around 1 keep
+        # the scale; dare_linear sums them: weights that sum to 1
+        weights = [2 * x for x in share] if m.method in ("ties", "dare_ties") else share
+        new = f"{self.cfg.prefix}{self.novelty.created}"
+        self.novelty.created += 1
+        ia, ib = self.index_of(a), self.index_of(b)
+        rec = self.pool.merge_in_shape([a, b], weights, m.method, new, density=m.density, step=step)
+        older = max((a, b), key=lambda n: self.pool.record(n).steps_trained)
+        rec.steps_trained = max(self.pool.record(n).steps_trained for n in (a, b))
+        # the merged outputs agree with both (the merge's condition): the longer-trained one's trend carries over
+        rec.val_changes, rec.val_loss = list(self.pool.record(older).val_changes), self.pool.record(older).val_loss
+        self.trainer.regroup([i for i in range(len(self.pool.names) - 1) if i not in (ia, ib)], [ia, ib])
+        pa, pb = self.profiles.pop(a, None), self.profiles.pop(b, None)
+        signals = [p.signal for p in (pa, pb) if p is not None and p.signal is not None]
+        if signals:
+            merged = ExpertProfile(new, signals[0] if len(signals) == 1 else signals[0].merged(signals[1]), step,
+                                   sum(p.refreshes for p in (pa, pb) if p is not None))
+            self.profiles[new] = merged
+        self.heldout.merge([a, b], new)
+        hist = self.novelty.history
+        if a in hist or b in hist:
+            hist[new] = hist.pop(a, []) + hist.pop(b, [])
+        if self.novelty.current in (a, b):
+            self.novelty.current = new
+        self.schedule.steps[new] = max(self.schedule.steps.pop(a, 0), self.schedule.steps.pop(b, 0))
+        if self.schedule.current in (a, b):
+            self.schedule.current = new
+        self.unused[new] = min(self.unused.pop(a, 0), self.unused.pop(b, 0))
+        for n in (a, b):
+            self.pool.prune(n)
+        self.index.invalidate()
+        loss = self.trainer.refit(max(self.cfg.router.refit_steps, self.cfg.router.steps_per_chunk))
+        return {"merge": [a, b], "into": new, "method": m.method, "weights": [round(x, 4) for x in weights],
+                "router_loss": loss, **(why or {})}
+
+    def remove(self, name: str) -> None:
+        """Prune an expert: its adapter, router class, profile, held-out set and counters."""
+        i = self.index_of(name)
+        self.trainer.regroup([j for j in range(len(self.pool.names)) if j != i])
+        self.pool.prune(name)
+        for table in (self.profiles, self.novelty.history, self.schedule.steps, self.unused):
+            table.pop(name, None)
+        self.heldout.drop(name)
+        self.index.invalidate()
 
     def learn_chunk(self, name: str, signals: list[TaskSignal], features: torch.Tensor, steps: int, step: int) -> float:
         """After the expert trained on chunks: refresh its profile, count its steps, train the router."""
         for signal in signals:
             self.profiles.setdefault(name, ExpertProfile(name)).refresh(signal, step)
+        self.index.invalidate()
         self.pool.record_training(name, steps)
-        return self.trainer.learn_chunk(features, self.index(name), self.cfg.router.steps_per_chunk,
+        return self.trainer.learn_chunk(features, self.index_of(name), self.cfg.router.steps_per_chunk,
                                         self.cfg.router.refit_steps)
 
     def routed_shares(self, features: torch.Tensor) -> dict[str, float]:
@@ -187,17 +389,27 @@ class Lifecycle:
             profiles.append({"tensors": tensors, "meta": meta})
         return {"pool": self.pool.metadata(), "novelty": self.novelty.state_dict(),
                 "schedule": self.schedule.state_dict(), "profiles": profiles,
+                "heldout": self.heldout.state_dict(), "unused": dict(self.unused),
+                "calibrator": self.calibrator.state_dict() if self.calibrator is not None else None,
                 "router": {"config": self.router.config(), "weights": dict(self.router.state_dict())},
                 "memory": {"tensors": mem_tensors, "meta": mem_meta},
                 "router_adam": {"state": {str(k): v for k, v in opt["state"].items()}, "param_groups": opt["param_groups"]}}
 
     def load_state_dict(self, state: dict) -> None:
         """Recreate the experts the state names (in creation order), then restore everything else."""
-        records = [ExpertRecord(**r) for r in state["pool"]["experts"]]
+        records = [ExpertRecord.from_json(r) for r in state["pool"]["experts"]]
         for rec in records:
             if rec.name not in self.pool:
                 self.pool.create(rec.name, step=rec.created_step)
+        for name in self.pool.names:  # the first expert the model arrived with may have been merged or pruned
+            if name not in {r.name for r in records}:
+                self.pool.prune(name)
         self.pool.records = {r.name: r for r in records}
+        self.heldout.load_state_dict(state.get("heldout", {}))
+        self.unused = dict(state.get("unused", {}))
+        if self.calibrator is not None and state.get("calibrator") is not None:
+            self.calibrator.load_state_dict(state["calibrator"])
+        self.index.invalidate()
         self.novelty.load_state_dict(state["novelty"])
         self.schedule.load_state_dict(state["schedule"])
         self.profiles = {p["meta"]["name"]: ExpertProfile.from_state(p["tensors"], p["meta"]) for p in state["profiles"]}
@@ -211,6 +423,10 @@ class Lifecycle:
         adam = state["router_adam"]
         self.trainer.optimizer.load_state_dict({"state": {int(k): v for k, v in adam["state"].items()},
                                                 "param_groups": adam["param_groups"]})
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def chunk_steps(n_examples: int, epochs: float, batch_size: int) -> int:

@@ -69,22 +69,25 @@ class NoveltyDetector:
         return max(self.similarity_threshold, statistics.fmean(seen) - self.spread_z * spread)
 
     def observe(self, entropy: float | None, similarity: float | None, best_expert: str | None,
-                similarities: dict[str, float] | None = None) -> dict:
+                similarities: dict[str, float] | None = None, reusable: dict[str, float] | None = None) -> dict:
         """Decide for the next chunk; returns {chunk, entropy, similarity, decision, expert, streak, thresholds}.
 
         `similarities` (every expert's, best included) is needed for calibrated thresholds; without it
-        only the best expert is compared, with its own threshold.
+        only the best expert is compared, with its own threshold. `reusable` replaces the thresholds and
+        the entropy guard by another decider's verdict (calibration.py): the experts the chunk may reuse,
+        each with its score (the highest is reused); the window and the held-back chunks stay the same.
         """
         chunk, self.chunks = self.chunks, self.chunks + 1
         sims = similarities if similarities else ({best_expert: similarity} if best_expert is not None else {})
         thresholds = {e: self.threshold(e) for e in sims}  # before this chunk joins a history
-        passing = {e: s for e, s in sims.items() if s is not None and s >= thresholds[e]}
+        passing = ({e: s for e, s in sims.items() if s is not None and s >= thresholds[e]} if reusable is None
+                   else dict(reusable))
         if similarity is None or best_expert is None:  # nothing to reuse yet
             streak, decision = 1, "create"
         elif not passing:
             streak = self.streak + 1
             decision = "create" if streak >= self.window else "wait"
-        elif entropy is None or entropy <= self.entropy_threshold:
+        elif reusable is not None or entropy is None or entropy <= self.entropy_threshold:
             streak, decision, self.current = 0, "reuse", max(passing, key=passing.get)
         else:
             streak, decision = 0, "wait"

@@ -5,21 +5,31 @@ standard adapter folder (`PeftModel.from_pretrained` loads it), and merging uses
 `add_weighted_adapter`. The pool adds what PEFT does not know: which skill an expert serves,
 which tasks it has seen, when it was created or forked, and how mature it is.
 
-Maturity (in [0, 1]) says when an expert may be trusted alone (the hybrid policy's switch):
+Maturity (in [0, 1]) says when an expert may be trusted alone (the hybrid policy's switch) and
+when it leaves its seeding phase for consolidation:
 
     progress  = min(1, steps_trained / mature_steps)
-    trend     = least-squares slope of the last `trend_window` validation scores (per validation)
-    stability = 1                                        with fewer than 2 scores (no evidence: trust steps)
-              = clip(1 - max(0, trend) / trend_tolerance, 0, 1)   otherwise
+    change    = relative change of the expert's loss on its own held-out examples across one
+                training round, measured on the same examples before and after the round
+                (negative: still learning); `record_validation(name, before, after)` adds one
+    trend     = mean of the last `trend_window` changes
+    stability = 1                              when validation is off (`needs_validation` False)
+                                               and fewer than trend_window changes exist
+              = 0                              when validation is on and fewer exist (no evidence
+                                               that it has flattened yet)
+              = clip(1 - max(0, -trend) / flat_tolerance, 0, 1)   otherwise
     maturity  = progress * stability
 
-so an expert is mature once it has trained `mature_steps` steps AND its validation score has
-stopped rising by `trend_tolerance` or more per validation (a falling score is not "still learning").
+so with validation an expert matures only once it has trained `mature_steps` steps AND its
+held-out loss has stopped falling by `flat_tolerance` (relative) per round (a rising loss is not
+"still learning"). The changes are compared on one fixed set per round, not across a growing set:
+a trend over losses of different examples would measure the examples, not the expert.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -40,8 +50,14 @@ POOL_FILE = "pool.json"
 @dataclass
 class MaturityRule:
     mature_steps: int = 100          # optimizer steps after which training progress counts as complete
-    trend_window: int = 3            # validation scores the trend is fitted on
-    trend_tolerance: float = 0.01    # score gain per validation still counted as "learning"
+    trend_window: int = 1            # held-out loss changes averaged into the trend
+    flat_tolerance: float = 0.02     # relative held-out loss drop per round still counted as "learning"
+    needs_validation: bool = False   # True: immature until trend_window changes were measured
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MaturityRule":
+        """A saved rule; pools saved before validation losses (a score trend, never fed) read as step-only."""
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
 
 @dataclass
@@ -53,15 +69,13 @@ class ExpertRecord:
     forked_from: str | None = None
     merged_from: list[str] | None = None
     steps_trained: int = 0
-    scores: list[float] = field(default_factory=list)
+    val_changes: list[float] = field(default_factory=list)  # relative held-out loss change per training round
+    val_loss: float | None = None                            # held-out loss after its last round
 
-
-def slope(values: list[float]) -> float:
-    """Least-squares slope of values against their index."""
-    n = len(values)
-    mx, my = (n - 1) / 2, sum(values) / n
-    den = sum((i - mx) ** 2 for i in range(n))
-    return sum((i - mx) * (v - my) for i, v in enumerate(values)) / den if den else 0.0
+    @classmethod
+    def from_json(cls, d: dict) -> "ExpertRecord":
+        """A saved record; `scores` (validation scores no code ever recorded) of older pools is dropped."""
+        return cls(**{k: v for k, v in d.items() if k != "scores"})
 
 
 def _config_to_json(cfg: LoraConfig) -> dict:
@@ -161,6 +175,36 @@ class ExpertPool:
         self.records[new_name] = rec
         return rec
 
+    def merge_in_shape(self, names: list[str], weights: list[float], method: str, new_name: str, *,
+                       density: float | None = None, step: int = 0) -> ExpertRecord:
+        """A TIES or DARE merge of the experts' weight deltas (s * B @ A), returned as an expert of the
+        pool's template shape and scaling, so it trains, saves and restores as any expert.
+
+        PEFT's "ties"/"dare_*" without "_svd" merge A and B separately with sqrt(weight) factors, which
+        is not a merge of the deltas (two equal experts with weights 1/2 each give twice the delta);
+        the "_svd" variants merge the deltas, then factor the result back to the template's rank
+        (exact when the merged delta has at most that rank, e.g. equal experts). PEFT gives the merged
+        adapter lora_alpha = r (scaling 1); its B is rescaled into a template adapter. DARE's random
+        drops are seeded by the pool seed and the new name.
+        """
+        if method not in ("ties", "dare_ties", "dare_linear"):
+            raise UserError(f"merge method must be ties, dare_ties or dare_linear, got {method!r}")
+        scratch = f"{new_name}-merging"
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(zlib.crc32(f"{self.seed}:merge:{new_name}".encode()))
+            merged = self.merge(names, weights, f"{method}_svd", scratch, density=density, step=step)
+        rec = self.create(new_name, step=step, tasks=merged.tasks)
+        rec.merged_from = list(names)
+        with torch.no_grad():
+            for layer in lora_layers(self.model):
+                if scratch not in layer.lora_A:
+                    continue
+                layer.lora_A[new_name].weight.copy_(layer.lora_A[scratch].weight)
+                layer.lora_B[new_name].weight.copy_(layer.lora_B[scratch].weight
+                                                    * (layer.scaling[scratch] / layer.scaling[new_name]))
+        self.prune(scratch)
+        return rec
+
     def prune(self, name: str) -> None:
         self._check(name)
         rest = [n for n in self.names if n != name]
@@ -180,18 +224,30 @@ class ExpertPool:
     def record_training(self, name: str, steps: int = 1) -> None:
         self.record(name).steps_trained += steps
 
-    def record_validation(self, name: str, score: float) -> None:
-        self.record(name).scores.append(float(score))
+    def record_validation(self, name: str, before: float, after: float, loss: float | None = None) -> float:
+        """One training round of `name`: its held-out loss on the same examples before and after it
+        (and, as `loss`, on its whole held-out set after it). Returns the relative change."""
+        if not (before > 0 and math.isfinite(before) and math.isfinite(after)):
+            raise ValueError(f"expert {name!r}: held-out losses must be finite and positive, got {before}, {after}")
+        rec = self.record(name)
+        change = (after - before) / before
+        rec.val_changes.append(change)
+        rec.val_loss = after if loss is None else float(loss)
+        return change
 
     def trend(self, name: str) -> float | None:
-        scores = self.record(name).scores[-self.rule.trend_window:]
-        return slope(scores) if len(scores) >= 2 else None
+        """Mean relative held-out loss change of the last trend_window rounds (None: too few rounds)."""
+        changes = self.record(name).val_changes[-self.rule.trend_window:]
+        return sum(changes) / len(changes) if len(changes) >= self.rule.trend_window else None
 
     def maturity(self, name: str) -> float:
         rec = self.record(name)
         progress = min(1.0, rec.steps_trained / max(1, self.rule.mature_steps))
         trend = self.trend(name)
-        stability = 1.0 if trend is None else min(1.0, max(0.0, 1.0 - max(0.0, trend) / self.rule.trend_tolerance))
+        if trend is None:
+            stability = 0.0 if self.rule.needs_validation else 1.0
+        else:
+            stability = min(1.0, max(0.0, 1.0 - max(0.0, -trend) / self.rule.flat_tolerance))
         return progress * stability
 
     def maturities(self, names: list[str] | None = None) -> torch.Tensor:
@@ -257,7 +313,7 @@ class ExpertPool:
         if not (directory / POOL_FILE).is_file():
             raise UserError(f"{directory}: no {POOL_FILE} (not a saved expert pool)")
         meta = json.loads((directory / POOL_FILE).read_text())
-        records = [ExpertRecord(**r) for r in meta["experts"]]
+        records = [ExpertRecord.from_json(r) for r in meta["experts"]]
         if not records:
             raise UserError(f"{directory / POOL_FILE}: the pool has no experts")
         first, *rest = [r.name for r in records]
@@ -265,7 +321,7 @@ class ExpertPool:
                                           is_trainable=is_trainable)
         for name in rest:
             model.load_adapter(str(directory / name), adapter_name=name, is_trainable=is_trainable)
-        return cls(model, rule=MaturityRule(**meta["rule"]), seed=meta["seed"],
+        return cls(model, rule=MaturityRule.from_json(meta["rule"]), seed=meta["seed"],
                    template=_config_from_json(meta["template"]), records=records)
 
 

@@ -203,6 +203,21 @@ class Router(torch.nn.Module):
         self.head = new
         return self.n_experts - 1
 
+    def regroup(self, keep: list[int], fold: list[int] | None = None) -> None:
+        """The head's rows `keep` in that order, then (when `fold` is given) one row for the folded
+        classes: their mean weight and the log-sum-exp of their biases, so that where their logits
+        agree the new class takes their summed probability. Expert removal and merging use it."""
+        old = self.head
+        rows = len(keep) + (1 if fold else 0)
+        new = torch.nn.Linear(old.in_features, rows, device="meta", dtype=old.weight.dtype).to_empty(device=old.weight.device)
+        with torch.no_grad():
+            new.weight[:len(keep)] = old.weight[keep]
+            new.bias[:len(keep)] = old.bias[keep]
+            if fold:
+                new.weight[-1] = old.weight[fold].mean(0)
+                new.bias[-1] = old.bias[fold].logsumexp(0)
+        self.head = new
+
     def config(self) -> dict:
         return {"dim": self.dim, "n_experts": self.n_experts, "kind": self.kind, "hidden": self.hidden, "seed": self.seed,
                 "pooling": self.pooling, "depth": self.depth}
@@ -260,6 +275,23 @@ class FeatureMemory:
     def experts(self) -> list[int]:
         return [e for e, b in enumerate(self.buffers) if len(b)]
 
+    def regroup(self, keep: list[int], fold: list[int] | None = None) -> None:
+        """Experts `keep` in that order, then (when `fold` is given) one expert holding the folded
+        experts' features (all of them: the reservoir keeps replacing within its capacity) and their
+        count-weighted prototype. Mirrors Router.regroup."""
+        dim = next((b.shape[-1] for b in self.buffers), 0)
+        for e in keep + (fold or []):
+            self._grow(e, dim)
+        buffers = [self.buffers[e] for e in keep]
+        prototypes = [self.prototypes[e] for e in keep]
+        seen = [self.seen[e] for e in keep]
+        if fold:
+            n = sum(self.seen[e] for e in fold)
+            buffers.append(torch.cat([self.buffers[e] for e in fold]))
+            prototypes.append(sum(self.prototypes[e] * self.seen[e] for e in fold) / max(n, 1))
+            seen.append(n)
+        self.buffers, self.prototypes, self.seen = buffers, prototypes, seen
+
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """n stored features, experts chosen uniformly (old and new skills weigh the same)."""
         experts = self.experts()
@@ -315,6 +347,13 @@ class RouterTrainer:
         # the head's parameters were replaced: a fresh optimizer (Adam moments of old rows restart)
         self.optimizer = torch.optim.Adam(self.router.parameters(), lr=self.lr)
         return index
+
+    def regroup(self, keep: list[int], fold: list[int] | None = None) -> None:
+        """Remove experts (those not in `keep`) or fold some into one new last class, in the router and
+        its memory alike; the head's parameters are replaced, so Adam restarts as in add_expert."""
+        self.router.regroup(keep, fold)
+        self.memory.regroup(keep, fold)
+        self.optimizer = torch.optim.Adam(self.router.parameters(), lr=self.lr)
 
     def loss(self, features: torch.Tensor, expert: int, remember: bool = True) -> torch.Tensor:
         """Router loss for current chunk features labelled `expert`; the features then enter memory

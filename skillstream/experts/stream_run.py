@@ -276,6 +276,9 @@ class StreamPlan(RunPlan):
             record.update(trained=name, chunks_trained=[i for i, _, _ in plan[name]], steps=state.step,
                           seconds=round(state.seconds, 2), router_loss=router_loss, lr=life.schedule.rate(name),
                           reassigned={str(i): other for other in plan if other != name for i, _, _ in plan[other]})
+        if life.rounds:  # held-out losses and maturity of the experts that trained, the decision's outcome
+            record["validation"] = life.rounds
+        self._maintain(record, stream, shares)
         stream.decisions.append(record)
         # which expert the router gives how much of the stream: the monitor and the report read these
         setup.log.tagged(stage_index=chunk.index).log(
@@ -283,6 +286,30 @@ class StreamPlan(RunPlan):
              **{f"router/share/{n}": v for n, v in shares.items()},
              **({"router/entropy": record["entropy"]} if record.get("entropy") is not None else {})})
         return record, state
+
+    def _maintain(self, record: dict, stream: StreamState, shares: dict[str, float]) -> None:
+        """Merge and prune (Lifecycle.maintain), then the optimizer follows the pool: the groups of
+        removed experts leave it, a merged expert's join it; the skills' assignments follow merges."""
+        trained = [record["trained"]] + list(dict.fromkeys(record.get("reassigned", {}).values())) \
+            if record.get("trained") else []
+        events = self.life.maintain(shares, trained, stream.global_step)
+        if not events:
+            return
+        record["lifecycle"] = events
+        optimizer, t, names = self.expert_optimizer(), self.train_cfg, set(self.life.pool.names)
+        for group in [g for g in optimizer.param_groups if g["expert"] not in names]:
+            for param in group["params"]:
+                optimizer.state.pop(param, None)
+            optimizer.param_groups.remove(group)
+        grouped = {g["expert"] for g in optimizer.param_groups}
+        for name in self.life.pool.names:
+            if name not in grouped:
+                for g in expert_groups(self.life.pool, name, t.weight_decay):
+                    optimizer.add_param_group({**g, "lr": t.lr, "betas": t.betas})
+        for event in events:
+            if "into" in event:
+                for experts in stream.assignments.values():
+                    experts[:] = [event["into"] if e in event["merge"] else e for e in experts]
 
     def _train_expert(self, name: str, batch: list[Chunk], global_step: int) -> StageState:
         """The named expert alone trains (PEFT's own single-adapter path) on the chunks' examples, through
@@ -292,7 +319,7 @@ class StreamPlan(RunPlan):
         life.pool.set_trainable([name])
         life.model.set_adapter(name)
         life.schedule.current = name
-        items = [it for c in batch for it in c.items]
+        items = life.begin_round(name, [(c.index, c.items) for c in batch])  # a few held out with validation on
         world = accelerator.num_processes
         st_cfg = life_stage_cfg(cfg, self.train_cfg, len(items), world)
         # planned at the global batch and sliced per process in the engine, as a stage's plan is
@@ -308,6 +335,7 @@ class StreamPlan(RunPlan):
                             checkpoint=None, show_progress=False, vocab_size=len(setup.tok), global_step=global_step)
         if accelerator.num_processes > 1:
             setup.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        life.end_round(name)
         return state
 
 

@@ -1,0 +1,109 @@
+"""Each expert's own held-out examples, and its loss on them.
+
+Of every chunk an expert trains on, `holdout` examples (a seeded choice per chunk) are kept out of
+its training and join its held-out set, up to `capacity` (the first ones: a full set stays fixed).
+After a training round the expert's loss on the examples that were in its set BEFORE the round,
+compared with the loss on the same examples before it, is the round's change: the trend maturity
+reads (pool.py), and the outcome of a reuse the calibrated decider learns from (calibration.py).
+The per-example losses are the LM loss on the labelled tokens, the objective the expert trains on.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batching import collate
+from ..data.render import IGNORE, Tokenized
+from ..models.modes import eval_mode
+
+
+@dataclass
+class HeldOut:
+    holdout: int = 0           # examples held out of each chunk (0: off)
+    capacity: int = 8          # examples kept per expert
+    seed: int = 0
+    sets: dict[str, list[Tokenized]] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return self.holdout > 0
+
+    def split(self, chunks: list[tuple[int, list[Tokenized]]]) -> tuple[list[Tokenized], list[Tokenized]]:
+        """(training items, held-out items) of the chunks (index, items) a round trains on. A chunk
+        always keeps at least one training example; the choice is seeded by the chunk's index."""
+        train, held = [], []
+        for index, items in chunks:
+            n = min(self.holdout, len(items) - 1)
+            order = list(range(len(items)))
+            random.Random(f"{self.seed}:holdout:{index}").shuffle(order)
+            out = set(order[:n])
+            held += [it for i, it in enumerate(items) if i in out]
+            train += [it for i, it in enumerate(items) if i not in out]
+        return train, held
+
+    def add(self, name: str, items: list[Tokenized]) -> None:
+        kept = self.sets.setdefault(name, [])
+        kept += items[:max(0, self.capacity - len(kept))]
+
+    def of(self, name: str) -> list[Tokenized]:
+        return list(self.sets.get(name, []))
+
+    def merge(self, names: list[str], into: str) -> None:
+        """The held-out sets of merged experts become the merged expert's (up to capacity)."""
+        items = [it for n in names for it in self.sets.pop(n, [])]
+        self.sets[into] = items[:self.capacity]
+
+    def drop(self, name: str) -> None:
+        self.sets.pop(name, None)
+
+    def state_dict(self) -> dict:
+        return {n: [[it.input_ids, it.labels, it.truncated] for it in items] for n, items in self.sets.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sets = {n: [Tokenized(list(a), list(b), bool(t)) for a, b, t in items] for n, items in state.items()}
+
+
+@torch.no_grad()
+def item_losses(model, items: list[Tokenized], pad_id: int, batch_size: int = 8) -> list[float]:
+    """Each item's mean next-token loss on its labelled tokens with the model as it is (the caller
+    chooses the adapter), in eval mode."""
+    out: list[float] = []
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for i in range(0, len(items), batch_size):
+            batch = collate(items[i:i + batch_size], pad_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits.float()
+            labels = batch["labels"][:, 1:].to(device)
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten().clamp_min(0),
+                                  reduction="none").view(labels.shape)
+            keep = (labels != IGNORE).float()
+            out += (nll * keep).sum(1).div(keep.sum(1).clamp_min(1)).tolist()
+    return out
+
+
+@torch.no_grad()
+def output_divergence(model, names: tuple[str, str], items: list[Tokenized], pad_id: int,
+                      batch_size: int = 8) -> float:
+    """Mean per-token symmetric KL divergence (nats) of two experts' next-token distributions on the
+    items' labelled positions: how far their outputs are apart (0 = the same function there)."""
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with eval_mode(model):
+        for i in range(0, len(items), batch_size):
+            batch = collate(items[i:i + batch_size], pad_id)
+            logp = []
+            for name in names:
+                model.set_adapter(name)
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits.float()
+                logp.append(logits[:, :-1].log_softmax(-1))
+            keep = (batch["labels"][:, 1:] != IGNORE).to(device)
+            a, b = logp
+            sym = ((a.exp() - b.exp()) * (a - b)).sum(-1)  # KL(a||b) + KL(b||a)
+            total += float(sym[keep].sum())
+            tokens += int(keep.sum())
+    return total / max(tokens, 1)
