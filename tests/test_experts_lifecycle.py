@@ -157,3 +157,58 @@ def test_prune_removes_only_the_unused_expert_and_its_router_class():
     assert life.maintain({"expert_0": 1.0}, [], step=3) == []  # expert_2 is the current one: never pruned
     assert life.maintain({"expert_0": 1.0}, [], step=4) == []
     assert life.pool.names == ["expert_0", "expert_2"]
+
+
+def returning_skill_recipe(root, **experts) -> dict:
+    """bash, then arithmetic, then bash again (new requests): one skill comes back after another."""
+    import json
+    for name, skill, start, n in (("bash_a", "bash", 0, 16), ("math_a", "math", 0, 16), ("bash_b", "bash", 16, 16),
+                                  ("bash_test", "bash", 100, 4), ("math_test", "math", 100, 4)):
+        with (root / f"{name}.jsonl").open("w") as f:
+            for text in skill_texts(skill, start, n):
+                f.write(json.dumps({"text": text}) + "\n")
+    evals = [{"name": s, "source": str(root / f"{s}_test.jsonl"), "metric": "perplexity"} for s in ("bash", "math")]
+    e = {"chunk_size": 8, "chunk_epochs": 1,
+         # as tests/test_dylora_moe.py: on the tiny random backbone only the embedding separates the skills
+         "novelty": {"similarity_threshold": 0.4, "entropy_threshold": 0.5, "window": 2, "signal_examples": 8,
+                     "weights": {"embedding": 1.0, "gradient": 0.0, "context": 0.0}},
+         "router": {"steps_per_chunk": 60, "lr": 0.05, "mature_steps": 2},
+         "seeding": {"lr": 1e-3, "steps": 3, "warmup_steps": 1}, "consolidation": {"lr": 1e-4}}
+    for key, value in experts.items():
+        e[key] = {**e.get(key, {}), **value} if isinstance(value, dict) else value
+    return {"name": "returning", "model": "tiny", "report_to": [], "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "experts": e, "train": {"batch_size": 4, "log_every": 1},
+            "data": {"max_length": 64, "eval_batch_size": 4, "eval": evals},
+            "stages": [{"name": n, "data": {"max_length": 64, "eval": evals,
+                                            "train": [{"source": str(root / f"{n}.jsonl")}]}}
+                       for n in ("bash_a", "math_a", "bash_b")]}
+
+
+def test_a_calibrated_stream_learns_from_its_outcomes_reuses_the_returning_skill_and_resumes_exactly(tmp_path):
+    import json
+
+    from skillstream.report.html import write_report
+    from skillstream.run import train as train_run
+    from test_dylora_moe import CrashAfter
+
+    cfg = returning_skill_recipe(tmp_path, novelty={"decider": "calibrated"}, validation={"holdout": 2})
+    whole = train_run(cfg, out=tmp_path / "whole", show_progress=False)
+    decisions = [json.loads(x) for x in (whole.run_dir / "decisions.jsonl").read_text().splitlines()]
+    assert [(d["decision"], d["expert"]) for d in decisions] == [
+        ("create", "expert_0"), ("reuse", "expert_0"), ("wait", "expert_0"), ("create", "expert_1"),
+        ("reuse", "expert_0"), ("reuse", "expert_0")]               # bash comes back: its expert is reused
+    assert all("p_reuse" in d for d in decisions[1:])
+    outcomes = [v["outcome"] for d in decisions for v in (d.get("validation") or {}).values() if "outcome" in v]
+    assert [o["kind"] for o in outcomes] == ["reuse", "create", "reuse", "reuse"]
+    cal = whole.results["novelty"]["calibration"]
+    assert cal["outcomes"] == 4 and 0.0 <= cal["brier"] <= 1.0 and sum(b["n"] for b in cal["reliability"]) == 4
+    rows = [json.loads(x) for x in (whole.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["novelty/brier"] for r in rows if "novelty/brier" in r][-1] == pytest.approx(cal["brier"])
+    assert "reuse decider calibration" in write_report([whole.run_dir], None).read_text()
+
+    with pytest.raises(Exception) as crash:
+        train_run(cfg, out=tmp_path / "run", show_progress=False, plugins=[CrashAfter(9)])
+    assert type(crash.value).__name__ == "_Crash"
+    resumed = train_run(cfg, out=tmp_path / "run", resume=True, show_progress=False)
+    assert resumed.results["novelty"] == whole.results["novelty"]  # decisions, outcomes and calibration alike
+    assert resumed.results["matrix"] == whole.results["matrix"]

@@ -267,6 +267,10 @@ class Lifecycle:
                 self.outcome = None
         self.rounds[name] = info
 
+    def reuse_brier(self) -> float | None:
+        """The calibrated decider's Brier score on its outcomes so far (None: threshold decider or none yet)."""
+        return None if self.calibrator is None else self.calibrator.calibration()["brier"]
+
     def _losses(self, name: str, items: list) -> list[float]:
         self.pool.activate(name)
         return item_losses(self.model, items, self.pad_id)

@@ -284,7 +284,8 @@ class StreamPlan(RunPlan):
         setup.log.tagged(stage_index=chunk.index).log(
             {"stage": self.unit_name(chunk.index), "step": record.get("steps") or 0, "global_step": stream.global_step,
              **{f"router/share/{n}": v for n, v in shares.items()},
-             **({"router/entropy": record["entropy"]} if record.get("entropy") is not None else {})})
+             **({"router/entropy": record["entropy"]} if record.get("entropy") is not None else {}),
+             **({"novelty/brier": brier} if (brier := life.reuse_brier()) is not None else {})})
         return record, state
 
     def _maintain(self, record: dict, stream: StreamState, shares: dict[str, float]) -> None:
@@ -458,8 +459,10 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
                                    "entropy": cfg.experts.novelty.entropy_threshold, "window": cfg.experts.novelty.window,
                                    **({"spread_z": cfg.experts.novelty.spread_z, "min_spread": cfg.experts.novelty.min_spread,
                                        "per_expert": {e: round(life.novelty.threshold(e), 4) for e in life.pool.names}}
-                                      if cfg.experts.novelty.spread_z is not None else {})}},
+                                      if cfg.experts.novelty.spread_z is not None else {})},
+                    **({"calibration": life.calibrator.calibration()} if life.calibrator is not None else {})},
         "initial_details": results["initial"], "details": results["details"],
+        "lifecycle": [e for d in decisions for e in d.get("lifecycle", [])],  # merges and prunes, in order
         "stages": [{"name": st.name, "chunks": sum(c.skill == i for c in chunks),
                     "examples": sum(len(c.examples) for c in chunks if c.skill == i),
                     "truncated": sum(it.truncated for c in chunks if c.skill == i for it in c.items),

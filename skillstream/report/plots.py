@@ -113,6 +113,26 @@ def novelty(xs: list[float], entropy: list[float | None], similarity: list[float
     return to_img(fig, title)
 
 
+def reliability(curve: list[dict], brier: float | None, title: str) -> str:
+    """A reliability curve: per probability bin, the mean predicted probability against the observed
+    rate (the diagonal is perfect calibration); marker sizes follow the bins' counts."""
+    fig = Figure(figsize=(4, 4))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", label="perfect")
+    if curve:
+        ax.plot([b["mean_predicted"] for b in curve], [b["observed"] for b in curve], marker="o", label="decider")
+        ax.scatter([b["mean_predicted"] for b in curve], [b["observed"] for b in curve],
+                   s=[20 + 10 * b["n"] for b in curve], alpha=0.4)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("predicted P(reuse succeeds)")
+    ax.set_ylabel("observed success rate")
+    ax.set_title(title + ("" if brier is None else f" (Brier {brier:.3f})"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return to_img(fig, title)
+
+
 def alert_timeline(points: list[tuple[float, str]], loss: Series | None, bounds: list[tuple[float, str]],
                    title: str) -> str:
     """Alerts as coloured ticks over the loss curve: when they fired relative to what training did."""

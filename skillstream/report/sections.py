@@ -214,6 +214,13 @@ def experts(run: RunData) -> Section | None:
         parts.append(table(["chunk", "entropy", "similarity", "decision", "expert"],
                            [[d.get("chunk"), _cell(d.get("entropy")), _cell(d.get("similarity")),
                              d.get("decision"), d.get("expert", "")] for d in decisions], "num novelty"))
+    calibration = ((run.results or {}).get("novelty") or {}).get("calibration") if isinstance(
+        (run.results or {}).get("novelty"), dict) else None
+    if calibration:  # the calibrated reuse decider (experts/calibration.py): scored on its past decisions
+        parts.append(plots.reliability(calibration["reliability"], calibration["brier"],
+                                       "reuse decider calibration"))
+        parts.append(table(["outcomes", "successes", "Brier score"],
+                           [[calibration["outcomes"], calibration["successes"], _cell(calibration["brier"])]], "num"))
     return Section("experts", "Expert pool and novelty decisions", "".join(parts)) if parts else None
 
 
