@@ -1,7 +1,8 @@
 """bench/router_features: which frozen-backbone features let a router tell a recipe's skills apart.
 
-For every stage (skill) of a recipe, the training prompts (`--train` per skill) and the held-out
-prompts of the evaluation task of the same name (`--test` per skill) are rendered exactly as the
+For every stage (skill) of a recipe, the training prompts (`--train` per skill) and held-out
+validation prompts (`--validation` per skill: the next prompts of the same TRAINING split, never
+the test split, so the depth chosen here is not chosen on test data) are rendered exactly as the
 router sees them at generation time. One forward pass per prompt gives every layer's hidden states;
 for each (pooling, depth) a `skillstream.experts.router.Router` (the router the skill stream trains,
 per-sample layer norm and all) is fitted on the training features of all skills at once (the
@@ -28,20 +29,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py)
 
 
-def skill_prompts(recipe: str, model: str, n_train: int, n_test: int):
-    """{skill: (train examples, test examples)}: each stage's training source and its eval task."""
+def skill_prompts(recipe: str, model: str, n_train: int, n_validation: int):
+    """{skill: (train examples, validation examples)}: the first n_train prompts of each stage's training
+    source and the next n_validation of the same split (held out of the router's fit)."""
     from skillstream.config import load_recipe
     from skillstream.data.examples import load_examples
 
     cfg = load_recipe(recipe, overrides={"model": model})
     out = {}
     for st in cfg.resolved_stages():
-        task = next((t for t in st.data.eval if t.name == st.name), None)
-        if task is None or not st.data.train:
-            raise SystemExit(f"error: recipe {recipe!r} stage {st.name!r} has no eval task of the same name")
-        train = load_examples(st.data.train[0].model_copy(update={"limit": n_train}))
-        test = load_examples(task.model_copy(update={"limit": n_test}))
-        out[st.name] = (train, test)
+        if not st.data.train:
+            raise SystemExit(f"error: recipe {recipe!r} stage {st.name!r} has no training data")
+        pool = load_examples(st.data.train[0].model_copy(update={"limit": n_train + n_validation}))
+        if len(pool) < n_train + 1:
+            raise SystemExit(f"error: stage {st.name!r}: its training split has {len(pool)} prompts, "
+                             f"fewer than --train {n_train} plus one for validation")
+        out[st.name] = (pool[:n_train], pool[n_train:])
     return cfg, out
 
 
@@ -114,8 +117,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="dylora_moe")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--train", type=int, default=32, help="training prompts per skill")
-    ap.add_argument("--test", type=int, default=40, help="held-out prompts per skill")
+    ap.add_argument("--train", type=int, default=120, help="training prompts per skill")
+    ap.add_argument("--validation", type=int, default=40,
+                    help="held-out prompts per skill, the next ones of the training split (never the test split)")
     ap.add_argument("--depths", default="0.2,0.3,0.4,0.5,0.6,0.8,1.0")
     ap.add_argument("--concat", default="0.4+0.6,0.5+0.7,0.3+0.6",
                     help="depth sets whose last-token features are also fitted concatenated (as router.depth: [a, b])")
@@ -124,7 +128,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.model, args.train, args.test = "tiny", 8, 8
+        args.model, args.train, args.validation = "tiny", 8, 8
     from skillstream.data.render import Renderer
     from skillstream.experts.router import pooled_features
     from skillstream.models.backbone import load_backbone
@@ -133,7 +137,7 @@ def main() -> None:
     combos = [[float(d) for d in c.split("+")] for c in args.concat.split(",") if c]
     depths = sorted({float(d) for d in args.depths.split(",")} | {d for c in combos for d in c})
     t0 = time.time()
-    cfg, skills = skill_prompts(args.recipe, args.model, args.train, args.test)
+    cfg, skills = skill_prompts(args.recipe, args.model, args.train, args.validation)
     model, tok = load_backbone(args.model, seed=args.seed)
     model.eval()
     renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
@@ -174,8 +178,9 @@ def main() -> None:
             f"training prompts at once ({args.steps} full-batch steps: the ceiling of a linear router on those "
             f"features). Stream: the recipe's router ({cfg.experts.router.kind}, {cfg.experts.router.steps_per_chunk} "
             f"steps per chunk of {cfg.experts.chunk_size}, feature_alpha {cfg.experts.router.feature_alpha}) trained "
-            f"skill after skill as the stream trains it. Held-out accuracy on {args.test} prompts per skill (test "
-            f"split); features from the frozen backbone at a relative depth (1.0 = final normed output); a+b: the "
+            f"skill after skill as the stream trains it. Held-out accuracy on validation prompts (n per skill: "
+            f"{', '.join(f'{s} {len(v)}' for s, (_, v) in skills.items())}; the training split's prompts after the first "
+            f"{args.train}, never the test split); features from the frozen backbone at a relative depth (1.0 = final normed output); a+b: the "
             f"last-token features of both depths concatenated, as `router.depth: [a, b]` reads them.\n\n"
             f"| pooling | depth | joint | stream | " + " | ".join(f"joint {n}" for n in names) + " | "
             + " | ".join(f"stream {n}" for n in names) + " |\n|---|---:|---:|---:|" + "---:|" * (2 * len(names))
