@@ -112,6 +112,50 @@ def test_the_probe_sample_is_held_out_of_training(tmp_path, probe):
     assert len(curriculum.state["history"]) == 4                  # steps 0, 10, 20, 30
 
 
+def test_validation_per_source_is_held_out_and_scored_at_every_refresh(tmp_path):
+    """validation_size: a second held-out sample per source, disjoint from the probe and from training,
+    whose loss per source is logged at each refresh (hand-checked against per_example_loss)."""
+    rng = random.Random(1)
+    words = "red green blue cat dog sun moon tree river stone".split()
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) + "\n" for _ in range(24)))
+    recipe = {"name": "cur", "model": {"name": "tiny", "freeze_backbone": False}, "lora": None, "report_to": [],
+              "data": {"max_length": 32, "train": [{"source": str(tmp_path / "a.jsonl")},
+                                                   {"source": str(tmp_path / "b.jsonl")}]},
+              "train": {"steps": 20, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "log_every": 10,
+                        "checkpoint_every": 100, "schedule": "constant", "bf16": False}}
+    curriculum = AutoCurriculum(mixing="difficulty", freeze_interval=10, sample_size=6, validation_size=4)
+    seen = _SeenItems()
+
+    class ScoreValidation(Plugin):  # the same items scored by hand on the model after each refresh step
+        name = "score_validation"
+        scores = {}
+
+        def after_step(self, ctx, metrics):
+            if ctx.step % 10 == 0:
+                self.scores[ctx.step] = [sum(x) / len(x) for x in
+                                         (per_example_loss(ctx.model, v, ctx.pad_id) for v in curriculum.validation)]
+    by_hand = ScoreValidation()
+    train(recipe, out=tmp_path / "run", show_progress=False, plugins=[curriculum, seen, by_hand])
+    probes = {tuple(t.input_ids) for sample in curriculum.samples for t in sample}
+    held = {tuple(t.input_ids) for sample in curriculum.validation for t in sample}
+    assert len(held) == 8 and not held & probes and not held & seen.seen
+    assert len(curriculum.plan.items) == 48 - 12 - 8
+    history = curriculum.state["history"]
+    assert [h["step"] for h in history] == [0, 10, 20] and all(len(h["validation"]) == 2 for h in history)
+    for h in history[1:]:
+        assert h["validation"] == pytest.approx(by_hand.scores[h["step"]], abs=1e-5)
+    final = by_hand.scores[20]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["curriculum/validation/source0"] for m in logged] == pytest.approx([h["validation"][0] for h in history[1:]])
+    assert logged[-1]["curriculum/validation/mean"] == pytest.approx(sum(final) / 2, abs=1e-4)
+    with pytest.raises(UserError, match=r"source 'source0' has 18 training examples left after the probe, fewer than "
+                                        r"2 x validation_size 10"):
+        train(recipe, out=tmp_path / "run2", show_progress=False,
+              plugins=[AutoCurriculum(mixing="difficulty", freeze_interval=10, sample_size=6, validation_size=10)])
+
+
 def test_bandit_follows_exp3_on_a_scripted_reward_sequence():
     lr, gamma, k = 0.5, 0.1, 3
     s, p = [0.0, 0.0, 0.0], [1 / 3] * 3

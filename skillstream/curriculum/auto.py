@@ -43,10 +43,18 @@ final loss of an oracle that drops the noise, where the uncapped rule on trainin
 earlier default) reached 0.93x on one and blew up on the other (one source at a time took 0.86-0.99
 of the mixture; final loss 4.96 vs uniform's 3.93).
 
+Validation (`validation_size: N`, default 0 = none): N more examples of every source, drawn once per
+stage with a seeded RNG from what the probe left, are taken out of training and scored by the model
+at every refresh -- a validation loss per source that the mixing rules never read (the probe
+decides; this only watches, as the seed's validation loop does). Logged as
+curriculum/validation/<source> and curriculum/validation/mean, and kept in each history entry
+(`validation`). A source with fewer than 2 x N examples left is refused in one line (its
+validation would take most of its training data).
+
 The batches follow the weights through `BatchPlan.set_weights` (per-batch mixture sampling, a pure
 function of seed, position and weights). Logged on every logged step: curriculum/weight/<source>,
 curriculum/difficulty/<source>, curriculum/variance/<source>, curriculum/progress/<source> (of the
-last refresh) and curriculum/refreshes; the whole history (one entry per refresh) is in the plugin
+last refresh), curriculum/validation/<source> (with validation_size) and curriculum/refreshes; the whole history (one entry per refresh) is in the plugin
 state of every checkpoint.
 """
 from __future__ import annotations
@@ -209,6 +217,7 @@ class AutoCurriculum(Plugin):
                  probe: str = "held_out",
                  bandit_lr: float = 1.0,
                  bandit_gamma: float = 0.1, eval_batch_size: int = 8, stages: list[str] | None = None,
+                 validation_size: int = 0,
                  tokenizer=None, renderer=None, recipe=None, **context):
         where = "plugins[auto_curriculum]"
         if mixing not in MIXINGS:
@@ -217,6 +226,8 @@ class AutoCurriculum(Plugin):
                            ("eval_batch_size", eval_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"{where}: {key} must be a positive integer (got {value!r})")
+        if not isinstance(validation_size, int) or isinstance(validation_size, bool) or validation_size < 0:
+            raise UserError(f"{where}: validation_size must be an integer >= 0 (got {validation_size!r})")
         if progress not in ("per_share", "raw"):
             raise UserError(f"{where}: progress must be per_share or raw (got {progress!r})")
         if probe not in ("held_out", "train"):
@@ -241,6 +252,7 @@ class AutoCurriculum(Plugin):
         self.max_scale, self.smoothing, self.absolute, self.probe = max_scale, smoothing, bool(absolute), probe
         self.freeze_interval = 1 if smoke else freeze_interval
         self.sample_size = min(sample_size, 4) if smoke else sample_size
+        self.validation_size = min(validation_size, 2) if smoke else validation_size
         self.bandit_lr, self.bandit_gamma, self.eval_batch_size = bandit_lr, bandit_gamma, eval_batch_size
         self.stages, self.recipe = stages, recipe
         self.seed = recipe.seed if recipe is not None else 0
@@ -255,6 +267,8 @@ class AutoCurriculum(Plugin):
             return
         self.plan, self.pad_id = plan, ctx.pad_id
         self.samples = [self._take_sample(i, ctx.stage) for i in range(len(plan.sources))]  # seeded: same on resume
+        self.validation = [self._take_validation(i, ctx.stage) for i in range(len(plan.sources))] \
+            if self.validation_size else []
         if self.state.get("stage") == ctx.stage and self.state.get("history"):  # resumed mid-stage
             plan.set_weights(self.state["weights"])
             return
@@ -301,6 +315,16 @@ class AutoCurriculum(Plugin):
             return self.plan.hold_out(i, picked)
         return [src[j] for j in picked]
 
+    def _take_validation(self, i: int, stage: str) -> list:
+        """Source i's validation sample (module doc): taken out of training, disjoint from the probe."""
+        src = self.plan.sources[i]  # what the probe left
+        if len(src) < 2 * self.validation_size:
+            name = self._names(stage, len(self.plan.sources))[i]
+            raise UserError(f"plugins[auto_curriculum]: source {name!r} has {len(src)} training examples left after "
+                            f"the probe, fewer than 2 x validation_size {self.validation_size}")
+        rng = random.Random(f"{self.seed}:curriculum-validation:{stage}:{i}")
+        return self.plan.hold_out(i, sorted(rng.sample(range(len(src)), self.validation_size)))
+
     def measure(self, model, losses: list[list[float]] | None = None) -> tuple[list[float], list[float]]:
         """(mean, variance) of the per-example loss of the model as it is now, per source (from
         `losses`, one list per source, when they were already computed)."""
@@ -344,8 +368,11 @@ class AutoCurriculum(Plugin):
         if alignment is not None:  # predicted from gradients now: needs no previous refresh
             weights = alignment_update(weights, alignment, self.smoothing, self.floor)
         self.state["weights"] = weights
+        validation = [sum(v) / len(v) for v in (per_example_loss(ctx.model, sample, self.pad_id, self.eval_batch_size)
+                                                for sample in self.validation)]
         hist.append({"step": ctx.step, "mean": means, "variance": variances, "signal": signal,
-                     "progress": progress, "weights": weights, **({"alignment": alignment} if alignment else {})})
+                     "progress": progress, "weights": weights, **({"alignment": alignment} if alignment else {}),
+                     **({"validation": validation} if validation else {})})
         self.plan.set_weights(weights)
 
     def _progress_used(self, progress: list[float]) -> list[float]:
@@ -368,4 +395,8 @@ class AutoCurriculum(Plugin):
             out[f"curriculum/difficulty/{n}"] = last["mean"][i]
             out[f"curriculum/variance/{n}"] = last["variance"][i]
             out[f"curriculum/progress/{n}"] = last["progress"][i]
+            if "validation" in last:
+                out[f"curriculum/validation/{n}"] = last["validation"][i]
+        if "validation" in last:
+            out["curriculum/validation/mean"] = sum(last["validation"]) / len(last["validation"])
         return out
