@@ -12,6 +12,15 @@ memory is its own), all on the same NL2Bash prompts, the same batches and the sa
   3. memory added per expert: bytes of LoRA parameters per expert, and the resident-memory growth
      of one process while the pool grows from 1 to 2, 4 and 8 experts (the backbone's weights are
      checked to stay the same tensors: no copy).
+  4. scale (`--scale 4,16,100`): what choosing and serving cost as the pool grows, at each count
+     in one invocation (counts interleaved, ABBA): routing (the router's frozen-backbone features
+     of a batch, its head, the hybrid weights), novelty (a chunk's triple signal, then the
+     experts it is compared with — every one below `experts.index.exact_below`, an HNSW index's
+     nearest above — their full similarity components, the calibrated decider's probabilities
+     and the decision; the index is rebuilt each time, as after every chunk's profile refresh),
+     and serving the pool through PEFT's per-sample `adapter_names` (forward and generation)
+     beside one adapter of the same model; target: routing and novelty at the largest count
+     < 2x their cost at the smallest.
 Every expert gets a non-zero LoRA B (PEFT initialises B = 0, which would make every expert the
 backbone), and a verification child checks that the routed output of each sample equals that
 sample's single-adapter output (logits and generated tokens), and that dense mixing equals
@@ -19,6 +28,7 @@ PEFT's exact "cat" merge of the row's weights -- so the timed runs do equal work
 
     python bench/routing.py            # SmolLM2-135M, LoRA r=16 on all linear layers, appends to bench/RESULTS.md
     python bench/routing.py --quick    # tiny model, few reps: wiring check, records nothing
+    python bench/routing.py --scale 4,16,100   # part 4 only, appends to bench/RESULTS.md
 
 See bench/README.md.
 """
@@ -141,8 +151,11 @@ def build_inputs(spec: dict, tok) -> list[dict]:
     for i in range(0, len(texts), bs):
         enc = tok(texts[i:i + bs], return_tensors="pt", padding=True, add_special_tokens=True)
         b = enc["input_ids"].shape[0]
-        route = torch.arange(b) % n
-        route = route[torch.randperm(b, generator=g)]
+        if n <= b:
+            route = torch.arange(b) % n
+            route = route[torch.randperm(b, generator=g)]
+        else:  # more experts than rows: each row a different expert drawn from the whole pool
+            route = torch.randperm(n, generator=g)[:b]
         dense = torch.softmax(torch.randn(b, n, generator=g), dim=-1)
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                         "route": route, "dense": dense})
@@ -333,7 +346,111 @@ def child_memory(spec: dict) -> dict:
             "experts": len(pool)}
 
 
-CHILDREN = {"throughput": child_throughput, "verify": child_verify, "memory": child_memory}
+def random_profiles(anchor, n: int, seed: int) -> dict:
+    """n expert profiles around a real chunk signal (each part jittered by seeded noise of its own
+    scale; context statistics spread by up to +-30%), so the similarities have a realistic spread."""
+    import torch
+
+    from skillstream.experts.signals import ExpertProfile, TaskSignal
+    g = torch.Generator().manual_seed(seed)
+    jitter = lambda t: t + t.norm() / t.numel() ** 0.5 * torch.randn(t.shape, generator=g)  # noqa: E731
+    out = {}
+    for i in range(n):
+        scale = 1 + 0.3 * (2 * torch.rand(2, generator=g) - 1)
+        out[f"e{i}"] = ExpertProfile(f"e{i}", TaskSignal(jitter(anchor.embedding), jitter(anchor.gradient),
+                                                         jitter(anchor.fisher), anchor.entropy * float(scale[0]),
+                                                         anchor.length * float(scale[1]), 8))
+    return out
+
+
+def child_selection(spec: dict) -> dict:
+    """Routing and novelty at spec["experts"] experts: median seconds per call of each part."""
+    import torch
+
+    from skillstream.config import ExpertsConfig
+    from skillstream.data.render import Renderer
+    from skillstream.experts.calibration import ReuseCalibrator, features
+    from skillstream.experts.index import ProfileIndex
+    from skillstream.experts.mixing import hybrid_weights
+    from skillstream.experts.novelty import NoveltyDetector
+    from skillstream.experts.router import Router
+    from skillstream.experts.signals import SignalConfig, SimilarityWeights, compute_signal, similarity_components
+    from skillstream.models.backbone import load_backbone
+
+    from skillstream.config import SourceConfig
+    from skillstream.data.examples import load_examples
+
+    n = spec["experts"]
+    torch.manual_seed(spec["seed"])
+    model, tok = load_backbone(spec["model"], seed=spec["seed"])
+    model.eval()
+    cfg = ExpertsConfig()  # the defaults: index hnsw from 32 experts, 8 candidates; calibration prior
+    depth = [0.4, 0.6]  # dylora_moe's router
+    router = Router(model.config.hidden_size * len(depth), n, seed=spec["seed"], pooling="last", depth=depth)
+    with torch.no_grad():
+        router.head.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(spec["seed"]))
+    maturity = torch.rand(n, generator=torch.Generator().manual_seed(spec["seed"] + 1))
+    examples = load_examples(SourceConfig(source="nl2bash", split="train", limit=spec["batch_size"]))
+    renderer = Renderer(tok, 1024, None)
+    tok.padding_side = "left"
+    enc = tok([renderer.prompt_text(ex) for ex in examples], return_tensors="pt", padding=True)
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    weights = SimilarityWeights(**cfg.novelty.weights)
+    index = ProfileIndex(weights, kind=cfg.index.kind, exact_below=cfg.index.exact_below,
+                         candidates=cfg.index.candidates, ef=cfg.index.ef, m=cfg.index.m, seed=spec["seed"])
+    calibrator = ReuseCalibrator.from_threshold(cfg.novelty.similarity_threshold, cfg.novelty.weights,
+                                                cfg.novelty.calibration.prior_slope)
+    sig_cfg = SignalConfig(max_length=256, seed=spec["seed"])
+    chunk = examples[:spec["signal_examples"]]
+    anchor = compute_signal(model, tok, chunk, config=sig_cfg)
+    profiles = random_profiles(anchor, n, spec["seed"])
+
+    def lookup(signal, entropy: float) -> dict:
+        index.invalidate()  # profiles are refreshed after every chunk: the index is rebuilt for the next one
+        names = index.candidates(signal, profiles)
+        comps = {e: similarity_components(signal, profiles[e].signal) for e in names}
+        sims = {e: weights.embedding * c["embedding"] + weights.gradient * c["gradient"] + weights.context * c["context"]
+                for e, c in comps.items()}
+        reusable = {e: calibrator.probability(features(c, entropy)) for e, c in comps.items()
+                    if calibrator.upper(features(c, entropy)) >= 0.5}
+        best = max(sims, key=sims.get)
+        return {**NoveltyDetector().observe(entropy, sims[best], best, sims, reusable), "compared": len(names)}
+
+    parts: dict[str, list[float]] = {k: [] for k in ("route_features", "route_head", "novelty_signal", "novelty_lookup")}
+    with torch.inference_mode():
+        for rep in range(spec["warmup"] + spec["reps"]):
+            t0 = time.perf_counter()
+            feats = router.read(model, batch)
+            t1 = time.perf_counter()
+            probs = router.probs(feats)
+            w = hybrid_weights(probs, maturity, 0.5, 1)
+            entropy = float(router.entropy(feats).mean())
+            t2 = time.perf_counter()
+            if rep >= spec["warmup"]:
+                parts["route_features"].append(t1 - t0)
+                parts["route_head"].append(t2 - t1)
+            del w
+    for rep in range(spec["warmup"] + spec["reps"]):
+        t0 = time.perf_counter()
+        signal = compute_signal(model, tok, chunk, config=sig_cfg)
+        t1 = time.perf_counter()
+        record = lookup(signal, entropy)
+        t2 = time.perf_counter()
+        if rep >= spec["warmup"]:
+            parts["novelty_signal"].append(t1 - t0)
+            parts["novelty_lookup"].append(t2 - t1)
+    # the lookup alone is sub-millisecond: time it over many calls for a stable figure
+    t0 = time.perf_counter()
+    for _ in range(spec["lookup_calls"]):
+        lookup(signal, entropy)
+    lookup_each = (time.perf_counter() - t0) / spec["lookup_calls"]
+    return {"experts": n, "parts": parts, "lookup_each": lookup_each, "candidates": record["compared"],
+            "index": "hnsw" if index.uses_ann(n) else "exact", "decision": record["decision"],
+            "batch_size": spec["batch_size"], "signal_examples": len(chunk)}
+
+
+CHILDREN = {"throughput": child_throughput, "verify": child_verify, "memory": child_memory,
+            "selection": child_selection}
 
 
 def child_main(kind: str, spec_json: str) -> None:
@@ -369,6 +486,66 @@ def measure(spec: dict, runner=run_child) -> dict:
         for mode in (MODES if r % 2 == 0 else MODES[::-1]):  # ABBA: drift on a shared machine hits all modes alike
             runs[mode].append(runner("throughput", {**spec, "mode": mode}))
     return {"throughput": runs, "verify": runner("verify", spec), "memory": runner("memory", spec)}
+
+
+def measure_scale(spec: dict, counts: list[int], runner=run_child) -> dict:
+    """Part 4 at each count, counts in alternating order per round (ABBA), each child a fresh process:
+    selection (routing and novelty), and forward/generation of one adapter vs PEFT's adapter_names."""
+    runs: dict[int, dict[str, list[dict]]] = {n: {"selection": [], "single": [], "peft_top1": []} for n in counts}
+    for r in range(spec["rounds"]):
+        for n in (counts if r % 2 == 0 else counts[::-1]):
+            at = {**spec, "experts": n}
+            runs[n]["selection"].append(runner("selection", at))
+            for mode in (("single", "peft_top1") if r % 2 == 0 else ("peft_top1", "single")):
+                runs[n][mode].append(runner("throughput", {**at, "mode": mode}))
+    return runs
+
+
+def scale_report(spec: dict, counts: list[int], runs: dict) -> str:
+    ms = lambda xs: 1000 * _median(xs)  # noqa: E731
+    rows = {}
+    for n in counts:
+        sel = runs[n]["selection"]
+        part = {k: [x for r in sel for x in r["parts"][k]] for k in sel[0]["parts"]}
+        lookup = _median([r["lookup_each"] for r in sel])
+        single = _median([x for r in runs[n]["single"] for x in r["forward_tokens_per_s"]])
+        peft = _median([x for r in runs[n]["peft_top1"] for x in r["forward_tokens_per_s"]])
+        gsingle = _median([x for r in runs[n]["single"] for x in r["gen_tokens_per_s"]]) if spec["gen_tokens"] else None
+        gpeft = _median([x for r in runs[n]["peft_top1"] for x in r["gen_tokens_per_s"]]) if spec["gen_tokens"] else None
+        rows[n] = {"route": ms(part["route_features"]) + ms(part["route_head"]), "route_head": ms(part["route_head"]),
+                   "novelty": ms(part["novelty_signal"]) + 1000 * lookup, "lookup": 1000 * lookup,
+                   "index": sel[0]["index"], "candidates": sel[0]["candidates"],
+                   "single": single, "peft": peft, "gsingle": gsingle, "gpeft": gpeft,
+                   "rss": max(r["peak_rss_bytes"] for r in runs[n]["peft_top1"])}
+    lo = rows[counts[0]]
+    out = ["| experts | routing ms/batch (router head + hybrid ms) | novelty ms/chunk (lookup ms: index, similarity, decider) "
+           "| compared in full | single adapter forward tok/s | PEFT adapter_names forward tok/s (ratio) "
+           "| generate tok/s single / adapter_names | peak GiB (adapter_names) |",
+           "|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for n in counts:
+        r = rows[n]
+        gen = f"{r['gsingle']:.1f} / {r['gpeft']:.1f}" if r["gsingle"] else "-"
+        out.append(f"| {n} | {r['route']:.1f} ({r['route_head']:.3f}) | {r['novelty']:.0f} ({r['lookup']:.3f}) | "
+                   f"{r['candidates']} of {n} ({r['index']}) | {r['single']:.0f} | {r['peft']:.0f} ({r['peft'] / r['single']:.2f}x) | "
+                   f"{gen} | {r['rss'] / 1024 ** 3:.2f} |")
+    hi = rows[counts[-1]]
+    ratio = lambda k: hi[k] / lo[k]  # noqa: E731
+    out.append("")
+    out.append(f"Cost at {counts[-1]} experts / cost at {counts[0]}: routing {ratio('route'):.2f}x "
+               f"(head + hybrid alone {ratio('route_head'):.2f}x), novelty {ratio('novelty'):.2f}x "
+               f"(lookup alone {ratio('lookup'):.2f}x); target < 2x: routing {verdict(ratio('route') < 2)}, "
+               f"novelty {verdict(ratio('novelty') < 2)}, lookup alone {verdict(ratio('lookup') < 2)}. "
+               f"PEFT adapter_names forward at {counts[-1]} experts / at {counts[0]}: {hi['peft'] / lo['peft']:.2f}x.")
+    out.append("")
+    out.append(f"model {spec['model']}, LoRA r={spec['r']} on all linear layers; routing: a batch of {spec['batch_size']} NL2Bash "
+               f"prompts, features at depths 0.4 and 0.6 (last token), a linear head over N experts, hybrid weights; "
+               f"novelty: the triple signal of {spec['signal_examples']} examples, then {spec['lookup_calls']} timed lookups "
+               f"(index rebuilt each time, experts.index defaults: exact below 32, 8 candidates, HNSW M 16, ef 64) against N "
+               f"profiles jittered around a real signal, the calibrated decider's prior; serving: {spec['batches']} batch(es) "
+               f"of {spec['batch_size']} rows, each row a different expert drawn from the N (PEFT `adapter_names`), "
+               f"generation {spec['gen_tokens']} greedy tokens. Medians of {spec['reps']} reps x {spec['rounds']} rounds, "
+               f"counts in alternating order per round, each measurement a fresh process, 1 torch thread.")
+    return "\n".join(out) + "\n"
 
 
 def summarize(results: dict) -> dict:
@@ -482,7 +659,7 @@ def make_spec(args) -> dict:
             "warmup": pick(args.warmup, 1, 1), "reps": pick(args.reps, 2, 3), "rounds": pick(args.rounds, 1, 2),
             "gen_tokens": pick(args.gen_tokens, 4, 16), "gen_reps": pick(args.gen_reps, 2, 2),
             "verify_batches": pick(args.verify_batches, 1, 1), "logits": args.logits,
-            "memory_counts": [1, 2, 4, 8]}
+            "memory_counts": [1, 2, 4, 8], "lookup_calls": args.lookup_calls, "signal_examples": args.signal_examples}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -507,6 +684,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--machine", default=None, help="machine description written to bench/RESULTS.md (default: lscpu)")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--scale", default=None,
+                    help="comma-separated expert counts (e.g. 4,16,100): measure routing, novelty and PEFT adapter_names "
+                         "serving at each (part 4) instead of parts 1-3")
+    ap.add_argument("--lookup-calls", type=int, default=200, help="--scale: timed novelty lookups per process")
+    ap.add_argument("--signal-examples", type=int, default=8, help="--scale: examples in the chunk whose signal is read")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     return ap
 
@@ -525,6 +707,22 @@ def main(argv=None, runner=run_child) -> dict | None:
         sys.exit(2)
     command = "python bench/routing.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])
                                            if (argv if argv is not None else sys.argv[1:]) else "")
+    if args.scale:
+        try:
+            counts = sorted({int(c) for c in args.scale.split(",")})
+        except ValueError:
+            counts = []
+        if len(counts) < 2 or counts[0] < 2:
+            print(f"bench/routing: --scale needs two or more expert counts >= 2, got {args.scale!r}", file=sys.stderr)
+            sys.exit(2)
+        runs = measure_scale(spec, counts, runner)
+        report = scale_report(spec, counts, runs)
+        machine_text = args.machine or common.machine()
+        print(f"\n{command}\nmachine: {machine_text}\n\n{report}")
+        if not args.quick and not args.no_record:
+            record(report, command, machine_text, False)
+            print(f"appended to {RESULTS_MD.relative_to(REPO)}", file=sys.stderr)
+        return {"spec": spec, "counts": counts, "scale": runs, "report": report}
     print(f"bench/routing: {spec['model']}, {spec['experts']} experts r={spec['r']}, {spec['batches']} batches x "
           f"{spec['batch_size']}, {spec['reps']} reps x {spec['rounds']} rounds", file=sys.stderr)
     results = measure(spec, runner)

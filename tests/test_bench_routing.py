@@ -63,3 +63,17 @@ def test_equal_work_check_catches_a_wrong_routing(routing):
     assert routing.routed_rows_match(single, routed, route) == (True, 0.0)
     ok, diff = routing.routed_rows_match(single, routed, route.flip(0))
     assert not ok and diff == 1.0
+
+
+def test_quick_scale_run_measures_routing_novelty_and_adapter_names_serving_at_each_count(routing):
+    before = routing.RESULTS_MD.read_text()
+    out = routing.main(["--quick", "--scale", "2,40", "--gen-tokens", "2", "--reps", "1", "--gen-reps", "1",
+                        "--batches", "1", "--lookup-calls", "3"], runner=routing.run_inline)
+    assert routing.RESULTS_MD.read_text() == before  # --quick records nothing
+    assert out["counts"] == [2, 40]
+    small, large = out["scale"][2]["selection"][0], out["scale"][40]["selection"][0]
+    assert small["index"] == "exact" and small["candidates"] == 2          # below experts.index.exact_below
+    assert large["index"] == "hnsw" and large["candidates"] == 8           # the index's nearest 8 of 40
+    assert all(v and min(v) > 0 for v in large["parts"].values()) and large["lookup_each"] > 0
+    assert out["scale"][40]["peft_top1"][0]["gen_new_tokens"] == 2 * out["scale"][40]["peft_top1"][0]["gen_batch"]
+    assert "Cost at 40 experts / cost at 2" in out["report"] and "PEFT adapter_names" in out["report"]
