@@ -82,6 +82,7 @@ def test_evaluation_in_a_bf16_run_computes_in_bf16_and_stays_close_to_fp32(senti
     prompts = [tok(p)["input_ids"] for p in ["Is this good? a lovely film", "Review: dull", "a much longer one"]]
     options = [tok(o, add_special_tokens=False)["input_ids"] for o in [" Good", " Bad", " contradiction", " neutral"]]
     fp32 = score_options(model, prompts, options, tok.pad_token_id)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     assert eval_dtype() is None
     AcceleratorState._reset_state(True)
     Accelerator(mixed_precision="bf16", cpu=True)
@@ -94,5 +95,7 @@ def test_evaluation_in_a_bf16_run_computes_in_bf16_and_stays_close_to_fp32(senti
     finally:
         AcceleratorState._reset_state(True)
     assert calls and all(d == torch.bfloat16 for d in calls)   # the matmuls ran in bf16
+    # the frozen weights, held in bf16 while it evaluated, are the float32 originals again, bit for bit
+    assert all(torch.equal(v, weights[k]) and v.dtype == weights[k].dtype for k, v in model.state_dict().items())
     assert (bf16 - fp32).abs().max() < 0.05
     assert torch.equal(bf16.argmax(-1), fp32.argmax(-1))

@@ -31,26 +31,26 @@ def generate_and_score(model, tok, prompts: list[str], max_new_tokens: int, batc
     outs: list[str | None] = [None] * len(prompts)
     scores = torch.zeros(len(prompts), len(options)) if options is not None else None
     try:
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            enc = tok([prompts[j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
-            kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-            if options is not None:
-                kw.update(return_dict_in_generate=True, output_logits=True)
-            # stops as soon as every row has written its end-of-sequence token (generation_config.eos_token_id)
-            with eval_autocast(model.device):
+        with eval_autocast(model):  # the run's precision, weights cast once for all batches (precision.py)
+            for i in range(0, len(order), batch_size):
+                idx = order[i:i + batch_size]
+                enc = tok([prompts[j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
+                kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+                if options is not None:
+                    kw.update(return_dict_in_generate=True, output_logits=True)
+                # stops as soon as every row has written its end-of-sequence token (generation_config.eos_token_id)
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
-            sequences = gen.sequences if options is not None else gen
-            width = enc["input_ids"].shape[1]
-            for j, text in zip(idx, tok.batch_decode(sequences[:, width:], skip_special_tokens=True)):
-                outs[j] = text
-            if options is not None:
-                cache = gen.past_key_values
-                extra = cache.get_seq_length() - width  # back to the prompts: drop the generated tokens
-                if extra > 0:
-                    cache.crop(-extra)  # a negative crop removes that many tokens (transformers 4.x and 5.x)
-                scores[idx] = score_on_cache(model, gen.logits[0], cache, enc["attention_mask"], options,
-                                             tok.pad_token_id).cpu()
+                sequences = gen.sequences if options is not None else gen
+                width = enc["input_ids"].shape[1]
+                for j, text in zip(idx, tok.batch_decode(sequences[:, width:], skip_special_tokens=True)):
+                    outs[j] = text
+                if options is not None:
+                    cache = gen.past_key_values
+                    extra = cache.get_seq_length() - width  # back to the prompts: drop the generated tokens
+                    if extra > 0:
+                        cache.crop(-extra)  # a negative crop removes that many tokens (transformers 4.x and 5.x)
+                    scores[idx] = score_on_cache(model, gen.logits[0], cache, enc["attention_mask"], options,
+                                                 tok.pad_token_id).cpu()
     finally:
         tok.padding_side = old_side
     return outs, scores

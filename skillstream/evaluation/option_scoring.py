@@ -32,7 +32,7 @@ def score_options(model, prompts: list[list[int]], options: list[list[int]], pad
     """
     ids, mask = (t.to(model.device) for t in left_pad(prompts, pad_id))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with eval_autocast(model.device):
+    with eval_autocast(model):
         # only the last prompt position's logits are read: asking for just those skips the LM head
         # (a vocabulary-sized matmul) at every other position, about a fifth of a small model's prefill
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **_last_logits_only(model))
@@ -57,7 +57,7 @@ def score_on_cache(model, last_logits: torch.Tensor, cache, mask: torch.Tensor, 
     total = sum(len(f) for f in fed)
     if total == 0:  # every option is one token: the prompt's last logits are the whole score
         return first.cpu()
-    with eval_autocast(dev):
+    with eval_autocast(model):
         rest = _rest_of_options(model, cache, mask, options, fed, total, dev)   # (b, n_opt)
     return (first + rest).cpu()
 
@@ -91,7 +91,7 @@ def score_options_naive(model, prompts: list[list[int]], options: list[list[int]
     for i, p in enumerate(prompts):
         for j, o in enumerate(options):
             ids = torch.tensor([p + o], device=model.device)
-            with eval_autocast(model.device):
+            with eval_autocast(model):
                 logits = model(input_ids=ids).logits
             logp = F.log_softmax(logits[0, :-1].float(), -1)
             scores[i, j] = logp[len(p) - 1:].gather(-1, ids[0, len(p):, None]).sum()

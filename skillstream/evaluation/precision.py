@@ -6,8 +6,15 @@ A run declares its precision once, to accelerate (`Accelerator(mixed_precision="
 or a CPU with AVX512-BF16/AMX). Evaluation is called from many places (the stage loop, the skill
 stream, plugins, benches), so instead of threading a flag through each, it reads that declaration
 from accelerate's process state: inside a bf16 run every forward that evaluates runs under bf16
-autocast (matmuls in bf16, softmaxes and norms as autocast keeps them, in fp32); outside a run, or in
-an fp32 run, nothing changes and evaluation computes in the weights' own dtype.
+autocast; outside a run, or in an fp32 run, nothing changes and evaluation computes in the weights'
+own dtype.
+
+Autocast alone is slow on frozen float32 weights: it caches its bf16 copy of a weight only for
+tensors that require grad, so a frozen backbone's weights were cast again in every forward (a third
+of evaluation's time, measured in bench/RESULTS.md). Evaluation therefore casts the frozen float32
+weights to bf16 once for its duration and puts the originals back after (bit for bit: the float32
+tensors are kept, not re-cast): it computes as a backbone loaded with `model.dtype: bfloat16` does,
+with trained weights (LoRA, heads, the router) still float32 and cast by autocast.
 """
 from __future__ import annotations
 
@@ -27,10 +34,27 @@ def eval_dtype() -> torch.dtype | None:
     return _AUTOCAST.get(str(AcceleratorState().mixed_precision))
 
 
-def eval_autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """Autocast to the run's precision on `device` (the model's), or nothing outside a mixed-precision run."""
+@contextlib.contextmanager
+def eval_autocast(model: torch.nn.Module):
+    """Evaluate `model` in the run's precision: frozen float32 weights held in it, and autocast to it on
+    the model's device; nothing outside a mixed-precision run. Nested uses find the weights already cast."""
     dtype = eval_dtype()
-    device_type = torch.device(device).type
+    device_type = _device(model).type
     if dtype is None or device_type not in ("cpu", "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=dtype)
+        yield
+        return
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32]
+    originals = [p.data for p in frozen]
+    try:
+        for p in frozen:
+            p.data = p.data.to(dtype)
+        with torch.autocast(device_type, dtype=dtype):
+            yield
+    finally:
+        for p, data in zip(frozen, originals):
+            p.data = data
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
