@@ -33,15 +33,18 @@ def _option_groups(tok, renderer: Renderer, examples: list[Example]):
 def _accuracy(model, tok, renderer: Renderer, examples: list[Example], batch_size: int) -> dict:
     outcomes, samples = [0] * len(examples), []
     for options, indices, opt_ids in _option_groups(tok, renderer, examples):
-        for i in range(0, len(indices), batch_size):
-            chunk = indices[i:i + batch_size]
-            prompts = [tok(renderer.prompt_text(examples[k]), add_special_tokens=True)["input_ids"] for k in chunk]
-            best = score_options(model, prompts, opt_ids, tok.pad_token_id).argmax(-1)
-            for k, b in zip(chunk, best.tolist()):
-                ex = examples[k]
-                outcomes[k] = int(options[b] == ex.completion)
-                if len(samples) < 5:
-                    samples.append({"prompt": ex.prompt[:300], "predicted": options[b], "label": ex.completion})
+        prompts = {k: tok(renderer.prompt_text(examples[k]), add_special_tokens=True)["input_ids"] for k in indices}
+        by_length = sorted(indices, key=lambda k: -len(prompts[k]))  # batches of like lengths pad little
+        predicted = {}
+        for i in range(0, len(by_length), batch_size):
+            chunk = by_length[i:i + batch_size]
+            best = score_options(model, [prompts[k] for k in chunk], opt_ids, tok.pad_token_id).argmax(-1)
+            predicted.update(zip(chunk, best.tolist()))
+        for k in indices:  # in the examples' order, as the samples were always listed
+            ex, b = examples[k], predicted[k]
+            outcomes[k] = int(options[b] == ex.completion)
+            if len(samples) < 5:
+                samples.append({"prompt": ex.prompt[:300], "predicted": options[b], "label": ex.completion})
     return {"accuracy": sum(outcomes) / len(examples), "outcomes": outcomes, "samples": samples}
 
 

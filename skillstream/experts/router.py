@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import relative_depths
 from ..errors import UserError
+from ..evaluation.precision import eval_autocast
 from ..models.modes import eval_mode
 from .mixing import backbone_only
 
@@ -126,7 +127,7 @@ def pooled_features(model: torch.nn.Module, batch: dict, pooling: str = "mean",
     # positions counted over real tokens, so a left-padded prompt (generation) and a right-padded one
     # (training) give the same features
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    with backbone_only(model), eval_mode(model):
+    with backbone_only(model), eval_mode(model), eval_autocast(model):  # the run's precision (evaluation/precision.py)
         hidden = _hidden_at(transformer_body(model), depths, input_ids=batch["input_ids"], attention_mask=mask,
                             position_ids=positions, use_cache=False)
     pool = masked_mean if pooling == "mean" else last_real
