@@ -43,6 +43,19 @@ def test_smoke_run_completes_with_curriculum_and_ppo_metrics(tmp_path):
                 "val/num_eos_tokens", "reward/bash_structure"):
         assert key in ppo[0], key
     assert ppo[0]["val/ratio"] == 1.0 and ppo[0]["policy/clipfrac_avg"] == 0.0
+    # the validation loss per source at each curriculum refresh, never trained on
+    for name in ("nl2bash", "bfcl", "pydoc_topics"):
+        assert mixture[-1][f"curriculum/validation/{name}"] > 0
+    # best_final: validation on held-out prose and calls in both stages, best and final weights
+    validation = [json.loads(l) for l in (run / "validation.jsonl").read_text().splitlines()]
+    assert {v["stage"] for v in validation} == {"mixture", "ppo"} and all("val/prose/loss" in v for v in validation)
+    for which in ("best", "final"):
+        assert (run / "checkpoints" / which / "model.safetensors").is_file()
+    # generations from the fixed test prompts during PPO (every step under --smoke's sizes: at its end)
+    samples = [json.loads(l) for l in (run / "samples.jsonl").read_text().splitlines()]
+    assert {s["stage"] for s in samples} == {"ppo"}
+    assert samples[0]["prompt"] == "List all files in the current directory, including hidden ones, with their sizes."
+    assert len({s["prompt"] for s in samples}) == 6
     results = json.loads((run / "results.json").read_text())
     assert [s["name"] for s in results["stages"]] == ["mixture", "ppo"]
     weights = load_file(str(list_checkpoints(run / "checkpoints")[-1] / "weights.safetensors"))
@@ -73,6 +86,8 @@ def test_bad_settings_stop_before_the_run_directory_exists(tmp_path, override, m
 ARGS = [*TINY, "--set", "train.bf16=false", "--set", "data.eval.0.limit=2", "--set", "data.eval.0.max_new_tokens=4",
         "--set", "data.train.0.limit=16", "--set", "data.train.1.limit=16", "--set", "data.train.2.limit=16",
         "--set", "data.max_length=96", "--set", "plugins.0.freeze_interval=2", "--set", "plugins.0.sample_size=4",
+        "--set", "plugins.0.validation_size=4", "--set", "plugins.1.every=2", "--set", "plugins.1.sources.0.limit=2",
+        "--set", "plugins.1.sources.1.limit=2",
         "--set", "stages.0.train.steps=4", "--set", "stages.0.train.batch_size=4",
         "--set", "stages.1.train.steps=16", "--set", "stages.1.train.batch_size=4",
         "--set", "stages.1.train.checkpoint_every=3", "--set", "stages.1.train.log_every=1",

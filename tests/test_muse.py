@@ -55,8 +55,16 @@ def test_muse_smoke_writes_a_complete_run(smoke_run, tmp_path):
     assert abs(dpo[0]["loss"] - dpo[0]["nll/chosen"] - math.log(2)) < 0.05 and dpo[0]["nll/chosen"] > 0
 
     results = json.loads((run / "results.json").read_text())
-    assert results["tasks"] == ["bfcl"] and results["metric"] == {"bfcl": "ast_accuracy"}
+    assert results["tasks"] == ["bfcl", "tool_workflows", "arithmetic_tools"]
+    assert results["metric"] == {"bfcl": "ast_accuracy", "tool_workflows": "workflow_success",
+                                 "arithmetic_tools": "answer_accuracy"}
     assert len(results["matrix"]) == 3 and [s["name"] for s in results["stages"]] == ["sft", "pairs", "dpo"]
+    # stage sft trained on BFCL mixed with the Toolformer conversations the builder made at its start
+    toolformer = results["stages"][0]["built"]["toolformer.jsonl"]
+    assert toolformer["texts"] == 4 and toolformer["rows"] == 4 and toolformer["kept"] >= 4
+    tf_rows = load_examples(SourceConfig(source=str(run / "toolformer.jsonl")))
+    assert all(any(m.get("tool_calls") for m in ex.messages) for ex in tf_rows)
+    assert results["stages"][0]["examples"] == 8 + 4
     built = results["stages"][1]["built"]["pairs.jsonl"]
     assert built["prompts"] == 4 and built["pairs"] == len(rows) and built["samples"] == 8
     for details in [results["initial_details"][0]] + [row[0] for row in results["details"]]:
@@ -80,6 +88,11 @@ def test_muse_smoke_writes_a_complete_run(smoke_run, tmp_path):
     assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and before["rewards/accuracies"] == 0.0
     assert after["rewards/margins"] != before["rewards/margins"] and 0 <= after["rewards/accuracies"] <= 1
     assert "heldout" not in results["stages"][0] and "heldout" not in results["stages"][1]
+    # ... and while it trains (plugin preference_eval; every step under --smoke): the last is the 'after' score
+    evals = [m for m in dpo if "eval_rewards/accuracies" in m]
+    assert [m["step"] for m in evals] == [1, 2, 3] and all(m["eval_pairs"] == n for m in evals)
+    assert evals[-1]["eval_rewards/margins"] == pytest.approx(after["rewards/margins"], abs=1e-5)
+    assert evals[-1]["eval_preference_accuracy"] == heldout["after"]["preference_accuracy"]
 
     ev = run_cli("eval", str(run), cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-2000:]
@@ -158,7 +171,7 @@ def test_one_stage_at_a_time_hands_over_adapter_and_pairs(smoke_run, tmp_path, c
     # the DPO part of the loss (the loss less sft_weight 1.0 x NLL of the chosen answers) starts at log 2
     assert len(logged) == 3 and abs(logged[0]["loss"] - logged[0]["nll/chosen"] - math.log(2)) < 0.05
     r = dpo.results
-    assert r["tasks"] == ["bfcl"] and len(r["matrix"]) == 1 and r["initial_details"][0]["n"] == 3  # the full run's suite
+    assert r["tasks"] == ["bfcl", "tool_workflows", "arithmetic_tools"] and len(r["matrix"]) == 1 and r["initial_details"][0]["n"] == 3  # the full run's suite
     assert {"before", "after"} <= set(r["stages"][0]["heldout"])
 
     # no pairs in the run it starts from: the dpo stage builds them from the SFT adapter it loaded

@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 
 from ..data.batching import collate
+from ..data.render import IGNORE
 from ..errors import UserError
 from ..models.modes import eval_mode
 from ..objectives.lm import labelled_nll
@@ -316,14 +317,22 @@ class AutoCurriculum(Plugin):
         return [src[j] for j in picked]
 
     def _take_validation(self, i: int, stage: str) -> list:
-        """Source i's validation sample (module doc): taken out of training, disjoint from the probe."""
+        """Source i's validation sample (module doc): taken out of training, disjoint from the probe,
+        drawn among examples with a labelled token left after truncation (one cut before its answer
+        has no loss to measure, and would count as 0)."""
         src = self.plan.sources[i]  # what the probe left
         if len(src) < 2 * self.validation_size:
             name = self._names(stage, len(self.plan.sources))[i]
             raise UserError(f"plugins[auto_curriculum]: source {name!r} has {len(src)} training examples left after "
                             f"the probe, fewer than 2 x validation_size {self.validation_size}")
+        scored = [j for j, t in enumerate(src) if any(label != IGNORE for label in t.labels[1:])]
+        if len(scored) < self.validation_size:
+            name = self._names(stage, len(self.plan.sources))[i]
+            raise UserError(f"plugins[auto_curriculum]: source {name!r} has {len(scored)} examples with a labelled "
+                            f"token after truncation, fewer than validation_size {self.validation_size} "
+                            "(raise data.max_length)")
         rng = random.Random(f"{self.seed}:curriculum-validation:{stage}:{i}")
-        return self.plan.hold_out(i, sorted(rng.sample(range(len(src)), self.validation_size)))
+        return self.plan.hold_out(i, sorted(rng.sample(scored, self.validation_size)))
 
     def measure(self, model, losses: list[list[float]] | None = None) -> tuple[list[float], list[float]]:
         """(mean, variance) of the per-example loss of the model as it is now, per source (from

@@ -18,7 +18,7 @@ of chosen over rejected). The stage's scores before and after it trains stay whe
 Why a plugin: the engine runs plugins after every step with the stage's plan, objective and
 model; an evaluation is a hook, not part of any objective's loss. ``eval_steps`` must be a multiple
 of the stage's ``train.log_every`` (only log steps are written to metrics.jsonl), which is checked
-when the recipe is read.
+when the recipe is read. Under ``--smoke`` every step is evaluated.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ class PreferenceEval(Plugin):
         where = "plugins[preference_eval]"
         if not isinstance(eval_steps, int) or isinstance(eval_steps, bool) or eval_steps < 1:
             raise UserError(f"{where}: eval_steps must be a positive integer (got {eval_steps!r})")
+        if recipe is not None and recipe.smoke:  # a wiring check's stages are 3 steps long: evaluate each
+            eval_steps = 1
         self.eval_steps, self.stages, self.tok, self.renderer = eval_steps, stages, tokenizer, renderer
         self.batch_size = batch_size or (recipe.data.eval_batch_size if recipe is not None else 16)
         if recipe is not None:

@@ -98,7 +98,8 @@ def toolformer_chats(out: str | Path, *, model, tokenizer, renderer, recipe=None
                      candidates: str = "model", tau: float = 0.1, positions: int = 3, threshold: float = 0.0,
                      samples: int = 2, max_calls: int = 3, span: int = 5, seed: int | None = None) -> dict:
     """Write Toolformer-augmented chat conversations to ``out`` (JSONL); returns the counts (module doc).
-    Under ``--smoke`` at most 4 texts, one position and one sample each."""
+    Under ``--smoke`` (a wiring check) at most 4 texts, one position and one sample each, and every
+    executed call is kept: the smoke model has learnt nothing by which a call could lower its loss."""
     import torch
 
     where = "builder toolformer"
@@ -109,7 +110,7 @@ def toolformer_chats(out: str | Path, *, model, tokenizer, renderer, recipe=None
         raise UserError(f"{where}: candidates: arithmetic proposes calculator calls only (tools: [calculator])")
     executors = default_tools(tools)
     if recipe is not None and recipe.smoke:
-        limit, positions, samples = min(limit or 4, 4), 1, 1
+        limit, positions, samples, tau = min(limit or 4, 4), 1, 1, float("-inf")
     examples = load_examples(SourceConfig(source=corpus, split=split, limit=limit))
     seed = seed if seed is not None else (recipe.seed if recipe is not None else 0)
     rows, totals, without = [], {"proposed": 0, "parsed": 0, "executed": 0, "failed": 0, "kept": 0}, 0
