@@ -157,9 +157,10 @@ def steps_to(curve: list[tuple[int, float]], target: float) -> int | None:
 
 
 def table(results: list[dict], steps: int) -> str:
-    uniform = next(r for r in results if r["mode"] == "uniform")
-    target = uniform["final"]
-    lines = [f"Target: uniform's final validation loss on the learnable sources = {target:.4f} (after {steps} steps)", "",
+    reference = next((r for r in results if r["mode"] == "uniform"), results[0])  # --no-uniform: the first mode
+    target = reference["final"]
+    lines = [f"Target: {reference['mode']}'s final validation loss on the learnable sources = {target:.4f} "
+             f"(after {steps} steps)", "",
              "| strategy | steps to target | x uniform | final val loss | noise weight at step 0 / mean over 2nd half / end | final weights | s |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -189,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
     ap.add_argument("--modes", default="uniform,difficulty,bandit,hardest",
                     help="comma-separated: uniform, difficulty, difficulty-raw, difficulty-var, bandit, alignment, hardest, oracle")
+    ap.add_argument("--no-uniform", action="store_true",
+                    help="do not add the uniform mixture (the first mode is the reference; for comparing two settings)")
     ap.add_argument("--var-coef", type=float, default=1.0,
                     help="difficulty-var: the difficulty rule with signal = mean loss + VAR_COEF x its variance "
                          "(the seed's combination; `difficulty` uses the plugin's default)")
@@ -221,7 +224,7 @@ def main(argv=None) -> int:
         args.steps, args.eval_every, args.freeze_interval, args.sample_size = 12, 4, 4, 4
         args.batch_size, args.max_length, args.val_size = 4, 48, 4
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if "uniform" not in modes:
+    if "uniform" not in modes and not args.no_uniform:
         modes.insert(0, "uniform")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
