@@ -212,3 +212,38 @@ def test_a_calibrated_stream_learns_from_its_outcomes_reuses_the_returning_skill
     resumed = train_run(cfg, out=tmp_path / "run", resume=True, show_progress=False)
     assert resumed.results["novelty"] == whole.results["novelty"]  # decisions, outcomes and calibration alike
     assert resumed.results["matrix"] == whole.results["matrix"]
+
+
+def test_a_split_skill_is_merged_back_in_the_stream_and_a_resumed_run_merges_alike(tmp_path):
+    """bash, arithmetic, bash again, with a threshold above the returning bash chunks' similarity and
+    window 1: each returning chunk makes a new expert (a deliberately split skill), which has converged
+    with bash's expert (profiles alike, outputs within the KL bound) and is merged back into it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from skillstream.run import train as train_run
+    from test_dylora_moe import CrashAfter
+
+    cfg = returning_skill_recipe(tmp_path, novelty={"similarity_threshold": 0.7, "window": 1},
+                                 validation={"holdout": 2},
+                                 merge={"method": "ties", "similarity": 0.5, "max_output_kl": 0.05})
+    whole = train_run(cfg, out=tmp_path / "whole", show_progress=False)
+    decisions = [json.loads(x) for x in (whole.run_dir / "decisions.jsonl").read_text().splitlines()]
+    assert [d["decision"] for d in decisions] == ["create", "reuse", "create", "reuse", "create", "create"]
+    merges = [(e["merge"], e["into"]) for e in whole.results["lifecycle"]]
+    assert merges == [(["expert_0", "expert_2"], "expert_3"), (["expert_3", "expert_4"], "expert_5")]
+    assert whole.results["experts"] == ["expert_1", "expert_5"]
+    assert whole.results["skill_expert"] == {"bash_a": "expert_5", "math_a": "expert_1", "bash_b": "expert_5"}
+    assert sorted(p.name for p in (whole.run_dir / "experts").iterdir()) == ["expert_1", "expert_5", "pool.json"]
+
+    with pytest.raises(Exception) as crash:
+        train_run(cfg, out=tmp_path / "run", show_progress=False, plugins=[CrashAfter(9)])
+    assert type(crash.value).__name__ == "_Crash"
+    resumed = train_run(cfg, out=tmp_path / "run", resume=True, show_progress=False)
+    assert resumed.results["lifecycle"] == whole.results["lifecycle"]
+    assert resumed.results["matrix"] == whole.results["matrix"]
+    for name in ("expert_1", "expert_5"):
+        a = load_file(str(whole.run_dir / "experts" / name / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "run" / "experts" / name / "adapter_model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)

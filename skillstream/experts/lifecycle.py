@@ -139,6 +139,7 @@ class Lifecycle:
                                                           explore=cal.explore, explore_outcomes=cal.explore_outcomes)
                            if cfg.novelty.decider == "calibrated" else None)
         self.unused: dict[str, int] = {}      # chunks in a row no input was routed to the expert (pruning)
+        self.retired = 0                      # experts merged away or pruned (they no longer fill the pool)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # within one chunk (never checkpointed: a chunk is saved when it is done)
         self.outcome: dict | None = None      # the decision whose outcome the round measures
@@ -187,7 +188,7 @@ class Lifecycle:
             reusable = {n: p[n] for n in sims if upper[n] >= self.cfg.novelty.calibration.reuse_probability}
             calibrated = {"x": x, "p": p}
         record = self.novelty.observe(entropy, sims[best] if best else None, best, sims, reusable)
-        if record["decision"] == "create" and self.novelty.created > self.cfg.max_experts:
+        if record["decision"] == "create" and self.novelty.created - self.retired > self.cfg.max_experts:
             self.novelty.created -= 1  # the pool is full: the closest expert takes the skill
             self.novelty.current = record["expert"] = best
             record["decision"] = "reuse (pool full)"
@@ -350,6 +351,7 @@ class Lifecycle:
         self.unused[new] = min(self.unused.pop(a, 0), self.unused.pop(b, 0))
         for n in (a, b):
             self.pool.prune(n)
+        self.retired += 2
         self.index.invalidate()
         loss = self.trainer.refit(max(self.cfg.router.refit_steps, self.cfg.router.steps_per_chunk))
         return {"merge": [a, b], "into": new, "method": m.method, "weights": [round(x, 4) for x in weights],
@@ -363,6 +365,7 @@ class Lifecycle:
         for table in (self.profiles, self.novelty.history, self.schedule.steps, self.unused):
             table.pop(name, None)
         self.heldout.drop(name)
+        self.retired += 1
         self.index.invalidate()
 
     def learn_chunk(self, name: str, signals: list[TaskSignal], features: torch.Tensor, steps: int, step: int) -> float:
@@ -393,7 +396,7 @@ class Lifecycle:
             profiles.append({"tensors": tensors, "meta": meta})
         return {"pool": self.pool.metadata(), "novelty": self.novelty.state_dict(),
                 "schedule": self.schedule.state_dict(), "profiles": profiles,
-                "heldout": self.heldout.state_dict(), "unused": dict(self.unused),
+                "heldout": self.heldout.state_dict(), "unused": dict(self.unused), "retired": self.retired,
                 "calibrator": self.calibrator.state_dict() if self.calibrator is not None else None,
                 "router": {"config": self.router.config(), "weights": dict(self.router.state_dict())},
                 "memory": {"tensors": mem_tensors, "meta": mem_meta},
@@ -411,6 +414,7 @@ class Lifecycle:
         self.pool.records = {r.name: r for r in records}
         self.heldout.load_state_dict(state.get("heldout", {}))
         self.unused = dict(state.get("unused", {}))
+        self.retired = state.get("retired", 0)
         if self.calibrator is not None and state.get("calibrator") is not None:
             self.calibrator.load_state_dict(state["calibrator"])
         self.index.invalidate()

@@ -298,10 +298,11 @@ class StreamPlan(RunPlan):
             return
         record["lifecycle"] = events
         optimizer, t, names = self.expert_optimizer(), self.train_cfg, set(self.life.pool.names)
-        for group in [g for g in optimizer.param_groups if g["expert"] not in names]:
-            for param in group["params"]:
-                optimizer.state.pop(param, None)
-            optimizer.param_groups.remove(group)
+        for group in optimizer.param_groups:
+            if group["expert"] not in names:
+                for param in group["params"]:
+                    optimizer.state.pop(param, None)
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["expert"] in names]
         grouped = {g["expert"] for g in optimizer.param_groups}
         for name in self.life.pool.names:
             if name not in grouped:
