@@ -50,7 +50,11 @@ class ProfileIndex:
         return self.kind == "hnsw" and n_profiles >= self.exact_below
 
     def _rebuild(self, profiles: dict[str, ExpertProfile]) -> None:
-        import hnswlib  # the [ann] extra: needed only once a pool reaches exact_below experts
+        try:
+            import hnswlib  # the [ann] extra: needed only once a pool reaches exact_below experts
+        except ImportError:
+            raise UserError(f"experts.index.kind: hnsw needs hnswlib once the pool has {self.exact_below} experts "
+                            "(pip install 'skillstream[ann]'), or set experts.index.kind: exact") from None
 
         self.names = [n for n, p in profiles.items() if p.signal is not None]
         keys = torch.stack([key_vector(profiles[n].signal) for n in self.names]).numpy()
