@@ -156,6 +156,20 @@ def test_validation_per_source_is_held_out_and_scored_at_every_refresh(tmp_path)
               plugins=[AutoCurriculum(mixing="difficulty", freeze_interval=10, sample_size=6, validation_size=10)])
 
 
+def test_probe_and_validation_skip_examples_cut_before_their_answer():
+    """An item whose labels truncation removed has no loss: it is never drawn to be scored."""
+    answered = [Tokenized([1, 2, 3, k], [-100, -100, 3, k], False) for k in range(10, 30)]
+    cut = [Tokenized([1, 2, 3, k], [-100] * 4, True) for k in range(30, 50)]
+    plan = BatchPlan([answered + cut, answered], [1.0, 1.0], 4, seed=0)
+    curriculum = AutoCurriculum(sample_size=6, validation_size=4)
+    curriculum.plan = plan
+    probe, held = curriculum._take_sample(0, "main"), curriculum._take_validation(0, "main")
+    assert len(probe) == 6 and len(held) == 4 and all(t in answered for t in probe + held)
+    curriculum.plan = BatchPlan([cut, answered], [1.0, 1.0], 4, seed=0)
+    with pytest.raises(UserError, match="no example of source 'source0' keeps a labelled token after truncation"):
+        curriculum._take_sample(0, "main")
+
+
 def test_bandit_follows_exp3_on_a_scripted_reward_sequence():
     lr, gamma, k = 0.5, 0.1, 3
     s, p = [0.0, 0.0, 0.0], [1 / 3] * 3

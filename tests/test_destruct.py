@@ -85,8 +85,8 @@ def test_bad_settings_stop_before_the_run_directory_exists(tmp_path, override, m
 
 ARGS = [*TINY, "--set", "train.bf16=false", "--set", "data.eval.0.limit=2", "--set", "data.eval.0.max_new_tokens=4",
         "--set", "data.train.0.limit=16", "--set", "data.train.1.limit=16", "--set", "data.train.2.limit=16",
-        "--set", "data.max_length=96", "--set", "plugins.0.freeze_interval=2", "--set", "plugins.0.sample_size=4",
-        "--set", "plugins.0.validation_size=4", "--set", "plugins.1.every=2", "--set", "plugins.1.sources.0.limit=2",
+        "--set", "data.max_length=256", "--set", "plugins.0.freeze_interval=2", "--set", "plugins.0.sample_size=4",
+        "--set", "plugins.0.validation_size=0", "--set", "plugins.1.every=2", "--set", "plugins.1.sources.0.limit=2",
         "--set", "plugins.1.sources.1.limit=2",
         "--set", "stages.0.train.steps=4", "--set", "stages.0.train.batch_size=4",
         "--set", "stages.1.train.steps=16", "--set", "stages.1.train.batch_size=4",

@@ -209,6 +209,11 @@ def alignment_update(weights: list[float], matrix: list[list[float]], smoothing:
     return normalise([smoothing * w + (1 - smoothing) * t for w, t in zip(weights, target)], floor)
 
 
+def _scored(items) -> list[int]:
+    """Indices of the items with a labelled token (truncation can cut a conversation before its answer)."""
+    return [j for j, t in enumerate(items) if any(label != IGNORE for label in t.labels[1:])]
+
+
 class AutoCurriculum(Plugin):
     name = "curriculum"
 
@@ -302,7 +307,9 @@ class AutoCurriculum(Plugin):
         return [f"source{i}" for i in range(k)]
 
     def _take_sample(self, i: int, stage: str) -> list:
-        """Source i's fixed probe sample, drawn from its training examples. With `probe: held_out`
+        """Source i's fixed probe sample, drawn from its training examples that keep a labelled token
+        after truncation (at destruct's max_length 256 about half of BFCL's conversations do not, and
+        their loss would count as 0 in the difficulty). With `probe: held_out`
         it is also taken out of the training batches: scored on examples the model trains on, a
         source's progress is partly memorisation (bench/curriculum: nl2bash's 240 requests repeated
         4x in 300 steps, its probe loss fell to 3.0 while its validation loss stayed at 4.3). Held-out
@@ -311,7 +318,12 @@ class AutoCurriculum(Plugin):
         A source with fewer than 2 x sample_size examples keeps its sample in training."""
         src = self.plan.sources[i]
         rng = random.Random(f"{self.seed}:curriculum:{stage}:{i}")
-        picked = sorted(rng.sample(range(len(src)), min(self.sample_size, len(src))))
+        scored = _scored(src)  # an example cut before its answer has no loss: it would count as 0
+        if not scored:
+            name = self._names(stage, len(self.plan.sources))[i]
+            raise UserError(f"plugins[auto_curriculum]: no example of source {name!r} keeps a labelled token after "
+                            "truncation: nothing to score (raise data.max_length)")
+        picked = sorted(rng.sample(scored, min(self.sample_size, len(scored))))
         if self.probe == "held_out" and len(src) >= 2 * self.sample_size:
             return self.plan.hold_out(i, picked)
         return [src[j] for j in picked]
@@ -325,7 +337,7 @@ class AutoCurriculum(Plugin):
             name = self._names(stage, len(self.plan.sources))[i]
             raise UserError(f"plugins[auto_curriculum]: source {name!r} has {len(src)} training examples left after "
                             f"the probe, fewer than 2 x validation_size {self.validation_size}")
-        scored = [j for j, t in enumerate(src) if any(label != IGNORE for label in t.labels[1:])]
+        scored = _scored(src)
         if len(scored) < self.validation_size:
             name = self._names(stage, len(self.plan.sources))[i]
             raise UserError(f"plugins[auto_curriculum]: source {name!r} has {len(scored)} examples with a labelled "
