@@ -15,7 +15,7 @@ from skillstream.data.render import Renderer
 from skillstream.errors import UserError
 from skillstream.models.backbone import load_backbone
 from skillstream.objectives.lm import causal_lm_loss
-from skillstream.objectives.ppo import KLController, PPOObjective, gae, kl_per_token
+from skillstream.objectives.ppo import KLController, PPOObjective, gae, kl_per_token, masked_whiten
 from skillstream.objectives.rewards import Sample, parse_rewards
 from skillstream.run import attach_lora
 
@@ -242,3 +242,33 @@ def test_ppo_games_an_easy_reward_while_kl_stays_bounded():
     assert kls[0] == 0.0
     assert last > first + 0.08, scores
     assert max(kls) < 5.0, kls             # nats per response of up to 12 tokens: the leash holds
+
+
+def _whiten_on_two_processes(rank: int, init: str, x: torch.Tensor, mask: torch.Tensor, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+
+    def total(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    rows = slice(rank, None, 2)  # the engine gives process r rows r, r + 2, ... of the global batch
+    out[rank] = masked_whiten(x[rows], mask[rows], total)
+    dist.destroy_process_group()
+
+
+def test_advantages_are_whitened_over_the_whole_rollout_when_processes_share_it(tmp_path):
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g) * 3 + 1
+    mask = (torch.rand(6, 5, generator=g) > 0.3).float()
+    whole = masked_whiten(x, mask)  # one process with the whole rollout
+    out = mp.Manager().dict()
+    mp.spawn(_whiten_on_two_processes, args=(f"file://{tmp_path}/rendezvous", x, mask, out), nprocs=2)
+    torch.testing.assert_close(out[0], whole[0::2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[1], whole[1::2], rtol=0, atol=1e-5)
+    alone = masked_whiten(x[0::2], mask[0::2])  # what each process would do with its slice alone
+    assert not torch.allclose(alone, whole[0::2], atol=1e-3)

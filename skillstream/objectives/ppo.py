@@ -38,6 +38,7 @@ objective/* and reward/* values describe the latest rollout and repeat on its mi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -85,11 +86,31 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask) * (n / (n - 1).clamp(min=1))  # Bessel, as TRL
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, total: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+    """(x - mean) / std over the masked entries. `total` sums a tensor over every process (several
+    processes: each holds a slice of the rollout, and the mean and variance are the whole rollout's,
+    as one process computes them); None: this process's entries are the whole rollout."""
+    if total is None:
+        mean = masked_mean(x, mask)
+        n = mask.sum()
+        var = masked_mean((x - mean) ** 2, mask) * (n / (n - 1).clamp(min=1))  # Bessel, as TRL
+        return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+    s, n = total(torch.stack([(x * mask).sum(), mask.sum()]))
+    mean = s / n.clamp(min=1)
+    squares = total(((x - mean) ** 2 * mask).sum()[None])[0]
+    var = squares / n.clamp(min=1) * (n / (n - 1).clamp(min=1))
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def over_processes() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Sum over the run's processes (accelerate's all-reduce), or None in a single process."""
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+
+    if PartialState().num_processes == 1:
+        return None
+    return lambda t: reduce(t, reduction="sum")
 
 
 @dataclass
@@ -365,10 +386,16 @@ class PPOObjective(Objective):
         rewards[torch.arange(n, device=device), lengths - 1] += scores
         values = values * rmask
         advantages, returns = gae(rewards, values, rmask, self.gamma, self.lam)
+        total = over_processes()  # several processes: each sampled its slice of the rollout's prompts
         if self.whiten_advantages:
-            advantages = masked_whiten(advantages, rmask)
+            advantages = masked_whiten(advantages, rmask, total)
 
         mean_kl = float(kl.sum(1).mean())
+        rollout_size = n
+        if total is not None:  # the KL controller follows the whole rollout's KL, alike on every process
+            kl_sum, rollout_size = total(torch.tensor([float(kl.sum()), float(n)], dtype=torch.float64,
+                                                      device=device)).tolist()
+            mean_kl, rollout_size = kl_sum / rollout_size, int(rollout_size)
         self.stats = {
             "objective/kl": mean_kl,
             "objective/entropy": float((-logprobs * rmask).sum(1).mean()),
@@ -381,7 +408,7 @@ class PPOObjective(Objective):
             "val/num_eos_tokens": float(finished.sum()),
             **{f"reward/{k}": float(v.mean()) for k, v in per_term.items()},
         }
-        self.kl.update(mean_kl, n)
+        self.kl.update(mean_kl, rollout_size)
         self.buffer = {"ids": ids, "attention_mask": attn, "response_mask": rmask, "logprobs": logprobs,
                        "values": values, "advantages": advantages, "returns": returns, "order": order,
                        "prompt_width": width}
