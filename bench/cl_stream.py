@@ -2,6 +2,7 @@
 
     python bench/cl_stream.py --stream ../shared/data/glue_stream --quick      # the five methods below
     python bench/cl_stream.py --stream DIR --methods seq_lora,ewc_replay,expert_per_task,mtl [--record]
+    python bench/cl_stream.py --seeds 0,1,2 --record         # every method per seed; the headline is the mean over seeds
 
 Every method is the `adaptive_learner` recipe with overrides, run in a fresh subprocess on the
 same stream, seed, sizes and step budget:
@@ -103,7 +104,12 @@ def score_backbone(args, out: Path) -> float:
             "from skillstream.evaluation.memo import EvalMemo\n"
             "from skillstream.evaluation.suite import evaluate_all, prepare_eval_tasks\n"
             "from skillstream.models.backbone import load_backbone\n"
+            "from accelerate import Accelerator\n"
+            "from skillstream.model_setup import bf16_enabled\n"
             "cfg = load_recipe('adaptive_learner', overrides=json.loads(sys.argv[1]))\n"
+            # in the runs' precision (evaluation/precision.py reads it from the Accelerator): the memo
+            # keeps evaluations by precision, and the methods look theirs up in their own
+            "Accelerator(mixed_precision='bf16' if bf16_enabled(cfg.train.bf16, 'cpu') else 'no', cpu=True)\n"
             "model, tok = load_backbone(cfg.model.name, seed=cfg.seed)\n"
             "renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)\n"
             "tasks = prepare_eval_tasks(cfg, cfg.resolved_stages()[0][1])\n"
@@ -194,6 +200,30 @@ def table(rows: dict, protocol: str | None) -> str:
     return "\n".join(lines)
 
 
+def spread(values: list[float]) -> str:
+    """mean ± sample sd (min..max) of one number over seeds."""
+    import statistics
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f} ({min(values):.3f}..{max(values):.3f})"
+
+
+def headline(by_seed: dict[int, dict]) -> str:
+    """Each method's AvgAcc, BWT and AvgAcc / MTL as the mean over seeds with their spread."""
+    methods = list(next(iter(by_seed.values())))
+    lines = ["| method | AvgAcc | BWT | FWT | AvgAcc / MTL | seeds |", "|---|---:|---:|---:|---:|---:|"]
+    for m in methods:
+        res = [rows[m]["results"] for rows in by_seed.values()]
+        ratio = [r["avg_acc"] / rows["mtl"]["results"]["avg_acc"] for r, rows in zip(res, by_seed.values())
+                 if "mtl" in rows and rows["mtl"]["results"]["avg_acc"]]
+        lines.append(f"| {m} | {spread([r['avg_acc'] for r in res])} | {spread([r['bwt'] for r in res])} | "
+                     f"{spread([r['fwt'] for r in res])} | {spread(ratio) if ratio else 'n/a'} | {len(res)} |")
+    return "\n".join(lines)
+
+
 def skipped_note(stream: Path, invalid_labels: str) -> str:
     """One line naming the rows every method skipped (the same files and rows for all of them)."""
     if invalid_labels != "skip":
@@ -249,7 +279,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=None, help="steps per task (overrides the size)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="one seed (see --seeds)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds: every method runs once per seed, "
+                                                  "and a headline table gives the mean and spread over them")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     ap.add_argument("--jobs", type=int, default=None,
@@ -271,28 +303,42 @@ def main() -> None:
     if args.jobs < 1:
         print(f"error: --jobs {args.jobs}: expected a positive number", file=sys.stderr)
         sys.exit(2)
-    out = args.out or Path(tempfile.mkdtemp(prefix="cl_stream-"))
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
+    except ValueError:
+        print(f"error: --seeds {args.seeds!r}: expected comma-separated integers", file=sys.stderr)
+        sys.exit(2)
+    root = args.out or Path(tempfile.mkdtemp(prefix="cl_stream-"))
     t0 = time.time()
-    print("scoring the backbone once for every method ...", file=sys.stderr, flush=True)
-    backbone_s = score_backbone(args, out)
+    by_seed, sections = {}, []
+    for seed in seeds:
+        args.seed = seed
+        out = root / f"seed-{seed}" if len(seeds) > 1 else root
+        print(f"seed {seed}: scoring the backbone once for every method ...", file=sys.stderr, flush=True)
+        backbone_s = score_backbone(args, out)
 
-    def one(m: str) -> dict:
-        print(f"running {m} ...", file=sys.stderr, flush=True)
-        return run_method(m, args, out)
+        def one(m: str) -> dict:
+            print(f"seed {seed}: running {m} ...", file=sys.stderr, flush=True)
+            return run_method(m, args, out)
 
-    # methods are independent processes; with --jobs N, N of them share the machine at a time (on 2
-    # cores two 1-thread processes get more done than one 2-thread process at these batch sizes)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = dict(zip(methods, pool.map(one, methods)))
+        # methods are independent processes; with --jobs N, N of them share the machine at a time (on 2
+        # cores two 1-thread processes get more done than one 2-thread process at these batch sizes)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            rows = dict(zip(methods, pool.map(one, methods)))
+        by_seed[seed] = rows
+        sections.append(f"### seed {seed}\n\nGenerative exact match (main protocol):\n\n{table(rows, None)}\n\n"
+                        f"Option scoring:\n\n{table(rows, 'accuracy')}\n\n{pool_note(rows)}"
+                        f"{memo_note(rows, backbone_s)}{overhead_note(rows)}")
     wall = time.time() - t0
     size = "quick" if args.quick else "full"
     cmd = "python bench/cl_stream.py " + " ".join(sys.argv[1:])
-    text = (f"## {date.today()} cl_stream ({size}, {args.model}, seed {args.seed})\n\n`{cmd}` on "
-            f"{common.machine()}, stream {args.stream.name}, run dirs in {out}; "
-            f"{args.jobs} method(s) at a time, wall {wall / 60:.1f} min for the whole table\n\n"
+    text = (f"## {date.today()} cl_stream ({size}, {args.model}, seeds {', '.join(map(str, seeds))})\n\n`{cmd}` on "
+            f"{common.machine()}, stream {args.stream.name}, run dirs in {root}; "
+            f"{args.jobs} method(s) at a time, wall {wall / 60:.1f} min for the whole command\n\n"
             f"{skipped_note(args.stream, args.invalid_labels)}"
-            f"Generative exact match (main protocol):\n\n{table(rows, None)}\n\n"
-            f"Option scoring:\n\n{table(rows, 'accuracy')}\n\n{pool_note(rows)}{memo_note(rows, backbone_s)}{overhead_note(rows)}")
+            + (f"Headline, mean over {len(seeds)} seeds (sample sd; min..max), generative exact match:\n\n"
+               f"{headline(by_seed)}\n\n" if len(seeds) > 1 else "")
+            + "\n".join(sections))
     common.record(text, append=args.record)
 
 
