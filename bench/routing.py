@@ -496,7 +496,7 @@ def measure_scale(spec: dict, counts: list[int], runner=run_child) -> dict:
         for n in (counts if r % 2 == 0 else counts[::-1]):
             at = {**spec, "experts": n}
             runs[n]["selection"].append(runner("selection", at))
-            for mode in (("single", "peft_top1") if r % 2 == 0 else ("peft_top1", "single")):
+            for mode in () if not spec["serving"] else (("single", "peft_top1") if r % 2 == 0 else ("peft_top1", "single")):
                 runs[n][mode].append(runner("throughput", {**at, "mode": mode}))
     return runs
 
@@ -508,15 +508,16 @@ def scale_report(spec: dict, counts: list[int], runs: dict) -> str:
         sel = runs[n]["selection"]
         part = {k: [x for r in sel for x in r["parts"][k]] for k in sel[0]["parts"]}
         lookup = _median([r["lookup_each"] for r in sel])
-        single = _median([x for r in runs[n]["single"] for x in r["forward_tokens_per_s"]])
-        peft = _median([x for r in runs[n]["peft_top1"] for x in r["forward_tokens_per_s"]])
-        gsingle = _median([x for r in runs[n]["single"] for x in r["gen_tokens_per_s"]]) if spec["gen_tokens"] else None
-        gpeft = _median([x for r in runs[n]["peft_top1"] for x in r["gen_tokens_per_s"]]) if spec["gen_tokens"] else None
+        serve = spec["serving"]
+        single = _median([x for r in runs[n]["single"] for x in r["forward_tokens_per_s"]]) if serve else None
+        peft = _median([x for r in runs[n]["peft_top1"] for x in r["forward_tokens_per_s"]]) if serve else None
+        gsingle = _median([x for r in runs[n]["single"] for x in r["gen_tokens_per_s"]]) if serve and spec["gen_tokens"] else None
+        gpeft = _median([x for r in runs[n]["peft_top1"] for x in r["gen_tokens_per_s"]]) if serve and spec["gen_tokens"] else None
         rows[n] = {"route": ms(part["route_features"]) + ms(part["route_head"]), "route_head": ms(part["route_head"]),
                    "novelty": ms(part["novelty_signal"]) + 1000 * lookup, "lookup": 1000 * lookup,
                    "index": sel[0]["index"], "candidates": sel[0]["candidates"],
                    "single": single, "peft": peft, "gsingle": gsingle, "gpeft": gpeft,
-                   "rss": max(r["peak_rss_bytes"] for r in runs[n]["peft_top1"])}
+                   "rss": max(r["peak_rss_bytes"] for r in runs[n]["peft_top1"]) if serve else None}
     lo = rows[counts[0]]
     out = ["| experts | routing ms/batch (router head + hybrid ms) | novelty ms/chunk (lookup ms: index, similarity, decider) "
            "| compared in full | single adapter forward tok/s | PEFT adapter_names forward tok/s (ratio) "
@@ -525,17 +526,19 @@ def scale_report(spec: dict, counts: list[int], runs: dict) -> str:
     for n in counts:
         r = rows[n]
         gen = f"{r['gsingle']:.1f} / {r['gpeft']:.1f}" if r["gsingle"] else "-"
+        serving = (f"{r['single']:.0f} | {r['peft']:.0f} ({r['peft'] / r['single']:.2f}x) | {gen} | {r['rss'] / 1024 ** 3:.2f}"
+                   if r["single"] else "- | - | - | -")
         out.append(f"| {n} | {r['route']:.1f} ({r['route_head']:.3f}) | {r['novelty']:.0f} ({r['lookup']:.3f}) | "
-                   f"{r['candidates']} of {n} ({r['index']}) | {r['single']:.0f} | {r['peft']:.0f} ({r['peft'] / r['single']:.2f}x) | "
-                   f"{gen} | {r['rss'] / 1024 ** 3:.2f} |")
+                   f"{r['candidates']} of {n} ({r['index']}) | {serving} |")
     hi = rows[counts[-1]]
     ratio = lambda k: hi[k] / lo[k]  # noqa: E731
     out.append("")
     out.append(f"Cost at {counts[-1]} experts / cost at {counts[0]}: routing {ratio('route'):.2f}x "
                f"(head + hybrid alone {ratio('route_head'):.2f}x), novelty {ratio('novelty'):.2f}x "
                f"(lookup alone {ratio('lookup'):.2f}x); target < 2x: routing {verdict(ratio('route') < 2)}, "
-               f"novelty {verdict(ratio('novelty') < 2)}, lookup alone {verdict(ratio('lookup') < 2)}. "
-               f"PEFT adapter_names forward at {counts[-1]} experts / at {counts[0]}: {hi['peft'] / lo['peft']:.2f}x.")
+               f"novelty {verdict(ratio('novelty') < 2)}, lookup alone {verdict(ratio('lookup') < 2)}."
+               + (f" PEFT adapter_names forward at {counts[-1]} experts / at {counts[0]}: {hi['peft'] / lo['peft']:.2f}x."
+                  if hi["peft"] else " Serving not measured (--no-serving)."))
     out.append("")
     out.append(f"model {spec['model']}, LoRA r={spec['r']} on all linear layers; routing: a batch of {spec['batch_size']} NL2Bash "
                f"prompts, features at depths 0.4 and 0.6 (last token), a linear head over N experts, hybrid weights; "
@@ -659,7 +662,8 @@ def make_spec(args) -> dict:
             "warmup": pick(args.warmup, 1, 1), "reps": pick(args.reps, 2, 3), "rounds": pick(args.rounds, 1, 2),
             "gen_tokens": pick(args.gen_tokens, 4, 16), "gen_reps": pick(args.gen_reps, 2, 2),
             "verify_batches": pick(args.verify_batches, 1, 1), "logits": args.logits,
-            "memory_counts": [1, 2, 4, 8], "lookup_calls": args.lookup_calls, "signal_examples": args.signal_examples}
+            "memory_counts": [1, 2, 4, 8], "lookup_calls": args.lookup_calls, "signal_examples": args.signal_examples,
+            "serving": not args.no_serving}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -688,6 +692,8 @@ def parser() -> argparse.ArgumentParser:
                     help="comma-separated expert counts (e.g. 4,16,100): measure routing, novelty and PEFT adapter_names "
                          "serving at each (part 4) instead of parts 1-3")
     ap.add_argument("--lookup-calls", type=int, default=200, help="--scale: timed novelty lookups per process")
+    ap.add_argument("--no-serving", action="store_true",
+                    help="--scale: routing and novelty only (building 100 adapters per serving process takes minutes)")
     ap.add_argument("--signal-examples", type=int, default=8, help="--scale: examples in the chunk whose signal is read")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     return ap
