@@ -60,7 +60,15 @@ class TrainedModel:
         return self.run_dir / ("eval.json" if self.checkpoint is None else f"eval-{self.checkpoint}.json")
 
     def evaluate(self, write: bool = True) -> dict:
-        """Scores on the recipe's evaluation tasks; written to `eval_file`."""
+        """Scores on the recipe's evaluation tasks, in the precision the run trained (and was scored) in;
+        written to `eval_file`."""
+        from .evaluation.precision import precision_of_run
+        from .model_setup import bf16_enabled
+
+        with precision_of_run(bf16_enabled(self.config.train.bf16, next(self.model.parameters()).device.type)):
+            return self._evaluate(write)
+
+    def _evaluate(self, write: bool) -> dict:
         tasks = prepare_eval_tasks(self.config, self.config.resolved_stages()[0].data)
         if self.config.experts is not None:
             from collections import Counter

@@ -25,10 +25,28 @@ import torch
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+_declared: list[torch.dtype | None] = []  # precision_of_run's stack: evaluation of a finished run
+
+
+@contextlib.contextmanager
+def precision_of_run(bf16: bool):
+    """Evaluate as the run that trained the model did (`skillstream eval`, `load(run).evaluate()`): outside
+    that run there is no Accelerator to read the precision from, and a run trained in bf16 is scored in
+    bf16, so that its evaluation afterwards gives the numbers its results.json holds."""
+    _declared.append(torch.bfloat16 if bf16 else None)
+    try:
+        yield
+    finally:
+        _declared.pop()
+
+
 def eval_dtype() -> torch.dtype | None:
-    """The autocast dtype of the running Accelerator (None: no run, or a run in full precision)."""
+    """The autocast dtype of the running Accelerator, or of the finished run being evaluated
+    (None: no run, or a run in full precision)."""
     from accelerate.state import AcceleratorState, is_initialized
 
+    if _declared:
+        return _declared[-1]
     if not is_initialized():
         return None
     return _AUTOCAST.get(str(AcceleratorState().mixed_precision))
