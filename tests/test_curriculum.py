@@ -88,19 +88,24 @@ class _SeenItems(Plugin):
         return items
 
 
-@pytest.mark.parametrize("probe", ["held_out", "train"])
-def test_the_probe_sample_is_held_out_of_training(tmp_path, probe):
-    """With probe: held_out no example the curriculum scores is ever in a training batch."""
+def _two_word_sources(tmp_path, steps: int) -> dict:
+    """A full-model tiny recipe over two sources of 24 random-word texts each."""
     rng = random.Random(1)
     words = "red green blue cat dog sun moon tree river stone".split()
     for name in ("a", "b"):
         (tmp_path / f"{name}.jsonl").write_text("".join(
             json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) + "\n" for _ in range(24)))
-    recipe = {"name": "cur", "model": {"name": "tiny", "freeze_backbone": False}, "lora": None, "report_to": [],
-              "data": {"max_length": 32, "train": [{"source": str(tmp_path / "a.jsonl")},
-                                                   {"source": str(tmp_path / "b.jsonl")}]},
-              "train": {"steps": 30, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "log_every": 10,
-                        "checkpoint_every": 100, "schedule": "constant", "bf16": False}}
+    return {"name": "cur", "model": {"name": "tiny", "freeze_backbone": False}, "lora": None, "report_to": [],
+            "data": {"max_length": 32, "train": [{"source": str(tmp_path / "a.jsonl")},
+                                                 {"source": str(tmp_path / "b.jsonl")}]},
+            "train": {"steps": steps, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "log_every": 10,
+                      "checkpoint_every": 100, "schedule": "constant", "bf16": False}}
+
+
+@pytest.mark.parametrize("probe", ["held_out", "train"])
+def test_the_probe_sample_is_held_out_of_training(tmp_path, probe):
+    """With probe: held_out no example the curriculum scores is ever in a training batch."""
+    recipe = _two_word_sources(tmp_path, steps=30)
     curriculum = AutoCurriculum(mixing="difficulty", freeze_interval=10, sample_size=6, probe=probe)
     seen = _SeenItems()
     train(recipe, out=tmp_path / "run", show_progress=False, plugins=[curriculum, seen])
@@ -115,16 +120,7 @@ def test_the_probe_sample_is_held_out_of_training(tmp_path, probe):
 def test_validation_per_source_is_held_out_and_scored_at_every_refresh(tmp_path):
     """validation_size: a second held-out sample per source, disjoint from the probe and from training,
     whose loss per source is logged at each refresh (hand-checked against per_example_loss)."""
-    rng = random.Random(1)
-    words = "red green blue cat dog sun moon tree river stone".split()
-    for name in ("a", "b"):
-        (tmp_path / f"{name}.jsonl").write_text("".join(
-            json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) + "\n" for _ in range(24)))
-    recipe = {"name": "cur", "model": {"name": "tiny", "freeze_backbone": False}, "lora": None, "report_to": [],
-              "data": {"max_length": 32, "train": [{"source": str(tmp_path / "a.jsonl")},
-                                                   {"source": str(tmp_path / "b.jsonl")}]},
-              "train": {"steps": 20, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "log_every": 10,
-                        "checkpoint_every": 100, "schedule": "constant", "bf16": False}}
+    recipe = _two_word_sources(tmp_path, steps=20)
     curriculum = AutoCurriculum(mixing="difficulty", freeze_interval=10, sample_size=6, validation_size=4)
     seen = _SeenItems()
 
