@@ -169,18 +169,19 @@ def test_loss_high_is_relative_to_the_stages_first_losses_unless_loss_max_is_set
             mon.check(ctx(stage), loss, 1.0, None)
         return [kind for kind, _ in raised]
 
-    mon = Monitor(spike_factor=100.0, cooldown=0)  # the spike warning stays out of the way
+    # the loss rule alone (stats=False: no activation hooks, this context has no model)
+    mon = Monitor(spike_factor=100.0, cooldown=0, stats=False)  # the spike warning stays out of the way
     mon.before_stage(ctx())
     assert feed(mon, [2.0] * 10 + [5.9]) == []                    # the reference: mean 2.0, bound 6.0
     assert feed(mon, [6.1]) == ["loss_high"]
     assert raised[0][1] == "loss 6.100 > 6.000 (3.0 x the mean 2.000 of the stage's first 10 steps)"
     mon.before_stage(ctx("t"))                                    # a new stage measures its own start
     assert feed(mon, [0.5] * 10 + [1.6], "t") == ["loss_high"]
-    resumed = Monitor(spike_factor=100.0, cooldown=0)           # ... which a resumed run keeps
+    resumed = Monitor(spike_factor=100.0, cooldown=0, stats=False)         # ... which a resumed run keeps
     resumed.load_state_dict(mon.state_dict())
     resumed.before_stage(ctx("t", step=40))
     assert feed(resumed, [1.4, 1.6], "t") == ["loss_high"]
-    absolute = Monitor(loss_max=10.0)                             # an explicit bound, from the first step
+    absolute = Monitor(loss_max=10.0, stats=False)                           # an explicit bound, from the first step
     absolute.before_stage(ctx())
     assert feed(absolute, [10.8]) == ["loss_high"] and raised[0][1] == "loss 10.800 > 10.000 (loss_max)"
 
