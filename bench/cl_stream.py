@@ -167,18 +167,13 @@ def with_ci(value, ci) -> str:
 def minus_mtl(r: dict, mtl: dict) -> str:
     """AvgAcc minus MTL's on the same test examples, with its paired-bootstrap 95% interval; '*' where
     the interval excludes 0."""
-    from skillstream.evaluation.intervals import bootstrap_matrix
+    from skillstream.evaluation.intervals import row_difference
 
-    def outcomes(row):
-        return [c.get("outcomes") for c in row]
-    initial, pair = outcomes(r["initial_details"]), [outcomes(r["details"][-1]), outcomes(mtl["details"][-1])]
-    if any(o is None for o in initial + pair[0] + pair[1]):
+    diff = row_difference(r["initial_details"], mtl["details"][-1], r["details"][-1])
+    if diff is None or diff["ci95"] is None:
         return "n/a"
-    ci = bootstrap_matrix(initial, pair, lambda i, m: sum(m[0]) / len(m[0]) - sum(m[1]) / len(m[1]))
-    if ci is None:
-        return "n/a"
-    star = "*" if ci[0] > 0 or ci[1] < 0 else ""
-    return f"{r['avg_acc'] - mtl['avg_acc']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]{star}"
+    ci = diff["ci95"]
+    return f"{r['avg_acc'] - mtl['avg_acc']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]{'*' if diff['excludes_zero'] else ''}"
 
 
 def table(rows: dict, protocol: str | None) -> str:

@@ -103,3 +103,17 @@ def shown(value: float | None, ci: list[float] | None = None, digits: int = 4) -
     if value is None:
         return "-"
     return f"{value:.{digits}f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.{digits}f}"
+
+
+def row_difference(initial: list[dict], row_a: list[dict], row_b: list[dict]) -> dict | None:
+    """Mean score of evaluation row `row_b` minus `row_a`'s (the same tasks, the same examples), with the
+    paired-bootstrap 95% interval of the difference and of `row_b`'s mean; None where a row lacks outcomes."""
+    outs = [[r.get("outcomes") for r in row] for row in (initial, row_a, row_b)]
+    if any(o is None for row in outs for o in row):
+        return None
+
+    def mean(row):
+        return sum(row) / len(row)
+    ci = bootstrap_matrix(outs[0], outs[1:], lambda i, m: mean(m[1]) - mean(m[0]))
+    return {"ci95": ci, "excludes_zero": ci is not None and (ci[0] > 0 or ci[1] < 0),
+            "b_ci95": bootstrap_matrix(outs[0], outs[1:], lambda i, m: mean(m[1]))}

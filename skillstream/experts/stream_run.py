@@ -411,22 +411,16 @@ def _oracle_row(life, tok, renderer, tasks, cfg, oracle: dict[str, str], results
 def _oracle_intervals(results: dict, oracle_row: list[dict]) -> dict:
     """The oracle's AvgAcc interval, and the routed AvgAcc minus the oracle's with its paired interval
     (the same examples, resampled together), where every row carries per-example outcomes."""
-    from ..evaluation.intervals import bootstrap_matrix
-
-    def outcomes(row):
-        return [r.get("outcomes") for r in row]
-
-    def mean_of(scores):
-        return sum(scores) / len(scores)
+    from ..evaluation.intervals import row_difference
 
     if not oracle_row or not results["details"]:
         return {}
-    initial, pair = outcomes(results["initial"]), [outcomes(results["details"][-1]), outcomes(oracle_row)]
-    if any(o is None for o in initial + pair[0] + pair[1]):
+    # oracle minus routed, negated into routed minus oracle
+    diff = row_difference(results["initial"], results["details"][-1], oracle_row)
+    if diff is None:
         return {}
-    gap = bootstrap_matrix(initial, pair, lambda i, m: mean_of(m[0]) - mean_of(m[1]))
-    return {"avg_acc_ci95": bootstrap_matrix(initial, pair, lambda i, m: mean_of(m[1])),
-            "routed_minus_oracle": {"ci95": gap, "excludes_zero": gap is not None and (gap[0] > 0 or gap[1] < 0)}}
+    gap = None if diff["ci95"] is None else [-diff["ci95"][1], -diff["ci95"][0]]
+    return {"avg_acc_ci95": diff["b_ci95"], "routed_minus_oracle": {"ci95": gap, "excludes_zero": diff["excludes_zero"]}}
 
 
 def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, run: RunState, seconds, main) -> dict:
