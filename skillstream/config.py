@@ -231,6 +231,7 @@ class RouterConfig(_Strict):
     capacity_per_expert: int = Field(64, gt=0, description="Stored features per expert (reservoir).")
     maturity_threshold: float = Field(0.5, ge=0, le=1, description="Hybrid policy: inputs whose top expert's maturity is at least this are served by their top-k experts alone, others by the dense mix.")
     top_k: int = Field(1, gt=0, description="Experts that serve an input sparsely.")
+    mixture_lr: float = Field(1e-3, gt=0, description="experts.training: dense_to_sparse: the rate (AdamW, no weight decay) at which the task loss's gradient through the mixture moves the router, in the experts' optimizer.")
     mature_steps: int = Field(20, gt=0, description="Steps an expert trains before it counts as mature (with a flat validation trend).")
     eval_examples: int = Field(40, ge=0, description="Held-out prompts per task on which routing accuracy is measured (the router alone reads them, so more than the generation evaluation's few are cheap); 0 = the evaluation's own examples.")
 
@@ -284,6 +285,8 @@ class ExpertsConfig(_Strict):
     prefix: str = Field("expert_", description="Experts are named PREFIX0, PREFIX1, ... in creation order.")
     max_experts: int = Field(8, gt=0, description="At most this many experts; beyond it the best match is reused.")
     fork: bool = Field(False, description="Warm-start a new expert from the best-matching one instead of a fresh LoRA.")
+    training: Literal["hard", "dense_to_sparse"] = Field("hard", description="hard: a chunk trains the one expert its decision names, alone; dense_to_sparse: a chunk trains the router and every expert through the router's weighted mixture (dense while an input's top expert is immature, its top-k with a load-balancing term once that expert is mature), so the router learns from the task loss.")
+    load_balance: float = Field(0.01, ge=0, description="dense_to_sparse: weight of the Switch/GShard load-balancing term, n_experts * sum_i (share of inputs delegated to expert i) * (mean router probability of i), over the inputs delegated sparsely.")
     novelty: NoveltyConfig = Field(default_factory=NoveltyConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     seeding: PhaseConfig = Field(default_factory=lambda: PhaseConfig(lr=1e-3, steps=16))

@@ -79,6 +79,8 @@ class ExpertLR(Plugin):
         return phase_lr(self.steps.get(expert, 0), self.cfg.seeding, self.cfg.consolidation)
 
     def group_lr(self, ctx: StepContext, group: dict, lr: float) -> float:
+        if group.get("router"):  # dense_to_sparse: the router in the experts' optimizer
+            return self.cfg.router.mixture_lr
         return self.rate(group["expert"]) if "expert" in group else lr
 
     def after_step(self, ctx: StepContext, metrics: dict) -> dict:
@@ -368,12 +370,21 @@ class Lifecycle:
         self.retired += 1
         self.index.invalidate()
 
-    def learn_chunk(self, name: str, signals: list[TaskSignal], features: torch.Tensor, steps: int, step: int) -> float:
-        """After the expert trained on chunks: refresh its profile, count its steps, train the router."""
+    def learn_chunk(self, name: str, signals: list[TaskSignal], features: torch.Tensor, steps: int, step: int,
+                    *, router: bool = True) -> float:
+        """After the expert trained on chunks: refresh its profile, count its steps, train the router
+        (router=False: it was taught the chunk before the experts trained, see `route_chunk`)."""
         for signal in signals:
             self.profiles.setdefault(name, ExpertProfile(name)).refresh(signal, step)
         self.index.invalidate()
         self.pool.record_training(name, steps)
+        return self.route_chunk(name, features) if router else float("nan")
+
+    def route_chunk(self, name: str, features: torch.Tensor) -> float:
+        """The router learns that the chunk's inputs belong to `name` (cross-entropy with feature replay,
+        then the refit on its memory). dense_to_sparse calls it before the chunk trains through the
+        mixture, so the mixture already weighs the decided expert (a new expert's router class starts at
+        zero: otherwise the old experts would take the new skill's gradient)."""
         return self.trainer.learn_chunk(features, self.index_of(name), self.cfg.router.steps_per_chunk,
                                         self.cfg.router.refit_steps)
 

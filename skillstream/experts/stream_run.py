@@ -19,6 +19,7 @@ import json
 import random
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ from ..monitor.progress import Progress
 from ..run_files import EXPERTS, protocol_summaries, remembered
 from ..driver import RunPlan, UnitSaver
 from ..run_state import DECISIONS, SKILL_STREAM, Restored, RunSetup, RunState, StreamState
+from .dense import MixtureObjective, synced_router_grads
 from .lifecycle import Lifecycle, chunk_steps, expert_groups
 from .routed import routed
 
@@ -158,6 +160,7 @@ class StreamPlan(RunPlan):
         self.life = Lifecycle(setup.model, setup.tok, setup.renderer, cfg.experts, seed=cfg.seed,
                               max_length=cfg.data.max_length)
         self.train_cfg, self.objective = setup.stages[0].train_cfg, setup.stages[0].objective
+        self.dense = cfg.experts.training == "dense_to_sparse"
         self.last_of_skill = {c.skill: c.index for c in self.chunks}
         self.optimizer: torch.optim.Optimizer | None = None  # built once the experts exist (after a restore)
         self.progress: Progress | None = None
@@ -190,7 +193,27 @@ class StreamPlan(RunPlan):
             t = self.train_cfg
             groups = [g for name in self.life.pool.names for g in expert_groups(self.life.pool, name, t.weight_decay)]
             self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
+            self._sync_router_group()
         return self.optimizer
+
+    def _sync_router_group(self) -> None:
+        """dense_to_sparse: the router's parameters are the optimizer's last group (the task loss moves
+        them with the experts). A new expert, a merge or a prune replaces the router's head: its group
+        (and Adam state) is then rebuilt, last, as a resumed run builds it."""
+        if not self.dense:
+            return
+        optimizer, params = self.optimizer, list(self.life.router.parameters())
+        old = [g for g in optimizer.param_groups if g.get("router")]
+        if len(old) == 1 and old[0] is optimizer.param_groups[-1] and len(old[0]["params"]) == len(params) \
+                and all(a is b for a, b in zip(old[0]["params"], params)):
+            return
+        for g in old:
+            for param in g["params"]:
+                optimizer.state.pop(param, None)
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if not g.get("router")]
+        t = self.train_cfg
+        optimizer.add_param_group({"params": params, "weight_decay": 0.0, "router": True,
+                                   "lr": self.setup.cfg.experts.router.mixture_lr, "betas": t.betas})
 
     def saved_weights(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.setup.model.named_parameters() if "lora_" in n}
@@ -268,10 +291,14 @@ class StreamPlan(RunPlan):
             stream.pending = []
             for target in sorted(plan, key=lambda n: n == name):  # the decided expert trains last
                 batch = [chunks[i] for i, _, _ in plan[target]]
+                feats = torch.cat([f for _, _, f in plan[target]])
+                if self.dense:  # the router learns where the chunk goes first, then trains through the mixture
+                    router_loss = life.route_chunk(target, feats)
                 state = self._train_expert(target, batch, stream.global_step)
                 _count_by_skill(stream, batch, target, state.step, state.seconds, state.tokens)
-                router_loss = life.learn_chunk(target, [sg for _, sg, _ in plan[target]],
-                                               torch.cat([f for _, _, f in plan[target]]), state.step, stream.global_step)
+                loss = life.learn_chunk(target, [sg for _, sg, _ in plan[target]], feats, state.step,
+                                        stream.global_step, router=not self.dense)
+                router_loss = router_loss if self.dense else loss
                 stream.global_step += state.step
             record.update(trained=name, chunks_trained=[i for i, _, _ in plan[name]], steps=state.step,
                           seconds=round(state.seconds, 2), router_loss=router_loss, lr=life.schedule.rate(name),
@@ -298,16 +325,17 @@ class StreamPlan(RunPlan):
             return
         record["lifecycle"] = events
         optimizer, t, names = self.expert_optimizer(), self.train_cfg, set(self.life.pool.names)
-        for group in optimizer.param_groups:
-            if group["expert"] not in names:
-                for param in group["params"]:
-                    optimizer.state.pop(param, None)
-        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["expert"] in names]
+        gone = [g for g in optimizer.param_groups if "expert" in g and g["expert"] not in names]
+        for group in gone:
+            for param in group["params"]:
+                optimizer.state.pop(param, None)
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if not any(g is x for x in gone)]
         grouped = {g["expert"] for g in optimizer.param_groups}
         for name in self.life.pool.names:
             if name not in grouped:
                 for g in expert_groups(self.life.pool, name, t.weight_decay):
                     optimizer.add_param_group({**g, "lr": t.lr, "betas": t.betas})
+        self._sync_router_group()  # the merge or prune replaced the router's head
         for event in events:
             if "into" in event:
                 for experts in stream.assignments.values():
@@ -315,12 +343,21 @@ class StreamPlan(RunPlan):
 
     def _train_expert(self, name: str, batch: list[Chunk], global_step: int) -> StageState:
         """The named expert alone trains (PEFT's own single-adapter path) on the chunks' examples, through
-        the engine like a stage (with several processes, the model is wrapped for these steps)."""
+        the engine like a stage (with several processes, the model is wrapped for these steps).
+        dense_to_sparse: every expert and the router train through the router's mixture instead, the
+        named expert's steps counted (experts/dense.py)."""
         setup, life, cfg = self.setup, self.life, self.setup.cfg
         accelerator = setup.accelerator
-        life.pool.set_trainable([name])
         life.model.set_adapter(name)
+        life.pool.set_trainable(life.pool.names if self.dense else [name])
         life.schedule.current = name
+        objective = self.objective
+        if self.dense:
+            r = cfg.experts.router
+            objective = MixtureObjective(self.objective, life.model, life.router, life.pool.names, life.maturities(),
+                                         threshold=r.maturity_threshold, top_k=r.top_k, balance=cfg.experts.load_balance,
+                                         eos_id=setup.tok.eos_token_id)
+            self._sync_router_group()
         items = life.begin_round(name, [(c.index, c.items) for c in batch])  # a few held out with validation on
         world = accelerator.num_processes
         st_cfg = life_stage_cfg(cfg, self.train_cfg, len(items), world)
@@ -330,11 +367,12 @@ class StreamPlan(RunPlan):
         model, optimizer = setup.model, self.expert_optimizer()
         if accelerator.num_processes > 1:
             model, optimizer = accelerator.prepare(model, optimizer)
-        state = train_stage(accelerator=accelerator, model=model, optimizer=optimizer, objective=self.objective,
-                            plan=plan, cfg=st_cfg, stage=self.unit_name(batch[-1].index), stage_index=batch[-1].index,
-                            state=StageState(), plugins=[life.schedule, *setup.plugins],  # its state rides in the lifecycle's
-                            log=setup.log.tagged(stage_index=batch[-1].index), pad_id=setup.tok.pad_token_id,
-                            checkpoint=None, show_progress=False, vocab_size=len(setup.tok), global_step=global_step)
+        with synced_router_grads(life.router, accelerator) if self.dense else nullcontext():
+            state = train_stage(accelerator=accelerator, model=model, optimizer=optimizer, objective=objective,
+                                plan=plan, cfg=st_cfg, stage=self.unit_name(batch[-1].index), stage_index=batch[-1].index,
+                                state=StageState(), plugins=[life.schedule, *setup.plugins],  # its state rides in the lifecycle's
+                                log=setup.log.tagged(stage_index=batch[-1].index), pad_id=setup.tok.pad_token_id,
+                                checkpoint=None, show_progress=False, vocab_size=len(setup.tok), global_step=global_step)
         if accelerator.num_processes > 1:
             setup.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         life.end_round(name)
