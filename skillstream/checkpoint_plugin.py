@@ -12,7 +12,8 @@ objective's token cross-entropy, or for objectives that have none -- DPO, PPO --
 of the sources' completions, so every stage of a recipe is measured alike;
 ``val/<name>/bits`` = loss / ln 2, bits per byte for the byte tokenizer) and their mean
 ``val/loss``. The records go to ``validation.jsonl`` in the run directory (and, on log steps, to
-metrics.jsonl). Where they land, all safetensors of the whole model (``safetensors.torch.save_model``):
+metrics.jsonl). Where they land, all safetensors of the whole model (as ``safetensors.torch.save_model``
+writes it: tied weights once; gathered whole first where FSDP shards the model):
 
 * ``checkpoints/best/model.safetensors`` + ``best.json`` (step, stage, global step, val losses) --
   rewritten whenever ``val/loss`` is lower than every earlier validation of the run;
@@ -142,17 +143,21 @@ class BestFinalCheckpoints(Plugin):
 
     def _save(self, ctx, which: str, info: dict) -> None:
         run_dir = self._run_dir(ctx)
-        if run_dir is None or not self._main(ctx):
+        if run_dir is None:
             return
-        from safetensors.torch import save_model
-        acc = ctx.accelerator
-        model = acc.unwrap_model(ctx.model) if acc is not None else ctx.model
-        root = run_dir / CHECKPOINTS
+        from safetensors.torch import save_file
         from .checkpoint import require_finite
-        require_finite(model.state_dict(), f"{root / which}")
+        from .sharding import model_state
+        # every process takes part in gathering the whole model (FSDP shards it); the main process writes
+        acc = ctx.accelerator
+        state = model_state(acc, acc.unwrap_model(ctx.model) if acc is not None else ctx.model)
+        if not self._main(ctx):
+            return
+        root = run_dir / CHECKPOINTS
+        require_finite(state, f"{root / which}")
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{which}-", dir=root))
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / f"{which}.json").write_text(json.dumps(info, indent=1))
         final = root / which
         if final.exists():

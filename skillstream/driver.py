@@ -86,7 +86,7 @@ class UnitSaver:
         run.stage_state = stage_state
         run.save_plugins(setup.plugins)
         weights = self.plan.saved_parts(run, self.index)
-        save_run(setup.accelerator, setup.ckpt_dir, run, weights, self.optimizer,
+        save_run(setup.accelerator, setup.ckpt_dir, run, weights, setup.model, self.optimizer,
                  keep=self.plan.keep_checkpoints(self.index))
 
 

@@ -155,6 +155,8 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
         if cfg.experts is not None:
             from .experts.stream_run import check_stream_recipe
             check_stream_recipe(cfg, stages, eval_tasks)
+        from .sharding import check_recipe, enable_fsdp_on_cpu
+        check_recipe(cfg)  # what FSDP / DeepSpeed cannot shard
 
         # Input is valid: from here on we write the run directory (the main process; every process has
         # checked it above before any of them writes).
@@ -180,9 +182,12 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
             AcceleratorState._reset_state(True)
         accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", project_dir=str(run_dir), cpu=cpu,
                                   log_with=build_trackers(cfg.report_to, run_dir, cfg.name) or None)
-        if cpu and accelerator.is_main_process and any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"
-                                                       for k in ("FSDP", "DEEPSPEED")):
-            print("note: accelerate enables neither FSDP nor DeepSpeed on CPU: this runs as plain DDP (gloo)", flush=True)
+        if cpu and enable_fsdp_on_cpu(accelerator):
+            if accelerator.is_main_process:
+                print("note: FSDP2 on CPU (gloo): accelerate enables FSDP only on GPUs, skillstream turns it on here",
+                      flush=True)
+        elif cpu and accelerator.is_main_process and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            print("note: accelerate does not enable DeepSpeed on CPU: this runs as plain DDP (gloo)", flush=True)
         try:
             log = MetricsLog(run_dir, accelerator, enabled=accelerator.is_main_process)
             return _run(RunSetup(cfg, run_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from .config import RecipeConfig
 from .continual.metrics import summarize
 from .data.examples import skipped_rows
@@ -29,27 +31,32 @@ def expert_names(cfg: RecipeConfig) -> list[str]:
     return [st.name for st in cfg.resolved_stages()] if cfg.lora.per_stage else [DEFAULT_EXPERT]
 
 
-def save_model_files(model, run_dir: Path, lora: bool) -> None:
-    """experts/default/ (a PEFT adapter folder) or, without LoRA, model/model.safetensors; atomically."""
+def save_model_files(model, run_dir: Path, weights: dict[str, torch.Tensor], lora: bool) -> None:
+    """experts/NAME/ (PEFT adapter folders) or, without LoRA, model/model.safetensors; atomically.
+    `weights`: the adapters (or the whole model's state) whole, as sharding.whole / model_state
+    gather them on every process (under FSDP the model's own parameters are this process's shards)."""
     final = run_dir / (EXPERTS if lora else FULL_MODEL)
     tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     from .checkpoint import require_finite
-    require_finite({n: p for n, p in model.named_parameters() if not lora or "lora_" in n}, f"{run_dir}/{final.name}")
+    require_finite(weights, f"{run_dir}/{final.name}")
     if lora:
         for name in model.peft_config:  # each expert as its own standard PEFT adapter folder
-            model.save_pretrained(str(tmp if name != DEFAULT_EXPERT else tmp / DEFAULT_EXPERT), selected_adapters=[name])
+            model.save_pretrained(str(tmp if name != DEFAULT_EXPERT else tmp / DEFAULT_EXPERT), selected_adapters=[name],
+                                  state_dict=weights)
     else:
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
         tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
 
-def finish_run(cfg: RecipeConfig, run_dir: Path, model, eval_tasks: list[EvalTask], results: dict) -> dict:
-    """What a finished run leaves: its model files and results.json (the accuracy-matrix summary), returned."""
-    save_model_files(model, run_dir, lora=cfg.lora is not None)
+def finish_run(cfg: RecipeConfig, run_dir: Path, model, weights: dict[str, torch.Tensor], eval_tasks: list[EvalTask],
+               results: dict) -> dict:
+    """What a finished run leaves: its model files (from `weights`, see save_model_files) and
+    results.json (the accuracy-matrix summary), returned."""
+    save_model_files(model, run_dir, weights, lora=cfg.lora is not None)
 
     names = [t.name for t in eval_tasks]
     final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},

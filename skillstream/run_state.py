@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import sharding
 from .data.batching import Position
 from .engine import StageState
 from .errors import UserError
@@ -55,6 +56,7 @@ class RunState:
     objective: dict = field(default_factory=dict)             # the stage objective's state_dict
     lifecycle: dict = field(default_factory=dict)             # a stream's experts, router and profiles
     processes: int = 1                                        # the global batch is split over these
+    fsdp: bool = False                                        # optimizer state saved whole by FSDP, by parameter name
     stream: StreamState | None = None                         # a skill stream's own progress
 
     @property
@@ -95,17 +97,21 @@ class RunState:
                    stream=None if stream is None else StreamState(**stream))
 
 
-def save_run(accelerator, ckpt_dir: Path, run: RunState, weights: dict[str, torch.Tensor], optimizer,
+def save_run(accelerator, ckpt_dir: Path, run: RunState, weights: dict[str, torch.Tensor], model, optimizer,
              keep: int) -> None:
     """Every process calls it: each one's RNG goes in (LoRA dropout draws differ per process, and a
-    resume is exact); the main process writes."""
+    resume is exact), and each takes part in gathering the weights and optimizer state that FSDP
+    shards (sharding.whole, sharding.optimizer_state); the main process writes."""
     run.seq += 1
     rngs = None
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
         rngs = gather_object([ckpt.rng_state()])
+    weights = sharding.whole(accelerator, weights)
+    run.fsdp = sharding.is_fsdp(accelerator)
+    optimizer_state = sharding.optimizer_state(accelerator, model, optimizer)
     if accelerator.is_main_process:
-        ckpt.save(ckpt_dir, f"{run.seq:06d}", weights, optimizer.state_dict(), run.to_checkpoint(), keep=keep,
+        ckpt.save(ckpt_dir, f"{run.seq:06d}", weights, optimizer_state, run.to_checkpoint(), keep=keep,
                   rank_rng=rngs)
     accelerator.wait_for_everyone()
 
@@ -118,6 +124,7 @@ class Restored:
     run: RunState
     weights: dict[str, torch.Tensor]
     optimizer_state: dict
+    accelerator: Any = None
 
     def load_weights(self, params: dict[str, torch.nn.Parameter]) -> None:
         missing = set(params) - set(self.weights)
@@ -128,8 +135,9 @@ class Restored:
             for name, p in params.items():
                 p.copy_(self.weights[name])
 
-    def load_optimizer(self, optimizer) -> None:
-        optimizer.load_state_dict(self.optimizer_state)
+    def load_optimizer(self, optimizer, model=None) -> None:
+        """`model`: the prepared model the optimizer trains (needed where FSDP shards the state)."""
+        sharding.load_optimizer_state(self.accelerator, model, optimizer, self.optimizer_state)
 
 
 def restore_run(run_dir: Path, kind: str, accelerator, name: str | None = None) -> Restored | None:
@@ -144,6 +152,9 @@ def restore_run(run_dir: Path, kind: str, accelerator, name: str | None = None) 
     run = RunState.from_checkpoint(path, saved)
     if run.kind != kind:
         raise UserError(f"--resume: {path} is a {run.kind} checkpoint, not {kind}: start a new run with --out")
+    if run.fsdp != sharding.is_fsdp(accelerator):  # the optimizer state's layout differs
+        raise UserError(f"--resume: {run_dir} was trained {'with' if run.fsdp else 'without'} FSDP: resume it "
+                        f"{'with' if run.fsdp else 'without'} the same accelerate config")
     if run.processes != accelerator.num_processes:  # the global batch is part of the run
         raise UserError(f"--resume: {run_dir} was trained with {run.processes} process(es), "
                         f"not {accelerator.num_processes}: resume it with as many")
@@ -153,7 +164,10 @@ def restore_run(run_dir: Path, kind: str, accelerator, name: str | None = None) 
             for moved in ckpt.set_aside_newer(root, path):
                 print(f"--resume-from {path.name}: the later {moved.name} is set aside in {moved.parent}", flush=True)
     accelerator.wait_for_everyone()  # no process reads the checkpoints while they move
-    return Restored(path, run, weights, optimizer_state)
+    if sharding.is_deepspeed(accelerator):  # see docs/scaling.md#deepspeed-and-fsdp
+        raise UserError(f"--resume: a DeepSpeed run cannot resume ({path} holds no DeepSpeed optimizer "
+                        "partitions); start a new run with --out, or train with FSDP or DDP")
+    return Restored(path, run, weights, optimizer_state, accelerator)
 
 
 def drop_redone_records(run_dir: Path, run: RunState) -> None:

@@ -12,12 +12,12 @@ import torch
 
 from .driver import RunPlan, UnitSaver
 from .engine import StageState, build_optimizer, train_stage, trainable_parameters
-from .errors import UserError
 from .evaluation.memo import EvalMemo
 from .evaluation.runner import evaluate_examples
 from .evaluation.suite import evaluate_all
 from .run_files import finish_run
 from .run_state import STAGES, Restored, RunSetup, RunState
+from .sharding import check_stage, model_state, register_generate, whole
 from .stages import PreparedStage, build_sources
 
 
@@ -75,11 +75,12 @@ class StagePlan(RunPlan):
         if mid_unit is None:  # a resumed stage began when it was restored
             st.objective.begin_stage(model)
         optimizer = build_optimizer(list(all_trainables(model, st.objective).values()), st.train_cfg)
-        if mid_unit:
-            mid_unit.load_optimizer(optimizer)
-        check_sharding(accelerator, st.train_cfg)
+        check_stage(accelerator, st.train_cfg)
         train_model, optimizer = accelerator.prepare(model, optimizer) if accelerator.num_processes > 1 \
             else (model, optimizer)
+        register_generate(accelerator, train_model)
+        if mid_unit:  # after prepare: under FSDP each process takes its shard of the saved state
+            mid_unit.load_optimizer(optimizer, train_model)
         save = UnitSaver(self, run, index, optimizer)
         if st.plan is not None and state.step < st.train_cfg.steps:
             if state.step == 0:
@@ -112,7 +113,11 @@ class StagePlan(RunPlan):
         if s.cfg.data.validation_eval:  # the final model on held-out training examples (what sweeps select on)
             from .evaluation.validation import score_validation
             run.results["validation"] = score_validation(s.model, s.tok, s.renderer, s.stages, s.eval_tasks, s.cfg)
-        final = finish_run(s.cfg, s.run_dir, s.model, s.eval_tasks, run.results) if s.accelerator.is_main_process else {}
+        # every process takes part in gathering what the main process writes (FSDP shards it)
+        weights = whole(s.accelerator, {n: p for n, p in s.model.named_parameters() if "lora_" in n}) \
+            if s.cfg.lora is not None else model_state(s.accelerator, s.model)
+        final = finish_run(s.cfg, s.run_dir, s.model, weights, s.eval_tasks, run.results) \
+            if s.accelerator.is_main_process else {}
         s.accelerator.wait_for_everyone()
         return final
 
@@ -142,23 +147,6 @@ def score_heldout(results: dict, st: PreparedStage, when: str, model, tok, rende
         print(f"stage {st.name!r}: held-out pairs (n={len(examples)}): preference accuracy "
               f"{scores['before']['score']:.3f} before, {scores['after']['score']:.3f} after{implicit}", flush=True)
     return scores
-
-
-def check_sharding(accelerator, train_cfg) -> None:
-    """DeepSpeed / FSDP chosen by an `accelerate launch --config_file`. Neither was run here (no GPU;
-    accelerate enables neither on CPU): see the README's "Multi-process and GPUs"."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise UserError("FSDP is not supported yet: checkpoints and experts/ are written from the main process's "
-                        "parameters, which FSDP shards (use DDP, or DeepSpeed ZeRO-2)")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        if train_cfg.grad_accum != 1:  # accelerator.backward steps the DeepSpeed engine on every micro-batch
-            raise UserError("DeepSpeed: set train.grad_accum to 1 (raise train.batch_size or processes instead)")
-        # no dataloader goes through prepare(), so DeepSpeed is told the batch here (accelerate's own advice)
-        accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=train_cfg.batch_size, gradient_accumulation_steps=1,
-            gradient_clipping=train_cfg.max_grad_norm or 0.0)
 
 
 def all_trainables(model, objective) -> dict[str, torch.nn.Parameter]:

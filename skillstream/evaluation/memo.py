@@ -106,16 +106,21 @@ class EvalMemo:
         self._frozen: dict[int, tuple] = {}
 
     def _tensor_digest(self, t: torch.Tensor) -> str:
+        from torch.distributed.tensor import DTensor
+
         # frozen tensors (the backbone) are hashed once: an in-place change bumps their version counter
+        local = t.to_local() if isinstance(t, DTensor) else t  # FSDP: this process's shard
         if not t.requires_grad:
             seen = self._frozen.get(id(t))
-            if seen and seen[0]() is t and seen[1:3] == (t.data_ptr(), t._version):
+            if seen and seen[0]() is t and seen[1:3] == (local.data_ptr(), local._version):
                 return seen[3]
-        data = t.detach().cpu().contiguous()
+        # FSDP: every process hashes the whole weight (a gather that every process makes alike, as every
+        # process evaluates alike), so all find the same memo entries and run the same forward passes
+        data = (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().contiguous()
         raw = data.view(torch.uint8) if data.dim() else data.reshape(1).view(torch.uint8)
         digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode() + raw.numpy().tobytes()).hexdigest()
         if not t.requires_grad:
-            self._frozen[id(t)] = (weakref.ref(t), t.data_ptr(), t._version, digest)
+            self._frozen[id(t)] = (weakref.ref(t), local.data_ptr(), local._version, digest)
         return digest
 
     def fingerprint(self, model) -> str:

@@ -1,0 +1,156 @@
+"""Sharded training (FSDP2, DeepSpeed ZeRO) chosen by `accelerate launch --config_file`: what a
+sharded run refuses, and the whole weights and optimizer state that the main process writes.
+
+Under FSDP2 every parameter is a DTensor holding this process's shard, and under ZeRO-3 a
+partition; checkpoints, `experts/NAME`, `model/` and best/final are written by the main process
+from whole tensors, so every process first takes part in gathering them (the gathers are
+collectives: every process calls these functions, in the same order). Without sharding (one
+process, DDP, ZeRO-1/2) the parameters are whole already and nothing is gathered.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import UserError
+
+FSDP, DEEPSPEED = "FSDP", "DEEPSPEED"
+# objectives that keep weights outside the model (a reference copy swapped in, a value head):
+# FSDP shards the model only, so those would be whole on one side and sharded on the other
+_OUTSIDE_THE_MODEL = {"dpo", "ppo"}
+
+
+def requested() -> str | None:
+    """FSDP or DEEPSPEED when `accelerate launch` was given such a config (it says so in the
+    environment of the processes it starts), before any Accelerator exists."""
+    for kind in (FSDP, DEEPSPEED):
+        if os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true":
+            return kind
+    return None
+
+
+def check_recipe(cfg) -> None:
+    """The recipes FSDP cannot run, refused before the run directory is made (one line each)."""
+    kind = requested()
+    if kind is None:
+        return
+    if kind == FSDP and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError("FSDP: fsdp_config.fsdp_version must be 2 (FSDP2, per-parameter sharding; "
+                        "see examples/accelerate/fsdp.yaml)")
+    if cfg.experts is not None:
+        raise UserError(f"{kind}: the skill stream (experts:) adds each new expert's adapter to the model while "
+                        "it runs, after the model was sharded; run it data-parallel (--processes N)")
+    if kind == FSDP:
+        for st in cfg.resolved_stages():
+            if st.objective.name in _OUTSIDE_THE_MODEL:
+                raise UserError(f"FSDP: stage {st.name!r} objective {st.objective.name} keeps weights outside the "
+                                "model (a reference copy or value head) that FSDP does not shard; run it "
+                                "data-parallel (--processes N)")
+        if cfg.lora is not None and cfg.lora.per_stage:
+            raise UserError("FSDP: lora.per_stage switches the trainable adapter between stages of a sharded "
+                            "model; use one adapter (lora.per_stage: false) or --processes N")
+
+
+def enable_fsdp_on_cpu(accelerator) -> bool:
+    """Accelerate turns FSDP on only for GPU-like devices (its state leaves a CPU run as MULTI_CPU,
+    plain DDP), while torch's FSDP2 itself shards over gloo on CPU. So where `accelerate launch` asked
+    for FSDP on a CPU-only machine, the launch config's plugin is put in place here as Accelerate puts
+    it on a GPU: the same prepare, gathers and optimizer state then run on CPU (what the tests
+    exercise). Returns whether it did."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if requested() != FSDP or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # reads the launch config (FSDP_* environment variables)
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState().distributed_type = DistributedType.FSDP  # as AcceleratorState records it for later instances
+    return True
+
+
+def check_stage(accelerator, train_cfg) -> None:
+    """What a stage needs under DeepSpeed, told to it before the model is prepared."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if train_cfg.grad_accum != 1:  # accelerator.backward steps the DeepSpeed engine on every micro-batch
+            raise UserError("DeepSpeed: set train.grad_accum to 1 (raise train.batch_size or processes instead)")
+        # no dataloader goes through prepare(), so DeepSpeed is told the batch here (accelerate's own advice)
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=train_cfg.batch_size, gradient_accumulation_steps=1,
+            gradient_clipping=train_cfg.max_grad_norm or 0.0)
+
+
+def is_fsdp(accelerator) -> bool:
+    """The model is sharded by FSDP2 (a single process trains unprepared, so whole)."""
+    return accelerator is not None and accelerator.is_fsdp2 and accelerator.num_processes > 1
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def register_generate(accelerator, model) -> None:
+    """After `accelerator.prepare`: under FSDP `model.generate` (evaluation, samples) runs the forward
+    passes below the root module, so FSDP is told it is a forward method too (it gathers the root's
+    own parameters and sets up its state before it, as it does for `forward`)."""
+    if is_fsdp(accelerator):
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        register_fsdp_forward_method(model, "generate")
+
+
+def _zero3(accelerator) -> bool:
+    return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def whole(accelerator, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` (parameters and buffers by name) whole and on the CPU, on every process.
+
+    Only the named tensors are gathered: a checkpoint or an adapter folder holds a few MB of
+    adapters, where `accelerator.get_state_dict` would gather the whole frozen backbone too (16 GB
+    of an 8B model) at every checkpoint."""
+    from torch.distributed.tensor import DTensor
+
+    if _zero3(accelerator):  # DeepSpeed's own gather of ZeRO-3 partitions (not run here: no CUDA)
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(tensors.values())):
+            return {n: t.detach().cpu().clone() for n, t in tensors.items()}
+    return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for n, t in tensors.items()}
+
+
+def model_state(accelerator, model) -> dict[str, torch.Tensor]:
+    """The whole model's state dict, whole and on the CPU, for safetensors: tied weights once, under
+    the name `safetensors.torch.save_model` keeps (the first in sorted order). Every process calls it."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied: dict[int, list[str]] = {}
+    for name, p in params.items():
+        tied.setdefault(id(p), []).append(name)
+    dropped = {n for names in tied.values() for n in sorted(names)[1:]}
+    return whole(accelerator, {k: params.get(k, v) for k, v in model.state_dict().items() if k not in dropped})
+
+
+def optimizer_state(accelerator, model, optimizer) -> dict:
+    """The optimizer state a checkpoint holds. FSDP: the whole state keyed by parameter name
+    (torch.distributed.checkpoint gathers each process's shard; the main process gets it);
+    otherwise the optimizer's own state_dict (DDP: the same on every process)."""
+    if is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(model, optimizer.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
+    """Put a checkpoint's optimizer state back (after `accelerator.prepare` under FSDP: each process
+    takes its shard of the whole state, which every process has read)."""
+    if is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(state)
