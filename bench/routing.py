@@ -19,8 +19,9 @@ memory is its own), all on the same NL2Bash prompts, the same batches and the sa
      nearest above — their full similarity components, the calibrated decider's probabilities
      and the decision; the index is rebuilt each time, as after every chunk's profile refresh),
      and serving the pool through PEFT's per-sample `adapter_names` (forward and generation)
-     beside one adapter of the same model; target: routing and novelty at the largest count
-     < 2x their cost at the smallest.
+     beside one adapter of the same model, both timed in one process per count, with the cost at
+     each count as a ratio to the smallest count's (the run's own baseline); target: routing and
+     novelty at the largest count < 2x their cost at the smallest.
 Every expert gets a non-zero LoRA B (PEFT initialises B = 0, which would make every expert the
 backbone), and a verification child checks that the routed output of each sample equals that
 sample's single-adapter output (logits and generated tokens), and that dense mixing equals
@@ -94,14 +95,32 @@ def lora_config(spec: dict):
                       task_type="CAUSAL_LM")
 
 
-def randomize_b(model, name: str, seed: int, std: float) -> None:
-    """A non-zero LoRA B for expert `name` (PEFT initialises B = 0: every expert would be the backbone)."""
+def randomize_b(model, names: list[str], seeds: list[int], std: float) -> None:
+    """A non-zero LoRA B for each expert of `names`, from its own seed (PEFT initialises B = 0: every
+    expert would be the backbone). One pass over the parameters for all of them: with 100 experts a
+    pass per expert would walk 100 x 42,000 parameter names."""
     import torch
-    g = torch.Generator().manual_seed(seed)
+    gens = {name: torch.Generator().manual_seed(seed) for name, seed in zip(names, seeds)}
     with torch.no_grad():
         for key, p in model.named_parameters():
-            if f".lora_B.{name}." in key:
+            if ".lora_B." in key and (g := gens.get(key.split(".lora_B.", 1)[1].split(".", 1)[0])) is not None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def add_adapters(model, names: list[str], spec: dict) -> None:
+    """More LoRA adapters beside the first, each made by PEFT's own `LoraLayer.update_layer` on every
+    LoRA layer, as `PeftModel.add_adapter` does. add_adapter itself also walks every module of the
+    model per adapter, and the modules grow with each adapter: 100 adapters on SmolLM2 took 8-12 min
+    per process on this 2-core machine (bench/RESULTS.md, 2026-12-06 09:32), while this is linear in
+    the adapters. The serving child checks that each row served through `adapter_names` equals that
+    expert served alone, so the adapters are what add_adapter makes."""
+    from peft.tuners.lora import LoraLayer
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for name in names:
+        config = lora_config(spec)
+        model.peft_config[name] = config
+        for layer in layers:
+            layer.update_layer(name, config.r, config.lora_alpha, config=config)
 
 
 def lora_bytes(model, name: str) -> int:
@@ -120,10 +139,8 @@ def build_model(spec: dict, n_experts: int):
     backbone, tok = load_backbone(spec["model"], seed=spec["seed"])
     names = expert_names(n_experts)
     model = get_peft_model(backbone, lora_config(spec), adapter_name=names[0])
-    for name in names[1:]:
-        model.add_adapter(name, lora_config(spec))
-    for k, name in enumerate(names):
-        randomize_b(model, name, spec["seed"] * 1000 + k, spec["b_std"])
+    add_adapters(model, names[1:], spec)
+    randomize_b(model, names, [spec["seed"] * 1000 + k for k in range(n_experts)], spec["b_std"])
     model.set_adapter(names[0])
     model.eval()
     return model, tok, names
@@ -247,6 +264,57 @@ def child_throughput(spec: dict) -> dict:
     return out
 
 
+def child_serving(spec: dict) -> dict:
+    """Serving a pool of spec["experts"] adapters (part 4): one adapter active (the baseline) and PEFT's
+    per-row `adapter_names` (each row of a batch a different expert), timed in the SAME process on the
+    same model, passes alternating (A B B A ...), so load on a shared machine hits both alike; and
+    the equal-work check: every row served through adapter_names equals its expert served alone."""
+    import torch
+    t0 = time.perf_counter()
+    model, tok, names = build_model(spec, spec["experts"])
+    build = time.perf_counter() - t0
+    batches = build_inputs(spec, tok)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    modes = ("single", "peft_top1")
+    out: dict = {"experts": len(names), "build_seconds": build, "prompt_tokens": tokens,
+                 "batch_size": spec["batch_size"], "batches": len(batches),
+                 "forward_tokens_per_s": {m: [] for m in modes}, "gen_tokens_per_s": {m: [] for m in modes}}
+    with torch.inference_mode():
+        b = batches[0]
+        routed = forward_fn(model, names, "peft_top1", "all")(b)
+        single = {}
+        for k in sorted(set(b["route"].tolist())):
+            model.set_adapter(names[k])
+            single[k] = forward_fn(model, names, "single", "all")(b)
+        model.set_adapter(names[0])
+        ok, diff = routed_rows_match(single, routed, b["route"])
+        out["equal_work"] = {"ok": ok, "max_abs_diff": diff, "experts_in_batch": len(single)}
+        fwd = {m: forward_fn(model, names, m, spec["logits"]) for m in modes}
+        for _ in range(spec["warmup"]):
+            for m in modes:
+                for b in batches:
+                    fwd[m](b)
+        for rep in range(spec["reps"]):
+            for m in (modes if rep % 2 == 0 else modes[::-1]):
+                t = time.perf_counter()
+                for b in batches:
+                    fwd[m](b)
+                out["forward_tokens_per_s"][m].append(tokens / (time.perf_counter() - t))
+        if spec["gen_tokens"] > 0:
+            gen = {m: generate_fn(model, names, m, spec["gen_tokens"]) for m in modes}
+            b = batches[0]
+            for m in modes:
+                gen[m](b)  # warm-up
+            for rep in range(spec["gen_reps"]):
+                for m in (modes if rep % 2 == 0 else modes[::-1]):
+                    t = time.perf_counter()
+                    ids = gen[m](b)
+                    new = (ids.shape[1] - b["input_ids"].shape[1]) * ids.shape[0]
+                    out["gen_tokens_per_s"][m].append(new / (time.perf_counter() - t))
+            out.update(gen_batch=ids.shape[0], gen_new_tokens=new)
+    return out
+
+
 def routed_rows_match(single: dict, routed, route, *, exact_tokens: bool = False) -> tuple[bool, float]:
     """Does row i of `routed` equal row i of the single-adapter output of its expert route[i]? (ok, max abs diff)."""
     import torch
@@ -328,11 +396,11 @@ def child_memory(spec: dict) -> dict:
     names = expert_names(max(counts))
     model = get_peft_model(backbone, lora_config(spec), adapter_name=names[0])
     pool = ExpertPool(model, seed=spec["seed"])
-    randomize_b(model, names[0], spec["seed"] * 1000, spec["b_std"])
+    randomize_b(model, names[:1], [spec["seed"] * 1000], spec["b_std"])
     rss[1] = _rss()
     for k, name in enumerate(names[1:], start=1):
         pool.create(name)  # how skillstream adds an expert (a seeded PEFT add_adapter)
-        randomize_b(model, name, spec["seed"] * 1000 + k, spec["b_std"])
+        randomize_b(model, [name], [spec["seed"] * 1000 + k], spec["b_std"])
         if k + 1 in counts:
             rss[k + 1] = _rss()
     non_lora = [p for key, p in model.named_parameters() if ".lora_" not in key]
@@ -450,7 +518,7 @@ def child_selection(spec: dict) -> dict:
 
 
 CHILDREN = {"throughput": child_throughput, "verify": child_verify, "memory": child_memory,
-            "selection": child_selection}
+            "selection": child_selection, "serving": child_serving}
 
 
 def child_main(kind: str, spec_json: str) -> None:
@@ -490,65 +558,110 @@ def measure(spec: dict, runner=run_child) -> dict:
 
 def measure_scale(spec: dict, counts: list[int], runner=run_child) -> dict:
     """Part 4 at each count, counts in alternating order per round (ABBA), each child a fresh process:
-    selection (routing and novelty), and forward/generation of one adapter vs PEFT's adapter_names."""
-    runs: dict[int, dict[str, list[dict]]] = {n: {"selection": [], "single": [], "peft_top1": []} for n in counts}
+    selection (routing and novelty), and serving (one adapter vs PEFT's adapter_names, in one process)."""
+    runs: dict[int, dict[str, list[dict]]] = {n: {"selection": [], "serving": []} for n in counts}
     for r in range(spec["rounds"]):
         for n in (counts if r % 2 == 0 else counts[::-1]):
             at = {**spec, "experts": n}
-            runs[n]["selection"].append(runner("selection", at))
-            for mode in () if not spec["serving"] else (("single", "peft_top1") if r % 2 == 0 else ("peft_top1", "single")):
-                runs[n][mode].append(runner("throughput", {**at, "mode": mode}))
+            if spec["selection"]:
+                runs[n]["selection"].append(runner("selection", at))
+            if spec["serving"]:
+                runs[n]["serving"].append(runner("serving", at))
     return runs
 
 
 def scale_report(spec: dict, counts: list[int], runs: dict) -> str:
+    out = []
+    if spec["selection"]:
+        out += selection_table(spec, counts, runs) + [""]
+    if spec["serving"]:
+        out += serving_table(spec, counts, runs)
+    return "\n".join(out) + "\n"
+
+
+def selection_table(spec: dict, counts: list[int], runs: dict) -> list[str]:
     ms = lambda xs: 1000 * _median(xs)  # noqa: E731
     rows = {}
     for n in counts:
         sel = runs[n]["selection"]
         part = {k: [x for r in sel for x in r["parts"][k]] for k in sel[0]["parts"]}
         lookup = _median([r["lookup_each"] for r in sel])
-        serve = spec["serving"]
-        single = _median([x for r in runs[n]["single"] for x in r["forward_tokens_per_s"]]) if serve else None
-        peft = _median([x for r in runs[n]["peft_top1"] for x in r["forward_tokens_per_s"]]) if serve else None
-        gsingle = _median([x for r in runs[n]["single"] for x in r["gen_tokens_per_s"]]) if serve and spec["gen_tokens"] else None
-        gpeft = _median([x for r in runs[n]["peft_top1"] for x in r["gen_tokens_per_s"]]) if serve and spec["gen_tokens"] else None
         rows[n] = {"route": ms(part["route_features"]) + ms(part["route_head"]), "route_head": ms(part["route_head"]),
                    "novelty": ms(part["novelty_signal"]) + 1000 * lookup, "lookup": 1000 * lookup,
-                   "index": sel[0]["index"], "candidates": sel[0]["candidates"],
-                   "single": single, "peft": peft, "gsingle": gsingle, "gpeft": gpeft,
-                   "rss": max(r["peak_rss_bytes"] for r in runs[n]["peft_top1"]) if serve else None}
-    lo = rows[counts[0]]
+                   "index": sel[0]["index"], "candidates": sel[0]["candidates"]}
     out = ["| experts | routing ms/batch (router head + hybrid ms) | novelty ms/chunk (lookup ms: index, similarity, decider) "
-           "| compared in full | single adapter forward tok/s | PEFT adapter_names forward tok/s (ratio) "
-           "| generate tok/s single / adapter_names | peak GiB (adapter_names) |",
-           "|---:|---:|---:|---|---:|---:|---:|---:|"]
+           "| compared in full |", "|---:|---:|---:|---|"]
     for n in counts:
         r = rows[n]
-        gen = f"{r['gsingle']:.1f} / {r['gpeft']:.1f}" if r["gsingle"] else "-"
-        serving = (f"{r['single']:.0f} | {r['peft']:.0f} ({r['peft'] / r['single']:.2f}x) | {gen} | {r['rss'] / 1024 ** 3:.2f}"
-                   if r["single"] else "- | - | - | -")
         out.append(f"| {n} | {r['route']:.1f} ({r['route_head']:.3f}) | {r['novelty']:.0f} ({r['lookup']:.3f}) | "
-                   f"{r['candidates']} of {n} ({r['index']}) | {serving} |")
-    hi = rows[counts[-1]]
+                   f"{r['candidates']} of {n} ({r['index']}) |")
+    lo, hi = rows[counts[0]], rows[counts[-1]]
     ratio = lambda k: hi[k] / lo[k]  # noqa: E731
-    out.append("")
-    out.append(f"Cost at {counts[-1]} experts / cost at {counts[0]}: routing {ratio('route'):.2f}x "
-               f"(head + hybrid alone {ratio('route_head'):.2f}x), novelty {ratio('novelty'):.2f}x "
-               f"(lookup alone {ratio('lookup'):.2f}x); target < 2x: routing {verdict(ratio('route') < 2)}, "
-               f"novelty {verdict(ratio('novelty') < 2)}, lookup alone {verdict(ratio('lookup') < 2)}."
-               + (f" PEFT adapter_names forward at {counts[-1]} experts / at {counts[0]}: {hi['peft'] / lo['peft']:.2f}x."
-                  if hi["peft"] else " Serving not measured (--no-serving)."))
-    out.append("")
-    out.append(f"model {spec['model']}, LoRA r={spec['r']} on all linear layers; routing: a batch of {spec['batch_size']} NL2Bash "
-               f"prompts, features at depths 0.4 and 0.6 (last token), a linear head over N experts, hybrid weights; "
-               f"novelty: the triple signal of {spec['signal_examples']} examples, then {spec['lookup_calls']} timed lookups "
-               f"(index rebuilt each time, experts.index defaults: exact below 32, 8 candidates, HNSW M 16, ef 64) against N "
-               f"profiles jittered around a real signal, the calibrated decider's prior; serving: {spec['batches']} batch(es) "
-               f"of {spec['batch_size']} rows, each row a different expert drawn from the N (PEFT `adapter_names`), "
-               f"generation {spec['gen_tokens']} greedy tokens. Medians of {spec['reps']} reps x {spec['rounds']} rounds, "
-               f"counts in alternating order per round, each measurement a fresh process, 1 torch thread.")
-    return "\n".join(out) + "\n"
+    out += ["", f"Cost at {counts[-1]} experts / cost at {counts[0]}: routing {ratio('route'):.2f}x "
+                f"(head + hybrid alone {ratio('route_head'):.2f}x), novelty {ratio('novelty'):.2f}x "
+                f"(lookup alone {ratio('lookup'):.2f}x); target < 2x: routing {verdict(ratio('route') < 2)}, "
+                f"novelty {verdict(ratio('novelty') < 2)}, lookup alone {verdict(ratio('lookup') < 2)}.", "",
+            f"model {spec['model']}; routing: a batch of {spec['batch_size']} NL2Bash prompts, features at depths 0.4 "
+            f"and 0.6 (last token), a linear head over N experts, hybrid weights; novelty: the triple signal of "
+            f"{spec['signal_examples']} examples, then {spec['lookup_calls']} timed lookups (index rebuilt each time, "
+            f"experts.index defaults: exact below 32, 8 candidates, HNSW M 16, ef 64) against N profiles jittered around "
+            f"a real signal, the calibrated decider's prior. Medians of {spec['reps']} reps x {spec['rounds']} rounds, "
+            f"counts in alternating order per round, each measurement a fresh process, 1 torch thread."]
+    return out
+
+
+def serving_summary(spec: dict, counts: list[int], runs: dict) -> dict[int, dict]:
+    """Per count: median tokens/s of one adapter and of adapter_names (same processes), their ratio,
+    and adapter_names' cost per token relative to the smallest count (the run's baseline)."""
+    rows = {}
+    for n in counts:
+        srv = runs[n]["serving"]
+        fwd = {m: _median([x for r in srv for x in r["forward_tokens_per_s"][m]]) for m in ("single", "peft_top1")}
+        gen = {m: _median([x for r in srv for x in r["gen_tokens_per_s"][m]]) if spec["gen_tokens"] else None
+               for m in ("single", "peft_top1")}
+        rows[n] = {"fwd": fwd, "gen": gen, "build": _median([r["build_seconds"] for r in srv]),
+                   "rss": max(r["peak_rss_bytes"] for r in srv), "ok": all(r["equal_work"]["ok"] for r in srv),
+                   "diff": max(r["equal_work"]["max_abs_diff"] for r in srv),
+                   "in_batch": srv[0]["equal_work"]["experts_in_batch"]}
+    lo = rows[counts[0]]
+    for r in rows.values():
+        r["vs_single"] = r["fwd"]["peft_top1"] / r["fwd"]["single"]
+        r["cost_vs_lo"] = lo["fwd"]["peft_top1"] / r["fwd"]["peft_top1"]  # time per token, relative
+        r["gen_vs_single"] = r["gen"]["peft_top1"] / r["gen"]["single"] if r["gen"]["single"] else None
+        r["gen_cost_vs_lo"] = lo["gen"]["peft_top1"] / r["gen"]["peft_top1"] if r["gen"]["peft_top1"] else None
+    return rows
+
+
+def serving_table(spec: dict, counts: list[int], runs: dict) -> list[str]:
+    rows = serving_summary(spec, counts, runs)
+    out = [f"| experts loaded | experts per batch | one adapter forward tok/s | adapter_names forward tok/s | "
+           f"adapter_names / one adapter | adapter_names cost per token / at {counts[0]} | generate tok/s one / adapter_names "
+           f"| generate cost per token / at {counts[0]} | build s | peak GiB | equal work (max abs logit diff) |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for n in counts:
+        r = rows[n]
+        gen = f"{r['gen']['single']:.1f} / {r['gen']['peft_top1']:.1f}" if r["gen"]["single"] else "-"
+        gcost = f"{r['gen_cost_vs_lo']:.2f}x" if r["gen_cost_vs_lo"] else "-"
+        out.append(f"| {n} | {r['in_batch']} | {r['fwd']['single']:.0f} | {r['fwd']['peft_top1']:.0f} | {r['vs_single']:.2f}x | "
+                   f"{r['cost_vs_lo']:.2f}x | {gen} | {gcost} | {r['build']:.0f} | {r['rss'] / 1024 ** 3:.2f} | "
+                   f"{'ok' if r['ok'] else '**FAILED**'} ({r['diff']:.2g}) |")
+    hi = rows[counts[-1]]
+    out += ["", f"Serving {counts[-1]} adapters through PEFT's `adapter_names` costs {hi['cost_vs_lo']:.2f}x per prompt token "
+                f"what serving {counts[0]} does (forward), "
+                + (f"{hi['gen_cost_vs_lo']:.2f}x per generated token; " if hi["gen_cost_vs_lo"] else "")
+                + f"beside one adapter of the same model it runs at {hi['vs_single']:.2f}x its forward throughput.", "",
+            f"serving: model {spec['model']}, LoRA r={spec['r']} on all linear layers, B ~ N(0, {spec['b_std']}); "
+            f"{spec['batches']} batch(es) of {spec['batch_size']} NL2Bash prompts (chat template, left padding); a batch "
+            f"is split evenly over the experts when they are no more than its rows, else each row is a different "
+            f"expert drawn from the N; forward: inference mode, logits "
+            f"{'of the last position (a prefill)' if spec['logits'] == 'last' else 'of every position'}, "
+            f"{spec['warmup']} untimed pass(es), then {spec['reps']} timed passes per mode alternating in ONE process "
+            f"(one adapter active vs adapter_names on the same model); generation: the first batch, {spec['gen_tokens']} "
+            f"greedy tokens, {spec['gen_reps']} per mode alternating; medians over {spec['rounds']} round(s), counts in "
+            f"alternating order, each count a fresh process, 1 torch thread. Equal work: every row of the first batch "
+            f"through adapter_names equals its expert served alone (atol {ATOL}). Build: backbone load plus the "
+            f"adapters (PEFT's per-layer update_layer, see add_adapters)."]
+    return out
 
 
 def summarize(results: dict) -> dict:
@@ -663,7 +776,7 @@ def make_spec(args) -> dict:
             "gen_tokens": pick(args.gen_tokens, 4, 16), "gen_reps": pick(args.gen_reps, 2, 2),
             "verify_batches": pick(args.verify_batches, 1, 1), "logits": args.logits,
             "memory_counts": [1, 2, 4, 8], "lookup_calls": args.lookup_calls, "signal_examples": args.signal_examples,
-            "serving": not args.no_serving}
+            "serving": not args.no_serving, "selection": not args.no_selection}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -693,7 +806,8 @@ def parser() -> argparse.ArgumentParser:
                          "serving at each (part 4) instead of parts 1-3")
     ap.add_argument("--lookup-calls", type=int, default=200, help="--scale: timed novelty lookups per process")
     ap.add_argument("--no-serving", action="store_true",
-                    help="--scale: routing and novelty only (building 100 adapters per serving process takes minutes)")
+                    help="--scale: routing and novelty only (no serving children)")
+    ap.add_argument("--no-selection", action="store_true", help="--scale: serving only (no routing or novelty children)")
     ap.add_argument("--signal-examples", type=int, default=8, help="--scale: examples in the chunk whose signal is read")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     return ap
@@ -708,6 +822,9 @@ def main(argv=None, runner=run_child) -> dict | None:
         if spec[key] < 1:
             print(f"bench/routing: --{key.replace('_', '-')} must be at least 1", file=sys.stderr)
             sys.exit(2)
+    if args.scale and args.no_serving and args.no_selection:
+        print("bench/routing: --no-serving and --no-selection leave nothing to measure", file=sys.stderr)
+        sys.exit(2)
     if spec["experts"] < 2:
         print("bench/routing: --experts must be at least 2 (routing needs a choice)", file=sys.stderr)
         sys.exit(2)

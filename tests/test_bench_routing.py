@@ -75,5 +75,8 @@ def test_quick_scale_run_measures_routing_novelty_and_adapter_names_serving_at_e
     assert small["index"] == "exact" and small["candidates"] == 2          # below experts.index.exact_below
     assert large["index"] == "hnsw" and large["candidates"] == 8           # the index's nearest 8 of 40
     assert all(v and min(v) > 0 for v in large["parts"].values()) and large["lookup_each"] > 0
-    assert out["scale"][40]["peft_top1"][0]["gen_new_tokens"] == 2 * out["scale"][40]["peft_top1"][0]["gen_batch"]
-    assert "Cost at 40 experts / cost at 2" in out["report"] and "PEFT adapter_names" in out["report"]
+    serving = out["scale"][40]["serving"][0]
+    assert serving["experts"] == 40 and serving["gen_new_tokens"] == 2 * serving["gen_batch"]
+    assert serving["equal_work"]["ok"] and serving["equal_work"]["experts_in_batch"] == 8  # 8 rows, 8 different experts
+    assert all(v and min(v) > 0 for v in serving["forward_tokens_per_s"].values())
+    assert "Cost at 40 experts / cost at 2" in out["report"] and "Serving 40 adapters through PEFT's `adapter_names`" in out["report"]
