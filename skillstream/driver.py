@@ -16,6 +16,7 @@ import torch
 
 from .engine import StageState
 from .run_state import Restored, RunSetup, RunState, restore_run, save_run
+from .sharding import reshard
 
 
 class RunPlan(ABC):
@@ -85,6 +86,7 @@ class UnitSaver:
         run.stage_index, run.stage, run.stage_done = self.index, self.plan.unit_name(self.index), done
         run.stage_state = stage_state
         run.save_plugins(setup.plugins)
+        reshard(setup.accelerator, setup.model)  # FSDP: the sharded parameters, before they are named
         weights = self.plan.saved_parts(run, self.index)
         save_run(setup.accelerator, setup.ckpt_dir, run, weights, setup.model, self.optimizer,
                  keep=self.plan.keep_checkpoints(self.index))

@@ -178,8 +178,14 @@ def _micro_batch_loss(accelerator, model, objective: Objective, plugins: list[Pl
 def _clipped_grad_norm(accelerator, optimizer, max_grad_norm: float | None) -> float | None:
     """The global gradient norm (before clipping to `max_grad_norm`); None where DeepSpeed reports none."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else \
-        torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    if accelerator.is_fsdp2:
+        # torch's clip is DTensor-aware (the norm over every process's shards); accelerate's FSDP branch
+        # compares this list with model.parameters() tensor by tensor, which raises where every parameter
+        # trains in another order (lora: null), and otherwise calls this same function
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    else:
+        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else \
+            torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
     return None if grad_norm is None else float(grad_norm)
 
 

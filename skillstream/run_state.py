@@ -101,7 +101,8 @@ def save_run(accelerator, ckpt_dir: Path, run: RunState, weights: dict[str, torc
              keep: int) -> None:
     """Every process calls it: each one's RNG goes in (LoRA dropout draws differ per process, and a
     resume is exact), and each takes part in gathering the weights and optimizer state that FSDP
-    shards (sharding.whole, sharding.optimizer_state); the main process writes."""
+    shards (sharding.whole, sharding.optimizer_state; `weights` taken after sharding.reshard); the
+    main process writes."""
     run.seq += 1
     rngs = None
     if accelerator.num_processes > 1:

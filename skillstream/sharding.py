@@ -105,6 +105,17 @@ def register_generate(accelerator, model) -> None:
         register_fsdp_forward_method(model, "generate")
 
 
+def reshard(accelerator, model) -> None:
+    """Back to the shards: FSDP leaves the root and the output layers whole after a forward pass with
+    no backward (evaluation, generation), and then the model's parameters are not the sharded ones
+    the optimizer steps. Every process calls it before gathering."""
+    if is_fsdp(accelerator):
+        from torch.distributed.fsdp import FSDPModule
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
 def _zero3(accelerator) -> bool:
     return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
 
@@ -127,6 +138,7 @@ def whole(accelerator, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def model_state(accelerator, model) -> dict[str, torch.Tensor]:
     """The whole model's state dict, whole and on the CPU, for safetensors: tied weights once, under
     the name `safetensors.torch.save_model` keeps (the first in sorted order). Every process calls it."""
+    reshard(accelerator, model)
     params = dict(model.named_parameters(remove_duplicate=False))
     tied: dict[int, list[str]] = {}
     for name, p in params.items():
@@ -135,12 +147,19 @@ def model_state(accelerator, model) -> dict[str, torch.Tensor]:
     return whole(accelerator, {k: params.get(k, v) for k, v in model.state_dict().items() if k not in dropped})
 
 
+def adapter_state(accelerator, model) -> dict[str, torch.Tensor]:
+    """Every LoRA adapter's weights (frozen experts too), whole and on the CPU. Every process calls it."""
+    reshard(accelerator, model)
+    return whole(accelerator, {n: p for n, p in model.named_parameters() if "lora_" in n})
+
+
 def optimizer_state(accelerator, model, optimizer) -> dict:
     """The optimizer state a checkpoint holds. FSDP: the whole state keyed by parameter name
     (torch.distributed.checkpoint gathers each process's shard; the main process gets it);
     otherwise the optimizer's own state_dict (DDP: the same on every process)."""
     if is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        reshard(accelerator, model)
         return get_optimizer_state_dict(model, optimizer.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return optimizer.state_dict()

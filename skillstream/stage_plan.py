@@ -17,7 +17,7 @@ from .evaluation.runner import evaluate_examples
 from .evaluation.suite import evaluate_all
 from .run_files import finish_run
 from .run_state import STAGES, Restored, RunSetup, RunState
-from .sharding import check_stage, model_state, register_generate, whole
+from .sharding import adapter_state, check_stage, model_state, register_generate
 from .stages import PreparedStage, build_sources
 
 
@@ -114,8 +114,7 @@ class StagePlan(RunPlan):
             from .evaluation.validation import score_validation
             run.results["validation"] = score_validation(s.model, s.tok, s.renderer, s.stages, s.eval_tasks, s.cfg)
         # every process takes part in gathering what the main process writes (FSDP shards it)
-        weights = whole(s.accelerator, {n: p for n, p in s.model.named_parameters() if "lora_" in n}) \
-            if s.cfg.lora is not None else model_state(s.accelerator, s.model)
+        weights = adapter_state(s.accelerator, s.model) if s.cfg.lora is not None else model_state(s.accelerator, s.model)
         final = finish_run(s.cfg, s.run_dir, s.model, weights, s.eval_tasks, run.results) \
             if s.accelerator.is_main_process else {}
         s.accelerator.wait_for_everyone()

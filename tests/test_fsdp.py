@@ -31,6 +31,7 @@ ARGS = ["--set", "model=tiny", "--set", "report_to=[]", "--set", "train.bf16=fal
         "--set", "train.warmup_steps=2", "--set", "data.train.0.limit=48", "--set", "data.eval.0.limit=2",
         "--set", "data.eval.0.max_new_tokens=4"]
 GLOBAL_BATCH = 4
+BEST_FINAL = {"name": "best_final", "every": 2}  # checkpoints/best and final: the whole model, gathered
 
 
 def _free_port() -> int:
@@ -74,11 +75,12 @@ def runs(tmp_path_factory):
     checkpoint is step 2's) and resumed."""
     root = tmp_path_factory.mktemp("fsdp")
     half = [*ARGS, "--set", f"train.batch_size={GLOBAL_BATCH // 2}"]
-    kill = json.dumps([{"name": "kill_plugin:KillOnce", "steps": 3, "marker": str(root / "killed")}])
+    plugins = ["--set", f"plugins={json.dumps([BEST_FINAL])}"]
+    kill = json.dumps([BEST_FINAL, {"name": "kill_plugin:KillOnce", "steps": 3, "marker": str(root / "killed")}])
     one, two, broken = run_together(
         [sys.executable, "-m", "skillstream.cli", "train", "quickstart", "--out", str(root / "one"), *ARGS,
-         "--set", f"train.batch_size={GLOBAL_BATCH}"],
-        fsdp_launch("train", "quickstart", "--out", str(root / "fsdp"), *half),
+         *plugins, "--set", f"train.batch_size={GLOBAL_BATCH}"],
+        fsdp_launch("train", "quickstart", "--out", str(root / "fsdp"), *half, *plugins),
         fsdp_launch("train", "quickstart", "--out", str(root / "broken"), *half, "--set", f"plugins={kill}"))
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
@@ -109,6 +111,11 @@ def test_fsdp_two_processes_match_one_at_the_same_global_batch(runs):
     assert set(optimizer["state"]) == set(w2)  # every trainable, by name
     assert all(optimizer["state"][k]["exp_avg"].shape == w2[k].shape for k in w2)
     assert json.loads((sharded / "state.json").read_text())["run_state"]["fsdp"] is True
+    for which in ("best", "final"):  # the whole model (backbone and adapters), as one process writes it
+        w1, w2 = (load_file(str(runs / run / "checkpoints" / which / "model.safetensors")) for run in ("one", "fsdp"))
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-5)
 
 
 def test_fsdp_run_killed_then_resumed_gives_the_uninterrupted_bits(runs):
