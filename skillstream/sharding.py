@@ -39,7 +39,7 @@ def check_recipe(cfg) -> None:
         raise UserError("FSDP: fsdp_config.fsdp_version must be 2 (FSDP2, per-parameter sharding; "
                         "see examples/accelerate/fsdp.yaml)")
     if cfg.experts is not None:
-        raise UserError(f"{kind}: the skill stream (experts:) adds each new expert's adapter to the model while "
+        raise UserError(f"{'FSDP' if kind == FSDP else 'DeepSpeed'}: the skill stream (experts:) adds each new expert's adapter to the model while "
                         "it runs, after the model was sharded; run it data-parallel (--processes N)")
     if kind == FSDP:
         for st in cfg.resolved_stages():
