@@ -19,6 +19,9 @@ FSDP, DEEPSPEED = "FSDP", "DEEPSPEED"
 # objectives that keep weights outside the model (a reference copy swapped in, a value head):
 # FSDP shards the model only, so those would be whole on one side and sharded on the other
 _OUTSIDE_THE_MODEL = {"dpo", "ppo"}
+# plugins whose state is a tensor per weight (EWC's Fisher and anchor), kept whole in checkpoints and
+# computed with the parameters: under FSDP they would be shards on one side and whole on the other
+_PER_WEIGHT_STATE = {"ewc"}
 
 
 def requested() -> str | None:
@@ -47,6 +50,10 @@ def check_recipe(cfg) -> None:
                 raise UserError(f"FSDP: stage {st.name!r} objective {st.objective.name} keeps weights outside the "
                                 "model (a reference copy or value head) that FSDP does not shard; run it "
                                 "data-parallel (--processes N)")
+        for plugin in cfg.plugins:
+            if plugin.name in _PER_WEIGHT_STATE:
+                raise UserError(f"FSDP: plugin {plugin.name} keeps a tensor per weight (Fisher and anchor) that "
+                                "FSDP would shard; run it data-parallel (--processes N)")
         if cfg.lora is not None and cfg.lora.per_stage:
             raise UserError("FSDP: lora.per_stage switches the trainable adapter between stages of a sharded "
                             "model; use one adapter (lora.per_stage: false) or --processes N")

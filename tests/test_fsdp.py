@@ -158,6 +158,7 @@ def test_fsdp_adapter_loads_into_an_unsharded_backbone(runs):
 @pytest.mark.parametrize("override, key", [
     ({"objective": "dpo"}, "objective dpo"),
     ({"lora.per_stage": True}, "lora.per_stage"),
+    ({"plugins": [{"name": "ewc"}]}, "plugin ewc"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard(monkeypatch, override, key):
     from skillstream.config import load_recipe

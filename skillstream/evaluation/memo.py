@@ -116,7 +116,14 @@ class EvalMemo:
                 return seen[3]
         # FSDP: every process hashes the whole weight (a gather that every process makes alike, as every
         # process evaluates alike), so all find the same memo entries and run the same forward passes
-        data = (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().contiguous()
+        if isinstance(t, DTensor):
+            data = t.full_tensor().detach().cpu().contiguous()
+        else:
+            data = t.detach().cpu().contiguous()
+            if data.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                # .numpy() marks a storage non-resizable for good, and FSDP frees a whole weight it has
+                # gathered for a forward pass by resizing its storage to 0: hash a copy of the model's own
+                data = data.clone()
         raw = data.view(torch.uint8) if data.dim() else data.reshape(1).view(torch.uint8)
         digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode() + raw.numpy().tobytes()).hexdigest()
         if not t.requires_grad:
