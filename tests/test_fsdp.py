@@ -98,6 +98,8 @@ def test_fsdp_two_processes_match_one_at_the_same_global_batch(runs):
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))  # the main process alone logs
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(one, two)]
     assert max(diffs) < 1e-4, diffs
+    for a, b in zip(one, two):  # the norm over both processes' gradient shards, clipped as one process clips
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, a["grad_norm"])
     a, b = adapter(runs / "one"), adapter(runs / "fsdp")
     assert a.keys() == b.keys()
     for k in a:  # whole tensors (gathered from both processes' shards), the 1-process values

@@ -68,8 +68,11 @@ def _is_zero(module, adapter: str) -> bool:
     if getattr(module, "lora_variant", {}).get(adapter) or getattr(module, "use_dora", {}).get(adapter):
         return False
     b = module.lora_B[adapter] if adapter in module.lora_B else None
+    from torch.distributed.tensor import DTensor
+
     tensors = list(b.parameters()) if b is not None else [module.lora_embedding_B[adapter]]
-    return all(not t.any() for t in tensors)
+    # FSDP: bool(DTensor.any()) reads this process's shard only; every process must see the same zeros
+    return all(not (t.full_tensor() if isinstance(t, DTensor) else t).any() for t in tensors)
 
 
 def _lora_state(model) -> tuple[set[str], set[tuple[str, str]], dict]:
