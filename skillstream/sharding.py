@@ -34,7 +34,7 @@ def requested() -> str | None:
 
 
 def check_recipe(cfg) -> None:
-    """The recipes FSDP cannot run, refused before the run directory is made (one line each)."""
+    """The recipes a sharded run cannot train, refused before the run directory is made (one line each)."""
     kind = requested()
     if kind is None:
         return
@@ -42,8 +42,9 @@ def check_recipe(cfg) -> None:
         raise UserError("FSDP: fsdp_config.fsdp_version must be 2 (FSDP2, per-parameter sharding; "
                         "see examples/accelerate/fsdp.yaml)")
     if cfg.experts is not None:
-        raise UserError(f"{'FSDP' if kind == FSDP else 'DeepSpeed'}: the skill stream (experts:) adds each new expert's adapter to the model while "
-                        "it runs, after the model was sharded; run it data-parallel (--processes N)")
+        raise UserError(f"{'FSDP' if kind == FSDP else 'DeepSpeed'}: the skill stream (experts:) adds each new "
+                        "expert's adapter to the model while it runs, after the model was sharded; run it "
+                        "data-parallel (--processes N)")
     if kind == FSDP:
         for st in cfg.resolved_stages():
             if st.objective.name in _OUTSIDE_THE_MODEL:
