@@ -155,7 +155,7 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
         if cfg.experts is not None:
             from .experts.stream_run import check_stream_recipe
             check_stream_recipe(cfg, stages, eval_tasks)
-        from .sharding import check_recipe, enable_fsdp_on_cpu
+        from .sharding import check_recipe, enable_deepspeed_on_cpu, enable_fsdp_on_cpu
         check_recipe(cfg)  # what FSDP / DeepSpeed cannot shard
 
         # Input is valid: from here on we write the run directory (the main process; every process has
@@ -186,8 +186,10 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
             if accelerator.is_main_process:
                 print("note: FSDP2 on CPU (gloo): accelerate enables FSDP only on GPUs, skillstream turns it on here",
                       flush=True)
-        elif cpu and accelerator.is_main_process and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-            print("note: accelerate does not enable DeepSpeed on CPU: this runs as plain DDP (gloo)", flush=True)
+        elif cpu and enable_deepspeed_on_cpu(accelerator):
+            if accelerator.is_main_process:
+                print(f"note: DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage} on CPU (gloo): accelerate "
+                      "enables DeepSpeed only on GPUs, skillstream turns it on here", flush=True)
         try:
             log = MetricsLog(run_dir, accelerator, enabled=accelerator.is_main_process)
             return _run(RunSetup(cfg, run_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,

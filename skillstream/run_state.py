@@ -12,6 +12,7 @@ checkpoint.list_checkpoints orders checkpoints of every layout by it.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class RunState:
     lifecycle: dict = field(default_factory=dict)             # a stream's experts, router and profiles
     processes: int = 1                                        # the global batch is split over these
     fsdp: bool = False                                        # optimizer state saved whole by FSDP, by parameter name
+    deepspeed_zero: int = 0                                   # ZeRO stage whose per-process partitions it holds (0: none)
     stream: StreamState | None = None                         # a skill stream's own progress
 
     @property
@@ -100,9 +102,9 @@ class RunState:
 def save_run(accelerator, ckpt_dir: Path, run: RunState, weights: dict[str, torch.Tensor], model, optimizer,
              keep: int) -> None:
     """Every process calls it: each one's RNG goes in (LoRA dropout draws differ per process, and a
-    resume is exact), and each takes part in gathering the weights and optimizer state that FSDP
-    shards (sharding.whole, sharding.optimizer_state; `weights` taken after sharding.reshard); the
-    main process writes."""
+    resume is exact), and each takes part in gathering the weights and optimizer state that FSDP and
+    DeepSpeed shard (sharding.whole, sharding.optimizer_state; `weights` taken after sharding.reshard);
+    the main process writes."""
     run.seq += 1
     rngs = None
     if accelerator.num_processes > 1:
@@ -110,6 +112,7 @@ def save_run(accelerator, ckpt_dir: Path, run: RunState, weights: dict[str, torc
         rngs = gather_object([ckpt.rng_state()])
     weights = sharding.whole(accelerator, weights)
     run.fsdp = sharding.is_fsdp(accelerator)
+    run.deepspeed_zero = sharding.zero_stage(accelerator)
     optimizer_state = sharding.optimizer_state(accelerator, model, optimizer)
     if accelerator.is_main_process:
         ckpt.save(ckpt_dir, f"{run.seq:06d}", weights, optimizer_state, run.to_checkpoint(), keep=keep,
@@ -149,7 +152,13 @@ def restore_run(run_dir: Path, kind: str, accelerator, name: str | None = None) 
     path = ckpt.pick(root, name) if name is not None else ckpt.newest_intact(root)
     if path is None:
         return None
-    weights, optimizer_state, saved = ckpt.load(path, rank=accelerator.process_index)
+    zero = json.loads((path / "state.json").read_text()).get(RUN_STATE, {}).get("deepspeed_zero", 0)
+    if zero != sharding.zero_stage(accelerator):  # each process's partition, as that stage cut it (checked before
+        # optimizer.pt is read: only DeepSpeed's own classes in it are allowed to load, and only for that stage)
+        trained = f"with DeepSpeed ZeRO-{zero}" if zero else "without DeepSpeed"
+        raise UserError(f"--resume: {run_dir} was trained {trained}: resume it with the same accelerate config")
+    with torch.serialization.safe_globals(sharding.checkpoint_classes(zero)):
+        weights, optimizer_state, saved = ckpt.load(path, rank=accelerator.process_index)
     run = RunState.from_checkpoint(path, saved)
     if run.kind != kind:
         raise UserError(f"--resume: {path} is a {run.kind} checkpoint, not {kind}: start a new run with --out")
@@ -165,9 +174,6 @@ def restore_run(run_dir: Path, kind: str, accelerator, name: str | None = None) 
             for moved in ckpt.set_aside_newer(root, path):
                 print(f"--resume-from {path.name}: the later {moved.name} is set aside in {moved.parent}", flush=True)
     accelerator.wait_for_everyone()  # no process reads the checkpoints while they move
-    if sharding.is_deepspeed(accelerator):  # see docs/scaling.md#deepspeed-and-fsdp
-        raise UserError(f"--resume: a DeepSpeed run cannot resume ({path} holds no DeepSpeed optimizer "
-                        "partitions); start a new run with --out, or train with FSDP or DDP")
     return Restored(path, run, weights, optimizer_state, accelerator)
 
 

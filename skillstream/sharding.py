@@ -80,6 +80,29 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     return True
 
 
+def enable_deepspeed_on_cpu(accelerator) -> bool:
+    """As `enable_fsdp_on_cpu`, for DeepSpeed: Accelerate leaves a CPU launch with a DeepSpeed config as
+    MULTI_CPU, while DeepSpeed's CPU accelerator (picked where no GPU is found) runs ZeRO over gloo.
+    The launch config's plugin is put in place as Accelerate puts it on a GPU, and DeepSpeed's
+    communication wraps the gloo process group Accelerate made. Returns whether it did."""
+    from accelerate import PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    if requested() != DEEPSPEED or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")  # torch's process group exists: DeepSpeed wraps it
+    plugin = DeepSpeedPlugin()  # reads the launch config (ACCELERATE_DEEPSPEED_* environment variables)
+    plugin.set_mixed_precision(accelerator.mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    accelerator.state.deepspeed_plugins = plugin
+    accelerator.state.distributed_type = DistributedType.DEEPSPEED
+    PartialState().distributed_type = DistributedType.DEEPSPEED
+    accelerator.native_amp = False  # DeepSpeed's own bf16 (its config, set above) replaces autocast, as on a GPU
+    return True
+
+
 def check_stage(accelerator, train_cfg) -> None:
     """What a stage needs under DeepSpeed, told to it before the model is prepared."""
     from accelerate.utils import DistributedType
@@ -124,8 +147,13 @@ def reshard(accelerator, model) -> None:
                 module.reshard()
 
 
+def zero_stage(accelerator) -> int:
+    """The DeepSpeed ZeRO stage the model trains under; 0 without DeepSpeed."""
+    return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else 0
+
+
 def _zero3(accelerator) -> bool:
-    return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+    return zero_stage(accelerator) == 3
 
 
 def whole(accelerator, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -136,7 +164,7 @@ def whole(accelerator, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     of an 8B model) at every checkpoint."""
     from torch.distributed.tensor import DTensor
 
-    if _zero3(accelerator):  # DeepSpeed's own gather of ZeRO-3 partitions (not run here: no CUDA)
+    if _zero3(accelerator):  # DeepSpeed's own gather of the ZeRO-3 partitions
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(tensors.values())):
             return {n: t.detach().cpu().clone() for n, t in tensors.items()}
@@ -161,23 +189,53 @@ def adapter_state(accelerator, model) -> dict[str, torch.Tensor]:
     return whole(accelerator, {n: p for n, p in model.named_parameters() if "lora_" in n})
 
 
+ZERO_PARTITIONS = "deepspeed_zero_partitions"  # optimizer.pt's key under DeepSpeed: every process's partition
+
+
 def optimizer_state(accelerator, model, optimizer) -> dict:
     """The optimizer state a checkpoint holds. FSDP: the whole state keyed by parameter name
-    (torch.distributed.checkpoint gathers each process's shard; the main process gets it);
-    otherwise the optimizer's own state_dict (DDP: the same on every process)."""
+    (torch.distributed.checkpoint gathers each process's shard; the main process gets it).
+    DeepSpeed: every process's ZeRO partition as DeepSpeed's own optimizer state_dict has it (its fp32
+    master weights and the base optimizer's state), in process order, on the main process (the other
+    processes get {}). Otherwise the optimizer's own state_dict (DDP: the same on every process)."""
     if is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         reshard(accelerator, model)
         return get_optimizer_state_dict(model, optimizer.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_deepspeed(accelerator):
+        from accelerate.utils import send_to_device
+        # on the CPU first: a GPU tensor sent to another process would be unpickled onto its sender's device
+        own = send_to_device(optimizer.optimizer.state_dict(), "cpu")
+        partitions = [None] * accelerator.num_processes if accelerator.is_main_process else None
+        torch.distributed.gather_object(own, partitions, dst=0)
+        return {ZERO_PARTITIONS: partitions} if accelerator.is_main_process else {}
     return optimizer.state_dict()
 
 
 def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
-    """Put a checkpoint's optimizer state back (after `accelerator.prepare` under FSDP: each process
-    takes its shard of the whole state, which every process has read)."""
+    """Put a checkpoint's optimizer state back (after `accelerator.prepare`). FSDP: each process takes
+    its shard of the whole state, which every process has read; DeepSpeed: each process takes its own
+    partition (DeepSpeed's ZeRO optimizer picks it from the list by rank), the fp32 master weights
+    included, so a bf16 run resumes exactly too."""
     if is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
         return
+    if is_deepspeed(accelerator):
+        optimizer.optimizer.load_state_dict(state[ZERO_PARTITIONS], load_optimizer_states=True,
+                                            load_from_fp32_weights=True)
+        return
     optimizer.load_state_dict(state)
+
+
+def checkpoint_classes(zero: int) -> list:
+    """The classes besides tensors that optimizer.pt holds in a run trained under ZeRO stage `zero`
+    (0: none), which `torch.load(weights_only=True)` is allowed to build (torch.serialization.safe_globals):
+    DeepSpeed's ZeRO state_dict carries its loss scaler, its stage and its parameter slice addresses."""
+    if not zero:
+        return []
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, ZeroStageEnum, fragment_address]
