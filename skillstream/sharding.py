@@ -17,10 +17,10 @@ from .errors import UserError
 
 FSDP, DEEPSPEED = "FSDP", "DEEPSPEED"
 # objectives that keep weights outside the model (a reference copy swapped in, a value head):
-# FSDP shards the model only, so those would be whole on one side and sharded on the other
+# FSDP and DeepSpeed shard the model only, so those would be whole on one side and sharded on the other
 _OUTSIDE_THE_MODEL = {"dpo", "ppo"}
 # plugins whose state is a tensor per weight (EWC's Fisher and anchor), kept whole in checkpoints and
-# computed with the parameters: under FSDP they would be shards on one side and whole on the other
+# computed with the parameters: sharded, they would be shards on one side and whole on the other
 _PER_WEIGHT_STATE = {"ewc"}
 
 
@@ -41,23 +41,28 @@ def check_recipe(cfg) -> None:
     if kind == FSDP and os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError("FSDP: fsdp_config.fsdp_version must be 2 (FSDP2, per-parameter sharding; "
                         "see examples/accelerate/fsdp.yaml)")
+    name = "FSDP" if kind == FSDP else "DeepSpeed"
     if cfg.experts is not None:
-        raise UserError(f"{'FSDP' if kind == FSDP else 'DeepSpeed'}: the skill stream (experts:) adds each new "
-                        "expert's adapter to the model while it runs, after the model was sharded; run it "
-                        "data-parallel (--processes N)")
-    if kind == FSDP:
-        for st in cfg.resolved_stages():
-            if st.objective.name in _OUTSIDE_THE_MODEL:
-                raise UserError(f"FSDP: stage {st.name!r} objective {st.objective.name} keeps weights outside the "
-                                "model (a reference copy or value head) that FSDP does not shard; run it "
-                                "data-parallel (--processes N)")
-        for plugin in cfg.plugins:
-            if plugin.name in _PER_WEIGHT_STATE:
-                raise UserError(f"FSDP: plugin {plugin.name} keeps a tensor per weight (Fisher and anchor) that "
-                                "FSDP would shard; run it data-parallel (--processes N)")
-        if cfg.lora is not None and cfg.lora.per_stage:
-            raise UserError("FSDP: lora.per_stage switches the trainable adapter between stages of a sharded "
-                            "model; use one adapter (lora.per_stage: false) or --processes N")
+        raise UserError(f"{name}: the skill stream (experts:) adds each new expert's adapter to the model while it "
+                        "runs, after the model was sharded; run it data-parallel (--processes N)")
+    stages = cfg.resolved_stages()
+    if kind == DEEPSPEED and len(stages) > 1:
+        # each stage builds its own optimizer, so its own engine: accelerate ties one DeepSpeed engine to a
+        # run, and the second would wrap a model the first has already partitioned (both crash)
+        raise UserError(f"DeepSpeed: the recipe trains {len(stages)} stages and DeepSpeed trains one engine per run; "
+                        "train one stage, or use FSDP or --processes N")
+    for st in stages:
+        if st.objective.name in _OUTSIDE_THE_MODEL:
+            raise UserError(f"{name}: stage {st.name!r} objective {st.objective.name} keeps weights outside the "
+                            f"model (a reference copy or value head) that {name} does not shard; run it "
+                            "data-parallel (--processes N)")
+    for plugin in cfg.plugins:
+        if plugin.name in _PER_WEIGHT_STATE:
+            raise UserError(f"{name}: plugin {plugin.name} keeps a tensor per weight (Fisher and anchor) that "
+                            f"{name} would shard; run it data-parallel (--processes N)")
+    if cfg.lora is not None and cfg.lora.per_stage:
+        raise UserError(f"{name}: lora.per_stage switches the trainable adapter between stages of a sharded "
+                        "model; use one adapter (lora.per_stage: false) or --processes N")
 
 
 def enable_fsdp_on_cpu(accelerator) -> bool:
@@ -164,10 +169,17 @@ def whole(accelerator, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     of an 8B model) at every checkpoint."""
     from torch.distributed.tensor import DTensor
 
-    if _zero3(accelerator):  # DeepSpeed's own gather of the ZeRO-3 partitions
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(tensors.values())):
-            return {n: t.detach().cpu().clone() for n, t in tensors.items()}
+    if is_deepspeed(accelerator):
+        from deepspeed.utils import safe_get_full_fp32_param
+        # what trains, from DeepSpeed's fp32 master copy (with bf16 in its config DeepSpeed makes the module
+        # itself bf16, while adapters are kept fp32 and a resumed run needs the masters' bits); None elsewhere
+        masters = {n: safe_get_full_fp32_param(t) for n, t in tensors.items()}
+        rest = [t for n, t in tensors.items() if masters[n] is None]
+        if _zero3(accelerator):  # DeepSpeed's own gather of the ZeRO-3 partitions
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(rest):
+                return {n: (t if masters[n] is None else masters[n]).detach().cpu().clone() for n, t in tensors.items()}
+        return {n: (t if masters[n] is None else masters[n]).detach().cpu() for n, t in tensors.items()}
     return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for n, t in tensors.items()}
 
 

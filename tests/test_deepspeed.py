@@ -147,3 +147,20 @@ def test_zero3_adapter_loads_into_an_unsharded_backbone(runs):
     assert loaded.keys() == gathered.keys()
     for name, p in loaded.items():
         torch.testing.assert_close(p.detach(), gathered[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe, override, key", [
+    ("quickstart", {"objective": "dpo"}, "objective dpo"),
+    ("quickstart", {"plugins": [{"name": "ewc"}]}, "plugin ewc"),
+    ("adaptive_learner", {}, r"trains \d+ stages"),  # a DeepSpeed engine per stage: measured to crash at stage 2
+    ("dylora_moe", {}, "experts:"),
+])
+def test_deepspeed_refuses_what_it_cannot_partition(monkeypatch, recipe, override, key):
+    from skillstream.config import load_recipe
+    from skillstream.errors import UserError
+    from skillstream.sharding import check_recipe
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets from a DeepSpeed config
+    with pytest.raises(UserError, match=f"DeepSpeed: .*{key}"):
+        check_recipe(load_recipe(recipe, {"model": "tiny", **override}))
+    check_recipe(load_recipe("quickstart", {"model": "tiny"}))  # one stage, LoRA on an LM objective
