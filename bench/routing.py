@@ -645,11 +645,13 @@ def serving_table(spec: dict, counts: list[int], runs: dict) -> list[str]:
         out.append(f"| {n} | {r['in_batch']} | {r['fwd']['single']:.0f} | {r['fwd']['peft_top1']:.0f} | {r['vs_single']:.2f}x | "
                    f"{r['cost_vs_lo']:.2f}x | {gen} | {gcost} | {r['build']:.0f} | {r['rss'] / 1024 ** 3:.2f} | "
                    f"{'ok' if r['ok'] else '**FAILED**'} ({r['diff']:.2g}) |")
-    hi = rows[counts[-1]]
+    lo, hi = rows[counts[0]], rows[counts[-1]]
     out += ["", f"Serving {counts[-1]} adapters through PEFT's `adapter_names` costs {hi['cost_vs_lo']:.2f}x per prompt token "
                 f"what serving {counts[0]} does (forward), "
                 + (f"{hi['gen_cost_vs_lo']:.2f}x per generated token; " if hi["gen_cost_vs_lo"] else "")
-                + f"beside one adapter of the same model it runs at {hi['vs_single']:.2f}x its forward throughput.", "",
+                + f"beside one adapter of the same model it runs at {hi['vs_single']:.2f}x its forward throughput. "
+                f"Normalised by one adapter in the same process (load drift between processes cancels), adapter_names "
+                f"forward at {counts[-1]} costs {lo['vs_single'] / hi['vs_single']:.2f}x what it costs at {counts[0]}.", "",
             f"serving: model {spec['model']}, LoRA r={spec['r']} on all linear layers, B ~ N(0, {spec['b_std']}); "
             f"{spec['batches']} batch(es) of {spec['batch_size']} NL2Bash prompts (chat template, left padding); a batch "
             f"is split evenly over the experts when they are no more than its rows, else each row is a different "
