@@ -58,7 +58,7 @@ class RunState:
     lifecycle: dict = field(default_factory=dict)             # a stream's experts, router and profiles
     processes: int = 1                                        # the global batch is split over these
     fsdp: bool = False                                        # optimizer state saved whole by FSDP, by parameter name
-    deepspeed_zero: int = 0                                   # ZeRO stage whose per-process partitions it holds (0: none)
+    deepspeed_zero: int = 0                                   # ZeRO stage that cut its optimizer partitions (0: none)
     stream: StreamState | None = None                         # a skill stream's own progress
 
     @property

@@ -9,6 +9,7 @@ process, DDP, ZeRO-1/2) the parameters are whole already and nothing is gathered
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -41,6 +42,9 @@ def check_recipe(cfg) -> None:
     if kind == FSDP and os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError("FSDP: fsdp_config.fsdp_version must be 2 (FSDP2, per-parameter sharding; "
                         "see examples/accelerate/fsdp.yaml)")
+    if kind == DEEPSPEED and importlib.util.find_spec("deepspeed") is None:
+        raise UserError("DeepSpeed: the accelerate config asks for DeepSpeed, which is not installed: "
+                        "pip install 'skillstream[deepspeed]'")
     name = "FSDP" if kind == FSDP else "DeepSpeed"
     if cfg.experts is not None:
         raise UserError(f"{name}: the skill stream (experts:) adds each new expert's adapter to the model while it "

@@ -46,7 +46,8 @@ def _free_port() -> int:
 
 
 def deepspeed_launch(stage: int, *args: str) -> list[str]:
-    """`accelerate launch --config_file examples/accelerate/deepspeed_zeroN.yaml -m skillstream.cli ARGS`, 2 processes."""
+    """`accelerate launch --config_file examples/accelerate/deepspeed_zero{stage}.yaml -m skillstream.cli ARGS`,
+    2 processes."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(CONFIGS / f"deepspeed_zero{stage}.yaml"), "--num_processes", "2",
             "--main_process_port", str(_free_port()), "-m", "skillstream.cli", *args]
@@ -164,3 +165,14 @@ def test_deepspeed_refuses_what_it_cannot_partition(monkeypatch, recipe, overrid
     with pytest.raises(UserError, match=f"DeepSpeed: .*{key}"):
         check_recipe(load_recipe(recipe, {"model": "tiny", **override}))
     check_recipe(load_recipe("quickstart", {"model": "tiny"}))  # one stage, LoRA on an LM objective
+
+
+def test_deepspeed_config_without_deepspeed_installed_is_one_line(monkeypatch):
+    from skillstream.config import load_recipe
+    from skillstream.errors import UserError
+    from skillstream.sharding import check_recipe
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # how Python marks a module as not importable
+    with pytest.raises(UserError, match=r"not installed: pip install 'skillstream\[deepspeed\]'"):
+        check_recipe(load_recipe("quickstart", {"model": "tiny"}))
