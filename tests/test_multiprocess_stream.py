@@ -84,3 +84,26 @@ def test_a_two_process_stream_killed_mid_chunk_resumes_to_the_uninterrupted_bits
             assert torch.equal(a[e][k], b[e][k]), (e, k)
     r2, rb = (json.loads((d / "results.json").read_text()) for d in (runs / "two", broken))
     assert rb["matrix"] == r2["matrix"]
+
+
+def test_a_two_process_dense_to_sparse_stream_trains_router_and_experts_as_one_process(tmp_path):
+    """experts.training: dense_to_sparse: the router trains through the mixture outside the DDP-wrapped
+    model; its gradient is averaged over the processes, so both processes step it alike and the run
+    matches one process at the same global batch."""
+    out = {}
+    for name, batch, procs in (("one", 4, "1"), ("two", 2, "2")):
+        cfg = recipe(tmp_path, training="dense_to_sparse")
+        cfg["train"].update(batch_size=batch, bf16=False)
+        path = tmp_path / f"dense-b{batch}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        run = run_cli("train", str(path), "--out", str(tmp_path / name), "--processes", procs, cwd=TESTS)
+        assert run.returncode == 0, run.stderr[-3000:]
+        out[name] = tmp_path / name
+    assert decisions(out["one"]) == decisions(out["two"])
+    a, b = adapters(out["one"]), adapters(out["two"])
+    for e in EXPERTS:
+        for k in a[e]:
+            torch.testing.assert_close(a[e][k], b[e][k], rtol=0, atol=1e-5)
+    r1, r2 = (load_file(str(d / "router" / "router.safetensors")) for d in (out["one"], out["two"]))
+    for k in r1:
+        torch.testing.assert_close(r1[k], r2[k], rtol=0, atol=1e-5)
