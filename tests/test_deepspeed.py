@@ -17,50 +17,19 @@ here: docs/scaling.md#deepspeed.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_fsdp import TESTS, adapter, metrics, newest_checkpoint
+from sharded_runs import (ARGS, CONFIGS, GLOBAL_BATCH, assert_adapter_loads_unsharded, assert_matches_one_process,
+                          assert_not_resumed_unsharded, assert_resumed_bits, finish, launch, newest_checkpoint,
+                          one_process, start)
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'skillstream[deepspeed]')")
 
-CONFIGS = TESTS.parent / "examples" / "accelerate"
-STEPS = 4
-ARGS = ["--set", "model=tiny", "--set", "report_to=[]", "--set", "train.bf16=false", "--set", "lora.dropout=0",
-        "--set", f"train.steps={STEPS}", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
-        "--set", "train.warmup_steps=2", "--set", "data.train.0.limit=48", "--set", "data.eval.0.limit=2",
-        "--set", "data.eval.0.max_new_tokens=4"]
-GLOBAL_BATCH = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deepspeed_launch(stage: int, *args: str) -> list[str]:
-    """`accelerate launch --config_file examples/accelerate/deepspeed_zero{stage}.yaml -m skillstream.cli ARGS`,
-    2 processes."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(CONFIGS / f"deepspeed_zero{stage}.yaml"), "--num_processes", "2",
-            "--main_process_port", str(_free_port()), "-m", "skillstream.cli", *args]
-
-
-def start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "CI": "true"})
-
-
-def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    out, err = process.communicate(timeout=600)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+ZERO3 = CONFIGS / "deepspeed_zero3.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +40,13 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepspeed")
     half = [*ARGS, "--set", f"train.batch_size={GLOBAL_BATCH // 2}"]
     kill = json.dumps([{"name": "kill_plugin:KillOnce", "steps": 3, "marker": str(root / "killed")}])
-    one = start([sys.executable, "-m", "skillstream.cli", "train", "quickstart", "--out", str(root / "one"), *ARGS,
-                 "--set", f"train.batch_size={GLOBAL_BATCH}"])
-    zero3 = start(deepspeed_launch(3, "train", "quickstart", "--out", str(root / "zero3"), *half))
-    broken = finish(start(deepspeed_launch(3, "train", "quickstart", "--out", str(root / "broken"), *half,
-                                           "--set", f"plugins={kill}")))
+    one = start(one_process("train", "quickstart", "--out", str(root / "one"), *ARGS,
+                            "--set", f"train.batch_size={GLOBAL_BATCH}"))
+    zero3 = start(launch(ZERO3, "train", "quickstart", "--out", str(root / "zero3"), *half))
+    broken = finish(start(launch(ZERO3, "train", "quickstart", "--out", str(root / "broken"), *half,
+                                 "--set", f"plugins={kill}")))
     assert broken.returncode != 0 and (root / "killed").exists(), broken.stderr[-3000:]
-    resumed = start(deepspeed_launch(3, "train", "quickstart", "--out", str(root / "broken"), "--resume"))
+    resumed = start(launch(ZERO3, "train", "quickstart", "--out", str(root / "broken"), "--resume"))
     one, zero3, resumed = finish(one), finish(zero3), finish(resumed)
     assert one.returncode == 0, one.stderr[-3000:]
     assert zero3.returncode == 0, zero3.stderr[-3000:]
@@ -88,16 +57,7 @@ def runs(tmp_path_factory):
 
 
 def test_zero3_two_processes_match_one_at_the_same_global_batch(runs):
-    one, two = metrics(runs / "one"), metrics(runs / "zero3")
-    assert [r["step"] for r in two] == list(range(1, STEPS + 1))  # the main process alone logs
-    for a, b in zip(one, two):
-        assert abs(a["loss"] - b["loss"]) < 1e-4
-        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, a["grad_norm"])
-    a, b = adapter(runs / "one"), adapter(runs / "zero3")
-    assert a.keys() == b.keys()
-    for k in a:  # whole tensors (ZeRO-3: gathered from both processes' partitions), the 1-process values
-        assert a[k].shape == b[k].shape
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    assert_matches_one_process(runs / "one", runs / "zero3")  # ZeRO-3: adapters gathered from both partitions
 
 
 def test_zero3_checkpoint_holds_whole_weights_and_every_process_partition(runs):
@@ -114,40 +74,16 @@ def test_zero3_checkpoint_holds_whole_weights_and_every_process_partition(runs):
 
 
 def test_zero3_run_killed_then_resumed_gives_the_uninterrupted_bits(runs):
-    a, b = adapter(runs / "zero3"), adapter(runs / "broken")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert [r["loss"] for r in metrics(runs / "broken")] == [r["loss"] for r in metrics(runs / "zero3")]
+    assert_resumed_bits(runs / "zero3", runs / "broken")
 
 
 def test_zero_checkpoint_is_not_resumed_without_deepspeed(runs):
     """Each process's ZeRO partition fits only the ZeRO stage and process count that cut it."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    from skillstream.errors import UserError
-    from skillstream.run_state import STAGES, restore_run
-
-    try:
-        with pytest.raises(UserError, match="trained with DeepSpeed ZeRO-3: resume it with the same accelerate config"):
-            restore_run(runs / "zero3", STAGES, Accelerator(cpu=True))
-    finally:
-        AcceleratorState._reset_state(True)
+    assert_not_resumed_unsharded(runs / "zero3", "trained with DeepSpeed ZeRO-3: resume it with the same accelerate config")
 
 
 def test_zero3_adapter_loads_into_an_unsharded_backbone(runs):
-    from peft import PeftModel
-
-    from skillstream.models.backbone import load_backbone
-
-    backbone, _ = load_backbone("tiny", seed=0)
-    model = PeftModel.from_pretrained(backbone, str(runs / "zero3" / "experts" / "default"))
-    # the final checkpoint's weights are the ones gathered at the stage's end
-    gathered = load_file(str(newest_checkpoint(runs / "zero3") / "weights.safetensors"))
-    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    assert loaded.keys() == gathered.keys()
-    for name, p in loaded.items():
-        torch.testing.assert_close(p.detach(), gathered[name], rtol=0, atol=0)
+    assert_adapter_loads_unsharded(runs / "zero3")
 
 
 @pytest.mark.parametrize("recipe, override, key", [

@@ -14,60 +14,17 @@ process's RNG, so it ends with the uninterrupted run's bits (asserted exactly).
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-TESTS = Path(__file__).parent  # the workers import kill_plugin from here (python -m puts the cwd on the path)
-FSDP_CONFIG = TESTS.parent / "examples" / "accelerate" / "fsdp.yaml"
-STEPS = 4
-ARGS = ["--set", "model=tiny", "--set", "report_to=[]", "--set", "train.bf16=false", "--set", "lora.dropout=0",
-        "--set", f"train.steps={STEPS}", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
-        "--set", "train.warmup_steps=2", "--set", "data.train.0.limit=48", "--set", "data.eval.0.limit=2",
-        "--set", "data.eval.0.max_new_tokens=4"]
-GLOBAL_BATCH = 4
+from sharded_runs import (ARGS, CONFIGS, GLOBAL_BATCH, assert_adapter_loads_unsharded, assert_matches_one_process,
+                          assert_not_resumed_unsharded, assert_resumed_bits, finish, launch, newest_checkpoint,
+                          one_process, start)
+
+FSDP_CONFIG = CONFIGS / "fsdp.yaml"
 BEST_FINAL = {"name": "best_final", "every": 2}  # checkpoints/best and final: the whole model, gathered
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fsdp_launch(*args: str) -> list[str]:
-    """`accelerate launch --config_file examples/accelerate/fsdp.yaml -m skillstream.cli ARGS`, 2 processes."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
-            "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "skillstream.cli", *args]
-
-
-def run_together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
-    """The commands at once (most of a tiny run is starting Python and importing torch), from TESTS."""
-    started = [subprocess.Popen(c, cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "CI": "true"}) for c in commands]
-    done = []
-    for c, p in zip(commands, started):
-        out, err = p.communicate(timeout=600)
-        done.append(subprocess.CompletedProcess(c, p.returncode, out, err))
-    return done
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "experts" / "default" / "adapter_model.safetensors"))
-
-
-def newest_checkpoint(run_dir: Path) -> Path:
-    return sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1]
 
 
 @pytest.fixture(scope="module")
@@ -78,34 +35,25 @@ def runs(tmp_path_factory):
     half = [*ARGS, "--set", f"train.batch_size={GLOBAL_BATCH // 2}"]
     plugins = ["--set", f"plugins={json.dumps([BEST_FINAL])}"]
     kill = json.dumps([BEST_FINAL, {"name": "kill_plugin:KillOnce", "steps": 3, "marker": str(root / "killed")}])
-    one, two, broken = run_together(
-        [sys.executable, "-m", "skillstream.cli", "train", "quickstart", "--out", str(root / "one"), *ARGS,
-         *plugins, "--set", f"train.batch_size={GLOBAL_BATCH}"],
-        fsdp_launch("train", "quickstart", "--out", str(root / "fsdp"), *half, *plugins),
-        fsdp_launch("train", "quickstart", "--out", str(root / "broken"), *half, "--set", f"plugins={kill}"))
+    started = [start(one_process("train", "quickstart", "--out", str(root / "one"), *ARGS, *plugins,
+                                 "--set", f"train.batch_size={GLOBAL_BATCH}")),
+               start(launch(FSDP_CONFIG, "train", "quickstart", "--out", str(root / "fsdp"), *half, *plugins)),
+               start(launch(FSDP_CONFIG, "train", "quickstart", "--out", str(root / "broken"), *half,
+                            "--set", f"plugins={kill}"))]
+    one, two, broken = map(finish, started)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     assert "note: FSDP2 on CPU" in two.stdout  # sharded for real, not DDP
     assert broken.returncode != 0 and (root / "killed").exists(), broken.stderr[-3000:]
     assert not (root / "broken" / "results.json").exists()
-    resumed, = run_together(fsdp_launch("train", "quickstart", "--out", str(root / "broken"), "--resume"))
+    resumed = finish(start(launch(FSDP_CONFIG, "train", "quickstart", "--out", str(root / "broken"), "--resume")))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
     return root
 
 
 def test_fsdp_two_processes_match_one_at_the_same_global_batch(runs):
-    one, two = metrics(runs / "one"), metrics(runs / "fsdp")
-    assert [r["step"] for r in two] == list(range(1, STEPS + 1))  # the main process alone logs
-    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(one, two)]
-    assert max(diffs) < 1e-4, diffs
-    for a, b in zip(one, two):  # the norm over both processes' gradient shards, clipped as one process clips
-        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, a["grad_norm"])
-    a, b = adapter(runs / "one"), adapter(runs / "fsdp")
-    assert a.keys() == b.keys()
-    for k in a:  # whole tensors (gathered from both processes' shards), the 1-process values
-        assert a[k].shape == b[k].shape
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    assert_matches_one_process(runs / "one", runs / "fsdp")
     # the checkpoint holds whole weights and the whole optimizer state, by parameter name
     single, sharded = newest_checkpoint(runs / "one"), newest_checkpoint(runs / "fsdp")
     w1, w2 = (load_file(str(c / "weights.safetensors")) for c in (single, sharded))
@@ -122,40 +70,16 @@ def test_fsdp_two_processes_match_one_at_the_same_global_batch(runs):
 
 
 def test_fsdp_run_killed_then_resumed_gives_the_uninterrupted_bits(runs):
-    a, b = adapter(runs / "fsdp"), adapter(runs / "broken")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert [r["loss"] for r in metrics(runs / "broken")] == [r["loss"] for r in metrics(runs / "fsdp")]
+    assert_resumed_bits(runs / "fsdp", runs / "broken")
 
 
 def test_fsdp_checkpoint_is_not_resumed_without_fsdp(runs):
     """A sharded run's optimizer state (whole, by parameter name) does not fit an unsharded run's."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    from skillstream.errors import UserError
-    from skillstream.run_state import STAGES, restore_run
-
-    try:
-        with pytest.raises(UserError, match="trained with FSDP: resume it with the same accelerate config"):
-            restore_run(runs / "broken", STAGES, Accelerator(cpu=True))
-    finally:
-        AcceleratorState._reset_state(True)
+    assert_not_resumed_unsharded(runs / "broken", "trained with FSDP: resume it with the same accelerate config")
 
 
 def test_fsdp_adapter_loads_into_an_unsharded_backbone(runs):
-    from peft import PeftModel
-
-    from skillstream.models.backbone import load_backbone
-
-    backbone, _ = load_backbone("tiny", seed=0)
-    model = PeftModel.from_pretrained(backbone, str(runs / "fsdp" / "experts" / "default"))
-    # the final checkpoint's weights are the ones gathered at the stage's end
-    gathered = load_file(str(newest_checkpoint(runs / "fsdp") / "weights.safetensors"))
-    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    assert loaded.keys() == gathered.keys()
-    for name, p in loaded.items():
-        torch.testing.assert_close(p.detach(), gathered[name], rtol=0, atol=0)
+    assert_adapter_loads_unsharded(runs / "fsdp")
 
 
 @pytest.mark.parametrize("override, key", [
