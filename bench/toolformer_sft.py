@@ -60,11 +60,11 @@ def run_arm(args, arm: str, seed: int, out: Path) -> dict:
     if (run_dir / "results.json").exists():  # an interrupted bench picks up where it stopped
         return json.loads((run_dir / "results.json").read_text())
     code = ("import json, sys, skillstream; o = json.loads(sys.argv[1]); "
-            "skillstream.train('muse', out=sys.argv[2], overrides=o, show_progress=False, "
-            "resume=(__import__('pathlib').Path(sys.argv[2]) / 'checkpoints').exists())")
+            "skillstream.train('muse', out=sys.argv[2], overrides=o, show_progress=False, resume=sys.argv[3] == '1')")
     t0 = time.time()
     print(f"  {arm} seed {seed} ...", end="", flush=True, file=sys.stderr)
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(overrides(args, arm, seed, out)), str(run_dir)],
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(overrides(args, arm, seed, out)), str(run_dir),
+                           "1" if (run_dir / "checkpoints").exists() else "0"],
                           capture_output=True, text=True, env={**os.environ, "CI": "true"})
     if proc.returncode:
         raise SystemExit(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
@@ -83,6 +83,10 @@ METRICS = [("bfcl", None, "BFCL AST accuracy"), ("bfcl", "tool_selection", "BFCL
            ("arithmetic_tools", None, "arithmetic answer accuracy (calculator run)"),
            ("arithmetic_tools", "helpful_call_rate", "arithmetic calls where they help"),
            ("arithmetic_tools", "call_rate", "arithmetic call rate")]
+
+
+# the examples a field's rate is over, where not all of the task's
+SUBSET_N = {"tool_selection": "n_relevant", "irrelevance_accuracy": "n_irrelevant"}
 
 
 def cell(values: list[float | None]) -> str:
@@ -118,7 +122,8 @@ def table(by_arm: dict[str, dict[int, dict]], seeds: list[int], initial: dict) -
                             f"{value(r):.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
             seeds_txt.append(f"s{s}: " + " / ".join(pair))
         base = value(initial[task])
-        lines.append(f"| {label} (n={rows(by_arm['with'][seeds[0]])[task]['n']}) | {cell([base])} | {cell(vals['without'])} | "
+        first = rows(by_arm["with"][seeds[0]])[task]
+        lines.append(f"| {label} (n={first[SUBSET_N.get(field, 'n')]}) | {cell([base])} | {cell(vals['without'])} | "
                      f"{cell(vals['with'])} | {diff} | {'; '.join(seeds_txt)} |")
     return "\n".join(lines)
 
@@ -149,8 +154,7 @@ def main() -> None:
             by_arm[a][s] = run_arm(args, a, s, args.out)
     wall = time.time() - t0
     initial = dict(zip(by_arm["with"][seeds[0]]["tasks"], by_arm["with"][seeds[0]]["initial_details"]))
-    kept = [json.loads((args.out / f"with-s{s}" / "results.json").read_text()).get("stages", [{}])[0].get("built")
-            for s in seeds]
+    kept = [by_arm["with"][s]["stages"][0].get("built") for s in seeds]
     cmd = "python bench/toolformer_sft.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = (f"## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC — Toolformer data in muse's sft stage (bench/toolformer_sft)\n\n"
             f"`{cmd}` on {machine()}, torch {__import__('torch').__version__}; wall of this invocation {wall / 60:.1f} min for "
