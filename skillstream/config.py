@@ -77,7 +77,10 @@ class SourceConfig(_Strict):
         "auto", description="How rows become examples; 'auto' picks from the columns.")
     columns: dict[str, str] = Field(default_factory=dict, description="Column mapping {our name: your column}, e.g. {prompt: question, completion: answer}.")
     instruction: str | None = Field(None, description="Instruction put before each input (classification tasks, prompt/completion).")
-    limit: int | None = Field(None, gt=0, description="Use only the first N examples (after the split).")
+    offset: int = Field(0, ge=0, description="Skip the first N examples (after the split, before `limit`): with `limit`, a later "
+                                             "slice of a source, e.g. a stage that reads new requests of a source an earlier "
+                                             "stage read (that one `limit: 80`, this one `offset: 80, limit: 80`).")
+    limit: int | None = Field(None, gt=0, description="Use only the first N examples (after the split and `offset`).")
     weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="Relative sampling weight when several sources are mixed (finite, > 0).")
     build: ComponentConfig | None = Field(None, description="Produce this source at the start of its stage: a builder "
                                           "(registered name, e.g. verifier_pairs, or module:function) run on the current model writes "

@@ -43,6 +43,17 @@ def test_jsonl_csv_parquet_and_column_mapping(tmp_path):
         assert [(e.prompt, e.completion) for e in ex] == [("2+2?", "4"), ("3+3?", "6")], name
 
 
+def test_offset_and_limit_take_a_later_slice_of_a_source():
+    """A stage that reads new requests of a source an earlier stage read: offset skips, limit then counts."""
+    whole = load_examples(SourceConfig(source="nl2bash", limit=12))
+    first = load_examples(SourceConfig(source="nl2bash", limit=5))
+    later = load_examples(SourceConfig(source="nl2bash", offset=5, limit=5))
+    assert [e.prompt for e in first + later] == [e.prompt for e in whole[:10]]
+    assert len(load_examples(SourceConfig(source="nl2bash", split="test", offset=55))) == 5  # the split's last five
+    with pytest.raises(UserError, match="offset 60 leaves no examples .split 'test' has 60."):
+        load_examples(SourceConfig(source="nl2bash", split="test", offset=60))
+
+
 def test_prompt_completion_learns_only_the_completion(renderer):
     [ex] = load_examples(SourceConfig(source="nl2bash", split="test", limit=1))
     tok = renderer.tokenize(ex)

@@ -202,6 +202,9 @@ def load_examples(src: SourceConfig) -> list[Example]:
         examples = [_from_row(r, src, fmt, src.instruction) for r in rows]
     if not examples:
         raise UserError(f"{src.source}: split {src.split!r} is empty")
+    if src.offset >= len(examples):
+        raise UserError(f"{src.source}: offset {src.offset} leaves no examples (split {src.split!r} has {len(examples)})")
+    examples = examples[src.offset:]
     return examples[: src.limit] if src.limit else examples
 
 
