@@ -233,6 +233,15 @@ def test_a_split_skill_is_merged_back_in_the_stream_and_a_resumed_run_merges_ali
     assert [d["decision"] for d in decisions] == ["create", "reuse", "create", "reuse", "create", "create"]
     merges = [(e["merge"], e["into"]) for e in whole.results["lifecycle"]]
     assert merges == [(["expert_0", "expert_2"], "expert_3"), (["expert_3", "expert_4"], "expert_5")]
+    # every pair the merge check compared is in the chunk's decision: the profile similarity, and the
+    # output KL where the profiles passed (the merged pair's are the merge's own)
+    for d in decisions:
+        for c in d.get("merge_checks", []):
+            assert (c["output_kl"] is None) == (c["profile_similarity"] < 0.5)
+        for e in d.get("lifecycle", []):
+            assert {"pair": sorted(e["merge"], key=lambda n: n != d["trained"]), "profile_similarity": e["profile_similarity"],
+                    "output_kl": e["output_kl"]} == d["merge_checks"][-1]
+    assert any(c["output_kl"] is None for d in decisions for c in d.get("merge_checks", []))  # arithmetic vs bash
     assert whole.results["experts"] == ["expert_1", "expert_5"]
     assert whole.results["skill_expert"] == {"bash_a": "expert_5", "math_a": "expert_1", "bash_b": "expert_5"}
     assert sorted(p.name for p in (whole.run_dir / "experts").iterdir()) == ["expert_1", "expert_5", "pool.json"]

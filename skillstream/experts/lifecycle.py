@@ -141,6 +141,7 @@ class Lifecycle:
                                                           explore=cal.explore, explore_outcomes=cal.explore_outcomes)
                            if cfg.novelty.decider == "calibrated" else None)
         self.unused: dict[str, int] = {}      # chunks in a row no input was routed to the expert (pruning)
+        self.merge_checks: list[dict] = []    # the pairs the last chunk's merge check compared, and how alike
         self.retired = 0                      # experts merged away or pruned (they no longer fill the pool)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # within one chunk (never checkpointed: a chunk is saved when it is done)
@@ -300,17 +301,24 @@ class Lifecycle:
 
     def converged(self, trained: list[str]) -> tuple[str, str, dict] | None:
         """The first pair (one of them trained this chunk) whose profiles are at least `merge.similarity`
-        alike and whose outputs on their held-out examples are at most `merge.max_output_kl` apart."""
+        alike and whose outputs on their held-out examples are at most `merge.max_output_kl` apart.
+        Every pair compared is logged in the chunk's decision (`merge_checks`: the profile similarity,
+        and the output KL where the profiles passed), so a merge that does not happen says by how much
+        it missed."""
         m = self.cfg.merge
+        self.merge_checks = []
         for a in [n for n in trained if n in self.pool and n in self.profiles]:
             for b in self.pool.names:
                 if b == a or b not in self.profiles:
                     continue
                 sim = similarity(self.profiles[a].signal, self.profiles[b], self.weights)
                 items = self.heldout.of(a) + self.heldout.of(b)
+                check = {"pair": [a, b], "profile_similarity": round(sim, 4), "output_kl": None}
+                self.merge_checks.append(check)
                 if sim < m.similarity or not items:
                     continue
                 kl = output_divergence(self.model, (a, b), items, self.pad_id)
+                check["output_kl"] = round(kl, 6)
                 if kl <= m.max_output_kl:
                     first, second = sorted((a, b), key=self.pool.names.index)
                     return first, second, {"profile_similarity": round(sim, 4), "output_kl": round(kl, 6)}

@@ -321,6 +321,8 @@ class StreamPlan(RunPlan):
         trained = [record["trained"]] + list(dict.fromkeys(record.get("reassigned", {}).values())) \
             if record.get("trained") else []
         events = self.life.maintain(shares, trained, stream.global_step)
+        if self.life.merge_checks:
+            record["merge_checks"] = self.life.merge_checks
         if not events:
             return
         record["lifecycle"] = events
@@ -463,9 +465,14 @@ def _oracle_intervals(results: dict, oracle_row: list[dict]) -> dict:
 
 def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks, run: RunState, seconds, main) -> dict:
     results, stream, decisions = run.results, run.stream, run.stream.decisions
-    # the expert trained on each skill: the one that trained most of its chunks (ties: the first)
-    skill_expert = {int(s): Counter(names).most_common(1)[0][0] for s, names in stream.assignments.items()}
-    task_skill = {j: j for j in range(len(eval_tasks))} if len(eval_tasks) == len(stages) else {}
+    # a skill is the stages of one name (a skill that comes back after another is a second stage of its
+    # name); the expert trained on it: the one that trained most of its chunks (ties: the first)
+    skill_stages = {st.name: [i for i, s in enumerate(stages) if s.name == st.name] for st in stages}
+    skill_expert = {name: Counter(e for i in idx for e in stream.assignments.get(str(i), [])).most_common(1)[0][0]
+                    for name, idx in skill_stages.items() if any(str(i) in stream.assignments for i in idx)}
+    # the task each skill is measured by: the i-th task the i-th stage when there are as many, else the task of its name
+    task_skill = ({j: st.name for j, st in enumerate(stages)} if len(eval_tasks) == len(stages)
+                  else {j: t.name for j, t in enumerate(eval_tasks) if t.name in skill_stages})
     oracle = {eval_tasks[j].name: skill_expert[s] for j, s in task_skill.items() if s in skill_expert}
     oracle_row = _oracle_row(life, tok, renderer, eval_tasks, cfg, oracle, results, stream.global_step)
     names = [t.name for t in eval_tasks]
@@ -484,8 +491,8 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
         "oracle": {"experts": oracle, "scores": oracle_scores,
                    "avg_acc": sum(oracle_scores) / len(oracle_scores) if oracle_scores and None not in oracle_scores else None,
                    **oracle_ci, "details": oracle_row},
-        "experts": life.pool.names, "experts_created": len(life.pool), "skills": len(stages),
-        "skill_expert": {stages[int(s)].name: e for s, e in skill_expert.items()},
+        "experts": life.pool.names, "experts_created": len(life.pool), "skills": len(skill_stages),
+        "skill_expert": skill_expert,
         "novelty": {"true_boundaries": boundaries, "created_at": created[1:], "first_expert_at": created[:1],
                     "chunks": len(chunks), "decisions": dict(Counter(d["decision"] for d in decisions)),
                     "thresholds": {"similarity": cfg.experts.novelty.similarity_threshold,
