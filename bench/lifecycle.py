@@ -5,8 +5,9 @@ conversations, then NL2Bash training requests 80-159 (new requests of the first 
 source's `offset`). Sizes and novelty / router / seeding settings are the flagship's
 (`dylora_moe`: chunks of 40 at `chunk_epochs` 0.2, LoRA r 16, 8 signal examples, ...), with
 `experts.validation.holdout: 2` (every expert keeps 2 examples of each chunk it trains on as its own
-held-out set). Evaluated at the end of each skill on the whole NL2Bash test split and on BFCL
-`simple` test prompts (the first `--call-limit`), routing on the same tasks' held-out prompts.
+held-out set). Evaluated before the stream and at its end (`experts.score: end`) on the whole NL2Bash
+test split and on BFCL `simple` test prompts (the first `--call-limit`), routing on the same tasks'
+held-out prompts.
 
 Two runs, one after the other:
   A  returning skill: `experts.novelty.decider: calibrated` (the window and thresholds the
@@ -82,7 +83,8 @@ def recipe(args, run: str, thresholds: dict | None = None) -> dict:
                                       "train": [t]}}
               for name, t in zip(("bash", "call", "bash"), trains)]
     e = copy.deepcopy(raw["experts"])
-    e.update(chunk_size=size, validation={"holdout": 2})
+    # scored before the stream and after it (each row costs ~20 min on the 2-core machine)
+    e.update(chunk_size=size, validation={"holdout": 2}, score="end")
     if args.quick:  # a tiny random backbone: a whole epoch of a chunk, the steps to match
         e.update(chunk_epochs=1.0, router={**e["router"], "mature_steps": 2, "eval_examples": 4, "steps_per_chunk": 10,
                                            "refit_steps": 20},
@@ -177,7 +179,7 @@ def report(args, res: dict[str, dict], decs: dict[str, list], th: dict, wall: fl
              f"{' (--quick: wiring only, not a measurement)' if args.quick else ''}. "
              f"Stream: NL2Bash train requests 0-{args.examples - 1}, BFCL simple train {args.examples}, NL2Bash train "
              f"requests {args.examples}-{2 * args.examples - 1}; chunks of {args.chunk_size}, the flagship's "
-             f"(`dylora_moe`) novelty, router and seeding settings, `validation.holdout` 2. Evaluation after each skill: "
+             f"(`dylora_moe`) novelty, router and seeding settings, `validation.holdout` 2. Evaluation before and after the stream: "
              f"NL2Bash test {'whole split' if not args.bash_limit else f'first {args.bash_limit}'}, BFCL simple test "
              f"first {args.call_limit}; routing on up to 40 held-out prompts per task. Seed 0, one run each.",
              "",
@@ -219,8 +221,8 @@ def report(args, res: dict[str, dict], decs: dict[str, list], th: dict, wall: fl
     for run in RUNS:
         r = res[run]
         rows = [dict(zip(r["tasks"], row)) for row in r["details"]]
-        lines.append(f"Run {run} after each skill (bash, call): "
-                     + "; ".join(f"{i + 1}: {row['bash']['score']:.3f}, {row['call']['score']:.3f}" for i, row in enumerate(rows))
+        lines.append(f"Run {run} (bash, call) after the stream: "
+                     + "; ".join(f"{row['bash']['score']:.3f}, {row['call']['score']:.3f}" for row in rows)
                      + f" (backbone {r['initial_details'][0]['score']:.3f}, {r['initial_details'][1]['score']:.3f}); "
                      f"train {r['seconds']:.0f} s, wall {r['wall_seconds'] / 60:.1f} min.")
     return "\n".join(lines) + "\n"

@@ -288,6 +288,7 @@ class ExpertsConfig(_Strict):
     prefix: str = Field("expert_", description="Experts are named PREFIX0, PREFIX1, ... in creation order.")
     max_experts: int = Field(8, gt=0, description="At most this many experts; beyond it the best match is reused.")
     fork: bool = Field(False, description="Warm-start a new expert from the best-matching one instead of a fresh LoRA.")
+    score: Literal["skills", "end"] = Field("skills", description="When the evaluation suite is scored: skills = before the stream and after each skill's last chunk (the accuracy matrix: AvgAcc, BWT, FWT); end = before the stream and after its last chunk only (AvgAcc at the end; BWT and FWT are null), for an evaluation too costly to run after every skill.")
     training: Literal["hard", "dense_to_sparse"] = Field("hard", description="hard: a chunk trains the one expert its decision names, alone; dense_to_sparse: a chunk trains the router and every expert through the router's weighted mixture (dense while an input's top expert is immature, its top-k with a load-balancing term once that expert is mature), so the router learns from the task loss.")
     load_balance: float = Field(0.01, ge=0, description="dense_to_sparse: weight of the Switch/GShard load-balancing term, n_experts * sum_i (share of inputs delegated to expert i) * (mean router probability of i), over the inputs delegated sparsely.")
     novelty: NoveltyConfig = Field(default_factory=NoveltyConfig)

@@ -246,9 +246,11 @@ class StreamPlan(RunPlan):
 
     def score_unit(self, run: RunState, index: int, state: StageState) -> None:
         chunk = self.chunks[index]
+        s = self.setup
         if self.last_of_skill[chunk.skill] != chunk.index:
             return  # the harness scores the matrix at the true skill boundaries only
-        s = self.setup
+        if s.cfg.experts.score == "end" and chunk.index != len(self.chunks) - 1:
+            return
         row = _eval_row(self.life, s.tok, s.renderer, s.eval_tasks, s.cfg)
         run.results["details"].append(row)
         run.results["last_row_step"] = run.stream.global_step
