@@ -54,6 +54,7 @@ def test_quick_run_reuses_the_returning_skill_then_splits_it_and_merges_it_back(
     for run in ("A", "B"):
         assert set(res[run]["routing"]["per_task"]) == {"bash", "call"}  # the returning skill is measured as bash
         assert len(res[run]["matrix"]) == 1 and res[run]["bwt"] is None  # experts.score: end (one row, after the stream)
+        assert res[run]["oracle"]["experts"] == {} and res[run]["oracle"]["scores"] == []  # experts.oracle: false
 
     report = out["report"]
     assert "| B − A, same test examples |" in report and "Merge checks" in report

@@ -475,7 +475,8 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
     # the task each skill is measured by: the i-th task the i-th stage when there are as many, else the task of its name
     task_skill = ({j: st.name for j, st in enumerate(stages)} if len(eval_tasks) == len(stages)
                   else {j: t.name for j, t in enumerate(eval_tasks) if t.name in skill_stages})
-    oracle = {eval_tasks[j].name: skill_expert[s] for j, s in task_skill.items() if s in skill_expert}
+    oracle = {eval_tasks[j].name: skill_expert[s] for j, s in task_skill.items() if s in skill_expert} \
+        if cfg.experts.oracle else {}
     oracle_row = _oracle_row(life, tok, renderer, eval_tasks, cfg, oracle, results, stream.global_step)
     names = [t.name for t in eval_tasks]
     final = summarize(names, {t.name: r["metric"] for t, r in zip(eval_tasks, results["initial"])},
