@@ -324,6 +324,8 @@ def child_eval(spec: dict) -> dict:
     """Stream evaluation (generative exact match with option scoring beside it) with the skillstream
     found at spec["code"] (this checkout or a worktree of an older commit): outputs and examples/s."""
     sys.path.insert(0, spec["code"])
+    import torch
+
     import skillstream
     from skillstream.data.render import Renderer
     from skillstream.evaluation.generation import generate_and_score
@@ -337,6 +339,14 @@ def child_eval(spec: dict) -> dict:
         cfg, task = eval_task(Path(tmp), spec["eval_examples"], spec["model"])
     model, tok = load_backbone(cfg.model.name, seed=cfg.seed)
     model = attach_lora(model, cfg)  # what the stream scores: the LoRA-wrapped backbone, in eval mode
+    if spec.get("lora_b_std"):  # a trained adapter's B is not zero: A and B drawn from one seeded generator,
+        g = torch.Generator().manual_seed(0)  # so both sides score the same adapter (PEFT's own init of A reads
+        with torch.no_grad():                 # the global RNG, which the two code versions may leave apart)
+            for name, p in sorted(model.named_parameters()):
+                if ".lora_A." in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
+                elif ".lora_B." in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * spec["lora_b_std"])
     model.eval()
     renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
     examples = task.examples
@@ -398,13 +408,16 @@ def run_child(kind: str, spec: dict) -> dict:
                             cwd=REPO)
 
 
-def eval_report(evals: list[dict], base_rev: str) -> str:
-    """Stream evaluation, each run against the first run of the code before (same examples, fp32)."""
-    base = next(e for e in evals if e["side"] == "before")
-    rows = ["| code | precision | examples/s | speed-up vs before fp32 | model GFLOP/s | matmul peak GFLOP/s | MFU | "
-            "exact match | option accuracy | generated texts as before | option argmax as before | max abs logp diff |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+def eval_report(evals: list[dict], base_rev: str, lora_b_std: float = 0.0) -> str:
+    """Stream evaluation, each run against the run of the code before in the same precision (same
+    examples), and its speed also against the code before in fp32."""
+    fp32_before = next(e for e in evals if e["side"] == "before" and e["precision"] == "fp32")
+    rows = ["| code | precision | examples/s | speed-up vs before, same precision | speed-up vs before fp32 | "
+            "model GFLOP/s | matmul peak GFLOP/s | MFU | exact match | option accuracy | generated texts as before | "
+            "option argmax as before | max abs logp diff |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for e in evals:
+        base = next((b for b in evals if b["side"] == "before" and b["precision"] == e["precision"]), fp32_before)
         same_text = sum(a == b for a, b in zip(e["texts"], base["texts"]))
         arg = [max(range(len(r)), key=r.__getitem__) for r in e["scores"]]
         arg0 = [max(range(len(r)), key=r.__getitem__) for r in base["scores"]]
@@ -412,14 +425,16 @@ def eval_report(evals: list[dict], base_rev: str) -> str:
         diff = max(abs(x - y) for r, r0 in zip(e["scores"], base["scores"]) for x, y in zip(r, r0))
         name = f"before ({base_rev})" if e["side"] == "before" else "this commit"
         rows.append(f"| {name} | {e['precision']} | {e['examples_per_s']:.2f} | "
-                    f"{e['examples_per_s'] / base['examples_per_s']:.2f}x | {e['flops_per_s'] / 1e9:.1f} | "
+                    f"{e['examples_per_s'] / base['examples_per_s']:.2f}x | "
+                    f"{e['examples_per_s'] / fp32_before['examples_per_s']:.2f}x | {e['flops_per_s'] / 1e9:.1f} | "
                     f"{e['peak_flops_per_s'] / 1e9:.0f} | {100 * e['mfu']:.1f}% | {e['exact_match']:.3f} | "
                     f"{e['accuracy']:.3f} | {same_text}/{e['examples']} | {same_arg}/{e['examples']} | {diff:.1e} |")
     e = evals[0]
     note = (f"Task rte12 (glue_stream/rte test rows with 10 distractor options added: {e['options']} options), first "
             f"{e['examples']} examples, mean prompt {e['prompt_tokens_mean']:.0f} tokens, adaptive_learner's system "
             f"prompt, eval batch {e['batch']}, max_new_tokens {e['max_new_tokens']} (the stream's); {e['model']}, fp32 weights "
-            f"with an untrained LoRA (r 8, all-linear). Timed: `generate_and_score` over all examples (the inner loop "
+            f"with " + (f"a LoRA (r 8, all-linear) whose B is drawn N(0, {lora_b_std}^2), seed 0, as a trained adapter's"
+                        if lora_b_std else "an untrained LoRA (r 8, all-linear)") + ". Timed: `generate_and_score` over all examples (the inner loop "
             f"of `evaluate_examples(exact_match, also=[accuracy])`), after one untimed batch; model FLOPs = "
             f"nn.Linear matmul FLOPs counted by hooks in the timed pass; bf16 = inside an `Accelerator(mixed_precision="
             f"'bf16')`, as a run with train.bf16 on.")
@@ -519,6 +534,8 @@ def main(argv=None) -> None:
     ap.add_argument("--base", default=None, help="eval: a checkout (git worktree) of the code before, run side by side")
     ap.add_argument("--base-rev", default=None, help="eval: the commit --base holds, for the record (default: read from it)")
     ap.add_argument("--eval-examples", type=int, default=None, help="eval: rte12 test examples (default 200; 8 with --quick)")
+    ap.add_argument("--lora-b-std", type=float, default=0.0, help="eval: draw the LoRA's B from N(0, std^2) (a trained "
+                    "adapter; default 0: untrained, B = 0)")
     ap.add_argument("--profile-examples", type=int, default=None, help="profile: examples (default 32; 4 with --quick)")
     ap.add_argument("--record", action="store_true", help="with --quick: append to bench/RESULTS.md anyway")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -566,8 +583,9 @@ def main(argv=None) -> None:
         import subprocess
         rev = args.base_rev or subprocess.run(["git", "-C", args.base, "rev-parse", "--short", "HEAD"],
                                               capture_output=True, text=True).stdout.strip()
-        spec = {**base, "bf16": False, "eval_examples": args.eval_examples}
-        sides = [("before", args.base, "fp32"), ("this", str(REPO), "fp32"), ("this", str(REPO), "bf16")]
+        spec = {**base, "bf16": False, "eval_examples": args.eval_examples, "lora_b_std": args.lora_b_std}
+        sides = [("before", args.base, "fp32"), ("this", str(REPO), "fp32"),
+                 ("before", args.base, "bf16"), ("this", str(REPO), "bf16")]
         evals = []
         for side, code, prec in sides:
             if prec == "bf16" and not _bf16_hardware():
@@ -575,7 +593,7 @@ def main(argv=None) -> None:
             r = common.run_child(__file__, "eval", {**spec, "code": code, "precision": prec},
                                  label=f"eval {side:<6} {prec}", bench="bench/throughput", cwd=REPO)
             evals.append({**r, "side": side})
-        parts.append("### Stream evaluation\n\n" + eval_report(evals, rev))
+        parts.append("### Stream evaluation\n\n" + eval_report(evals, rev, args.lora_b_std))
     if "profile" in args.phases:
         prec = "bf16" if _bf16_hardware() else "fp32"
         prof = common.run_child(__file__, "eval", {**base, "bf16": False, "code": str(REPO), "precision": prec,

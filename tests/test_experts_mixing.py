@@ -290,3 +290,72 @@ def test_the_peft_internals_mixing_relies_on_are_still_there():
         assert layer._active_adapter in ("b", ["b"]) and torch.allclose(model(x), base + delta, atol=1e-6)
         assert {n: p.requires_grad for n, p in model.named_parameters()} == grads, \
             where + "switching _active_adapter changed requires_grad"
+
+
+@torch.no_grad()
+def test_folded_adapter_computes_what_peft_computes_and_puts_the_weights_back(setup):
+    """Evaluation folds the active adapter into its base weights (W + scale B A): the same logits to
+    float rounding, and on exit the very same weight tensors, so training continues unchanged."""
+    from skillstream.experts.mixing import folded_adapters, lora_layers
+
+    pool, batch = setup
+    pool.model.set_adapter("e2")
+    expected = run(pool.model, batch)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in pool.model.named_parameters()}
+    q_proj = lora_layers(pool.model)[0]
+    with folded_adapters(pool.model):
+        got = run(pool.model, batch)
+        assert q_proj.active_adapters == [] and q_proj.base_layer.weight.data_ptr() != before[
+            next(n for n in before if n.endswith("q_proj.base_layer.weight") and ".layers.0." in n)][0]
+    assert (got - expected).abs().max().item() < 1e-5
+    assert (got - expected).abs().max().item() > 0  # it really ran folded (different rounding)
+    assert all(p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]) for n, p in pool.model.named_parameters())
+    assert lora_layers(pool.model)[0].active_adapters == ["e2"]
+    assert (run(pool.model, batch) - expected).abs().max().item() == 0.0
+
+
+@torch.no_grad()
+def test_folding_an_untrained_adapter_changes_no_bit(setup):
+    from skillstream.experts.mixing import folded_adapters
+
+    pool, batch = setup
+    pool.create("fresh")  # B = 0: adds nothing
+    try:
+        pool.model.set_adapter("fresh")
+        expected = run(pool.model, batch)
+        with pool.model.disable_adapter():
+            backbone = run(pool.model, batch)
+        with folded_adapters(pool.model):
+            got = run(pool.model, batch)
+        assert torch.equal(got, expected) and torch.equal(got, backbone)
+    finally:
+        pool.model.set_adapter("e1")
+        pool.model.delete_adapter("fresh")
+
+
+@torch.no_grad()
+def test_mixing_and_the_backbone_inside_a_folded_block_see_the_unfolded_weights(setup):
+    """A router reading the backbone, or a mix of experts, inside a folded block must not carry the
+    folded adapter along (mixing.py gives folded layers their own weights back for the block)."""
+    from skillstream.experts.mixing import backbone_only, folded_adapters
+
+    pool, batch = setup
+    pool.model.set_adapter("e1")
+    with backbone_only(pool.model):
+        backbone = run(pool.model, batch)
+    with mixing(pool.model, NAMES, one_hot(torch.full((4,), 2), 3)):
+        e3 = run(pool.model, batch)
+    with folded_adapters(pool.model):
+        with backbone_only(pool.model):
+            assert torch.equal(run(pool.model, batch), backbone)
+        with mixing(pool.model, NAMES, one_hot(torch.full((4,), 2), 3)):
+            assert torch.equal(run(pool.model, batch), e3)
+
+
+def test_folding_refuses_to_run_under_autograd(setup):
+    from skillstream.experts.mixing import folded_adapters
+
+    pool, _ = setup
+    with pytest.raises(RuntimeError, match="inference only"):
+        with folded_adapters(pool.model):
+            pass

@@ -55,7 +55,20 @@ def eval_dtype() -> torch.dtype | None:
 @contextlib.contextmanager
 def eval_autocast(model: torch.nn.Module):
     """Evaluate `model` in the run's precision: frozen float32 weights held in it, and autocast to it on
-    the model's device; nothing outside a mixed-precision run. Nested uses find the weights already cast."""
+    the model's device; nothing outside a mixed-precision run. Nested uses find the weights already cast.
+    Without autograd (evaluation, generation) the active LoRA adapters are also folded into their
+    base weights for the block (experts/mixing.py: folded_adapters)."""
+    from ..experts.mixing import folded_adapters  # experts import this module
+
+    with contextlib.ExitStack() as stack:
+        if not torch.is_grad_enabled():
+            stack.enter_context(folded_adapters(model))
+        stack.enter_context(_run_precision(model))
+        yield
+
+
+@contextlib.contextmanager
+def _run_precision(model: torch.nn.Module):
     dtype = eval_dtype()
     device_type = _device(model).type
     if dtype is None or device_type not in ("cpu", "cuda"):

@@ -116,7 +116,7 @@ def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], m
                              model, tok, renderer, examples, metric, batch_size, max_new_tokens, samples, also)
     extra = [m for m in also if m != metric]
     if metric == "exact_match" and "accuracy" in extra and examples and all(ex.options for ex in examples):
-        with eval_mode(model), eval_autocast(model):  # the run's precision (precision.py)
+        with torch.no_grad(), eval_mode(model), eval_autocast(model):  # the run's precision (precision.py)
             out, accuracy = _exact_match_and_accuracy(model, tok, renderer, examples, batch_size, max_new_tokens)
         row = {"score": out["exact_match"], "metric": "exact_match", **out, "protocols": {"accuracy": accuracy}}
         extra.remove("accuracy")
@@ -130,7 +130,7 @@ def evaluate_examples(model, tok, renderer: Renderer, examples: list[Example], m
 
 def _evaluate_one(model, tok, renderer: Renderer, examples: list[Example], metric: str,
                   batch_size: int, max_new_tokens: int, samples: int) -> dict:
-    with eval_mode(model), eval_autocast(model):  # the run's precision (precision.py)
+    with torch.no_grad(), eval_mode(model), eval_autocast(model):  # the run's precision (precision.py)
         if metric == "accuracy":
             out = _accuracy(model, tok, renderer, examples, batch_size)
         elif metric in ("exact_match", "bash"):

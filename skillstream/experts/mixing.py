@@ -11,6 +11,8 @@ active adapters for the duration of a block (so PEFT's own forward returns the b
 adds the mix in a forward hook, reading `lora_A`/`lora_B`/`lora_dropout`/`scaling` by name exactly
 as PEFT's forward does. `backbone_only` uses the same switch to give the frozen backbone's view
 without PEFT's `disable_adapter()`, which resets every adapter's `requires_grad` on exit.
+`folded_adapters` (evaluation's fast path) adds the active adapter into the base weight and uses the
+switch too; the other two give a folded layer its own weight back for their block.
 """
 from __future__ import annotations
 
@@ -34,12 +36,70 @@ def _no_active_adapters(layers: list[LoraLayer]) -> Iterator[None]:
     # PEFT's forward loops over `active_adapters`; an empty list makes it return base_layer(x)
     # while leaving requires_grad (set by set_adapter / set_requires_grad) untouched.
     saved = [(layer, layer._active_adapter) for layer in layers]
+    # a layer whose adapter is folded into its base weight (folded_adapters) gets its own weight back
+    # for the block, or the "backbone" would still carry the adapter
+    unfolded = [(layer, layer.base_layer.weight.data) for layer in layers if layer in _FOLDED]
     for layer in layers:
         layer._active_adapter = []
+    for layer, _ in unfolded:
+        layer.base_layer.weight.data = _FOLDED[layer]
     try:
         yield
     finally:
         for layer, active in saved:
+            layer._active_adapter = active
+        for layer, folded in unfolded:
+            layer.base_layer.weight.data = folded
+
+
+# LoRA Linear layer -> its base weight's own tensor, while folded_adapters holds the folded one in its place
+_FOLDED: dict[LoraLinear, torch.Tensor] = {}
+
+
+def _foldable(layer: LoraLayer) -> bool:
+    """A plain LoRA Linear over a plain dense weight whose active adapters PEFT's forward would add.
+    Not: quantized or sharded weights (FSDP's DTensor, DeepSpeed ZeRO-3's empty placeholders),
+    variants (DoRA, ...), merged or disabled adapters, a layer already folded or inside a mixing block."""
+    if not isinstance(layer, LoraLinear) or layer in _FOLDED or layer.merged or layer.disable_adapters:
+        return False
+    active = [n for n in layer.active_adapters if n in layer.lora_A]
+    weight = layer.base_layer.weight
+    if not active or any(n in layer.lora_variant for n in active) or type(weight.data) is not torch.Tensor \
+            or not weight.is_floating_point() or tuple(weight.shape) != (layer.out_features, layer.in_features):
+        return False
+    return all(type(layer.lora_A[n].weight.data) is torch.Tensor and type(layer.lora_B[n].weight.data) is torch.Tensor
+               for n in active)
+
+
+@contextmanager
+def folded_adapters(model: torch.nn.Module) -> Iterator[None]:
+    """Inference with each LoRA Linear's active adapters added into its base weight, W + scale * B A
+    (PEFT's `get_delta_weight`, computed in float32), and PEFT's adapter branch switched off: one
+    matmul per layer instead of three plus a scale and an add. Evaluation is where this pays: its
+    decoding steps are a few rows each, so their time is the per-layer operations rather than the
+    arithmetic. An adapter whose B is zero (untrained) adds nothing and leaves the weight's own
+    tensor in place, bit for bit. The weights' own tensors are kept and put back on exit (not
+    subtracted), so training continues from exactly the weights it left. Gradients do not flow
+    through a folded weight: use it under torch.no_grad only."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("folded_adapters: inference only (torch.no_grad)")
+    layers = [layer for layer in lora_layers(model) if _foldable(layer)]
+    saved = []
+    try:
+        for layer in layers:
+            active = [n for n in layer.active_adapters if n in layer.lora_A]
+            weight = layer.base_layer.weight
+            saved.append((layer, layer._active_adapter))
+            _FOLDED[layer] = weight.data
+            live = [n for n in active if bool(layer.lora_B[n].weight.data.any())]
+            if live:
+                delta = sum(layer.get_delta_weight(n).float() for n in live)
+                weight.data = (weight.data.float() + delta).to(weight.dtype)
+            layer._active_adapter = []
+        yield
+    finally:
+        for layer, active in saved:
+            layer.base_layer.weight.data = _FOLDED.pop(layer)
             layer._active_adapter = active
 
 
