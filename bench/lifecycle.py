@@ -172,10 +172,12 @@ def decision_line(d: dict) -> str:
 
 def report(args, res: dict[str, dict], decs: dict[str, list], th: dict, wall: float) -> str:
     cmd = "python bench/lifecycle.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    walls = " + ".join(f"{res[r]['wall_seconds'] / 60:.1f}" for r in RUNS)
     lines = [f"## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC — expert lifecycle: a skill that comes back "
              f"(bash, call, bash) on {'the tiny model' if args.quick else 'SmolLM2-135M'} (bench/lifecycle, issue 30 item 3)",
              "",
-             f"`{cmd}` on {machine()}, torch {__import__('torch').__version__}; wall {wall / 60:.1f} min for both runs"
+             f"`{cmd}` on {machine()}, torch {__import__('torch').__version__}; wall of runs A + B {walls} min "
+             f"(this invocation {wall / 60:.1f} min: a finished run is read back)"
              f"{' (--quick: wiring only, not a measurement)' if args.quick else ''}. "
              f"Stream: NL2Bash train requests 0-{args.examples - 1}, BFCL simple train {args.examples}, NL2Bash train "
              f"requests {args.examples}-{2 * args.examples - 1}; chunks of {args.chunk_size}, the flagship's "
@@ -209,8 +211,8 @@ def report(args, res: dict[str, dict], decs: dict[str, list], th: dict, wall: fl
         lines.append(f"| {t} (n={d['n']}) | {d['difference']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | "
                      f"{'excludes' if d['excludes_zero'] else 'includes'} 0 |")
     checks = [(run, d["chunk"], c) for run in RUNS for d in decs[run] for c in d.get("merge_checks", [])]
-    lines += ["", "Merge checks (every pair compared after a chunk; a merge needs both profile similarity ≥ its "
-                  "threshold and output KL ≤ 0.05):",
+    lines += ["", "Merge checks (every pair compared after a chunk; a merge needs both profile similarity ≥ "
+                  f"merge.similarity, A 0.95 (default) and B {th['merge']:.2f}, and output KL ≤ 0.05):",
               "", "| run | after chunk | pair | profile similarity | output KL (nats/token) |", "|---|---:|---|---:|---:|"]
     lines += [f"| {run} | {chunk} | {' / '.join(c['pair'])} | {c['profile_similarity']:.3f} | "
               f"{'not measured (profiles apart)' if c['output_kl'] is None else format(c['output_kl'], '.4f')} |"
@@ -224,7 +226,8 @@ def report(args, res: dict[str, dict], decs: dict[str, list], th: dict, wall: fl
         lines.append(f"Run {run} (bash, call) after the stream: "
                      + "; ".join(f"{row['bash']['score']:.3f}, {row['call']['score']:.3f}" for row in rows)
                      + f" (backbone {r['initial_details'][0]['score']:.3f}, {r['initial_details'][1]['score']:.3f}); "
-                     f"train {r['seconds']:.0f} s, wall {r['wall_seconds'] / 60:.1f} min.")
+                     f"maturity at the end {r['routing']['policy']['maturity']} (below {r['routing']['policy']['maturity_threshold']}: "
+                     f"the router mixes densely); train {r['seconds']:.0f} s, wall {r['wall_seconds'] / 60:.1f} min.")
     return "\n".join(lines) + "\n"
 
 
