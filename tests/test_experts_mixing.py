@@ -359,3 +359,19 @@ def test_folding_refuses_to_run_under_autograd(setup):
     with pytest.raises(RuntimeError, match="inference only"):
         with folded_adapters(pool.model):
             pass
+
+
+@torch.no_grad()
+def test_evaluation_folds_in_float32_only(setup):
+    """In a bf16 run W + B A rounded to bf16 would lose a small adapter's update: not folded there."""
+    from skillstream.evaluation.precision import eval_autocast, precision_of_run
+    from skillstream.experts.mixing import lora_layers
+
+    pool, _ = setup
+    pool.model.set_adapter("e1")
+    layer = lora_layers(pool.model)[0]
+    with eval_autocast(pool.model):
+        assert layer.active_adapters == []  # folded
+    with precision_of_run(bf16=True), eval_autocast(pool.model):
+        assert layer.active_adapters == ["e1"]  # PEFT's own branch, in bf16 autocast
+    assert layer.active_adapters == ["e1"]

@@ -56,12 +56,15 @@ def eval_dtype() -> torch.dtype | None:
 def eval_autocast(model: torch.nn.Module):
     """Evaluate `model` in the run's precision: frozen float32 weights held in it, and autocast to it on
     the model's device; nothing outside a mixed-precision run. Nested uses find the weights already cast.
-    Without autograd (evaluation, generation) the active LoRA adapters are also folded into their
-    base weights for the block (experts/mixing.py: folded_adapters)."""
+    In full precision and without autograd (evaluation, generation) the active LoRA adapters are also
+    folded into their float32 base weights for the block (experts/mixing.py: folded_adapters). Not in
+    bf16: W + scale B A rounded to bf16 loses most of a small adapter's update to W's rounding (the
+    unfolded path keeps B A x at bf16's relative precision), and it measured no faster there
+    (bench/RESULTS.md, bench/throughput --phases eval)."""
     from ..experts.mixing import folded_adapters  # experts import this module
 
     with contextlib.ExitStack() as stack:
-        if not torch.is_grad_enabled():
+        if eval_dtype() is None and not torch.is_grad_enabled():
             stack.enter_context(folded_adapters(model))
         stack.enter_context(_run_precision(model))
         yield

@@ -57,15 +57,16 @@ _FOLDED: dict[LoraLinear, torch.Tensor] = {}
 
 
 def _foldable(layer: LoraLayer) -> bool:
-    """A plain LoRA Linear over a plain dense weight whose active adapters PEFT's forward would add.
-    Not: quantized or sharded weights (FSDP's DTensor, DeepSpeed ZeRO-3's empty placeholders),
-    variants (DoRA, ...), merged or disabled adapters, a layer already folded or inside a mixing block."""
+    """A plain LoRA Linear over a plain dense float32 weight whose active adapters PEFT's forward would
+    add. Not: half-precision weights (W + B A rounded to bf16 loses a small adapter's update), quantized
+    or sharded weights (FSDP's DTensor, DeepSpeed ZeRO-3's empty placeholders), variants (DoRA, ...),
+    merged or disabled adapters, a layer already folded or inside a mixing block."""
     if not isinstance(layer, LoraLinear) or layer in _FOLDED or layer.merged or layer.disable_adapters:
         return False
     active = [n for n in layer.active_adapters if n in layer.lora_A]
     weight = layer.base_layer.weight
     if not active or any(n in layer.lora_variant for n in active) or type(weight.data) is not torch.Tensor \
-            or not weight.is_floating_point() or tuple(weight.shape) != (layer.out_features, layer.in_features):
+            or weight.dtype != torch.float32 or tuple(weight.shape) != (layer.out_features, layer.in_features):
         return False
     return all(type(layer.lora_A[n].weight.data) is torch.Tensor and type(layer.lora_B[n].weight.data) is torch.Tensor
                for n in active)
