@@ -2,17 +2,13 @@
 read from the plugin's refresh history, and the variant flags reaching the plugin."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_scripts import load_script
 
 
 def test_quick_run_reports_each_strategy_and_passes_the_rule_options(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_curriculum", ROOT / "bench" / "curriculum.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/curriculum.py")
     before = bench.RESULTS_MD.read_text()
     assert bench.main(["--quick", "--modes", "difficulty,hardest", "--probe", "held_out", "--max-scale", "1",
                        "--smoothing", "0.5", "--out", str(tmp_path)]) == 0
@@ -33,9 +29,7 @@ def test_quick_run_reports_each_strategy_and_passes_the_rule_options(tmp_path, c
 
 
 def test_the_oracle_drops_the_noise_and_symbols_noise_is_single_tokens(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_curriculum", ROOT / "bench" / "curriculum.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/curriculum.py")
     assert bench.main(["--quick", "--modes", "oracle", "--noise", "symbols", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     oracle = next(r for r in results if r["mode"] == "oracle")

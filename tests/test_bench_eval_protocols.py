@@ -2,10 +2,10 @@
 it scores what the two protocols score run apart, on every task of the development stream."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAM = ROOT.parent / "shared" / "data" / "glue_stream"
@@ -13,9 +13,7 @@ STREAM = ROOT.parent / "shared" / "data" / "glue_stream"
 
 @pytest.mark.skipif(not STREAM.is_dir(), reason="needs ../shared/data/glue_stream")
 def test_quick_run_gives_the_same_scores_both_ways(capsys):
-    spec = importlib.util.spec_from_file_location("bench_eval_protocols", ROOT / "bench" / "eval_protocols.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/eval_protocols.py")
     before = bench.RESULTS_MD.read_text()
     assert bench.main(["--quick", "--stream", str(STREAM)]) == 0      # exit 1 if any task's scores differ
     assert bench.RESULTS_MD.read_text() == before                    # --quick records nothing

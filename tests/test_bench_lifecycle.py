@@ -3,20 +3,17 @@ returning skill's expert, run B (a threshold above the returning chunks' similar
 splits it and the merge folds it back."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def lifecycle():
-    spec = importlib.util.spec_from_file_location("bench_lifecycle", ROOT / "bench" / "lifecycle.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/lifecycle.py")
 
 
 def test_run_b_thresholds_come_from_run_a_decisions(lifecycle):

@@ -1,21 +1,15 @@
 """bench/routing --quick, run in this process (tiny model): the report's structure and the equal-work check."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from repo_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def routing():
-    spec = importlib.util.spec_from_file_location("bench_routing", ROOT / "bench" / "routing.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/routing.py")
 
 
 @pytest.fixture(scope="module")

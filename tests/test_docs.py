@@ -1,20 +1,17 @@
 """The documentation stays navigable: docs/config.md matches skillstream/config.py, every relative
 link in README.md and docs/*.md reaches a file (and a heading, when it names one), and the README
 keeps CI's test command and its size limit."""
-import importlib.util
 import re
 import unicodedata
 from pathlib import Path
+from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 README_TEST_COMMAND = "./setup.sh && .venv/bin/python -m pytest tests"  # .ci/run runs exactly this
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("generate_reference", ROOT / "docs" / "generate_reference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("docs/generate_reference.py")
 
 
 def test_config_reference_is_generated_from_config_py():
