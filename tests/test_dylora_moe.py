@@ -109,6 +109,19 @@ def test_an_oracle_score_the_routing_already_measured_is_used_again_and_equals_a
             assert forced["score"] == pytest.approx(oracle[j]["score"], rel=1e-5)
 
 
+def test_scoring_at_the_end_only_gives_the_final_row_of_scoring_after_every_skill(stream_run, tmp_path):
+    """experts.score: end skips the matrix's middle rows (and oracle: false the forced-expert pass): the
+    stream trains exactly as it does when scored after every skill, so its one row is that run's last."""
+    root, full = stream_run
+    run = train(recipe(root, score="end", oracle=False), out=tmp_path / "run", show_progress=False)
+    r, f = run.results, full.results
+    assert len(r["matrix"]) == 1 and len(f["matrix"]) == 3
+    assert r["matrix"][0] == f["matrix"][-1] and r["avg_acc"] == f["avg_acc"]
+    assert r["bwt"] is None and r["fwt"] is None
+    assert r["oracle"]["experts"] == {} and r["oracle"]["scores"] == []
+    assert r["skill_expert"] == f["skill_expert"]
+
+
 def test_each_expert_trains_at_its_own_phase_rate(stream_run):
     _, run = stream_run
     cfg = run.config.experts
