@@ -375,3 +375,20 @@ def test_evaluation_folds_in_float32_only(setup):
     with precision_of_run(bf16=True), eval_autocast(pool.model):
         assert layer.active_adapters == ["e1"]  # PEFT's own branch, in bf16 autocast
     assert layer.active_adapters == ["e1"]
+
+
+@torch.no_grad()
+def test_a_dora_adapter_is_left_to_peft_and_computes_as_unfolded():
+    """LoRA variants are not folded (their forward is not W + B A): the block leaves the layer to PEFT."""
+    from skillstream.experts.mixing import folded_adapters, lora_layers
+
+    backbone, tok = load_backbone("tiny", seed=0)
+    model = get_peft_model(backbone, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True,
+                                                    target_modules=["q_proj"]))
+    randomize(model, "default", seed=0)
+    model.eval()
+    batch = tok(skill_texts("bash", 0, 2), return_tensors="pt", padding=True)
+    expected = run(model, batch)
+    with folded_adapters(model):
+        assert all(layer.active_adapters == ["default"] for layer in lora_layers(model))
+        assert torch.equal(run(model, batch), expected)

@@ -63,16 +63,16 @@ def eval_autocast(model: torch.nn.Module):
     (bench/RESULTS.md, bench/throughput --phases eval)."""
     from ..experts.mixing import folded_adapters  # experts import this module
 
+    dtype = eval_dtype()
     with contextlib.ExitStack() as stack:
-        if eval_dtype() is None and not torch.is_grad_enabled():
+        if dtype is None and not torch.is_grad_enabled():
             stack.enter_context(folded_adapters(model))
-        stack.enter_context(_run_precision(model))
+        stack.enter_context(_run_precision(model, dtype))
         yield
 
 
 @contextlib.contextmanager
-def _run_precision(model: torch.nn.Module):
-    dtype = eval_dtype()
+def _run_precision(model: torch.nn.Module, dtype: torch.dtype | None):
     device_type = _device(model).type
     if dtype is None or device_type not in ("cpu", "cuda"):
         yield

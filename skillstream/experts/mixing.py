@@ -56,20 +56,23 @@ def _no_active_adapters(layers: list[LoraLayer]) -> Iterator[None]:
 _FOLDED: dict[LoraLinear, torch.Tensor] = {}
 
 
-def _foldable(layer: LoraLayer) -> bool:
-    """A plain LoRA Linear over a plain dense float32 weight whose active adapters PEFT's forward would
-    add. Not: half-precision weights (W + B A rounded to bf16 loses a small adapter's update), quantized
-    or sharded weights (FSDP's DTensor, DeepSpeed ZeRO-3's empty placeholders), variants (DoRA, ...),
-    merged or disabled adapters, a layer already folded or inside a mixing block."""
+def _fold_targets(layer: LoraLayer) -> list[str]:
+    """The active adapters folded into this layer's weight: all of them when the layer is a plain LoRA
+    Linear over a dense float32 weight of its own shape, else none (PEFT's forward then computes the
+    layer as without folding). Left to PEFT: half-precision weights (W + B A rounded to bf16 loses a small
+    adapter's update), a weight that is not a plain tensor of the layer's shape (quantized, or a shard:
+    FSDP's DTensor, DeepSpeed ZeRO-3's partitioned placeholder), LoRA variants (DoRA, ...), merged or
+    disabled adapters, and a layer already folded or inside a mixing block (no active adapter)."""
     if not isinstance(layer, LoraLinear) or layer in _FOLDED or layer.merged or layer.disable_adapters:
-        return False
+        return []
     active = [n for n in layer.active_adapters if n in layer.lora_A]
     weight = layer.base_layer.weight
-    if not active or any(n in layer.lora_variant for n in active) or type(weight.data) is not torch.Tensor \
+    if any(n in layer.lora_variant for n in active) or type(weight.data) is not torch.Tensor \
             or weight.dtype != torch.float32 or tuple(weight.shape) != (layer.out_features, layer.in_features):
-        return False
-    return all(type(layer.lora_A[n].weight.data) is torch.Tensor and type(layer.lora_B[n].weight.data) is torch.Tensor
-               for n in active)
+        return []
+    plain = all(type(layer.lora_A[n].weight.data) is torch.Tensor and type(layer.lora_B[n].weight.data) is torch.Tensor
+                for n in active)
+    return active if plain else []
 
 
 @contextmanager
@@ -84,15 +87,14 @@ def folded_adapters(model: torch.nn.Module) -> Iterator[None]:
     through a folded weight: use it under torch.no_grad only."""
     if torch.is_grad_enabled():
         raise RuntimeError("folded_adapters: inference only (torch.no_grad)")
-    layers = [layer for layer in lora_layers(model) if _foldable(layer)]
+    targets = [(layer, names) for layer in lora_layers(model) if (names := _fold_targets(layer))]
     saved = []
     try:
-        for layer in layers:
-            active = [n for n in layer.active_adapters if n in layer.lora_A]
+        for layer, names in targets:
             weight = layer.base_layer.weight
             saved.append((layer, layer._active_adapter))
             _FOLDED[layer] = weight.data
-            live = [n for n in active if bool(layer.lora_B[n].weight.data.any())]
+            live = [n for n in names if bool(layer.lora_B[n].weight.data.any())]
             if live:
                 delta = sum(layer.get_delta_weight(n).float() for n in live)
                 weight.data = (weight.data.float() + delta).to(weight.dtype)
