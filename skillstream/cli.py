@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from .allocator import fix_mmap_threshold
 from .errors import TrainingDiverged, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -289,6 +290,7 @@ def export(run_dir: Path, out: Path,
 
 def main() -> None:
     _quiet_libraries()
+    fix_mmap_threshold()  # before the model's first allocation: the resident set stops growing with the steps
     try:
         app(standalone_mode=False)
     except UserError as e:

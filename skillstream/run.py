@@ -192,8 +192,12 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
                       "enables DeepSpeed only on GPUs, skillstream turns it on here", flush=True)
         try:
             log = MetricsLog(run_dir, accelerator, enabled=accelerator.is_main_process)
-            return _run(RunSetup(cfg, run_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
-                                 plugins, show_progress, log, resume_from=resume_from))
+            run = _run(RunSetup(cfg, run_dir, model, tok, renderer, stages, eval_tasks, accelerator, resume,
+                                plugins, show_progress, log, resume_from=resume_from))
+            # every process is done with its collectives before any tears the process group down: a gloo
+            # process that destroys its group while another still talks to it can abort (seen in CI)
+            accelerator.wait_for_everyone()
+            return run
         finally:
             accelerator.end_training()
             AcceleratorState._reset_state(True)  # the next train() in this process may pick other settings
