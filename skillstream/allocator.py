@@ -1,9 +1,10 @@
 """The C allocator's settings for a training process.
 
-glibc raises its mmap threshold each time a large block is freed (up to 32 MiB on 64-bit), so after the
-first steps the activations of variable-length batches come from the heap, and what they leave there is
-not returned to the system: the resident set grows with the steps taken (bench/RESULTS.md, "peak RSS of
-`skillstream train quickstart`"). Fixing the threshold keeps large tensors in their own mappings, which
+glibc raises its mmap threshold each time a large block is freed (up to 32 MiB on 64-bit); once it has
+risen, the activations of variable-length batches come from the heap, and what they leave there is not
+returned to the system, so the resident set can grow with the steps taken. Whether it rises depends on
+the order of large frees, which any change to the code can alter (bench/RESULTS.md: the 18:06 and 19:17
+entries on quickstart's peak RSS). Fixing the threshold keeps large tensors in their own mappings, which
 are returned on free. The numbers computed do not change: only where the bytes live does.
 """
 from __future__ import annotations

@@ -290,7 +290,7 @@ def export(run_dir: Path, out: Path,
 
 def main() -> None:
     _quiet_libraries()
-    fix_mmap_threshold()  # before the model's first allocation: the resident set stops growing with the steps
+    fix_mmap_threshold()  # before the model's first allocation: freed activations leave the resident set
     try:
         app(standalone_mode=False)
     except UserError as e:
