@@ -1,7 +1,6 @@
 """bench/routing --quick, run in this process (tiny model): the report's structure and the equal-work check."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from repo_scripts import load_script

@@ -4,6 +4,7 @@ keeps CI's test command and its size limit."""
 import re
 import unicodedata
 from pathlib import Path
+
 from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent

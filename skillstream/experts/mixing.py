@@ -61,8 +61,9 @@ def _fold_targets(layer: LoraLayer) -> list[str]:
     Linear over a dense float32 weight of its own shape, else none (PEFT's forward then computes the
     layer as without folding). Left to PEFT: half-precision weights (W + B A rounded to bf16 loses a small
     adapter's update), a weight that is not a plain tensor of the layer's shape (quantized, or a shard:
-    FSDP's DTensor, DeepSpeed ZeRO-3's partitioned placeholder), LoRA variants (DoRA, ...), merged or
-    disabled adapters, and a layer already folded or inside a mixing block (no active adapter)."""
+    FSDP's DTensor, DeepSpeed ZeRO-3's partitioned placeholder), an adapter with a LoRA variant (any entry of
+    PEFT's `lora_variant`, e.g. DoRA: its forward is not W + B A), merged or disabled adapters, and a layer
+    already folded or inside a mixing block (no active adapter)."""
     if not isinstance(layer, LoraLinear) or layer in _FOLDED or layer.merged or layer.disable_adapters:
         return []
     active = [n for n in layer.active_adapters if n in layer.lora_A]
@@ -197,7 +198,7 @@ def mixing(model: torch.nn.Module, names: Sequence[str], weights: torch.Tensor |
         if layer.merged:
             raise ValueError("mixing: unmerge adapters before mixing them")
         if any(n in layer.lora_variant for n in used):
-            raise ValueError(f"mixing: LoRA variants (DoRA, ...) cannot be mixed: {used}")
+            raise ValueError(f"mixing: adapters with a LoRA variant (DoRA and the others in PEFT's lora_variant) cannot be mixed: {used}")
     mix = Mix(names, weights)
     handles = [layer.register_forward_hook(partial(_add_mix, mix=mix), with_kwargs=True)
                for layer in layers if isinstance(layer, LoraLinear)]
