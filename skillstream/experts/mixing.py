@@ -198,7 +198,8 @@ def mixing(model: torch.nn.Module, names: Sequence[str], weights: torch.Tensor |
         if layer.merged:
             raise ValueError("mixing: unmerge adapters before mixing them")
         if any(n in layer.lora_variant for n in used):
-            raise ValueError(f"mixing: adapters with a LoRA variant (DoRA and the others in PEFT's lora_variant) cannot be mixed: {used}")
+            raise ValueError(f"mixing: adapters with a LoRA variant (DoRA and the others in PEFT's lora_variant) "
+                             f"cannot be mixed: {used}")
     mix = Mix(names, weights)
     handles = [layer.register_forward_hook(partial(_add_mix, mix=mix), with_kwargs=True)
                for layer in layers if isinstance(layer, LoraLinear)]
