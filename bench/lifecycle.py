@@ -17,8 +17,11 @@ Two runs, one after the other:
      above the similarity run A measured for the returning bash chunks (the highest of them + 0.02),
      so each returning chunk makes a new expert; `experts.merge.method: ties` with
      `merge.similarity` = the lowest similarity of a chunk run A reused an expert for (profiles as
-     alike as chunks A judged one skill) and `merge.max_output_kl` at its default. Shown: the merges
-     (results.json `lifecycle`) with the profile similarity and output KL, and for every chunk the
+     alike as chunks A judged one skill) and the merge criterion `--merge-criterion` at its default
+     bound: `heldout_gain` (each expert recovers at least `merge.min_transfer` 0.5 of the other's
+     held-out gain over the backbone; the default here) or `output_kl` (`merge.max_output_kl` 0.05).
+     Shown: the merges (results.json `lifecycle`) with the profile similarity and the criterion's
+     measure, and for every chunk the
      pairs the merge check compared (`merge_checks` in decisions.jsonl), so a merge that does not
      happen says by how much it missed.
 Both runs have merge on (A at the defaults: it shows whether different skills stay apart). Both
@@ -94,7 +97,7 @@ def recipe(args, run: str, thresholds: dict | None = None) -> dict:
         e["merge"] = {"method": "ties"}
     else:
         e["novelty"] = {**e["novelty"], "similarity_threshold": thresholds["novelty"], "window": 1}
-        e["merge"] = {"method": "ties", "similarity": thresholds["merge"]}
+        e["merge"] = {"method": "ties", "similarity": thresholds["merge"], "criterion": args.merge_criterion}
     out = {**{k: v for k, v in raw.items() if k not in ("stages", "data", "experts")},
            "name": f"lifecycle_{run}", "experts": e, "data": data, "stages": stages, "report_to": []}
     if args.quick:
@@ -188,14 +191,14 @@ def report(args, res: dict[str, dict], decs: dict[str, list], th: dict, wall: fl
              f"Run B's thresholds, from run A's decisions: the returning bash chunks' similarity in A was "
              f"{th['returning_similarities']} -> novelty threshold {th['novelty']:.2f} (highest + {MARGIN}, window 1); "
              f"the chunks A reused an expert for had similarity {th['reuse_similarities']} -> merge.similarity "
-             f"{th['merge']:.2f} (the lowest), merge.max_output_kl 0.05 (default), TIES.",
+             f"{th['merge']:.2f} (the lowest), {criterion_text(args.merge_criterion)}, TIES.",
              "",
-             "| run | decisions (chunk skill: decision expert) | experts at the end | merges (profile similarity, output KL) | "
+             f"| run | decisions (chunk skill: decision expert) | experts at the end | merges (profile similarity, {MEASURE[args.merge_criterion]}) | "
              "bash [Wilson 95%] | call [Wilson 95%] | routing [95%] (bash, call) |",
              "|---|---|---|---|---|---|---|"]
     for run in RUNS:
         r, rows = res[run], final_rows(res[run])
-        merges = "; ".join(f"{'+'.join(m['merge'])} -> {m['into']} ({m['profile_similarity']:.3f}, {m['output_kl']:.4f})"
+        merges = "; ".join(f"{'+'.join(m['merge'])} -> {m['into']} ({m['profile_similarity']:.3f}, {measure(m)})"
                            for m in r["lifecycle"] if "merge" in m) or "none"
         routing = r["routing"]
         per = ", ".join(f"{routing['per_task'][t]['accuracy']:.2f}" for t in TASKS if t in routing["per_task"])
@@ -212,10 +215,10 @@ def report(args, res: dict[str, dict], decs: dict[str, list], th: dict, wall: fl
                      f"{'excludes' if d['excludes_zero'] else 'includes'} 0 |")
     checks = [(run, d["chunk"], c) for run in RUNS for d in decs[run] for c in d.get("merge_checks", [])]
     lines += ["", "Merge checks (every pair compared after a chunk; a merge needs both profile similarity ≥ "
-                  f"merge.similarity, A 0.95 (default) and B {th['merge']:.2f}, and output KL ≤ 0.05):",
-              "", "| run | after chunk | pair | profile similarity | output KL (nats/token) |", "|---|---:|---|---:|---:|"]
-    lines += [f"| {run} | {chunk} | {' / '.join(c['pair'])} | {c['profile_similarity']:.3f} | "
-              f"{'not measured (profiles apart)' if c['output_kl'] is None else format(c['output_kl'], '.4f')} |"
+                  f"merge.similarity, A 0.95 (default) and B {th['merge']:.2f}; A then output KL ≤ 0.05, B "
+                  f"{criterion_text(args.merge_criterion)}):",
+              "", "| run | after chunk | pair | profile similarity | criterion's measure |", "|---|---:|---|---:|---:|"]
+    lines += [f"| {run} | {chunk} | {' / '.join(c['pair'])} | {c['profile_similarity']:.3f} | {measure(c)} |"
               for run, chunk, c in checks]
     cal = res["A"]["novelty"].get("calibration") or {}
     lines += ["", f"Run A's calibrated decider: {cal.get('outcomes', 0)} outcomes, Brier "
@@ -231,6 +234,25 @@ def report(args, res: dict[str, dict], decs: dict[str, list], th: dict, wall: fl
     return "\n".join(lines) + "\n"
 
 
+MEASURE = {"output_kl": "output KL", "heldout_gain": "held-out transfer"}
+
+
+def criterion_text(criterion: str) -> str:
+    return ("merge.max_output_kl 0.05 (default)" if criterion == "output_kl" else
+            "merge.criterion heldout_gain with merge.min_transfer 0.5 (default)")
+
+
+def measure(check: dict) -> str:
+    """A merge check's or merge's measure: the output KL (nats/token), or the two held-out transfers
+    (the share of each expert's own held-out gain the other recovers)."""
+    if "transfer" in check:
+        t = check["transfer"]
+        return ("not measured (profiles apart)" if t is None else
+                "transfer " + " / ".join("n/a (no own gain)" if x is None else f"{x:.2f}" for x in t))
+    kl = check.get("output_kl")
+    return "not measured (profiles apart)" if kl is None else f"output KL {kl:.4f}"
+
+
 def main(argv: list[str] | None = None, runner=run_child) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="where the two run directories go (outside the repository)")
@@ -238,6 +260,8 @@ def main(argv: list[str] | None = None, runner=run_child) -> dict:
     ap.add_argument("--chunk-size", type=int, default=40)
     ap.add_argument("--bash-limit", type=int, default=None, help="NL2Bash test requests (default: the whole split, 60)")
     ap.add_argument("--call-limit", type=int, default=40, help="BFCL simple test prompts")
+    ap.add_argument("--merge-criterion", choices=("heldout_gain", "output_kl"), default="heldout_gain",
+                    help="run B's merge criterion (experts.merge.criterion)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 8 examples per stage: wiring check (records nothing)")
     ap.add_argument("--no-record", action="store_true", help="print the tables without appending them")
     args = ap.parse_args(argv)

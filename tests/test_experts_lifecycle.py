@@ -134,6 +134,47 @@ def test_different_experts_are_not_merged():
     assert life.pool.names == ["expert_0", "expert_1"]
 
 
+def test_heldout_gain_merges_two_experts_of_one_skill_that_learned_unequally_but_not_two_skills():
+    """Twins of one skill (one trained twice as long, so their outputs moved by different amounts) each
+    recover most of the other's held-out gain over the backbone; an expert of another skill does not."""
+    life = lifecycle(validation={"holdout": 2}, merge={"method": "ties", "similarity": 0.5, "criterion": "heldout_gain"})
+    for name in ("expert_1", "expert_2"):
+        life.pool.create(name)
+        life.trainer.add_expert()
+    life.novelty.created = 3
+    bash, math = items(life, "bash", 0, 4), items(life, "math", 0, 4)
+    # repeated texts: the tiny random backbone learns what it sees, barely what it does not
+    train(life, "expert_0", bash * 2, 8, 1e-2)
+    train(life, "expert_1", bash * 2, 4, 1e-2)
+    train(life, "expert_2", math * 2, 8, 1e-2)
+    for name, held in (("expert_0", bash[:2]), ("expert_1", bash[2:]), ("expert_2", math[:2])):
+        life.heldout.add(name, held)
+        life.profiles[name] = ExpertProfile(name, signal(0))  # profiles alike: the held-out gains decide
+        life.trainer.learn_chunk(torch.randn(4, life.router.dim), life.index_of(name), 2)
+
+    # the share is the other's gain over the backbone on an expert's held-out set, over the expert's own
+    from skillstream.experts.heldout import item_losses
+    def loss(name, held):
+        if name is None:
+            with life.model.disable_adapter():
+                return sum(item_losses(life.model, held, life.pad_id)) / len(held)
+        life.pool.activate(name)
+        return sum(item_losses(life.model, held, life.pad_id)) / len(held)
+    base = loss(None, bash[:2])
+    by_hand = (base - loss("expert_1", bash[:2])) / (base - loss("expert_0", bash[:2]))
+    assert life.transfer("expert_0", "expert_1")[0] == pytest.approx(by_hand, rel=1e-6)
+
+    assert life.maintain({}, ["expert_2"], step=8) == []       # math against either bash expert: apart
+    checks = life.merge_checks
+    assert [c["pair"] for c in checks] == [["expert_2", "expert_0"], ["expert_2", "expert_1"]]
+    assert all(min(t for t in c["transfer"] if t is not None) < 0.5 for c in checks)
+
+    [event] = life.maintain({}, ["expert_1"], step=9)          # the twins: merged
+    assert event["merge"] == ["expert_0", "expert_1"] and event["into"] == "expert_3"
+    assert min(event["transfer"]) >= 0.5 and "output_kl" not in event
+    assert life.pool.names == ["expert_2", "expert_3"] and life.router.n_experts == 2
+
+
 def test_prune_removes_only_the_unused_expert_and_its_router_class():
     life = lifecycle(prune={"unused_chunks": 2})
     for name in ("expert_1", "expert_2"):

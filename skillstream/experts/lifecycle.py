@@ -301,10 +301,11 @@ class Lifecycle:
 
     def converged(self, trained: list[str]) -> tuple[str, str, dict] | None:
         """The first pair (one of them trained this chunk) whose profiles are at least `merge.similarity`
-        alike and whose outputs on their held-out examples are at most `merge.max_output_kl` apart.
-        Every pair compared is logged in the chunk's decision (`merge_checks`: the profile similarity,
-        and the output KL where the profiles passed), so a merge that does not happen says by how much
-        it missed."""
+        alike and that pass the merge criterion on their held-out examples: outputs at most
+        `merge.max_output_kl` apart (output_kl), or each recovering at least `merge.min_transfer` of the
+        other's held-out gain (heldout_gain). Every pair compared is logged in the chunk's decision
+        (`merge_checks`: the profile similarity, and the criterion's measure where the profiles passed),
+        so a merge that does not happen says by how much it missed."""
         m = self.cfg.merge
         self.merge_checks = []
         for a in [n for n in trained if n in self.pool and n in self.profiles]:
@@ -312,17 +313,40 @@ class Lifecycle:
                 if b == a or b not in self.profiles:
                     continue
                 sim = similarity(self.profiles[a].signal, self.profiles[b], self.weights)
-                items = self.heldout.of(a) + self.heldout.of(b)
-                check = {"pair": [a, b], "profile_similarity": round(sim, 4), "output_kl": None}
+                check = {"pair": [a, b], "profile_similarity": round(sim, 4)}
+                if m.criterion == "output_kl":
+                    check["output_kl"] = None
+                else:
+                    check["transfer"] = None
                 self.merge_checks.append(check)
-                if sim < m.similarity or not items:
+                if sim < m.similarity or not (self.heldout.of(a) and self.heldout.of(b)):
                     continue
-                kl = output_divergence(self.model, (a, b), items, self.pad_id)
-                check["output_kl"] = round(kl, 6)
-                if kl <= m.max_output_kl:
+                if m.criterion == "output_kl":
+                    kl = output_divergence(self.model, (a, b), self.heldout.of(a) + self.heldout.of(b), self.pad_id)
+                    check["output_kl"] = round(kl, 6)
+                    passed = kl <= m.max_output_kl
+                else:
+                    transfer = self.transfer(a, b)
+                    check["transfer"] = [None if t is None else round(t, 4) for t in transfer]
+                    passed = all(t is not None and t >= m.min_transfer for t in transfer)
+                if passed:
                     first, second = sorted((a, b), key=self.pool.names.index)
-                    return first, second, {"profile_similarity": round(sim, 4), "output_kl": round(kl, 6)}
+                    return first, second, {k: v for k, v in check.items() if k != "pair"}
         return None
+
+    def transfer(self, a: str, b: str) -> tuple[float | None, float | None]:
+        """(the share of a's own held-out gain that b recovers on a's held-out examples, the same for a on
+        b's). An expert's gain on a set is the backbone's mean labelled-token loss there less the expert's;
+        None where the expert's own gain is not positive (it has nothing the other could recover)."""
+        shares: list[float | None] = []
+        for own, other in ((a, b), (b, a)):
+            items = self.heldout.of(own)
+            with self.model.disable_adapter():
+                base = _mean(item_losses(self.model, items, self.pad_id))
+            gain_own = base - _mean(self._losses(own, items))
+            gain_other = base - _mean(self._losses(other, items))
+            shares.append(gain_other / gain_own if gain_own > 0 else None)
+        return shares[0], shares[1]
 
     def merge(self, a: str, b: str, step: int, why: dict | None = None) -> dict:
         """`a` and `b` become one new expert (the next name) by the recipe's TIES/DARE merge, weighted by
