@@ -5,6 +5,7 @@ import torch
 
 from .config import RecipeConfig
 from .errors import UserError
+from .lora_dropout import compact_lora_dropout
 from .models.backbone import gpu_computes_bf16
 from .run_files import expert_names
 
@@ -24,7 +25,7 @@ def attach_lora(model, cfg: RecipeConfig):
     for name in rest:
         model.add_adapter(name, lora)
     model.set_adapter(first)
-    return model
+    return compact_lora_dropout(model)  # the same dropout, a quarter of its memory (lora_dropout.py)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -42,6 +42,7 @@ from peft import LoraConfig, PeftModel
 
 from ..errors import UserError
 from ..files import write_atomic
+from ..lora_dropout import compact_lora_dropout
 from .mixing import lora_layers
 
 POOL_FILE = "pool.json"
@@ -96,7 +97,7 @@ class ExpertPool:
                  template: LoraConfig | None = None, records: list[ExpertRecord] | None = None):
         if not isinstance(model, PeftModel):
             raise TypeError("ExpertPool needs a PeftModel (see run.attach_lora)")
-        self.model, self.rule, self.seed = model, rule or MaturityRule(), seed
+        self.model, self.rule, self.seed = compact_lora_dropout(model), rule or MaturityRule(), seed
         existing = list(model.peft_config)
         # New experts copy this config (rank, alpha, targets), so every expert has the same shape.
         self.template = copy.deepcopy(template or model.peft_config[existing[0]])
@@ -141,6 +142,7 @@ class ExpertPool:
         with torch.random.fork_rng(devices=[]):  # LoRA init draws from the CPU generator, restored after
             torch.random.default_generator.manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
             self.model.add_adapter(name, config)
+        compact_lora_dropout(self.model)
         if fork_from is not None:
             with torch.no_grad():
                 for layer in lora_layers(self.model):
@@ -169,6 +171,7 @@ class ExpertPool:
             raise UserError(f"merge: {len(names)} experts but {len(weights)} weights")
         self.model.add_weighted_adapter(adapters=names, weights=weights, adapter_name=new_name,
                                         combination_type=method, density=density)
+        compact_lora_dropout(self.model)
         tasks = [t for n in names for t in self.records[n].tasks]
         rec = ExpertRecord(new_name, skill=skill, tasks=list(dict.fromkeys(tasks)), created_step=step,
                            merged_from=list(names))
