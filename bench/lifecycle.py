@@ -4,8 +4,8 @@ The stream is bash, call, bash: NL2Bash training requests 0-79, then 80 BFCL `si
 conversations, then NL2Bash training requests 80-159 (new requests of the first skill: the data
 source's `offset`). Sizes and novelty / router / seeding settings are the flagship's
 (`dylora_moe`: chunks of 40 at `chunk_epochs` 0.2, LoRA r 16, 8 signal examples, ...), with
-`experts.validation.holdout: 2` (every expert keeps 2 examples of each chunk it trains on as its own
-held-out set). Evaluated before the stream and at its end (`experts.score: end`) on the whole NL2Bash
+`experts.validation.holdout: 2` (run B: `--holdout`; every expert keeps that many examples of each
+chunk it trains on as its own held-out set). Evaluated before the stream and at its end (`experts.score: end`) on the whole NL2Bash
 test split and on BFCL `simple` test prompts (the first `--call-limit`), routing on the same tasks'
 held-out prompts.
 
@@ -87,7 +87,9 @@ def recipe(args, run: str, thresholds: dict | None = None) -> dict:
               for name, t in zip(("bash", "call", "bash"), trains)]
     e = copy.deepcopy(raw["experts"])
     # scored before the stream and after it, the router's choice only (a row costs ~20 min on the 2-core machine)
-    e.update(chunk_size=size, validation={"holdout": 2}, score="end", oracle=False)
+    # run A's held-out sets feed its calibrated decider; B's also its merge check (`--holdout`)
+    holdout = 2 if run == "A" else args.holdout
+    e.update(chunk_size=size, validation={"holdout": holdout, "capacity": max(8, 2 * holdout)}, score="end", oracle=False)
     if args.quick:  # a tiny random backbone: a whole epoch of a chunk, the steps to match
         e.update(chunk_epochs=1.0, router={**e["router"], "mature_steps": 2, "eval_examples": 4, "steps_per_chunk": 10,
                                            "refit_steps": 20},
@@ -184,7 +186,7 @@ def report(args, res: dict[str, dict], decs: dict[str, list], th: dict, wall: fl
              f"{' (--quick: wiring only, not a measurement)' if args.quick else ''}. "
              f"Stream: NL2Bash train requests 0-{args.examples - 1}, BFCL simple train {args.examples}, NL2Bash train "
              f"requests {args.examples}-{2 * args.examples - 1}; chunks of {args.chunk_size}, the flagship's "
-             f"(`dylora_moe`) novelty, router and seeding settings, `validation.holdout` 2. Evaluation before and after the stream: "
+             f"(`dylora_moe`) novelty, router and seeding settings, `validation.holdout` 2 (run B {args.holdout}). Evaluation before and after the stream: "
              f"NL2Bash test {'whole split' if not args.bash_limit else f'first {args.bash_limit}'}, BFCL simple test "
              f"first {args.call_limit}; routing on up to 40 held-out prompts per task. Seed 0, one run each.",
              "",
@@ -260,6 +262,9 @@ def main(argv: list[str] | None = None, runner=run_child) -> dict:
     ap.add_argument("--chunk-size", type=int, default=40)
     ap.add_argument("--bash-limit", type=int, default=None, help="NL2Bash test requests (default: the whole split, 60)")
     ap.add_argument("--call-limit", type=int, default=40, help="BFCL simple test prompts")
+    ap.add_argument("--holdout", type=int, default=2,
+                    help="run B: examples of each chunk an expert keeps as its held-out set (validation.holdout; "
+                         "capacity twice that, at least 8)")
     ap.add_argument("--merge-criterion", choices=("heldout_gain", "output_kl"), default="heldout_gain",
                     help="run B's merge criterion (experts.merge.criterion)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 8 examples per stage: wiring check (records nothing)")
