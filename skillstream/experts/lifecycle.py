@@ -313,16 +313,14 @@ class Lifecycle:
                 if b == a or b not in self.profiles:
                     continue
                 sim = similarity(self.profiles[a].signal, self.profiles[b], self.weights)
-                check = {"pair": [a, b], "profile_similarity": round(sim, 4)}
-                if m.criterion == "output_kl":
-                    check["output_kl"] = None
-                else:
-                    check["transfer"] = None
+                by_kl = m.criterion == "output_kl"
+                check = {"pair": [a, b], "profile_similarity": round(sim, 4), "output_kl" if by_kl else "transfer": None}
                 self.merge_checks.append(check)
-                if sim < m.similarity or not (self.heldout.of(a) and self.heldout.of(b)):
+                held = (self.heldout.of(a), self.heldout.of(b))
+                if sim < m.similarity or not (any(held) if by_kl else all(held)):  # a gain needs each one's own set
                     continue
-                if m.criterion == "output_kl":
-                    kl = output_divergence(self.model, (a, b), self.heldout.of(a) + self.heldout.of(b), self.pad_id)
+                if by_kl:
+                    kl = output_divergence(self.model, (a, b), held[0] + held[1], self.pad_id)
                     check["output_kl"] = round(kl, 6)
                     passed = kl <= m.max_output_kl
                 else:
