@@ -40,11 +40,10 @@ def compact_lora_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Swap every LoRA adapter's `nn.Dropout` for `MaskDropout` (idempotent; parameters and state dicts
     unchanged, since dropout has none). Called wherever adapters are added: a new adapter comes with
     PEFT's plain `nn.Dropout`."""
-    from peft.tuners.lora import LoraLayer
+    from .experts.mixing import lora_layers  # here, not at the top: the expert pool imports this module
 
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name, d in module.lora_dropout.items():
-                if type(d) is torch.nn.Dropout:
-                    module.lora_dropout[name] = MaskDropout(d.p)
+    for layer in lora_layers(model):
+        for name, d in layer.lora_dropout.items():
+            if type(d) is torch.nn.Dropout:
+                layer.lora_dropout[name] = MaskDropout(d.p)
     return model

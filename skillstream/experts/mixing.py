@@ -58,8 +58,9 @@ _FOLDED: dict[LoraLinear, torch.Tensor] = {}
 
 def _fold_targets(layer: LoraLayer) -> list[str]:
     """The active adapters folded into this layer's weight: all of them when the layer is a plain LoRA
-    Linear over a dense float32 weight of its own shape, else none (PEFT's forward then computes the
-    layer as without folding). Left to PEFT: half-precision weights (W + B A rounded to bf16 loses a small
+    Linear over a dense float32 weight of its own shape, else none. A layer with none is not an error:
+    PEFT's own forward computes it exactly as without folding (tests/test_experts_mixing.py checks this
+    for DoRA); folding only saves time. Not folded: half-precision weights (W + B A rounded to bf16 loses a small
     adapter's update), a weight that is not a plain tensor of the layer's shape (quantized, or a shard:
     FSDP's DTensor, DeepSpeed ZeRO-3's partitioned placeholder), an adapter with a LoRA variant (any entry of
     PEFT's `lora_variant`, e.g. DoRA: its forward is not W + B A), merged or disabled adapters, and a layer
