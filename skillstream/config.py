@@ -47,8 +47,9 @@ class ModelConfig(_Strict):
     freeze_backbone: bool = Field(True, description="Freeze the base weights; only adapters (and heads) train.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for a registered model builder (e.g. BDH sizes).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype of the backbone's weights: 'auto' is bfloat16 where the hardware computes it (as "
-                               "train.bf16: auto decides) and float32 elsewhere or when the weights train. LoRA adapters, "
+        "float32", description="Dtype of the backbone's weights: 'auto' is bfloat16 where the run computes in bf16 "
+                               "(train.bf16, whose auto is on where the hardware computes it) and float32 elsewhere or "
+                               "when the weights train. LoRA adapters, "
                                "heads and the router stay float32 whatever it is; weights that train (freeze_backbone: "
                                "false) must be float32. Registered models (bdh) are float32.")
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(

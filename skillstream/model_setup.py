@@ -53,9 +53,10 @@ def backbone_options(cfg: RecipeConfig, *, training: bool = True) -> dict:
     if cfg.train.bf16 is True and device_type == "cuda" and not gpu_computes_bf16():  # (a CPU computes bf16)
         raise UserError(f"train.bf16: true needs a GPU with bf16 arithmetic (compute capability 8.0 or newer; "
                         f"{torch.cuda.get_device_name()} has none); use auto or false")
-    # auto: the weights go to bf16 exactly where train.bf16: auto would autocast to it, for a frozen
-    # Hugging Face backbone only (trained weights and registered models such as BDH stay float32)
-    auto_bf16 = not weights_train and m.name not in MODELS and bf16_enabled("auto", device_type)
+    # auto: the weights go to bf16 exactly where the run autocasts to it (train.bf16, whose auto is the
+    # hardware check), for a frozen Hugging Face backbone only (trained weights and registered models
+    # such as BDH stay float32): train.bf16: false keeps a run float32 throughout
+    auto_bf16 = not weights_train and m.name not in MODELS and bf16_enabled(cfg.train.bf16, device_type)
     dtype = (torch.bfloat16 if auto_bf16 else torch.float32) if m.dtype == "auto" else DTYPES[m.dtype]
     return {"dtype": dtype, "attn_implementation": m.attn_implementation,
             "quantization_bits": m.quantization.bits if m.quantization else None,

@@ -59,11 +59,17 @@ def losses(run_dir) -> list[float]:
 
 # -- model.dtype ------------------------------------------------------------------------------------
 
-def test_float32_stays_the_default_and_auto_follows_the_hardware():
-    assert backbone_options(load_recipe("quickstart"))["dtype"] == torch.float32  # today's runs unchanged
+def test_float32_stays_the_default_and_auto_follows_the_runs_precision():
+    assert load_recipe({"name": "mine", "data": {"train": [{"source": "nl2bash"}]}}).model.dtype == "float32"
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16_here = torch.bfloat16 if bf16_enabled("auto", device) else torch.float32
     auto = backbone_options(load_recipe("quickstart", tiny(dtype="auto")))["dtype"]
-    assert auto == (torch.bfloat16 if bf16_enabled("auto", device) else torch.float32)
+    assert auto == bf16_here
+    # the bundled quickstart and dylora_moe recipes load their frozen weights with auto
+    assert backbone_options(load_recipe("quickstart"))["dtype"] == bf16_here
+    assert backbone_options(load_recipe("dylora_moe"))["dtype"] == bf16_here
+    # train.bf16: false keeps the whole run float32, the weights included
+    assert backbone_options(load_recipe("quickstart", {"train.bf16": False}))["dtype"] == torch.float32
     # weights that train (lora: null) and models built by our own code (BDH) stay float32 under auto
     full = load_recipe("quickstart", {"model": {"name": "tiny", "dtype": "auto", "freeze_backbone": False}, "lora": None})
     assert backbone_options(full)["dtype"] == torch.float32
