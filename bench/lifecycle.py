@@ -4,7 +4,7 @@ The stream is bash, call, bash: NL2Bash training requests 0-79, then 80 BFCL `si
 conversations, then NL2Bash training requests 80-159 (new requests of the first skill: the data
 source's `offset`). Sizes and novelty / router / seeding settings are the flagship's
 (`dylora_moe`: chunks of 40 at `chunk_epochs` 0.2, LoRA r 16, 8 signal examples, ...), with
-`experts.validation.holdout: 2` (run B: `--holdout`; every expert keeps that many examples of each
+`experts.validation.holdout: 2` (run B: `--holdout`, default 8; every expert keeps that many examples of each
 chunk it trains on as its own held-out set). Evaluated before the stream and at its end (`experts.score: end`) on the whole NL2Bash
 test split and on BFCL `simple` test prompts (the first `--call-limit`), routing on the same tasks'
 held-out prompts.
@@ -18,8 +18,9 @@ Two runs, one after the other:
      so each returning chunk makes a new expert; `experts.merge.method: ties` with
      `merge.similarity` = the lowest similarity of a chunk run A reused an expert for (profiles as
      alike as chunks A judged one skill) and the merge criterion `--merge-criterion` at its default
-     bound: `heldout_gain` (each expert recovers at least `merge.min_transfer` 0.5 of the other's
-     held-out gain over the backbone; the default here) or `output_kl` (`merge.max_output_kl` 0.05).
+     bound: `merged_gain` (the merge is tried and kept if it keeps at least `merge.min_transfer` 0.5 of
+     each expert's own held-out gain over the backbone; the default here), `heldout_gain` (each expert
+     recovers that share of the other's) or `output_kl` (`merge.max_output_kl` 0.05).
      Shown: the merges (results.json `lifecycle`) with the profile similarity and the criterion's
      measure, and for every chunk the
      pairs the merge check compared (`merge_checks` in decisions.jsonl), so a merge that does not
@@ -236,21 +237,25 @@ def report(args, res: dict[str, dict], decs: dict[str, list], th: dict, wall: fl
     return "\n".join(lines) + "\n"
 
 
-MEASURE = {"output_kl": "output KL", "heldout_gain": "held-out transfer"}
+MEASURE = {"output_kl": "output KL", "heldout_gain": "held-out transfer", "merged_gain": "share the merge keeps"}
 
 
 def criterion_text(criterion: str) -> str:
     return ("merge.max_output_kl 0.05 (default)" if criterion == "output_kl" else
-            "merge.criterion heldout_gain with merge.min_transfer 0.5 (default)")
+            f"merge.criterion {criterion} with merge.min_transfer 0.5 (default)")
+
+
+SHARES = {"transfer": "transfer", "merged_share": "the merge keeps"}
 
 
 def measure(check: dict) -> str:
-    """A merge check's or merge's measure: the output KL (nats/token), or the two held-out transfers
-    (the share of each expert's own held-out gain the other recovers)."""
-    if "transfer" in check:
-        t = check["transfer"]
-        return ("not measured (profiles apart)" if t is None else
-                "transfer " + " / ".join("n/a (no own gain)" if x is None else f"{x:.2f}" for x in t))
+    """A merge check's or merge's measure: the output KL (nats/token), the two held-out transfers (the
+    share of each expert's own held-out gain the other recovers), or the two shares the merge keeps."""
+    for key, label in SHARES.items():
+        if key in check:
+            t = check[key]
+            return ("not measured (profiles apart)" if t is None else
+                    f"{label} " + " / ".join("n/a (no own gain)" if x is None else f"{x:.2f}" for x in t))
     kl = check.get("output_kl")
     return "not measured (profiles apart)" if kl is None else f"output KL {kl:.4f}"
 
@@ -262,16 +267,18 @@ def main(argv: list[str] | None = None, runner=run_child) -> dict:
     ap.add_argument("--chunk-size", type=int, default=40)
     ap.add_argument("--bash-limit", type=int, default=None, help="NL2Bash test requests (default: the whole split, 60)")
     ap.add_argument("--call-limit", type=int, default=40, help="BFCL simple test prompts")
-    ap.add_argument("--holdout", type=int, default=2,
+    ap.add_argument("--holdout", type=int, default=None,
                     help="run B: examples of each chunk an expert keeps as its held-out set (validation.holdout; "
-                         "capacity twice that, at least 8)")
-    ap.add_argument("--merge-criterion", choices=("heldout_gain", "output_kl"), default="heldout_gain",
+                         "capacity twice that, at least 8; default 8, 2 with --quick: with 2 the first bash expert "
+                         "showed no gain on its own 4 held-out examples)")
+    ap.add_argument("--merge-criterion", choices=("merged_gain", "heldout_gain", "output_kl"), default="merged_gain",
                     help="run B's merge criterion (experts.merge.criterion)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 8 examples per stage: wiring check (records nothing)")
     ap.add_argument("--no-record", action="store_true", help="print the tables without appending them")
     args = ap.parse_args(argv)
     if args.quick:
         args.examples, args.chunk_size, args.bash_limit, args.call_limit = 8, 4, 4, 4
+    args.holdout = args.holdout or (2 if args.quick else 8)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     res, decs = {}, {}

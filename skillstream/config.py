@@ -265,13 +265,14 @@ class ValidationConfig(_Strict):
 class MergeConfig(_Strict):
     method: Literal["none", "ties", "dare_ties", "dare_linear"] = Field("none", description="Merge two converged experts into one with this PEFT combination (none = never merge).")
     similarity: float = Field(0.95, ge=-1, le=1, description="Profiles converged: the similarity of the two experts' signal profiles is at least this.")
-    criterion: Literal["output_kl", "heldout_gain"] = Field(
+    criterion: Literal["output_kl", "heldout_gain", "merged_gain"] = Field(
         "output_kl", description="What says two experts (profiles alike) do one job: output_kl = their next-token distributions "
                                  "agree (max_output_kl); heldout_gain = each does the other's job (min_transfer), read from "
                                  "held-out losses, so two experts of one skill that moved their outputs by different amounts "
-                                 "still merge.")
+                                 "still merge; merged_gain = the merge is tried and kept only if the merged expert does both "
+                                 "jobs (min_transfer of each one's own held-out gain).")
     max_output_kl: float = Field(0.05, ge=0, description="Outputs converged: the mean per-token symmetric KL divergence of the two experts' next-token distributions on their held-out examples is at most this (nats).")
-    min_transfer: float = Field(0.5, gt=0, description="heldout_gain: on each expert's held-out examples, the other lowers the backbone's mean loss by at least this share of what the expert itself does (1: as well as the expert; 0 or less: no better than the backbone, a different skill).")
+    min_transfer: float = Field(0.5, gt=0, description="heldout_gain: on each expert's held-out examples, the other lowers the backbone's mean loss by at least this share of what the expert itself does (1: as well as the expert; 0 or less: no better than the backbone, a different skill); merged_gain: the merged expert does, on each one's held-out examples.")
     density: float = Field(1.0, gt=0, le=1, description="TIES/DARE density: share of each expert's delta kept (1.0: nothing trimmed or dropped).")
 
 

@@ -52,8 +52,8 @@ def test_quick_run_reuses_the_returning_skill_then_splits_it_and_merges_it_back(
                 skills[event["into"]] = skills[a] | skills[b]
     merges = [e for e in res["B"]["lifecycle"] if "merge" in e]
     assert any(d["expert"] in m["merge"] for d in back_b for m in merges)  # ... merged back
-    for m in merges:  # only bash experts merge: each recovered half of the other's held-out gain, call's did not
-        assert min(m["transfer"]) >= 0.5 and m["profile_similarity"] >= th["merge"]
+    for m in merges:  # only bash experts merge: the merge kept half of each one's held-out gain
+        assert min(m["merged_share"]) >= 0.5 and m["profile_similarity"] >= th["merge"]
         assert skills[m["into"]] == {"bash"}
     assert len(res["A"]["experts"]) == 2                             # A: bash and call
     for run in ("A", "B"):

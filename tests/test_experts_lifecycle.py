@@ -175,6 +175,58 @@ def test_heldout_gain_merges_two_experts_of_one_skill_that_learned_unequally_but
     assert life.pool.names == ["expert_2", "expert_3"] and life.router.n_experts == 2
 
 
+def test_merged_gain_tries_the_merge_and_keeps_it_only_if_the_merge_does_both_jobs():
+    """The criterion merges, measures the merge on each expert's held-out examples, and keeps it only if
+    it keeps min_transfer of each one's own gain there; a merge it does not keep leaves the pool, the
+    weights and the random state as they were, and the one it keeps is the one it measured."""
+    def twins(min_transfer: float) -> Lifecycle:
+        torch.manual_seed(0)  # the same two experts each time
+        life = lifecycle(validation={"holdout": 2},
+                         merge={"method": "ties", "similarity": 0.5, "criterion": "merged_gain", "min_transfer": min_transfer})
+        life.pool.create("expert_1")
+        life.trainer.add_expert()
+        life.novelty.created = 2
+        bash = items(life, "bash", 0, 4)
+        train(life, "expert_0", bash * 2, 8, 1e-2)
+        train(life, "expert_1", bash * 2, 4, 1e-2)
+        for name, held in (("expert_0", bash[:2]), ("expert_1", bash[2:])):
+            life.heldout.add(name, held)
+            life.profiles[name] = ExpertProfile(name, signal(0))
+            life.trainer.learn_chunk(torch.randn(4, life.router.dim), life.index_of(name), 2)
+        return life
+
+    from skillstream.experts.heldout import item_losses
+    def loss(life, name, held):
+        life.pool.activate(name)
+        return sum(item_losses(life.model, held, life.pad_id)) / len(held)
+
+    # asked for more than any merge keeps (every share of an expert's own gain is below 1 here): not merged
+    strict = twins(min_transfer=0.999)
+    weights = {k: v.clone() for k, v in strict.model.state_dict().items() if "lora_" in k}
+    rng = torch.random.get_rng_state()
+    assert strict.maintain({}, ["expert_1"], step=9) == []
+    [check] = strict.merge_checks
+    assert 0 < min(check["merged_share"]) < 0.999
+    assert strict.pool.names == ["expert_0", "expert_1"] and strict.novelty.created == 2
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    after = {k: v for k, v in strict.model.state_dict().items() if "lora_" in k}
+    assert after.keys() == weights.keys() and all(torch.equal(after[k], weights[k]) for k in weights)
+
+    # at the default 0.5 the same twins merge, into the merge that was measured
+    life = twins(min_transfer=0.5)
+    held = life.heldout.of("expert_0")
+    with life.model.disable_adapter():
+        base = sum(item_losses(life.model, held, life.pad_id)) / len(held)
+    own = loss(life, "expert_0", held)
+    [event] = life.maintain({}, ["expert_1"], step=9)
+    assert event["merge"] == ["expert_0", "expert_1"] and event["into"] == "expert_2"
+    assert event["merged_share"] == check["merged_share"] and min(event["merged_share"]) >= 0.5
+    # the shares follow the checked pair, (expert_1, expert_0): expert_0's is the second
+    assert check["pair"] == ["expert_1", "expert_0"]
+    assert event["merged_share"][1] == pytest.approx((base - loss(life, "expert_2", held)) / (base - own), abs=1e-4)
+    assert life.pool.names == ["expert_2"] and life.router.n_experts == 1
+
+
 def test_prune_removes_only_the_unused_expert_and_its_router_class():
     life = lifecycle(prune={"unused_chunks": 2})
     for name in ("expert_1", "expert_2"):

@@ -302,21 +302,23 @@ class Lifecycle:
     def converged(self, trained: list[str]) -> tuple[str, str, dict] | None:
         """The first pair (one of them trained this chunk) whose profiles are at least `merge.similarity`
         alike and that pass the merge criterion on their held-out examples: outputs at most
-        `merge.max_output_kl` apart (output_kl), or each recovering at least `merge.min_transfer` of the
-        other's held-out gain (heldout_gain). Every pair compared is logged in the chunk's decision
-        (`merge_checks`: the profile similarity, and the criterion's measure where the profiles passed),
-        so a merge that does not happen says by how much it missed."""
+        `merge.max_output_kl` apart (output_kl), each recovering at least `merge.min_transfer` of the
+        other's held-out gain (heldout_gain), or their merge keeping that share of each one's own gain
+        (merged_gain). Every pair compared is logged in the chunk's decision (`merge_checks`: the profile
+        similarity, and the criterion's measure where the profiles passed), so a merge that does not
+        happen says by how much it missed."""
         m = self.cfg.merge
+        measure = {"output_kl": "output_kl", "heldout_gain": "transfer", "merged_gain": "merged_share"}[m.criterion]
         self.merge_checks = []
         for a in [n for n in trained if n in self.pool and n in self.profiles]:
             for b in self.pool.names:
                 if b == a or b not in self.profiles:
                     continue
                 sim = similarity(self.profiles[a].signal, self.profiles[b], self.weights)
-                by_kl = m.criterion == "output_kl"
-                check = {"pair": [a, b], "profile_similarity": round(sim, 4), "output_kl" if by_kl else "transfer": None}
+                check = {"pair": [a, b], "profile_similarity": round(sim, 4), measure: None}
                 self.merge_checks.append(check)
                 held = (self.heldout.of(a), self.heldout.of(b))
+                by_kl = m.criterion == "output_kl"
                 if sim < m.similarity or not (any(held) if by_kl else all(held)):  # a gain needs each one's own set
                     continue
                 if by_kl:
@@ -324,41 +326,58 @@ class Lifecycle:
                     check["output_kl"] = round(kl, 6)
                     passed = kl <= m.max_output_kl
                 else:
-                    transfer = self.transfer(a, b)
-                    check["transfer"] = [None if t is None else round(t, 4) for t in transfer]
-                    passed = all(t is not None and t >= m.min_transfer for t in transfer)
+                    shares = self.transfer(a, b) if m.criterion == "heldout_gain" else self.merged_share(a, b)
+                    check[measure] = [None if t is None else round(t, 4) for t in shares]
+                    passed = all(t is not None and t >= m.min_transfer for t in shares)
                 if passed:
                     first, second = sorted((a, b), key=self.pool.names.index)
                     return first, second, {k: v for k, v in check.items() if k != "pair"}
         return None
 
+    def kept_share(self, own: str, by: str) -> float | None:
+        """The share of expert `own`'s gain on its held-out examples that adapter `by` recovers there. A
+        gain is the backbone's mean labelled-token loss less the adapter's; None where `own`'s gain is not
+        positive (it has nothing another could recover)."""
+        items = self.heldout.of(own)
+        with self.model.disable_adapter():
+            base = _mean(item_losses(self.model, items, self.pad_id))
+        gain_own = base - _mean(self._losses(own, items))
+        return (base - _mean(self._losses(by, items))) / gain_own if gain_own > 0 else None
+
     def transfer(self, a: str, b: str) -> tuple[float | None, float | None]:
-        """(the share of a's own held-out gain that b recovers on a's held-out examples, the same for a on
-        b's). An expert's gain on a set is the backbone's mean labelled-token loss there less the expert's;
-        None where the expert's own gain is not positive (it has nothing the other could recover)."""
-        shares: list[float | None] = []
-        for own, other in ((a, b), (b, a)):
-            items = self.heldout.of(own)
-            with self.model.disable_adapter():
-                base = _mean(item_losses(self.model, items, self.pad_id))
-            gain_own = base - _mean(self._losses(own, items))
-            gain_other = base - _mean(self._losses(other, items))
-            shares.append(gain_other / gain_own if gain_own > 0 else None)
-        return shares[0], shares[1]
+        """(the share of a's own held-out gain that b recovers on a's held-out examples, the same for a on b's)."""
+        return self.kept_share(a, by=b), self.kept_share(b, by=a)
+
+    def merged_share(self, a: str, b: str) -> tuple[float | None, float | None]:
+        """(the share of a's own held-out gain that the merge of a and b keeps on a's held-out examples, the
+        same on b's). The merge is made exactly as `merge` would make it (weights, method, density and the
+        name that seeds DARE's drops), measured, and removed; the global random state is left untouched, so
+        a check that does not merge changes nothing in the run."""
+        m = self.cfg.merge
+        trial = f"{self.cfg.prefix}{self.novelty.created}"
+        with torch.random.fork_rng(devices=[]):
+            self.pool.merge_in_shape([a, b], self._merge_weights(a, b), m.method, trial, density=m.density)
+            try:
+                return self.kept_share(a, by=trial), self.kept_share(b, by=trial)
+            finally:
+                self.pool.prune(trial)
+
+    def _merge_weights(self, a: str, b: str) -> list[float]:
+        """The merge's weights: by the steps each trained. ties / dare_ties average the deltas that agree in
+        sign (a disjoint mean), so weights around 1 keep the scale; dare_linear sums them: weights that sum to 1."""
+        steps = [max(1, self.pool.record(n).steps_trained) for n in (a, b)]
+        share = [s / sum(steps) for s in steps]
+        return [2 * x for x in share] if self.cfg.merge.method in ("ties", "dare_ties") else share
 
     def merge(self, a: str, b: str, step: int, why: dict | None = None) -> dict:
         """`a` and `b` become one new expert (the next name) by the recipe's TIES/DARE merge, weighted by
         the steps each trained; the router's two classes fold into one, their profiles, held-out sets,
         novelty histories and step counts combine."""
         m = self.cfg.merge
-        steps = [max(1, self.pool.record(n).steps_trained) for n in (a, b)]
-        share = [s / sum(steps) for s in steps]
-        # ties / dare_ties average the deltas that agree in sign (a disjoint mean): weights around 1 keep
-        # the scale; dare_linear sums them: weights that sum to 1
-        weights = [2 * x for x in share] if m.method in ("ties", "dare_ties") else share
         new = f"{self.cfg.prefix}{self.novelty.created}"
         self.novelty.created += 1
         ia, ib = self.index_of(a), self.index_of(b)
+        weights = self._merge_weights(a, b)
         rec = self.pool.merge_in_shape([a, b], weights, m.method, new, density=m.density, step=step)
         older = max((a, b), key=lambda n: self.pool.record(n).steps_trained)
         rec.steps_trained = max(self.pool.record(n).steps_trained for n in (a, b))
