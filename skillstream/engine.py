@@ -18,6 +18,7 @@ from .checkpoint import CHECKPOINTS
 from .config import TrainConfig
 from .curriculum.schedules import lr_factor
 from .data.batching import BatchPlan, Position
+from .lora_dropout import uncast_lora_inputs
 from .monitor.progress import Progress
 from .objectives.base import Objective
 from .plugins import Plugin, StepContext
@@ -87,7 +88,7 @@ def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: Ba
                      for k, v in objective.collate(items, pad_id).items()}
             step_tokens += int(batch["attention_mask"].sum())  # this process's; summed over processes below
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 and world > 1 else _null()
-            with sync, accelerator.autocast():
+            with sync, accelerator.autocast(), uncast_lora_inputs(model):
                 loss, metrics = _micro_batch_loss(accelerator, model, objective, plugins, ctx, batch)
                 accelerator.backward(loss / cfg.grad_accum)
             loss_sum += float(loss.detach()) / cfg.grad_accum

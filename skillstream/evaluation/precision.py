@@ -22,6 +22,8 @@ import contextlib
 
 import torch
 
+from ..lora_dropout import uncast_lora_inputs
+
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -82,7 +84,7 @@ def _run_precision(model: torch.nn.Module, dtype: torch.dtype | None):
     try:
         for p in frozen:
             p.data = p.data.to(dtype)
-        with torch.autocast(device_type, dtype=dtype):
+        with torch.autocast(device_type, dtype=dtype), uncast_lora_inputs(model):
             yield
     finally:
         for p, data in zip(frozen, originals):

@@ -170,7 +170,7 @@ def _add_mix(layer: LoraLinear, args, kwargs, output: torch.Tensor, *, mix: Mix)
             if rows.numel() == wk.numel():
                 rows = None
         xs = x if rows is None else x[rows]
-        delta = lora_B(lora_A(dropout(xs.to(lora_A.weight.dtype)))) * scaling
+        delta = lora_B(lora_A(dropout(layer._cast_input_dtype(xs, lora_A.weight.dtype)))) * scaling  # PEFT's cast: see uncast_lora_inputs
         wk = wk if rows is None else wk[rows]
         if in_place:
             term = delta if bool((wk == 1).all()) else wk.to(delta.dtype).view(shape) * delta
