@@ -309,6 +309,7 @@ class Lifecycle:
         happen says by how much it missed."""
         m = self.cfg.merge
         measure = {"output_kl": "output_kl", "heldout_gain": "transfer", "merged_gain": "merged_share"}[m.criterion]
+        by_kl = m.criterion == "output_kl"
         self.merge_checks = []
         for a in [n for n in trained if n in self.pool and n in self.profiles]:
             for b in self.pool.names:
@@ -318,7 +319,6 @@ class Lifecycle:
                 check = {"pair": [a, b], "profile_similarity": round(sim, 4), measure: None}
                 self.merge_checks.append(check)
                 held = (self.heldout.of(a), self.heldout.of(b))
-                by_kl = m.criterion == "output_kl"
                 if sim < m.similarity or not (any(held) if by_kl else all(held)):  # a gain needs each one's own set
                     continue
                 if by_kl:

@@ -58,13 +58,15 @@ _FOLDED: dict[LoraLinear, torch.Tensor] = {}
 
 def _fold_targets(layer: LoraLayer) -> list[str]:
     """The active adapters folded into this layer's weight: all of them when the layer is a plain LoRA
-    Linear over a dense float32 weight of its own shape, else none. A layer with none is not an error:
-    PEFT's own forward computes it exactly as without folding (tests/test_experts_mixing.py checks this
-    for DoRA); folding only saves time. Not folded: half-precision weights (W + B A rounded to bf16 loses a small
-    adapter's update), a weight that is not a plain tensor of the layer's shape (quantized, or a shard:
-    FSDP's DTensor, DeepSpeed ZeRO-3's partitioned placeholder), an adapter with a LoRA variant (any entry of
-    PEFT's `lora_variant`, e.g. DoRA: its forward is not W + B A), merged or disabled adapters, and a layer
-    already folded or inside a mixing block (no active adapter)."""
+    Linear over a dense float32 weight of its own shape, else none. Folding is a speed-up only, and it
+    applies exactly where W + scale B A is the layer's output in full precision; every other layer keeps
+    PEFT's own forward, which computes it as it always does (tests/test_experts_mixing.py: a DoRA adapter
+    computes the same bits with the block as without; in a bf16 run the block leaves every layer to PEFT).
+    Those are: bf16/fp16 weights (W + B A rounded to
+    bf16 would lose a small adapter's update), weights stored other than as a plain tensor of the layer's
+    shape (quantized; FSDP's DTensor and DeepSpeed ZeRO-3's partitioned shards, whose full weight no single
+    process holds), adapters with a LoRA variant (PEFT's `lora_variant`, e.g. DoRA, whose output is not
+    W + B A), merged or disabled adapters, and a layer already folded or inside a mixing block."""
     if not isinstance(layer, LoraLinear) or layer in _FOLDED or layer.merged or layer.disable_adapters:
         return []
     active = [n for n in layer.active_adapters if n in layer.lora_A]
