@@ -62,10 +62,9 @@ def _fold_targets(layer: LoraLayer) -> list[str]:
     applies exactly where W + scale B A is the layer's output in full precision; every other layer keeps
     PEFT's own forward, which computes it as it always does (tests/test_experts_mixing.py: a DoRA adapter
     computes the same bits with the block as without; in a bf16 run the block leaves every layer to PEFT).
-    Those are: bf16/fp16 weights (W + B A rounded to
-    bf16 would lose a small adapter's update), weights stored other than as a plain tensor of the layer's
-    shape (quantized; FSDP's DTensor and DeepSpeed ZeRO-3's partitioned shards, whose full weight no single
-    process holds), adapters with a LoRA variant (PEFT's `lora_variant`, e.g. DoRA, whose output is not
+    Those are: bf16/fp16 weights (W + B A rounded to bf16 would lose a small adapter's update), weights
+    stored other than as a plain tensor of the layer's shape (quantized; FSDP's DTensor and DeepSpeed
+    ZeRO-3's partitioned shards, whose full weight no single process holds), adapters with a LoRA variant (PEFT's `lora_variant`, e.g. DoRA, whose output is not
     W + B A), merged or disabled adapters, and a layer already folded or inside a mixing block."""
     if not isinstance(layer, LoraLinear) or layer in _FOLDED or layer.merged or layer.disable_adapters:
         return []
