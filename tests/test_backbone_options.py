@@ -65,9 +65,9 @@ def test_float32_stays_the_default_and_auto_follows_the_runs_precision():
     bf16_here = torch.bfloat16 if bf16_enabled("auto", device) else torch.float32
     auto = backbone_options(load_recipe("quickstart", tiny(dtype="auto")))["dtype"]
     assert auto == bf16_here
-    # the bundled quickstart and dylora_moe recipes load their frozen weights with auto
-    assert backbone_options(load_recipe("quickstart"))["dtype"] == bf16_here
-    assert backbone_options(load_recipe("dylora_moe"))["dtype"] == bf16_here
+    # every bundled recipe on a pretrained backbone loads its frozen weights with auto
+    for recipe in ("quickstart", "dylora_moe", "adaptive_learner", "muse", "destruct"):
+        assert backbone_options(load_recipe(recipe))["dtype"] == bf16_here, recipe
     # train.bf16: false keeps the whole run float32, the weights included
     assert backbone_options(load_recipe("quickstart", {"train.bf16": False}))["dtype"] == torch.float32
     # weights that train (lora: null) and models built by our own code (BDH) stay float32 under auto
