@@ -63,6 +63,10 @@ def print_summary(run) -> None:
                       f"{shown(r['routing']['task_agnostic_accuracy'], r['routing'].get('ci95'))}  ·  experts {r['experts_created']} for "
                       f"{r['skills']} skills  ·  new experts at chunks {nov['created_at']} (true boundaries "
                       f"{nov['true_boundaries']})  ·  wall {r['wall_seconds']:.0f}s")
+    if len(r.get("learned") or []) > 1:  # several stages: did each teach its own task (paired, same examples)
+        console.print("learned (own stage − before, paired 95%): " + "  ·  ".join(
+            f"{task} {shown(d['difference'], d['ci95'], 3)}{'' if d['excludes_zero'] else ' includes 0'}"
+            for task, d in zip(r["tasks"], r["learned"])))
 
 
 @app.command()

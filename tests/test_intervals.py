@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import skillstream
-from skillstream.continual.metrics import avg_acc, bwt, summarize
+from skillstream.cli import print_summary
+from skillstream.continual.metrics import avg_acc, bwt, matrix_intervals, summarize
 from skillstream.evaluation.intervals import bootstrap_matrix, paired_difference, score_interval, wilson
 
 
@@ -45,9 +46,22 @@ def test_matrix_intervals_resample_each_task_alike_in_every_row():
     s = summarize(["a", "b"], {"a": "accuracy", "b": "accuracy"}, [0.0, 0.5], [[0.75, 0.5], [0.75, 1.0]],
                   [{"outcomes": o} for o in initial], details)
     assert s["n"] == [4, 4] and s["ci95"]["bwt"] == [0, 0] and set(s["ci95"]) == {"avg_acc", "bwt", "fwt"}
+    # learned: each task after its own stage against before training, on the same examples
+    assert [d["difference"] for d in s["learned"]] == [0.75, 0.5]
+    assert all(d["n"] == 4 for d in s["learned"])
 
 
-def test_a_two_stage_run_reports_n_and_intervals_for_every_score(sentiment_folder, tmp_path):
+def test_learned_says_whether_a_stage_taught_its_task_beyond_chance():
+    before = [[0] * 40, [1] * 20 + [0] * 20]
+    after_a = [[1] * 30 + [0] * 10, [1] * 20 + [0] * 20]       # task a: 0 -> 0.75 on the same 40 examples
+    after_b = [[1] * 30 + [0] * 10, [0, 1] * 10 + [1, 0] * 10]  # task b: 0.5 -> 0.5, answers shuffled
+    s = matrix_intervals([{"outcomes": o} for o in before], [[{"outcomes": o} for o in row] for row in (after_a, after_b)])
+    taught, untaught = s["learned"]
+    assert taught["difference"] == 0.75 and taught["excludes_zero"] and taught["ci95"][0] > 0.5
+    assert untaught["difference"] == 0 and not untaught["excludes_zero"]
+
+
+def test_a_two_stage_run_reports_n_and_intervals_for_every_score(sentiment_folder, tmp_path, capsys):
     from test_continual import _two_task_recipe
 
     run = skillstream.train(_two_task_recipe(sentiment_folder, tmp_path, []), out=tmp_path / "run", show_progress=False)
@@ -62,3 +76,8 @@ def test_a_two_stage_run_reports_n_and_intervals_for_every_score(sentiment_folde
     for key in ("avg_acc", "bwt", "fwt"):
         lo, hi = r["ci95"][key]
         assert lo <= r[key] + 1e-9 and r[key] - 1e-9 <= hi
+    # each task's own-stage gain, on the same examples as the matrix's cells, in results.json and the CLI's summary
+    for j, gain in enumerate(r["learned"]):
+        assert gain["difference"] == pytest.approx(r["matrix"][j][j] - r["initial"][j]) and gain["n"] == r["n"][j]
+    print_summary(run)
+    assert "learned (own stage − before, paired 95%)" in capsys.readouterr().out

@@ -189,6 +189,17 @@ def test_sections_appear_when_the_run_has_their_data(tmp_path):
         chromium([f"--screenshot={ARTIFACTS / 'report-rich.png'}"], (run / "report.html").resolve().as_uri(), tmp_path)
 
 
+def test_the_summary_says_what_each_stage_taught_its_task(tmp_path):
+    run = make_run(tmp_path / "run")
+    results = json.loads((run / "results.json").read_text())
+    results["learned"] = [{"difference": 0.38, "ci95": [0.2, 0.55], "n": 40, "excludes_zero": True},
+                          {"difference": 0.05, "ci95": [-0.1, 0.2], "n": 40, "excludes_zero": False}]
+    (run / "results.json").write_text(json.dumps(results))
+    page = render([run])
+    assert "after its own stage − before" in page
+    assert "0.3800 [0.2000, 0.5500] excludes 0" in page and "0.0500 [-0.1000, 0.2000] includes 0" in page
+
+
 def test_plain_run_leaves_optional_sections_out(tmp_path):
     run = make_run(tmp_path / "plain", rich=False)
     page = render([run])

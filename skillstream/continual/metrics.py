@@ -35,8 +35,8 @@ def forgetting(matrix: list[list[float]]) -> list[float | None]:
 def summarize(tasks: list[str], metric: dict[str, str], initial: list[float], matrix: list[list[float]],
               initial_details: list[dict] | None = None, details: list[list[dict]] | None = None) -> dict:
     """The matrix's summaries; with the evaluation rows (`initial_details`, `details`) that carry per-example
-    outcomes, also each score's n and the 95% intervals of AvgAcc, BWT and FWT (paired bootstrap over
-    each task's examples, evaluation/intervals.py)."""
+    outcomes, also each score's n, the 95% intervals of AvgAcc, BWT and FWT (paired bootstrap over
+    each task's examples, evaluation/intervals.py) and what each task's own stage taught (`learned`)."""
     out = {"tasks": tasks, "metric": metric, "initial": initial, "matrix": matrix,
            "avg_acc": avg_acc(matrix), "bwt": bwt(matrix), "fwt": fwt(matrix, initial),
            "forgetting": forgetting(matrix)}
@@ -46,8 +46,12 @@ def summarize(tasks: list[str], metric: dict[str, str], initial: list[float], ma
 
 
 def matrix_intervals(initial_details: list[dict], details: list[list[dict]]) -> dict:
-    """{'n': examples per task, 'ci95': {avg_acc, bwt, fwt}} where every cell has its outcomes, else {}."""
-    from ..evaluation.intervals import bootstrap_matrix
+    """{'n': examples per task, 'ci95': {avg_acc, bwt, fwt}, 'learned': [...]} where every cell has its
+    outcomes, else {}. learned[j] is task j's score after its own stage (row j, the reading BWT and FWT
+    make of the matrix) minus its score before any training, on the same examples: the paired difference,
+    its bootstrap 95% interval and whether that excludes 0. It says whether a stage taught its task at all,
+    which AvgAcc cannot: a task the backbone already does well can sit high in the last row untaught."""
+    from ..evaluation.intervals import bootstrap_matrix, paired_difference
 
     initial = [r.get("outcomes") for r in initial_details]
     rows = [[r.get("outcomes") for r in row] for row in details]
@@ -56,4 +60,5 @@ def matrix_intervals(initial_details: list[dict], details: list[list[dict]]) -> 
     return {"n": [len(o) for o in initial],
             "ci95": {"avg_acc": bootstrap_matrix(initial, rows, lambda i, m: avg_acc(m)),
                      "bwt": bootstrap_matrix(initial, rows, lambda i, m: bwt(m)),
-                     "fwt": bootstrap_matrix(initial, rows, lambda i, m: fwt(m, i))}}
+                     "fwt": bootstrap_matrix(initial, rows, lambda i, m: fwt(m, i))},
+            "learned": [paired_difference(initial[j], rows[j][j]) for j in range(min(len(rows), len(initial)))]}

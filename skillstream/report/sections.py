@@ -97,10 +97,20 @@ def summary(run: RunData) -> Section | None:
     forgetting = r.get("forgetting")
     if forgetting and any(f is not None for f in forgetting):
         tab += table(["forgetting", *tasks], [["max earlier score − final", *[fmt(f) for f in forgetting]]], "num")
+    learned = r.get("learned")
+    if learned and len(learned) <= len(tasks):
+        tab += table(["learned", *tasks[:len(learned)]],
+                     [["after its own stage − before (paired 95%)", *[_learned(d) for d in learned]]], "num")
     tab += _other_scores(r, [label for label, _ in rows])
     note = "" if len(tasks) > 1 else \
         '<p class="note">One task: BWT and FWT need at least two tasks, so they are not defined.</p>'
     return Section("summary", "Accuracy matrix", f'<div class="cards">{cards}</div>{note}{img}{tab}')
+
+
+def _learned(d: dict) -> str:
+    """A task's gain from its own stage, its interval, and whether that interval excludes 0."""
+    lo, hi = d["ci95"]
+    return f"{fmt(d['difference'])} [{fmt(lo)}, {fmt(hi)}] {'excludes 0' if d['excludes_zero'] else 'includes 0'}"
 
 
 def _interval(row: dict) -> str:
