@@ -51,3 +51,28 @@ def run_child(script: str | Path, kind: str, spec: dict, *, label: str, bench: s
         sys.exit(f"{bench}: the {label.strip()} run failed (exit {proc.returncode}):\n{tail}")
     print(f" {time.time() - t0:.0f}s", file=sys.stderr)
     return json.loads(lines[-1][len(MARK):])
+
+
+def train_in_child(recipe: dict | str, run_dir: Path, *, resume: bool = False, smoke: bool = False,
+                   overrides: dict | None = None, label: str, bench: str) -> None:
+    """`skillstream.train(recipe, out=run_dir, ...)` in a fresh process (its own peak memory, nothing left
+    over from the previous run); a failure stops the benchmark with the child's last lines."""
+    code = ("import json, sys, skillstream; a = json.loads(sys.argv[1]); "
+            "skillstream.train(a['recipe'], out=a['out'], overrides=a['overrides'], smoke=a['smoke'], "
+            "resume=a['resume'], show_progress=False)")
+    spec = {"recipe": recipe, "out": str(run_dir), "overrides": overrides, "smoke": smoke, "resume": resume}
+    t0 = time.time()
+    print(f"  {label} ...", end="", flush=True, file=sys.stderr)
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                          env={**os.environ, **QUIET_ENV})
+    if proc.returncode:
+        print(" failed", file=sys.stderr)
+        sys.exit(f"{bench}: {label} ({run_dir}) failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    print(f" {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+
+
+def train_inline(recipe: dict | str, run_dir: Path, *, resume: bool = False, smoke: bool = False,
+                 overrides: dict | None = None, label: str, bench: str) -> None:
+    """`train_in_child` in this process (the benches' tests: no second interpreter to start)."""
+    import skillstream
+    skillstream.train(recipe, out=run_dir, overrides=overrides, smoke=smoke, resume=resume, show_progress=False)

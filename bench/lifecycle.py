@@ -44,9 +44,7 @@ import copy
 import datetime as dt
 import json
 import math
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,7 +54,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.common import machine, record  # noqa: E402
+from bench.common import machine, record, train_in_child  # noqa: E402
 from skillstream.evaluation.intervals import paired_difference  # noqa: E402
 
 RUNS = ("A", "B")
@@ -108,30 +106,11 @@ def recipe(args, run: str, thresholds: dict | None = None) -> dict:
     return out
 
 
-def run_child(cfg: dict, run_dir: Path, resume: bool) -> None:
-    """One stream in a fresh process (its own memory)."""
-    code = ("import json, sys, skillstream; skillstream.train(json.loads(sys.argv[1]), out=sys.argv[2], "
-            "show_progress=False, resume=sys.argv[3] == '1')")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg), str(run_dir), "1" if resume else "0"],
-                          capture_output=True, text=True, env={**os.environ, "CI": "true", "TOKENIZERS_PARALLELISM": "false"})
-    if proc.returncode:
-        raise SystemExit(f"bench/lifecycle: {run_dir} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-
-
-def run_inline(cfg: dict, run_dir: Path, resume: bool) -> None:
-    """The stream in this process (tests/test_bench_lifecycle.py: no second interpreter to start)."""
-    import skillstream
-    skillstream.train(cfg, out=run_dir, show_progress=False, resume=resume)
-
-
-def run_stream(args, run: str, cfg: dict, runner=run_child) -> dict:
-    """One stream; a finished run is read back, an interrupted one resumed."""
+def run_stream(args, run: str, cfg: dict, runner=train_in_child) -> dict:
+    """One stream, in a fresh process by default; a finished run is read back, an interrupted one resumed."""
     run_dir = args.out / run
     if not (run_dir / "results.json").exists():
-        t0 = time.time()
-        print(f"  run {run} ...", end="", flush=True, file=sys.stderr)
-        runner(cfg, run_dir, (run_dir / "checkpoints").exists())
-        print(f" {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        runner(cfg, run_dir, resume=(run_dir / "checkpoints").exists(), label=f"run {run}", bench="bench/lifecycle")
     return json.loads((run_dir / "results.json").read_text())
 
 
@@ -260,7 +239,7 @@ def measure(check: dict) -> str:
     return "not measured (profiles apart)" if kl is None else f"output KL {kl:.4f}"
 
 
-def main(argv: list[str] | None = None, runner=run_child) -> dict:
+def main(argv: list[str] | None = None, runner=train_in_child) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="where the two run directories go (outside the repository)")
     ap.add_argument("--examples", type=int, default=80, help="training requests per stage")

@@ -31,7 +31,7 @@ def test_run_b_thresholds_come_from_run_a_decisions(lifecycle):
 
 def test_quick_run_reuses_the_returning_skill_then_splits_it_and_merges_it_back(lifecycle, tmp_path):
     before = (ROOT / "bench" / "RESULTS.md").read_text()
-    out = lifecycle.main(["--quick", "--out", str(tmp_path)], runner=lifecycle.run_inline)
+    out = lifecycle.main(["--quick", "--out", str(tmp_path)], runner=load_script("bench/common.py").train_inline)
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before  # --quick records nothing
     res, decs, th = out["results"], out["decisions"], out["thresholds"]
 
