@@ -220,6 +220,41 @@ def test_routed_exact_match_with_option_scoring_beside_it_equals_the_protocols_a
     assert together.choices == apart.choices[:len(examples)]   # one routing per prompt, the same ones
 
 
+def test_a_feature_cache_reads_each_batch_once_and_routes_it_the_same(setup, sentiment_folder, monkeypatch):
+    """A stream scores every task after every stage on the same batches: with a FeatureCache the router's
+    pass through the frozen backbone happens once per batch, and the second evaluation is the first again."""
+    from skillstream.config import SourceConfig
+    from skillstream.data.examples import load_examples
+    from skillstream.data.render import Renderer
+    from skillstream.evaluation.runner import evaluate_examples
+    from skillstream.experts.routed import FeatureCache, routed
+    from skillstream.models.backbone import load_tokenizer
+
+    pool, _ = setup
+    tok = load_tokenizer("tiny")
+    renderer = Renderer(tok, 64)
+    examples = load_examples(SourceConfig(source=str(sentiment_folder), split="test"))[:8]
+    router = Router(pooled_features(pool.model, tok(["x"], return_tensors="pt")).shape[-1], len(NAMES), seed=3)
+    maturity = torch.ones(len(NAMES))
+    reads = []
+    read = Router.read
+    monkeypatch.setattr(Router, "read", lambda self, model, batch: reads.append(1) or read(self, model, batch))
+
+    def evaluate(features):
+        with routed(pool.model, router, NAMES, maturity, features=features) as routing:
+            row = evaluate_examples(pool.model, tok, renderer, examples, "exact_match", 4, 4)
+        return row, routing.choices
+
+    plain, plain_choices = evaluate(None)
+    assert len(reads) == 2                                   # two batches of 4, each read by the router
+    cache = FeatureCache()
+    first, first_choices = evaluate(cache)
+    second, second_choices = evaluate(cache)
+    assert len(reads) == 4 and len(cache) == 2                # the cache read each batch once, for both passes
+    assert plain["samples"] == first["samples"] == second["samples"]
+    assert plain_choices == first_choices == second_choices
+
+
 def test_the_peft_internals_mixing_relies_on_are_still_there():
     """experts/mixing.py reaches into PEFT's LoRA layers (see its module doc): a PEFT upgrade that
     changes what it reads fails here, naming the piece, instead of as wrong numbers elsewhere."""

@@ -7,10 +7,12 @@ per-sample probabilities, turns them into mixing weights with the hybrid policy 
 top expert is mature is delegated to its top-k experts; otherwise it is served by the dense mix),
 and keeps them for the cached decoding steps that follow. With `expert=NAME` every sample is
 answered by that expert alone (the oracle / a user's choice). `Routing.choices` records, per
-sample, the weights used, so callers can show which experts answered.
+sample, the weights used, so callers can show which experts answered. With `features=` a
+`FeatureCache`, a batch the router has read before is not read again.
 """
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -19,7 +21,7 @@ import torch
 
 from ..errors import UserError
 from .mixing import hybrid_weights, mixing, one_hot
-from .router import Router
+from .router import Router, depths_of
 
 
 @dataclass
@@ -36,6 +38,34 @@ class Routing:
         return ", ".join(f"{n} {v:.2f}" for v, n in parts)
 
 
+class FeatureCache:
+    """The router's features of the batches it has read, for a backbone that does not change.
+
+    The router reads the frozen backbone alone (adapters off), so the same token ids and mask give the
+    same features every time. A skill stream scores every task after every stage on the same batches:
+    with the cache only the first of those evaluations pays the router's pass through the backbone (to
+    its deepest depth); the later ones route from the features kept here, the same numbers, so the same
+    choices. Only for a frozen backbone: stream_run makes one per run where `model.freeze_backbone`."""
+
+    def __init__(self) -> None:
+        self._features: dict[tuple, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def read(self, router: Router, model, batch: dict) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        key = (router.pooling, depths_of(router.depth), tuple(ids.shape), _digest(ids),
+               None if mask is None else _digest(mask))
+        if key not in self._features:
+            self._features[key] = router.read(model, batch).cpu()
+        return self._features[key]
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
 def _cache_len(cache) -> int:
     if cache is None:
         return 0
@@ -46,7 +76,8 @@ def _cache_len(cache) -> int:
 
 @contextmanager
 def routed(model, router: Router | None, names: list[str], maturity: torch.Tensor | None = None, *,
-           threshold: float = 0.5, top_k: int = 1, expert: str | None = None) -> Iterator[Routing]:
+           threshold: float = 0.5, top_k: int = 1, expert: str | None = None,
+           features: FeatureCache | None = None) -> Iterator[Routing]:
     if expert is not None and expert not in names:
         raise UserError(f"unknown expert {expert!r}; the run has {names}")
     if expert is None and (router is None or router.n_experts != len(names)):
@@ -66,7 +97,8 @@ def routed(model, router: Router | None, names: list[str], maturity: torch.Tenso
                 else:
                     mix.paused = True  # the router reads the backbone alone
                     try:
-                        feats = router.read(model, {"input_ids": ids, "attention_mask": mask})
+                        batch = {"input_ids": ids, "attention_mask": mask}
+                        feats = router.read(model, batch) if features is None else features.read(router, model, batch)
                     finally:
                         mix.paused = False
                     with torch.no_grad():

@@ -39,7 +39,7 @@ from ..driver import RunPlan, UnitSaver
 from ..run_state import DECISIONS, SKILL_STREAM, Restored, RunSetup, RunState, StreamState
 from .dense import MixtureObjective, synced_router_grads
 from .lifecycle import Lifecycle, chunk_steps, expert_groups
-from .routed import routed
+from .routed import FeatureCache, routed
 
 ROUTER_DIR = "router"
 
@@ -85,7 +85,7 @@ def check_stream_recipe(cfg, stages, eval_tasks) -> None:
 
 
 def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str] | None = None,
-              memo: EvalMemo | None = None) -> list[dict]:
+              memo: EvalMemo | None = None, features: FeatureCache | None = None) -> list[dict]:
     rows = []
     names = life.pool.names
     # before any expert trains, every one is a zero update: the backbone answers whatever the router
@@ -102,7 +102,7 @@ def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str]
                                           t.max_new_tokens, also=t.also, memo=memo))
             continue
         with routed(life.model, life.router, names, life.maturities(), threshold=cfg.experts.router.maturity_threshold,
-                    top_k=cfg.experts.router.top_k, expert=expert) as routing:
+                    top_k=cfg.experts.router.top_k, expert=expert, features=features) as routing:
             # t.also: e.g. option scoring beside generative exact match, routed the same way
             row = evaluate_examples(life.model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size,
                                     t.max_new_tokens, also=t.also)
@@ -165,6 +165,8 @@ class StreamPlan(RunPlan):
         self.optimizer: torch.optim.Optimizer | None = None  # built once the experts exist (after a restore)
         self.progress: Progress | None = None
         self.started = time.time()
+        # the router's features of each evaluation batch, read once: every row scores the same batches
+        self.router_features = FeatureCache() if cfg.model.freeze_backbone else None
 
     @property
     def n_units(self) -> int:
@@ -225,7 +227,7 @@ class StreamPlan(RunPlan):
     def score_before(self, run: RunState) -> None:
         s = self.setup
         run.results["initial"] = _eval_row(self.life, s.tok, s.renderer, s.eval_tasks, s.cfg,
-                                           memo=EvalMemo(s.cfg.data.eval_cache))
+                                           memo=EvalMemo(s.cfg.data.eval_cache), features=self.router_features)
 
     def train_unit(self, run: RunState, index: int, mid_unit: Restored | None) -> tuple[StageState, UnitSaver]:
         s = self.setup
@@ -251,7 +253,7 @@ class StreamPlan(RunPlan):
             return  # the harness scores the matrix at the true skill boundaries only
         if s.cfg.experts.score == "end" and chunk.index != len(self.chunks) - 1:
             return
-        row = _eval_row(self.life, s.tok, s.renderer, s.eval_tasks, s.cfg)
+        row = _eval_row(self.life, s.tok, s.renderer, s.eval_tasks, s.cfg, features=self.router_features)
         run.results["details"].append(row)
         run.results["last_row_step"] = run.stream.global_step
         run.results["rows"].append([r["score"] for r in row])
