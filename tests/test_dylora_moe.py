@@ -109,6 +109,25 @@ def test_an_oracle_score_the_routing_already_measured_is_used_again_and_equals_a
             assert forced["score"] == pytest.approx(oracle[j]["score"], rel=1e-5)
 
 
+def test_a_task_its_unchanged_expert_would_answer_alone_again_is_not_scored_again(stream_run, tmp_path, monkeypatch):
+    """RowMemo: a task routed wholly to one expert that trained no more since it answered that task alone
+    repeats its earlier row (marked memo); scoring every row afresh gives the same rows."""
+    from skillstream.experts.row_memo import RowMemo
+
+    root, run = stream_run
+    rows = run.results["details"]
+    remembered = [(i, j) for i, row in enumerate(rows) for j, cell in enumerate(row) if cell.get("memo")]
+    assert remembered, "an expert that trained no more answers a task's prompts alone again after a later stage"
+    for i, j in remembered:  # each one repeats the row before it, served by the same expert alone
+        assert rows[i][j]["served_by"] == rows[i - 1][j]["served_by"]
+        assert rows[i][j]["score"] == rows[i - 1][j]["score"]
+    monkeypatch.setattr(RowMemo, "lookup", lambda self, *a, **k: None)  # every task scored afresh
+    afresh = train(recipe(tmp_path), out=tmp_path / "run", show_progress=False)
+    assert not any(cell.get("memo") for row in afresh.results["details"] for cell in row)
+    strip = lambda row: [{k: v for k, v in cell.items() if k != "memo"} for cell in row]  # noqa: E731
+    assert [strip(r) for r in afresh.results["details"]] == [strip(r) for r in rows]
+
+
 def test_scoring_at_the_end_only_gives_the_final_row_of_scoring_after_every_skill(stream_run, tmp_path):
     """experts.score: end skips the matrix's middle rows (and oracle: false the forced-expert pass): the
     stream trains exactly as it does when scored after every skill, so its one row is that run's last."""

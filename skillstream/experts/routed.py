@@ -28,6 +28,7 @@ from .router import Router, depths_of
 class Routing:
     names: list[str]
     choices: list[list[float]] = field(default_factory=list)  # one row of weights per new sequence
+    features: list[torch.Tensor] = field(default_factory=list)  # the router's features, batch by batch
 
     def top(self) -> list[str]:
         return [self.names[max(range(len(w)), key=w.__getitem__)] for w in self.choices]
@@ -101,6 +102,7 @@ def routed(model, router: Router | None, names: list[str], maturity: torch.Tenso
                         feats = router.read(model, batch) if features is None else features.read(router, model, batch)
                     finally:
                         mix.paused = False
+                    routing.features.append(feats.cpu())
                     with torch.no_grad():
                         w = hybrid_weights(router.probs(feats.cpu()), maturity, threshold, top_k)
                 routing.choices += w.tolist()

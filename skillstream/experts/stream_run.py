@@ -40,6 +40,7 @@ from ..run_state import DECISIONS, SKILL_STREAM, Restored, RunSetup, RunState, S
 from .dense import MixtureObjective, synced_router_grads
 from .lifecycle import Lifecycle, chunk_steps, expert_groups
 from .routed import FeatureCache, routed
+from .row_memo import RowMemo
 
 ROUTER_DIR = "router"
 
@@ -85,7 +86,8 @@ def check_stream_recipe(cfg, stages, eval_tasks) -> None:
 
 
 def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str] | None = None,
-              memo: EvalMemo | None = None, features: FeatureCache | None = None) -> list[dict]:
+              memo: EvalMemo | None = None, features: FeatureCache | None = None,
+              row_memo: RowMemo | None = None) -> list[dict]:
     rows = []
     names = life.pool.names
     # before any expert trains, every one is a zero update: the backbone answers whatever the router
@@ -101,8 +103,15 @@ def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str]
             rows.append(evaluate_examples(life.model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size,
                                           t.max_new_tokens, also=t.also, memo=memo))
             continue
-        with routed(life.model, life.router, names, life.maturities(), threshold=cfg.experts.router.maturity_threshold,
-                    top_k=cfg.experts.router.top_k, expert=expert, features=features) as routing:
+        policy = cfg.experts.router
+        if row_memo is not None and expert is None:
+            again = row_memo.lookup(t.name, life.model, life.router, names, life.maturities(), policy.maturity_threshold,
+                                    policy.top_k)
+            if again is not None:
+                rows.append(again)
+                continue
+        with routed(life.model, life.router, names, life.maturities(), threshold=policy.maturity_threshold,
+                    top_k=policy.top_k, expert=expert, features=features) as routing:
             # t.also: e.g. option scoring beside generative exact match, routed the same way
             row = evaluate_examples(life.model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size,
                                     t.max_new_tokens, also=t.also)
@@ -113,6 +122,8 @@ def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str]
             row["served_by"] = names[w.index(1.0)]  # every input by this one expert alone (weight exactly 1)
         if expert is not None:
             row["expert"] = expert
+        elif row_memo is not None:
+            row_memo.remember(t.name, life.model, routing.features, row)
         rows.append(row)
     return rows
 
@@ -167,6 +178,8 @@ class StreamPlan(RunPlan):
         self.started = time.time()
         # the router's features of each evaluation batch, read once: every row scores the same batches
         self.router_features = FeatureCache() if cfg.model.freeze_backbone else None
+        # a task that the same unchanged expert would answer alone again is not scored again (row_memo.py)
+        self.row_memo = RowMemo() if cfg.model.freeze_backbone else None
 
     @property
     def n_units(self) -> int:
@@ -253,7 +266,8 @@ class StreamPlan(RunPlan):
             return  # the harness scores the matrix at the true skill boundaries only
         if s.cfg.experts.score == "end" and chunk.index != len(self.chunks) - 1:
             return
-        row = _eval_row(self.life, s.tok, s.renderer, s.eval_tasks, s.cfg, features=self.router_features)
+        row = _eval_row(self.life, s.tok, s.renderer, s.eval_tasks, s.cfg, features=self.router_features,
+                        row_memo=self.row_memo)
         run.results["details"].append(row)
         run.results["last_row_step"] = run.stream.global_step
         run.results["rows"].append([r["score"] for r in row])
