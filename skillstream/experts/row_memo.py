@@ -17,14 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .mixing import hybrid_weights
+from .mixing import hybrid_weights, lora_layers
 
 
 def expert_digest(model, name: str) -> str:
-    """A digest of every tensor of expert `name` (its LoRA A and B in every adapted layer) and its scale."""
+    """A digest of every tensor of expert `name` (its LoRA A and B in every adapted layer) and of its scale
+    in each of those layers (alpha / r, which PEFT's set_scale can change)."""
     from torch.distributed.tensor import DTensor
 
     h = hashlib.sha256()
+    h.update(repr([float(layer.scaling[name]) for layer in lora_layers(model) if name in layer.scaling]).encode())
     for pname, p in model.named_parameters():
         if f".{name}." in pname and "lora_" in pname:
             # FSDP: the whole tensor on every process, so that all make the same decision
@@ -46,7 +48,6 @@ class RowMemo:
     def __init__(self) -> None:
         self.features: dict[str, list[torch.Tensor]] = {}  # batch by batch, as the router read them
         self.served: dict[str, _Served] = {}
-        self.reused = 0
 
     def lookup(self, task: str, model, router, names: list[str], maturity: torch.Tensor, threshold: float,
                top_k: int) -> dict | None:
@@ -61,7 +62,6 @@ class RowMemo:
             weights = [hybrid_weights(router.probs(f), maturity, threshold, top_k) for f in feats]
         if not all(bool((w == alone).all()) for w in weights) or expert_digest(model, last.expert) != last.digest:
             return None
-        self.reused += 1
         return {**last.row, "memo": True}
 
     def remember(self, task: str, model, features: list[torch.Tensor], row: dict) -> None:
