@@ -36,39 +36,41 @@ def record(text: str, append: bool = True) -> None:
             f.write("\n" + text)
 
 
-def run_child(script: str | Path, kind: str, spec: dict, *, label: str, bench: str, cwd: Path,
-              env: dict | None = None) -> dict:
-    """Run `script --_child KIND SPEC` in a fresh process (its own peak memory, no warm caches) and
-    return the JSON it printed after MARK; a failure stops the benchmark with the child's last lines."""
+def _child(args: list[str], *, label: str, bench: str, cwd: Path | None = None,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` in a fresh process (its own peak memory, nothing left over from a previous run), its
+    time on stderr; a failure stops the benchmark with the child's last lines."""
     t0 = time.time()
     print(f"  {label} ...", end="", flush=True, file=sys.stderr)
-    proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--_child", kind, json.dumps(spec)],
-                          cwd=cwd, env={**os.environ, **QUIET_ENV, **(env or {})}, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env={**os.environ, **QUIET_ENV, **(env or {})},
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
         print(" failed", file=sys.stderr)
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
         sys.exit(f"{bench}: the {label.strip()} run failed (exit {proc.returncode}):\n{tail}")
-    print(f" {time.time() - t0:.0f}s", file=sys.stderr)
+    print(f" {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    return proc
+
+
+def run_child(script: str | Path, kind: str, spec: dict, *, label: str, bench: str, cwd: Path,
+              env: dict | None = None) -> dict:
+    """Run `script --_child KIND SPEC` in a fresh process and return the JSON it printed after MARK."""
+    proc = _child([str(Path(script).resolve()), "--_child", kind, json.dumps(spec)], label=label, bench=bench,
+                  cwd=cwd, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if not lines:
+        sys.exit(f"{bench}: the {label.strip()} run printed no result line ({MARK.strip()})")
     return json.loads(lines[-1][len(MARK):])
 
 
 def train_in_child(recipe: dict | str, run_dir: Path, *, resume: bool = False, smoke: bool = False,
                    overrides: dict | None = None, label: str, bench: str) -> None:
-    """`skillstream.train(recipe, out=run_dir, ...)` in a fresh process (its own peak memory, nothing left
-    over from the previous run); a failure stops the benchmark with the child's last lines."""
+    """`skillstream.train(recipe, out=run_dir, ...)` in a fresh process."""
     code = ("import json, sys, skillstream; a = json.loads(sys.argv[1]); "
             "skillstream.train(a['recipe'], out=a['out'], overrides=a['overrides'], smoke=a['smoke'], "
             "resume=a['resume'], show_progress=False)")
     spec = {"recipe": recipe, "out": str(run_dir), "overrides": overrides, "smoke": smoke, "resume": resume}
-    t0 = time.time()
-    print(f"  {label} ...", end="", flush=True, file=sys.stderr)
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                          env={**os.environ, **QUIET_ENV})
-    if proc.returncode:
-        print(" failed", file=sys.stderr)
-        sys.exit(f"{bench}: {label} ({run_dir}) failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    print(f" {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    _child(["-c", code, json.dumps(spec)], label=label, bench=bench)
 
 
 def train_inline(recipe: dict | str, run_dir: Path, *, resume: bool = False, smoke: bool = False,

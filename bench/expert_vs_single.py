@@ -62,9 +62,8 @@ def skills(res: dict, cfg: dict) -> list[dict]:
     return out
 
 
-def single_recipe(cfg: dict, skill: dict) -> tuple[dict, bool]:
-    """(The run's own settings, one stage: the skill's training data, its evaluation task, the expert's steps;
-    whether the stream ran as a --smoke wiring check, which the single LoRA then repeats)."""
+def single_recipe(cfg: dict, skill: dict) -> dict:
+    """The run's own settings, one stage: the skill's training data, its evaluation task, the expert's steps."""
     stage = cfg["stages"][skill["stage"]]
     data = dict(stage.get("data") or cfg["data"])
     eval_task = (cfg["stages"][0].get("data") or cfg["data"])["eval"][skill["task"]]
@@ -74,7 +73,7 @@ def single_recipe(cfg: dict, skill: dict) -> tuple[dict, bool]:
              "schedule": "wsd", "warmup_steps": min(seeding.get("warmup_steps", 0), max(skill["steps"] - 1, 0))}
     out = {k: v for k, v in cfg.items() if k not in ("stages", "experts", "data", "train", "plugins", "smoke")}
     out.update(name=f"single_{skill['skill']}", data=data, train=train, report_to=[])
-    return out, bool(cfg.get("smoke"))
+    return out
 
 
 def row_text(row: dict) -> str:
@@ -152,10 +151,10 @@ def main(argv: list[str] | None = None, runner=train_in_child) -> dict:
     picked = skills(res, cfg)
     singles = {}
     for s in picked:
-        recipe, smoke = single_recipe(cfg, s)
         run_dir = args.out / f"single_{s['skill']}"
-        if not (run_dir / "results.json").exists():
-            runner(recipe, run_dir, resume=(run_dir / "checkpoints").exists(), smoke=smoke,
+        if not (run_dir / "results.json").exists():  # a --smoke stream's single LoRAs are --smoke runs too
+            runner(single_recipe(cfg, s), run_dir, resume=(run_dir / "checkpoints").exists(),
+                   smoke=bool(cfg.get("smoke")),
                    label=f"single LoRA on {s['skill']}", bench="bench/expert_vs_single")
         singles[s["skill"]] = json.loads((run_dir / "results.json").read_text())
     rows = compare(res, singles, picked)

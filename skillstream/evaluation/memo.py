@@ -97,6 +97,23 @@ def adds_nothing(model) -> bool:
     return all(_is_zero(m, a) for _, m in _lora_layers(model) for a in set(m.lora_A) | set(m.lora_embedding_A))
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes. FSDP: every process hashes the whole tensor (a gather
+    that every process makes alike), so all processes reach the same decisions from it."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        data = t.full_tensor().detach().cpu().contiguous()
+    else:
+        data = t.detach().cpu().contiguous()
+        if data.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            # .numpy() marks a storage non-resizable for good, and FSDP frees a whole weight it has
+            # gathered for a forward pass by resizing its storage to 0: hash a copy of the model's own
+            data = data.clone()
+    raw = data.view(torch.uint8) if data.dim() else data.reshape(1).view(torch.uint8)
+    return hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode() + raw.numpy().tobytes()).hexdigest()
+
+
 class EvalMemo:
     """In-process memo, and with `directory` one shared by every process that names it."""
 
@@ -117,18 +134,7 @@ class EvalMemo:
             seen = self._frozen.get(id(t))
             if seen and seen[0]() is t and seen[1:3] == (local.data_ptr(), local._version):
                 return seen[3]
-        # FSDP: every process hashes the whole weight (a gather that every process makes alike, as every
-        # process evaluates alike), so all find the same memo entries and run the same forward passes
-        if isinstance(t, DTensor):
-            data = t.full_tensor().detach().cpu().contiguous()
-        else:
-            data = t.detach().cpu().contiguous()
-            if data.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
-                # .numpy() marks a storage non-resizable for good, and FSDP frees a whole weight it has
-                # gathered for a forward pass by resizing its storage to 0: hash a copy of the model's own
-                data = data.clone()
-        raw = data.view(torch.uint8) if data.dim() else data.reshape(1).view(torch.uint8)
-        digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode() + raw.numpy().tobytes()).hexdigest()
+        digest = tensor_digest(t)
         if not t.requires_grad:
             self._frozen[id(t)] = (weakref.ref(t), local.data_ptr(), local._version, digest)
         return digest

@@ -12,7 +12,6 @@ sample, the weights used, so callers can show which experts answered. With `feat
 """
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -20,6 +19,7 @@ from typing import Iterator
 import torch
 
 from ..errors import UserError
+from ..evaluation.memo import tensor_digest
 from .mixing import hybrid_weights, mixing, one_hot
 from .router import Router, depths_of
 
@@ -56,15 +56,11 @@ class FeatureCache:
 
     def read(self, router: Router, model, batch: dict) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch.get("attention_mask")
-        key = (router.pooling, depths_of(router.depth), tuple(ids.shape), _digest(ids),
-               None if mask is None else _digest(mask))
+        key = (router.pooling, depths_of(router.depth), tensor_digest(ids),
+               None if mask is None else tensor_digest(mask))
         if key not in self._features:
             self._features[key] = router.read(model, batch).cpu()
         return self._features[key]
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def _cache_len(cache) -> int:

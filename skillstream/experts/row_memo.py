@@ -17,21 +17,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ..evaluation.memo import tensor_digest
 from .mixing import hybrid_weights, lora_layers
 
 
 def expert_digest(model, name: str) -> str:
     """A digest of every tensor of expert `name` (its LoRA A and B in every adapted layer) and of its scale
     in each of those layers (alpha / r, which PEFT's set_scale can change)."""
-    from torch.distributed.tensor import DTensor
-
     h = hashlib.sha256()
     h.update(repr([float(layer.scaling[name]) for layer in lora_layers(model) if name in layer.scaling]).encode())
     for pname, p in model.named_parameters():
         if f".{name}." in pname and "lora_" in pname:
-            # FSDP: the whole tensor on every process, so that all make the same decision
-            data = (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
-            h.update(f"{pname}:{data.dtype}:{tuple(data.shape)}:".encode() + data.view(torch.uint8).numpy().tobytes())
+            h.update(f"{pname}:{tensor_digest(p)};".encode())
     return h.hexdigest()
 
 

@@ -90,6 +90,7 @@ def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str]
               row_memo: RowMemo | None = None) -> list[dict]:
     rows = []
     names = life.pool.names
+    policy = cfg.experts.router
     # before any expert trains, every one is a zero update: the backbone answers whatever the router
     # chooses, so the row is the plain model's, and the memo can hold it (bench/cl_stream's methods
     # all score that backbone)
@@ -103,7 +104,6 @@ def _eval_row(life: Lifecycle, tok, renderer, tasks, cfg, forced: dict[str, str]
             rows.append(evaluate_examples(life.model, tok, renderer, t.examples, t.metric, cfg.data.eval_batch_size,
                                           t.max_new_tokens, also=t.also, memo=memo))
             continue
-        policy = cfg.experts.router
         if row_memo is not None and expert is None:
             again = row_memo.lookup(t.name, life.model, life.router, names, life.maturities(), policy.maturity_threshold,
                                     policy.top_k)
