@@ -49,6 +49,7 @@ def print_summary(run) -> None:
     console.print(table)
     tps = sum(s["tokens"] for s in r["stages"]) / max(r["seconds"], 1e-9)
     console.print(f"train time {r['seconds']:.1f}s  ·  {tps:.0f} tokens/s  ·  truncated examples {r['truncated']}"
+                  f"{f' (not trained on, no trainable token left: {u})' if (u := r.get('untrainable')) else ''}"
                   f"  ·  run directory {run.run_dir}")
     if "routing" not in r and len(r["matrix"]) > 1 and r.get("ci95"):  # several stages: the continual-learning numbers
         console.print(f"AvgAcc {shown(r['avg_acc'], r['ci95']['avg_acc'])}  ·  BWT {shown(r['bwt'], r['ci95']['bwt'])}"

@@ -111,7 +111,7 @@ class EvalTaskConfig(SourceConfig):
 class DataConfig(_Strict):
     train: list[SourceConfig] = Field(default_factory=list, description="Training sources, mixed by weight.")
     eval: list[EvalTaskConfig] = Field(default_factory=list, description="Evaluation tasks, scored before training and after every stage.")
-    max_length: int = Field(512, gt=8, description="Longer examples are truncated (and counted in the summary).")
+    max_length: int = Field(512, gt=8, description="Longer examples are truncated (and counted in the summary); one left with no trainable token (its prompt fills max_length) is not trained on, counted as untrainable.")
     system_prompt: str | None = Field(None, description="System message for chat-formatted examples.")
     eval_batch_size: int = Field(16, gt=0, description="Examples per evaluation batch.")
     eval_cache: str | None = Field(None, description="A folder where evaluations are remembered by the weights that serve them and "

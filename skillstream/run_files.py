@@ -65,6 +65,7 @@ def finish_run(cfg: RecipeConfig, run_dir: Path, model, weights: dict[str, torch
                   "stages": results["stages"], "experts": expert_names(cfg),
                   "seconds": sum(s["seconds"] for s in results["stages"]),
                   "truncated": sum(s["truncated"] for s in results["stages"]),
+                  "untrainable": sum(s.get("untrainable", 0) for s in results["stages"]),
                   "skipped_rows": skipped_rows(cfg),  # rows dropped under data.invalid_labels=skip, per file
                   "evaluations_remembered": remembered(results),
                   # data.validation_eval: the tasks scored on held-out training examples (what sweeps select on)

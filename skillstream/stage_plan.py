@@ -104,6 +104,7 @@ class StagePlan(RunPlan):
         results["stages"].append({"name": st.name, "steps": state.step, "seconds": state.seconds,
                                   "tokens": state.tokens, "tokens_per_s": state.tokens / max(state.seconds, 1e-9),
                                   "examples": st.n_examples, "truncated": st.truncated,
+                                  "untrainable": st.untrainable,
                                   "stopped_early": state.stopped_early,
                                   **({"built": st.built} if st.built else {}),
                                   **({"heldout": heldout} if heldout else {})})

@@ -18,6 +18,17 @@ from .objectives.base import Objective
 
 
 @dataclass
+class PlannedData:
+    """A stage's training data as tokenized and planned."""
+    plan: BatchPlan | None
+    truncated: int     # examples cut at data.max_length
+    untrainable: int   # of those, examples left with no trainable token: not trained on
+    n_examples: int    # examples trained on (after the validation hold-out)
+    examples: list     # every trainable example and its item, in source order
+    items: list
+
+
+@dataclass
 class PreparedStage:
     name: str
     train_cfg: Any
@@ -31,6 +42,11 @@ class PreparedStage:
     # validation hold-out: a skill stream cuts its chunks from these (nothing is read or tokenized twice)
     examples: list = field(default_factory=list)
     items: list = field(default_factory=list)
+    untrainable: int = 0  # examples with no trainable token within data.max_length, left out
+
+    def take(self, planned: PlannedData) -> None:
+        self.plan, self.truncated, self.untrainable = planned.plan, planned.truncated, planned.untrainable
+        self.n_examples, self.examples, self.items = planned.n_examples, planned.examples, planned.items
 
 
 def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tuple[list[PreparedStage], list[EvalTask]]:
@@ -47,9 +63,9 @@ def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tupl
                     [objective.tokenize(ex, renderer) for ex in load_examples(src)]
             stages.append(PreparedStage(name, train_cfg, objective, None, 0, 0, data_cfg))
         else:
-            plan, truncated, n_examples, examples, items = _plan(cfg, data_cfg, train_cfg, objective, renderer)
-            stages.append(PreparedStage(name, train_cfg, objective, plan, truncated, n_examples,
-                                        examples=examples, items=items))
+            st = PreparedStage(name, train_cfg, objective, None, 0, 0)
+            st.take(_plan(cfg, data_cfg, train_cfg, objective, renderer, name))
+            stages.append(st)
         if eval_tasks is None:
             eval_tasks = prepare_eval_tasks(cfg, data_cfg)  # the recipe's evaluation suite
     if cfg.data.validation_eval:
@@ -58,14 +74,27 @@ def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tupl
     return stages, eval_tasks or []
 
 
-def _plan(cfg, data_cfg, train_cfg, objective, renderer, root: Path | None = None):
-    """(batch plan, truncated examples, examples trained on, every example, every item) of a stage's
-    training sources."""
+def _plan(cfg, data_cfg, train_cfg, objective, renderer, name: str, root: Path | None = None) -> PlannedData:
+    """A stage's training sources read, tokenized, stripped of untrainable items and planned."""
     srcs = [src.model_copy(update={"source": str(root / src.source), "build": None}) if src.build and root else src
             for src in data_cfg.train]
     examples = [load_examples(src) for src in srcs]
     tokenized = [[objective.tokenize(ex, renderer) for ex in exs] for exs in examples]
     truncated = sum(t.truncated for src in tokenized for t in src)
+    untrainable = 0
+    for i, (src, exs, items) in enumerate(zip(data_cfg.train, examples, tokenized)):
+        keep = [j for j, it in enumerate(items) if objective.trainable(it)]
+        if len(keep) == len(items):
+            continue
+        if not keep:
+            raise UserError(f"stage {name!r}: data.train source {src.source!r}: none of its {len(items)} examples has a "
+                            f"trainable token within data.max_length {data_cfg.max_length}; raise data.max_length")
+        dropped = len(items) - len(keep)
+        untrainable += dropped
+        print(f"stage {name!r}: data.train source {src.source!r}: {dropped} of {len(items)} examples have no trainable "
+              f"token within data.max_length {data_cfg.max_length} (the prompt fills it) and are not trained on; "
+              f"raise data.max_length to keep them", flush=True)
+        examples[i], tokenized[i] = [exs[j] for j in keep], [items[j] for j in keep]
     sources, validation = _hold_out(tokenized, data_cfg.validation_fraction, cfg.seed)
     from accelerate import PartialState
     # Planned at the global batch (per-process batch x processes) and sliced per process in the
@@ -80,8 +109,8 @@ def _plan(cfg, data_cfg, train_cfg, objective, renderer, root: Path | None = Non
                          data_cfg.validation_fraction, cfg.seed)[1]
         plan.validation_examples = [ex for _, ex in held]
         plan.validation_sources = [source for source, _ in held]
-    return (plan, truncated, sum(len(s) for s in sources), [ex for exs in examples for ex in exs],
-            [it for items in tokenized for it in items])
+    return PlannedData(plan, truncated, untrainable, sum(len(s) for s in sources),
+                       [ex for exs in examples for ex in exs], [it for items in tokenized for it in items])
 
 
 def _hold_out(sources: list[list], fraction: float, seed: int) -> tuple[list[list], list]:
@@ -115,6 +144,5 @@ def build_sources(st: PreparedStage, cfg, run_dir: Path, model, tok, renderer, a
                                        **dict(src.build.model_extra or {}))
             print(f"stage {st.name!r}: built {out}: {built[src.source]}", flush=True)
         accelerator.wait_for_everyone()
-    st.plan, st.truncated, st.n_examples, st.examples, st.items = _plan(cfg, st.data, st.train_cfg, st.objective,
-                                                                         renderer, run_dir)
+    st.take(_plan(cfg, st.data, st.train_cfg, st.objective, renderer, st.name, run_dir))
     st.built = built or None

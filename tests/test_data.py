@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -78,6 +79,36 @@ def test_overlong_examples_are_truncated_and_flagged(tmp_path):
     [ex] = load_examples(SourceConfig(source=str(tmp_path / "long.jsonl")))
     tok = Renderer(load_tokenizer("tiny"), max_length=32).tokenize(ex)
     assert len(tok.input_ids) == 32 and tok.truncated
+
+
+def _answer_cut_off_recipe(tmp_path, short: int, long: int) -> dict:
+    rows = [{"prompt": f"say {i}", "completion": f"{i}"} for i in range(short)]
+    rows += [{"prompt": "word " * 200 + f"say {i}", "completion": f"{i}"} for i in range(long)]  # prompt > max_length
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"name": "cut", "seed": 0, "model": "tiny", "report_to": [], "lora": {"r": 4, "alpha": 8},
+            "data": {"max_length": 64, "train": [{"source": str(tmp_path / "train.jsonl")}]},
+            "train": {"steps": 4, "batch_size": 4, "log_every": 1, "checkpoint_every": 100}}
+
+
+def test_examples_whose_answer_is_cut_off_are_counted_and_not_trained_on(tmp_path, capsys):
+    # a batch of examples with no trainable token is a mean over nothing: a NaN loss, a skipped step
+    from skillstream import train
+    run = train(_answer_cut_off_recipe(tmp_path, short=8, long=8), out=tmp_path / "run", show_progress=False)
+    stage = run.results["stages"][0]
+    assert (stage["examples"], stage["truncated"], stage["untrainable"]) == (8, 8, 8)
+    assert run.results["untrainable"] == 8
+    assert "8 of 16 examples have no trainable token within data.max_length 64" in capsys.readouterr().out
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert not (tmp_path / "run" / "alerts.jsonl").exists() or "nonfinite" not in (tmp_path / "run" / "alerts.jsonl").read_text()
+
+
+def test_a_source_with_no_trainable_example_is_refused(tmp_path):
+    from skillstream import train
+    with pytest.raises(UserError, match=r"source '.*train.jsonl': none of its 3 examples has a trainable token "
+                                        r"within data.max_length 64; raise data.max_length"):
+        train(_answer_cut_off_recipe(tmp_path, short=0, long=3), out=tmp_path / "run", show_progress=False)
 
 
 @pytest.mark.parametrize("content, expected", [

@@ -47,6 +47,12 @@ class Objective(ABC):
         """(loss, {metric name: float}, outputs that plugins' loss_term receive, or None)."""
 
     # -- optional: the defaults do nothing ----------------------------------------------------------
+    def trainable(self, item) -> bool:
+        """Whether the item gives the loss something to learn from. Items that do not (every
+        trainable token cut off by data.max_length) are left out of training and counted: a batch
+        of them would make a mean over no tokens, a NaN loss."""
+        return True
+
     def extra_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Trainables outside the model (PPO's value head), optimized and checkpointed with it."""
         return {}

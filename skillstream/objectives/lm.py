@@ -113,6 +113,9 @@ class LMObjective(Objective):
     def collate(self, items, pad_id: int):
         return collate(items, pad_id)
 
+    def trainable(self, item) -> bool:
+        return any(label != IGNORE for label in item.labels[1:])  # the first token is never a target
+
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 

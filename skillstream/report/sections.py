@@ -155,9 +155,11 @@ def training(run: RunData) -> Section | None:
         parts.append(plots.panels(groups, bounds(run), "training curves (dashed: a new stage starts)"))
     stages = (run.results or {}).get("stages") or []
     if stages:
-        parts.append(table(["stage", "steps", "time", "tokens", "tokens/s", "examples", "truncated"],
+        parts.append(table(["stage", "steps", "time", "tokens", "tokens/s", "examples", "truncated",
+                            "not trained (no token left)"],
                            [[s.get("name"), s.get("steps"), duration(s.get("seconds")), s.get("tokens"),
-                             f"{s.get('tokens_per_s', 0):.0f}", s.get("examples"), s.get("truncated")]
+                             f"{s.get('tokens_per_s', 0):.0f}", s.get("examples"), s.get("truncated"),
+                             s.get("untrainable", 0)]
                             for s in stages], "num"))
     return Section("training", "Training", "".join(parts)) if parts else None
 
