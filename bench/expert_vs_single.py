@@ -5,7 +5,7 @@ skill's expert is compared with a single LoRA trained on that skill alone with t
 optimizer steps: the skill's own training source (the stage's `data.train`, the same limit and
 max_length), the run's LoRA, batch size and seed, and the expert's seeding rate as a plain schedule
 (`train.schedule: wsd` at `experts.seeding.lr` with its warmup; the expert's own decays to the
-consolidation rate instead of 0, and trains on a fifth of each chunk between router updates: the
+consolidation rate instead of 0, and trains chunk by chunk between router updates: the
 differences the comparison is about). The single LoRA is scored on the run's evaluation task for that
 skill, on the same examples, so every comparison is paired:
 

@@ -3,7 +3,7 @@
 The stream is bash, call, bash: NL2Bash training requests 0-79, then 80 BFCL `simple` training
 conversations, then NL2Bash training requests 80-159 (new requests of the first skill: the data
 source's `offset`). Sizes and novelty / router / seeding settings are the flagship's
-(`dylora_moe`: chunks of 40 at `chunk_epochs` 0.2, LoRA r 16, 8 signal examples, ...), with
+(`dylora_moe` as the code running it has them: chunks of 40, its `chunk_epochs`, LoRA r 16, 8 signal examples, ...), with
 `experts.validation.holdout: 2` (run B: `--holdout`, default 8; every expert keeps that many examples of each
 chunk it trains on as its own held-out set). Evaluated before the stream and at its end (`experts.score: end`) on the whole NL2Bash
 test split and on BFCL `simple` test prompts (the first `--call-limit`), routing on the same tasks'
