@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None, runner=train_in_child) -> dict:
         args.run = args.out / "stream"
         if not (args.run / "results.json").exists():
             runner("dylora_moe", args.run, resume=(args.run / "checkpoints").exists(), smoke=True,
-                   overrides={"model": {"name": "tiny"}, "report_to": []}, label="tiny stream (--smoke)",
+                   # --smoke caps every run at 3 steps, the single LoRAs' too: a quarter of each 8-example
+                   # chunk (1 step of 2) keeps each expert within them (2 steps, 3 where a skill is reused)
+                   overrides={"model": {"name": "tiny"}, "report_to": [], "experts.chunk_epochs": 0.25},
+                   label="tiny stream (--smoke)",
                    bench="bench/expert_vs_single")
     elif args.run is None:
         ap.error("--run RUN_DIR is required (or --quick)")

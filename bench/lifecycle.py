@@ -72,8 +72,8 @@ def recipe(args, run: str, thresholds: dict | None = None) -> dict:
              {"name": "call", "source": "bfcl:simple", "split": "test", "metric": "tool_call", "max_new_tokens": 64,
               "limit": args.call_limit}]
     data = {k: v for k, v in raw["data"].items() if k != "eval"}
-    if args.quick:  # a wiring check: short prompts and answers
-        data["max_length"] = 256
+    if args.quick:  # a wiring check: short answers; 512 tokens hold every BFCL simple conversation whole (the
+        data["max_length"] = 512  # longest is 431), so none is left without an answer token and out of training
         for t in evals:
             t["max_new_tokens"] = 4
     data.update(eval=evals, eval_cache=str(args.out / "eval_cache"))
