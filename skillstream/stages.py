@@ -18,17 +18,6 @@ from .objectives.base import Objective
 
 
 @dataclass
-class PlannedData:
-    """A stage's training data as tokenized and planned."""
-    plan: BatchPlan | None
-    truncated: int     # examples cut at data.max_length
-    untrainable: int   # of those, examples left with no trainable token: not trained on
-    n_examples: int    # examples trained on (after the validation hold-out)
-    examples: list     # every trainable example and its item, in source order
-    items: list
-
-
-@dataclass
 class PreparedStage:
     name: str
     train_cfg: Any
@@ -42,11 +31,7 @@ class PreparedStage:
     # validation hold-out: a skill stream cuts its chunks from these (nothing is read or tokenized twice)
     examples: list = field(default_factory=list)
     items: list = field(default_factory=list)
-    untrainable: int = 0  # examples with no trainable token within data.max_length, left out
-
-    def take(self, planned: PlannedData) -> None:
-        self.plan, self.truncated, self.untrainable = planned.plan, planned.truncated, planned.untrainable
-        self.n_examples, self.examples, self.items = planned.n_examples, planned.examples, planned.items
+    untrainable: int = 0  # of the truncated, examples with no trainable token left: not trained on
 
 
 def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tuple[list[PreparedStage], list[EvalTask]]:
@@ -64,7 +49,7 @@ def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tupl
             stages.append(PreparedStage(name, train_cfg, objective, None, 0, 0, data_cfg))
         else:
             st = PreparedStage(name, train_cfg, objective, None, 0, 0)
-            st.take(_plan(cfg, data_cfg, train_cfg, objective, renderer, name))
+            _plan(st, cfg, data_cfg, renderer)
             stages.append(st)
         if eval_tasks is None:
             eval_tasks = prepare_eval_tasks(cfg, data_cfg)  # the recipe's evaluation suite
@@ -74,12 +59,15 @@ def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tupl
     return stages, eval_tasks or []
 
 
-def _plan(cfg, data_cfg, train_cfg, objective, renderer, name: str, root: Path | None = None) -> PlannedData:
-    """A stage's training sources read, tokenized, stripped of untrainable items and planned."""
+def _plan(st: PreparedStage, cfg, data_cfg, renderer, root: Path | None = None) -> None:
+    """The stage's training sources read, tokenized, stripped of untrainable items and planned, into `st`
+    (its batch plan, truncated and untrainable counts, examples trained on, every example and item)."""
+    objective = st.objective
     srcs = [src.model_copy(update={"source": str(root / src.source), "build": None}) if src.build and root else src
             for src in data_cfg.train]
     examples = [load_examples(src) for src in srcs]
     tokenized = [[objective.tokenize(ex, renderer) for ex in exs] for exs in examples]
+    from accelerate import PartialState
     truncated = sum(t.truncated for src in tokenized for t in src)
     untrainable = 0
     for i, (src, exs, items) in enumerate(zip(data_cfg.train, examples, tokenized)):
@@ -87,21 +75,21 @@ def _plan(cfg, data_cfg, train_cfg, objective, renderer, name: str, root: Path |
         if len(keep) == len(items):
             continue
         if not keep:
-            raise UserError(f"stage {name!r}: data.train source {src.source!r}: none of its {len(items)} examples has a "
+            raise UserError(f"stage {st.name!r}: data.train source {src.source!r}: none of its {len(items)} examples has a "
                             f"trainable token within data.max_length {data_cfg.max_length}; raise data.max_length")
         dropped = len(items) - len(keep)
         untrainable += dropped
-        print(f"stage {name!r}: data.train source {src.source!r}: {dropped} of {len(items)} examples have no trainable "
-              f"token within data.max_length {data_cfg.max_length} (the prompt fills it) and are not trained on; "
-              f"raise data.max_length to keep them", flush=True)
+        if PartialState().is_main_process:
+            print(f"stage {st.name!r}: data.train source {src.source!r}: {dropped} of {len(items)} examples have no "
+                  f"trainable token within data.max_length {data_cfg.max_length} (the prompt fills it) and are not "
+                  f"trained on; raise data.max_length to keep them", flush=True)
         examples[i], tokenized[i] = [exs[j] for j in keep], [items[j] for j in keep]
     sources, validation = _hold_out(tokenized, data_cfg.validation_fraction, cfg.seed)
-    from accelerate import PartialState
     # Planned at the global batch (per-process batch x processes) and sliced per process in the
     # engine, so 1 process with batch 2B and 2 processes with batch B see the same batches.
-    plan = BatchPlan(sources, [s.weight for s in data_cfg.train], train_cfg.batch_size * PartialState().num_processes,
+    plan = BatchPlan(sources, [s.weight for s in data_cfg.train], st.train_cfg.batch_size * PartialState().num_processes,
                      cfg.seed,
-                     length_grouped=train_cfg.batching == "length_grouped") if sources else None
+                     length_grouped=st.train_cfg.batching == "length_grouped") if sources else None
     if plan is not None:
         plan.validation = validation
         # the same, as examples, each with the source it came from (validation_eval scores a task on its own source's)
@@ -109,8 +97,8 @@ def _plan(cfg, data_cfg, train_cfg, objective, renderer, name: str, root: Path |
                          data_cfg.validation_fraction, cfg.seed)[1]
         plan.validation_examples = [ex for _, ex in held]
         plan.validation_sources = [source for source, _ in held]
-    return PlannedData(plan, truncated, untrainable, sum(len(s) for s in sources),
-                       [ex for exs in examples for ex in exs], [it for items in tokenized for it in items])
+    st.plan, st.truncated, st.untrainable, st.n_examples = plan, truncated, untrainable, sum(len(s) for s in sources)
+    st.examples, st.items = [ex for exs in examples for ex in exs], [it for items in tokenized for it in items]
 
 
 def _hold_out(sources: list[list], fraction: float, seed: int) -> tuple[list[list], list]:
@@ -144,5 +132,5 @@ def build_sources(st: PreparedStage, cfg, run_dir: Path, model, tok, renderer, a
                                        **dict(src.build.model_extra or {}))
             print(f"stage {st.name!r}: built {out}: {built[src.source]}", flush=True)
         accelerator.wait_for_everyone()
-    st.take(_plan(cfg, st.data, st.train_cfg, st.objective, renderer, st.name, run_dir))
+    _plan(st, cfg, st.data, renderer, run_dir)
     st.built = built or None

@@ -524,11 +524,11 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
         "lifecycle": [e for d in decisions for e in d.get("lifecycle", [])],  # merges and prunes, in order
         "stages": [{"name": st.name, "chunks": sum(c.skill == i for c in chunks),
                     "examples": sum(len(c.examples) for c in chunks if c.skill == i),
-                    "truncated": sum(it.truncated for c in chunks if c.skill == i for it in c.items) + st.untrainable,
+                    "truncated": st.truncated,  # every item of a stage is in one of its chunks
                     "untrainable": st.untrainable,
                     **{k: 0 for k in ("steps", "seconds", "tokens")}, **stream.skill_stats.get(str(i), {})}
                    for i, st in enumerate(stages)],
-        "truncated": sum(it.truncated for c in chunks for it in c.items) + sum(st.untrainable for st in stages),
+        "truncated": sum(st.truncated for st in stages),
         "untrainable": sum(st.untrainable for st in stages),
         "skipped_rows": skipped_rows(cfg),  # rows dropped under data.invalid_labels=skip, per file
         **protocol_summaries(names, results),
