@@ -159,7 +159,11 @@ def main(argv: list[str] | None = None, runner=train_in_child) -> dict:
             runner(single_recipe(cfg, s), run_dir, resume=(run_dir / "checkpoints").exists(),
                    smoke=bool(cfg.get("smoke")),
                    label=f"single LoRA on {s['skill']}", bench="bench/expert_vs_single")
-        singles[s["skill"]] = json.loads((run_dir / "results.json").read_text())
+        single = json.loads((run_dir / "results.json").read_text())
+        if single["stages"][0]["steps"] != s["steps"]:  # read back from an earlier stream's comparison
+            raise SystemExit(f"bench/expert_vs_single: {run_dir} trained {single['stages'][0]['steps']} steps, the "
+                             f"expert of {s['skill']!r} {s['steps']}: a single LoRA for another stream; give a new --out")
+        singles[s["skill"]] = single
     rows = compare(res, singles, picked)
     text = report(args, res, rows, time.time() - t0)
     record(text, append=not args.no_record and not cfg.get("smoke"))

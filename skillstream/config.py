@@ -117,10 +117,11 @@ class DataConfig(_Strict):
     eval_cache: str | None = Field(None, description="A folder where evaluations are remembered by the weights that serve them and "
                                                      "their inputs, shared by the runs that name it (evaluation/memo.py); within a "
                                                      "run they are remembered without it.")
-    validation_fraction: float = Field(0.0, ge=0, lt=1, description="Share of each training source held out for validation (early stopping).")
+    validation_fraction: float = Field(0.0, ge=0, lt=1, description="Share of each training source held out for validation (early stopping, validation_eval): never trained on, by a stage or a skill stream's chunks.")
     validation_eval: bool = Field(False, description="After the last stage, also score each evaluation task on the training examples "
                                   "held out by validation_fraction from the training sources that read the task's own source "
                                   "(never the test split); results.json 'validation' (what `skillstream sweep` selects on). "
+                                  "A skill stream answers them through its router, as it answers the test tasks. "
                                   "Read from the recipe's data, not a stage's.")
     stream: str | None = Field(None, description="A stream folder (one stage per task, every task evaluated after each; replaces stages), "
                                                  "or offline_skills: the stream the package builds offline from installed data.")

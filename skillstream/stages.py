@@ -27,8 +27,8 @@ class PreparedStage:
     n_examples: int
     data: Any = None          # the stage's DataConfig: sources with `build` are made when the stage begins
     built: dict | None = None  # what the builders reported
-    # every training example of the stage and its tokenized item, in source order, before the
-    # validation hold-out: a skill stream cuts its chunks from these (nothing is read or tokenized twice)
+    # every example the stage trains on (after the validation hold-out) and its tokenized item, in source
+    # order: a skill stream cuts its chunks from these (nothing is read or tokenized twice)
     examples: list = field(default_factory=list)
     items: list = field(default_factory=list)
     untrainable: int = 0  # of the truncated, examples with no trainable token left: not trained on
@@ -61,7 +61,8 @@ def prepare_stages(cfg: RecipeConfig, renderer: Renderer, context: dict) -> tupl
 
 def _plan(st: PreparedStage, cfg, data_cfg, renderer, root: Path | None = None) -> None:
     """The stage's training sources read, tokenized, stripped of untrainable items and planned, into `st`
-    (its batch plan, truncated and untrainable counts, examples trained on, every example and item)."""
+    (its batch plan with the held-out validation share, truncated and untrainable counts, the examples it trains on
+    and their items)."""
     objective = st.objective
     srcs = [src.model_copy(update={"source": str(root / src.source), "build": None}) if src.build and root else src
             for src in data_cfg.train]
@@ -84,21 +85,23 @@ def _plan(st: PreparedStage, cfg, data_cfg, renderer, root: Path | None = None) 
                   f"trainable token within data.max_length {data_cfg.max_length} (the prompt fills it) and are not "
                   f"trained on; raise data.max_length to keep them", flush=True)
         examples[i], tokenized[i] = [exs[j] for j in keep], [items[j] for j in keep]
-    sources, validation = _hold_out(tokenized, data_cfg.validation_fraction, cfg.seed)
+    # the held-out share is cut from (source, example, item) triples, so the examples a skill stream cuts
+    # its chunks from are the ones trained on, and the validation examples keep the source they came from
+    triples = [[(src.source, ex, it) for ex, it in zip(exs, items)]
+               for src, exs, items in zip(data_cfg.train, examples, tokenized)]
+    kept, held = _hold_out(triples, data_cfg.validation_fraction, cfg.seed)
+    sources = [[it for _, _, it in src] for src in kept]
     # Planned at the global batch (per-process batch x processes) and sliced per process in the
     # engine, so 1 process with batch 2B and 2 processes with batch B see the same batches.
     plan = BatchPlan(sources, [s.weight for s in data_cfg.train], st.train_cfg.batch_size * PartialState().num_processes,
                      cfg.seed,
                      length_grouped=st.train_cfg.batching == "length_grouped") if sources else None
     if plan is not None:
-        plan.validation = validation
-        # the same, as examples, each with the source it came from (validation_eval scores a task on its own source's)
-        held = _hold_out([[(src.source, ex) for ex in exs] for src, exs in zip(data_cfg.train, examples)],
-                         data_cfg.validation_fraction, cfg.seed)[1]
-        plan.validation_examples = [ex for _, ex in held]
-        plan.validation_sources = [source for source, _ in held]
+        plan.validation = [it for _, _, it in held]
+        plan.validation_examples = [ex for _, ex, _ in held]  # validation_eval scores a task on its own source's
+        plan.validation_sources = [source for source, _, _ in held]
     st.plan, st.truncated, st.untrainable, st.n_examples = plan, truncated, untrainable, sum(len(s) for s in sources)
-    st.examples, st.items = [ex for exs in examples for ex in exs], [it for items in tokenized for it in items]
+    st.examples, st.items = [ex for src in kept for _, ex, _ in src], [it for src in kept for _, _, it in src]
 
 
 def _hold_out(sources: list[list], fraction: float, seed: int) -> tuple[list[list], list]:

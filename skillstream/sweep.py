@@ -108,6 +108,9 @@ def make_spec(recipe: str, grid_args: list[str], *, sampler: str = "grid", trial
         overrides["data.validation_eval"] = True
     if base.data.validation_fraction == 0 and not any(st.data.validation_fraction for st in base.resolved_stages()):
         overrides["data.validation_fraction"] = DEFAULT_VALIDATION_FRACTION
+        # a stage with its own data block (dylora_moe's four skills) does not read the recipe's
+        overrides.update({f"stages.{i}.data.validation_fraction": DEFAULT_VALIDATION_FRACTION
+                          for i, st in enumerate(base.stages) if st.data is not None})
         notes.append(f"data.validation_fraction is 0 in {base.name}: each trial holds out "
                      f"{DEFAULT_VALIDATION_FRACTION} of every training source for validation "
                      f"(--set data.validation_fraction=F to choose)")

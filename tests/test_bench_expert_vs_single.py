@@ -35,6 +35,15 @@ def test_every_skill_gets_a_single_lora_with_its_experts_steps(bench, tmp_path):
         assert r["meets_bar"] == (r["expert_end"]["score"] >= 0.9 * r["single"]["score"])
     assert "| bash (" in out["report"] and "expert − single" in out["report"]
 
+    # a single LoRA of another stream (its steps are not this expert's) is refused, not read back
+    single = tmp_path / "single_bash" / "results.json"
+    results = json.loads(single.read_text())
+    results["stages"][0]["steps"] += 1
+    single.write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="single_bash trained .* steps, the expert of 'bash' .*: a single LoRA for "
+                                         "another stream; give a new --out"):
+        bench.main(["--quick", "--out", str(tmp_path)], runner=load_script("bench/common.py").train_inline)
+
 
 def test_a_run_that_is_not_a_skill_stream_is_refused_in_one_line(bench, tmp_path):
     (tmp_path / "run").mkdir()

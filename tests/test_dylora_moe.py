@@ -351,3 +351,47 @@ def test_routing_is_measured_on_more_held_out_prompts_than_the_generation_evalua
     assert len(task.examples) == 2 and len(more) == 4
     assert [e.text for e in more[:2]] == [e.text for e in task.examples]  # the evaluation's prompts come first
     assert routing_examples(task, 0) == task.examples  # 0: the evaluation's own prompts
+
+
+def test_a_sweep_over_a_stream_selects_on_held_out_requests_the_stream_never_trained_on(tmp_path):
+    """`skillstream sweep` on a skill stream whose stages have their own data: the sweep holds a share of
+    every stage's training source out, the stream cuts its chunks from the rest, and the final model
+    answers the held-out requests through its router (results.json `validation`, the sweep's objective)."""
+    import yaml
+
+    from skillstream.config import load_recipe
+    from skillstream.data.render import Renderer
+    from skillstream.experts.stream_run import make_chunks
+    from skillstream.models.backbone import load_backbone
+    from skillstream.stages import prepare_stages
+    from skillstream.sweep import DEFAULT_VALIDATION_FRACTION, make_spec, run_sweep
+
+    cfg = recipe(tmp_path)
+    cfg["stages"][0]["data"]["train"] = [{"source": "nl2bash", "split": "train", "limit": 20}]
+    evals = [{"name": "bash", "source": "nl2bash", "split": "test", "limit": 2, "metric": "bash", "max_new_tokens": 8},
+             *cfg["data"]["eval"][1:]]
+    cfg["data"].update(eval=evals, max_length=256)  # a chat-templated request and its command fit
+    for st in cfg["stages"]:
+        st["data"].update(eval=evals, max_length=256)
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(cfg))
+
+    spec, _ = make_spec(str(tmp_path / "stream.yaml"), ["experts.consolidation.lr=1e-4"])
+    assert all(spec.overrides[f"stages.{i}.data.validation_fraction"] == DEFAULT_VALIDATION_FRACTION for i in range(3))
+
+    # what the stream trains on: 18 of the 20 bash requests, none of the 2 held out
+    trial = load_recipe(str(tmp_path / "stream.yaml"), spec.overrides)
+    _, tok = load_backbone("tiny")
+    renderer = Renderer(tok, trial.data.max_length)
+    stages, _ = prepare_stages(trial, renderer, {"tokenizer": tok, "renderer": renderer, "recipe": trial})
+    held = stages[0].plan.validation_examples
+    streamed = [ex for c in make_chunks(stages, trial) if c.skill == 0 for ex in c.examples]
+    assert len(held) == 2 and len(streamed) == 18
+    assert not any(h.prompt == ex.prompt for h in held for ex in streamed)
+
+    sweep = run_sweep(spec, tmp_path / "sweep", show_progress=False)
+    (done,) = sweep["trials"]
+    results = json.loads((tmp_path / "sweep" / done["run_dir"] / "results.json").read_text())
+    assert results["stages"][0]["examples"] == 18
+    # only bash reads a training source; its 2 held-out requests, answered through the router
+    assert list(results["validation"]["tasks"]) == ["bash"] and results["validation"]["tasks"]["bash"]["n"] == 2
+    assert done["value"] == results["validation"]["score"] == results["validation"]["tasks"]["bash"]["score"]

@@ -6,6 +6,8 @@ criterion, so `skillstream sweep` selects on these instead. The held-out example
 (stages.py cuts them off each training source with a seeded shuffle) and come from the train split, so
 the test split stays untouched. A task is matched to the training sources that read its `source` (the
 quickstart's nl2bash task to the nl2bash training source); a task without one has no validation score.
+A skill stream (experts:) scores them as it answers its test tasks, task-agnostically through the
+router (experts/stream_run.py); its chunks are cut from the examples left after the hold-out.
 """
 from __future__ import annotations
 
@@ -18,8 +20,6 @@ from .suite import EvalTask, evaluate_all
 
 def check_validation(cfg: RecipeConfig) -> None:
     """Before the run: validation_eval needs a held-out share and an evaluation task fed by a training source."""
-    if cfg.experts is not None:
-        raise UserError("data.validation_eval: skill-stream recipes (experts:) have no validation scoring yet")
     stages = cfg.resolved_stages()
     if not any(st.data.validation_fraction > 0 for st in stages):
         raise UserError("data.validation_eval: no stage holds anything out; set data.validation_fraction "
@@ -46,11 +46,15 @@ def validation_tasks(stages: list, eval_tasks: list[EvalTask]) -> list[EvalTask]
     return [replace(t, examples=by_source[t.source.source]) for t in eval_tasks if t.source.source in by_source]
 
 
-def score_validation(model, tok, renderer, stages: list, eval_tasks: list[EvalTask], cfg: RecipeConfig) -> dict:
+def validation_scores(tasks: list[EvalTask], rows: list[dict]) -> dict:
     """{'score': mean of the tasks' scores, 'tasks': {name: {'score', 'metric', 'n', ...numbers}}}."""
-    tasks = validation_tasks(stages, eval_tasks)
-    rows = evaluate_all(model, tok, renderer, tasks, cfg)
     per_task = {t.name: {"metric": r["metric"], "n": len(t.examples),
                          **{k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
                 for t, r in zip(tasks, rows)}
     return {"score": sum(r["score"] for r in rows) / len(rows), "tasks": per_task}
+
+
+def score_validation(model, tok, renderer, stages: list, eval_tasks: list[EvalTask], cfg: RecipeConfig) -> dict:
+    """The final model (one for every task) on the validation tasks: validation_scores' dict."""
+    tasks = validation_tasks(stages, eval_tasks)
+    return validation_scores(tasks, evaluate_all(model, tok, renderer, tasks, cfg))

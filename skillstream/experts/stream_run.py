@@ -32,6 +32,7 @@ from ..errors import UserError
 from ..evaluation.intervals import wilson
 from ..evaluation.memo import EvalMemo, adds_nothing
 from ..evaluation.runner import evaluate_examples
+from ..evaluation.validation import validation_scores, validation_tasks
 from ..files import write_atomic
 from ..monitor.progress import Progress
 from ..run_files import EXPERTS, protocol_summaries, remembered
@@ -276,6 +277,11 @@ class StreamPlan(RunPlan):
         s = self.setup
         if self.progress is not None:
             self.progress.close()
+        if s.cfg.data.validation_eval:  # held-out training examples, routed as the test tasks are (what sweeps select on)
+            tasks = validation_tasks(s.stages, s.eval_tasks)
+            # no row memo: it keys rows by task name, and a validation task has its test task's name
+            run.results["validation"] = validation_scores(
+                tasks, _eval_row(self.life, s.tok, s.renderer, tasks, s.cfg, features=self.router_features))
         final = _finish_stream(s.cfg, s.run_dir, self.life, s.tok, s.renderer, s.stages, s.eval_tasks, self.chunks,
                                run, time.time() - self.started, s.accelerator.is_main_process)
         s.accelerator.wait_for_everyone()
@@ -521,6 +527,7 @@ def _finish_stream(cfg, run_dir, life, tok, renderer, stages, eval_tasks, chunks
                                       if cfg.experts.novelty.spread_z is not None else {})},
                     **({"calibration": life.calibrator.calibration()} if life.calibrator is not None else {})},
         "initial_details": results["initial"], "details": results["details"],
+        **({"validation": results["validation"]} if "validation" in results else {}),
         "lifecycle": [e for d in decisions for e in d.get("lifecycle", [])],  # merges and prunes, in order
         "stages": [{"name": st.name, "chunks": sum(c.skill == i for c in chunks),
                     "examples": sum(len(c.examples) for c in chunks if c.skill == i),
