@@ -394,4 +394,7 @@ def test_a_sweep_over_a_stream_selects_on_held_out_requests_the_stream_never_tra
     assert results["stages"][0]["examples"] == 18
     # only bash reads a training source; its 2 held-out requests, answered through the router
     assert list(results["validation"]["tasks"]) == ["bash"] and results["validation"]["tasks"]["bash"]["n"] == 2
-    assert done["value"] == results["validation"]["score"] == results["validation"]["tasks"]["bash"]["score"]
+    bash = results["validation"]["tasks"]["bash"]
+    assert done["value"] == results["validation"]["score"] == bash["score"] == sum(bash["outcomes"]) / 2
+    # each example's outcome is kept, so two trials compare paired, and every score has its interval
+    assert len(bash["outcomes"]) == 2 and len(bash["score_ci95"]) == len(results["validation"]["score_ci95"]) == 2

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from ..config import RecipeConfig
 from ..errors import UserError
+from .intervals import bootstrap_matrix, with_interval
 from .suite import EvalTask, evaluate_all
 
 
@@ -47,11 +48,19 @@ def validation_tasks(stages: list, eval_tasks: list[EvalTask]) -> list[EvalTask]
 
 
 def validation_scores(tasks: list[EvalTask], rows: list[dict]) -> dict:
-    """{'score': mean of the tasks' scores, 'tasks': {name: {'score', 'metric', 'n', ...numbers}}}."""
-    per_task = {t.name: {"metric": r["metric"], "n": len(t.examples),
-                         **{k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
-                for t, r in zip(tasks, rows)}
-    return {"score": sum(r["score"] for r in rows) / len(rows), "tasks": per_task}
+    """{'score': mean of the tasks' scores, 'score_ci95', 'tasks': {name: {'score', 'metric', 'n', 'score_ci95',
+    'outcomes', ...numbers}}}: with the per-example outcomes two trials' validation scores compare paired
+    (intervals.row_difference)."""
+    per_task = {}
+    for t, r in zip(tasks, rows):
+        r = with_interval(r)
+        per_task[t.name] = {"metric": r["metric"], "n": len(t.examples),
+                            **{k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                            **{k: r[k] for k in ("score_ci95", "outcomes") if k in r}}
+    outcomes = [r.get("outcomes") for r in rows]
+    # the tasks' examples resampled together: the interval of the mean of the task scores
+    ci = None if None in outcomes else bootstrap_matrix(outcomes, [outcomes], lambda _, m: sum(m[0]) / len(m[0]))
+    return {"score": sum(r["score"] for r in rows) / len(rows), "score_ci95": ci, "tasks": per_task}
 
 
 def score_validation(model, tok, renderer, stages: list, eval_tasks: list[EvalTask], cfg: RecipeConfig) -> dict:
