@@ -280,6 +280,8 @@ def test_a_reused_expert_rehearses_its_own_chunks_and_the_memory_survives_a_resu
     ("experts.novelty.similarity_threshold=-0.1", "experts.novelty.similarity_threshold"),
     ("experts.novelty.weights.embeding=0.5", "unknown similarity components ['embeding']"),
     ("data.eval.0.expert=bogus", "unknown expert 'bogus'"),
+    # the stages have their own data blocks, so the recipe-level share would hold nothing out
+    ("data.validation_eval=true", "set stages.0.data.validation_fraction (each stage with its own data block"),
 ])
 def test_bad_stream_recipes_stop_with_one_line(tmp_path, override, message):
     import yaml
