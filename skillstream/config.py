@@ -367,6 +367,10 @@ class RecipeConfig(_Strict):
             self._resolved = tuple(self._resolve_stages())
         return self._resolved
 
+    def stages_with_own_data(self) -> list[int]:
+        """Indices of the stages that have their own `data` block: they do not read the recipe's."""
+        return [i for i, st in enumerate(self.stages) if st.data is not None]
+
     def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> "RecipeConfig":
         copy = super().model_copy(update=update, deep=deep)
         copy._resolved = None  # the copy resolves its own stages from its own fields

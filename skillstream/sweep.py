@@ -109,11 +109,13 @@ def make_spec(recipe: str, grid_args: list[str], *, sampler: str = "grid", trial
     if base.data.validation_fraction == 0 and not any(st.data.validation_fraction for st in base.resolved_stages()):
         overrides["data.validation_fraction"] = DEFAULT_VALIDATION_FRACTION
         # a stage with its own data block (dylora_moe's four skills) does not read the recipe's
-        overrides.update({f"stages.{i}.data.validation_fraction": DEFAULT_VALIDATION_FRACTION
-                          for i, st in enumerate(base.stages) if st.data is not None})
+        own = base.stages_with_own_data()
+        overrides.update({f"stages.{i}.data.validation_fraction": DEFAULT_VALIDATION_FRACTION for i in own})
+        reads_recipe = len(own) < max(1, len(base.stages))  # some stage (or the recipe's one) reads `data`
+        keys = ["data.validation_fraction"] * reads_recipe + [f"stages.{i}.data.validation_fraction" for i in own]
         notes.append(f"data.validation_fraction is 0 in {base.name}: each trial holds out "
                      f"{DEFAULT_VALIDATION_FRACTION} of every training source for validation "
-                     f"(--set data.validation_fraction=F to choose)")
+                     f"({' '.join(f'--set {k}=F' for k in keys)} to choose)")
     base = load_recipe(recipe, overrides, smoke)
     from .evaluation.validation import check_validation
     check_validation(base)

@@ -23,7 +23,7 @@ def check_validation(cfg: RecipeConfig) -> None:
     """Before the run: validation_eval needs a held-out share and an evaluation task fed by a training source."""
     stages = cfg.resolved_stages()
     if not any(st.data.validation_fraction > 0 for st in stages):
-        own = [i for i, st in enumerate(cfg.stages) if st.data is not None]
+        own = cfg.stages_with_own_data()
         where = (f"stages.{own[0]}.data.validation_fraction (each stage with its own data block: "
                  f"it does not read the recipe's data)" if own else "data.validation_fraction")
         raise UserError(f"data.validation_eval: no stage holds anything out; set {where} (e.g. 0.1) to hold out a "
