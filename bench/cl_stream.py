@@ -196,14 +196,10 @@ def table(rows: dict, protocol: str | None) -> str:
 
 
 def spread(values: list[float]) -> str:
-    """mean ± sample sd (min..max) of one number over seeds."""
-    import statistics
+    """mean ± sample sd (min..max) of one number over seeds (the report's format), n/a for none."""
+    from skillstream.report.seeds import spread as over_seeds
 
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f} ({min(values):.3f}..{max(values):.3f})"
+    return str(over_seeds(values) or "n/a")
 
 
 def headline(by_seed: dict[int, dict]) -> str:

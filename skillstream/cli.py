@@ -187,8 +187,13 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One run directory, o
                                               "with several runs FIRST_RUN_DIR/report-compare.html).")):
     """Write a self-contained HTML report of a run, or a comparison of several runs."""
     from .report.html import write_report
+    from .report.rundata import load_run
+    from .report.seeds import seed_groups, text
 
     print(f"wrote {write_report(run_dirs, out)}")
+    if len(run_dirs) > 1:  # the headline over seeds, also in the terminal (it goes into bench/RESULTS.md)
+        for group in seed_groups([load_run(d) for d in run_dirs]):
+            print(text(group))
 
 
 @app.command()

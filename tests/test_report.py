@@ -26,13 +26,13 @@ OPTIONAL = ["experts", "routing", "curriculum", "alerts", "objective"]
 
 
 def make_run(path: Path, *, rich: bool = True, name: str = "dylora_moe", finished: bool = True,
-             avg_shift: float = 0.0) -> Path:
+             avg_shift: float = 0.0, seed: int = 0) -> Path:
     """A run directory by hand, in the formats later issues add: three tasks in three stages and,
     when `rich`, an expert pool, novelty decisions, routing, curriculum weights, DPO/plugin metrics
     and alerts. Logs are written with the engine's own MetricsLog so the format is the real one."""
     path.mkdir(parents=True)
     tasks = ["sst2", "rte", "boolq"]
-    cfg = {"name": name, "description": "hand-made run for the report tests", "seed": 0,
+    cfg = {"name": name, "description": "hand-made run for the report tests", "seed": seed,
            "train": {"steps": 6, "log_every": 1}, "objective": {"name": "dpo"} if rich else {"name": "lm"},
            "plugins": [{"name": "ewc"}, {"name": "replay"}] if rich else [],
            "stages": [{"name": t} for t in tasks]}
@@ -231,6 +231,24 @@ def test_same_recipe_twice_is_told_apart_by_folder(tmp_path):
     b = make_run(tmp_path / "seed1", rich=False, name="quickstart")
     page = render([a, b])
     assert "quickstart (seed0)" in page and "quickstart (seed1)" in page
+
+
+def test_runs_of_one_recipe_at_several_seeds_get_their_mean_and_spread(tmp_path):
+    shifts = {0: 0.0, 1: -0.06, 2: 0.03}
+    seeds = [make_run(tmp_path / f"seed{s}", rich=False, name="quickstart", seed=s, avg_shift=d) for s, d in shifts.items()]
+    again = make_run(tmp_path / "seed1-again", rich=False, name="quickstart", seed=1, avg_shift=-0.06)
+    other = make_run(tmp_path / "ewc", name="ewc")                    # another recipe: not a seed of these
+    res = report([*seeds, again, other], tmp_path)
+    avg = [json.loads((d / "results.json").read_text())["avg_acc"] for d in seeds]
+    mean, sd = sum(avg) / 3, (sum((a - sum(avg) / 3) ** 2 for a in avg) / 2) ** 0.5
+    expected = f"AvgAcc: {mean:.3f} ± {sd:.3f} ({min(avg):.3f}..{max(avg):.3f})"
+    assert "quickstart: mean ± sample sd (min..max) over seeds 0, 1, 2" in res.stdout
+    assert expected in res.stdout and "ewc" not in res.stdout
+    assert "boolq: after its own stage" not in res.stdout              # no `learned` in these runs: left out
+    assert f"same seed as an earlier run: {again}" in res.stdout       # a repeat is not one more seed
+    page = (seeds[0] / "report-compare.html").read_text()
+    assert 'id="seeds"' in page and f"{mean:.3f} ± {sd:.3f}" in page
+    assert 'id="seeds"' not in render([seeds[0], other])               # one seed per recipe: no such section
 
 
 def test_not_a_run_is_one_line_and_status_2(tmp_path):

@@ -10,6 +10,7 @@ from typing import Callable
 from ..files import write_atomic
 from . import plots
 from .rundata import RunData, fmt, load_run
+from .seeds import headline, seed_groups
 from .sections import RUN_SECTIONS, Section, duration, merged, table
 
 CSS = """
@@ -131,10 +132,24 @@ def _compare(runs: list[RunData]) -> str:
         series = {k: (list(range(1, len(v) + 1)), v) for k, v in avg.items()}
         parts.append(plots.panels({"mean score over all tasks after stage i": series}, [],
                                   "average score after each stage (overlaid)", xlabel="stage", cols=1))
-    compare = Section("compare", "Comparison", "".join(parts))
+    sections = [Section("compare", "Comparison", "".join(parts))]
+    if seeds_section := _over_seeds(runs):
+        sections.append(seeds_section)
     notes = [n for run in runs for n in run.notes]
-    return page(f"skillstream comparison: {len(runs)} runs", [" · ".join(labels)], [compare], notes,
+    return page(f"skillstream comparison: {len(runs)} runs", [" · ".join(labels)], sections, notes,
                 run_details(labels, runs))
+
+
+def _over_seeds(runs: list[RunData]) -> Section | None:
+    """Mean and spread over seeds for each recipe that was run at several seeds (report/seeds.py)."""
+    parts = []
+    for group in seed_groups(runs):
+        rows = [[label, str(s), str(s.n)] for label, s in headline([r.results for r in group.runs])]
+        parts.append(f"<h3>{escape(group.name)}: seeds {escape(', '.join(map(str, group.seeds)))}</h3>"
+                     + table(["", "mean ± sample sd (min..max)", "seeds"], rows, "num seeds")
+                     + "".join(f'<p class="note">left out, same seed as an earlier run: {escape(d)}</p>'
+                               for d in group.duplicates))
+    return Section("seeds", "Mean over seeds", "".join(parts)) if parts else None
 
 
 def run_details(labels: list[str], runs: list[RunData]) -> str:
