@@ -220,7 +220,7 @@ def child_scoring(spec: dict) -> dict:
     from skillstream.data.render import Renderer
     from skillstream.evaluation.option_scoring import score_options, score_options_naive
     from skillstream.models.backbone import load_backbone
-    from skillstream.run import attach_lora
+    from skillstream.model_setup import attach_lora
 
     cfg = _recipe(spec)
     model, tok = load_backbone(cfg.model.name, seed=cfg.seed)
@@ -332,7 +332,7 @@ def child_eval(spec: dict) -> dict:
     from skillstream.data.render import Renderer
     from skillstream.evaluation.generation import generate_and_score
     from skillstream.models.backbone import load_backbone
-    from skillstream.run import attach_lora
+    from skillstream.model_setup import attach_lora
 
     if spec["precision"] == "bf16":  # what a run with train.bf16 on declares (evaluation/precision.py reads it)
         from accelerate import Accelerator

@@ -10,24 +10,19 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
-from . import checkpoint as ckpt
-from .components import PLUGINS, build
 from .config import RecipeConfig, load_recipe, recipe_to_yaml
-from .data.render import Renderer
-from .driver import drive
 from .errors import UserError
 from .files import write_atomic
-from .model_setup import attach_lora, backbone_options, bf16_enabled  # attach_lora is also imported from here by tests and benches
-from .monitor.metrics_log import MetricsLog
-from .plugins import Plugin
-from .run_state import RunSetup
-from .stage_plan import StagePlan
-from .stages import prepare_stages
+
+if TYPE_CHECKING:
+    from .run_state import RunSetup
+
+# torch, accelerate, transformers and PEFT are imported inside train(), after the checks of the
+# recipe and the run directory: loading them takes seconds, and a typo should be refused at once.
 
 
 @dataclass
@@ -109,33 +104,44 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
           plugins: list | None = None, resume_from: str | None = None) -> Run:
     """Train a recipe and return the Run. `overrides` use dotted keys: {"train.lr": 1e-4, "model": "tiny"}.
     `resume_from`: resume from this checkpoint of the run directory (ckpt-N) instead of the newest."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import set_seed
-
-    # Launched with several processes (accelerate launch / torchrun / --processes) this joins the
-    # process group: gloo on a machine without CUDA (accelerate needs cpu=True to pick it there).
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    dist = PartialState(cpu=cpu)
     cfg = load_recipe(recipe, overrides, smoke)
     run_dir = resolve_run_dir(cfg.name, out)
     resume = resume or resume_from is not None
     # One process at a time in a run directory, taken before the checks below so that of two runs
     # started together on one --out exactly one passes them. Rank 0 holds it for every rank (or the
     # `--processes` launcher does, see run_lock.HELD_BY_LAUNCHER); the kernel frees it if we die.
+    # Rank as the launchers (accelerate launch, torchrun) set it: the process group joins further down.
     from contextlib import nullcontext
     from .run_lock import run_lock
-    with run_lock(run_dir) if dist.is_main_process else nullcontext():
+    with run_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
         saved = check_run_dir(run_dir, resume, overrides, smoke)
         if saved is not None:  # --resume: the run goes on with the recipe it was started with
             cfg = saved
         from .init_from import check_init_from, copy_inherited_files, load_init_from
         cfg = check_init_from(cfg)  # a run to start from (stage: dpo after an sft run): same model, same LoRA
+        from . import checkpoint as ckpt
         if resume_from is not None:  # the checkpoint exists and is intact, before anything is written
             ckpt.pick(run_dir / ckpt.CHECKPOINTS, resume_from)
         from .monitor.trackers import build_trackers, check_trackers
         check_trackers(cfg.report_to)
 
+        import torch
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import set_seed
+
+        from .components import PLUGINS, build
+        from .data.render import Renderer
+        from .model_setup import attach_lora, backbone_options, bf16_enabled
         from .models.backbone import load_backbone
+        from .monitor.metrics_log import MetricsLog
+        from .plugins import Plugin
+        from .run_state import RunSetup
+        from .stages import prepare_stages
+
+        # Launched with several processes (accelerate launch / torchrun / --processes) this joins the
+        # process group: gloo on a machine without CUDA (accelerate needs cpu=True to pick it there).
+        cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        dist = PartialState(cpu=cpu)
         set_seed(cfg.seed)
         if cfg.lora is None and cfg.model.freeze_backbone:
             raise UserError("lora: null trains the model's own weights; set model.freeze_backbone: false too")
@@ -204,6 +210,11 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
 
 
 def _run(setup: RunSetup) -> Run:
+    import torch
+
+    from .driver import drive
+    from .stage_plan import StagePlan
+
     cfg, accelerator = setup.cfg, setup.accelerator
     setup.model.to(accelerator.device)
     if accelerator.process_index > 0:  # its own dropout stream (the same seed would draw the same masks)

@@ -11,7 +11,7 @@ from skillstream.data.examples import default_metric, load_examples
 from skillstream.data.render import IGNORE, Renderer
 from skillstream.models.backbone import load_backbone
 from skillstream.objectives.dpo import DPOObjective
-from skillstream.run import attach_lora
+from skillstream.model_setup import attach_lora
 from skillstream.tools.bfcl import load_bfcl, to_trl_example
 
 

@@ -11,7 +11,7 @@ from skillstream.experts.mixing import hybrid_weights, mixing, one_hot, sparse_t
 from skillstream.experts.pool import ExpertPool, MaturityRule
 from skillstream.experts.router import Router, pooled_features
 from skillstream.models.backbone import load_backbone
-from skillstream.run import attach_lora
+from skillstream.model_setup import attach_lora
 from test_experts_skills import one_thread, skill_texts  # noqa: F401
 
 NAMES = ["e1", "e2", "e3"]

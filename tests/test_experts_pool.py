@@ -12,7 +12,7 @@ from skillstream.data.batching import collate
 from skillstream.data.render import Tokenized
 from skillstream.experts.pool import ExpertPool, MaturityRule
 from skillstream.models.backbone import load_backbone
-from skillstream.run import attach_lora
+from skillstream.model_setup import attach_lora
 from test_experts_skills import one_thread, skill_texts  # noqa: F401  (one_thread: autouse fixture)
 
 RANK = 4

@@ -10,7 +10,7 @@ import torch
 from skillstream.config import LoraConfig, RecipeConfig
 from skillstream.experts.router import Router, RouterTrainer, normalized_entropy, pooled_features
 from skillstream.models.backbone import load_backbone
-from skillstream.run import attach_lora
+from skillstream.model_setup import attach_lora
 from test_experts_skills import SKILLS, one_thread, skill_texts  # noqa: F401
 
 N_TRAIN, N_TEST, BATCH, EPOCHS = 160, 80, 16, 3

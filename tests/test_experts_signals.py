@@ -12,7 +12,7 @@ from skillstream.data.render import Renderer
 from skillstream.experts.signals import (ExpertProfile, TaskSignal, compute_signal, load_profiles, save_profiles,
                                          similarity, similarity_components)
 from skillstream.models.backbone import load_backbone
-from skillstream.run import attach_lora
+from skillstream.model_setup import attach_lora
 from test_experts_skills import SKILLS, one_thread, skill_texts  # noqa: F401
 
 N, BATCHES = 12, 3

@@ -7,7 +7,7 @@ from skillstream.data.examples import load_examples
 from skillstream.data.render import Renderer
 from skillstream.models.backbone import load_backbone
 from skillstream.objectives.lm import causal_lm_loss
-from skillstream.run import attach_lora
+from skillstream.model_setup import attach_lora
 from skillstream.config import load_recipe
 
 

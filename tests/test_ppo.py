@@ -17,7 +17,7 @@ from skillstream.models.backbone import load_backbone
 from skillstream.objectives.lm import causal_lm_loss
 from skillstream.objectives.ppo import KLController, PPOObjective, gae, kl_per_token, masked_whiten
 from skillstream.objectives.rewards import Sample, parse_rewards
-from skillstream.run import attach_lora
+from skillstream.model_setup import attach_lora
 
 
 

@@ -5,7 +5,7 @@ import torch
 from skillstream.config import load_recipe
 from skillstream.models.backbone import load_backbone
 from skillstream.objectives.reference import Reference
-from skillstream.run import attach_lora
+from skillstream.model_setup import attach_lora
 
 
 @pytest.fixture

@@ -91,12 +91,12 @@ def _config_from_json(d: dict) -> LoraConfig:
 
 
 class ExpertPool:
-    """Experts of one PeftModel. Adapters already in the model (e.g. run.attach_lora's "default") are adopted."""
+    """Experts of one PeftModel. Adapters already in the model (e.g. model_setup.attach_lora's "default") are adopted."""
 
     def __init__(self, model: PeftModel, *, rule: MaturityRule | None = None, seed: int = 0,
                  template: LoraConfig | None = None, records: list[ExpertRecord] | None = None):
         if not isinstance(model, PeftModel):
-            raise TypeError("ExpertPool needs a PeftModel (see run.attach_lora)")
+            raise TypeError("ExpertPool needs a PeftModel (see model_setup.attach_lora)")
         self.model, self.rule, self.seed = compact_lora_dropout(model), rule or MaturityRule(), seed
         existing = list(model.peft_config)
         # New experts copy this config (rank, alpha, targets), so every expert has the same shape.
