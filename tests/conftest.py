@@ -19,6 +19,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Long-running files first, each file's tests together and in their order (see pyproject.toml)."""
+    items.sort(key=lambda item: item.get_closest_marker("long_running") is None)  # stable: order kept
+
+
 def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `skillstream ARGS` in a subprocess, as a user would."""
     cmd = [sys.executable, "-m", "skillstream.cli", *args]

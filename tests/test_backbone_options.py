@@ -19,6 +19,8 @@ from skillstream.model_setup import backbone_options, bf16_enabled
 from skillstream.models.backbone import load_backbone
 from skillstream.plugins import Plugin
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 # a short tiny run: 6 steps, no checkpoint but the stage's last, 2 evaluation examples
 SHORT = {"report_to": [], "train.steps": 6, "train.batch_size": 2, "train.log_every": 1, "train.checkpoint_every": 100,
          "data.train.0.limit": 12, "data.eval.0.limit": 2, "data.eval.0.max_new_tokens": 4}

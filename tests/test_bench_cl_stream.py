@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 ROOT = Path(__file__).resolve().parents[1]
 STREAM = ROOT.parent / "shared" / "data" / "glue_stream"
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from repo_scripts import load_script
+
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
 
 
 def test_quick_run_reports_each_strategy_and_passes_the_rule_options(tmp_path, capsys):

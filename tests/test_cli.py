@@ -10,6 +10,8 @@ from peft import PeftModel
 from conftest import run_cli, write_task_folder
 from skillstream.models.backbone import load_backbone
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 TINY = ["--set", "model=tiny", "--set", "report_to=[]"]
 
 

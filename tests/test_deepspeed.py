@@ -27,6 +27,8 @@ from sharded_runs import (ARGS, CONFIGS, GLOBAL_BATCH, assert_adapter_loads_unsh
                           assert_not_resumed_unsharded, assert_resumed_bits, finish, launch, newest_checkpoint,
                           one_process, start)
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'skillstream[deepspeed]')")
 
 ZERO3 = CONFIGS / "deepspeed_zero3.yaml"

@@ -19,6 +19,8 @@ from skillstream.checkpoint import list_checkpoints
 from skillstream.errors import UserError
 from skillstream.run import train
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 TINY = ["--set", "model=tiny", "--set", "report_to=[]"]
 
 

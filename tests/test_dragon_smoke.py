@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import run_cli
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):

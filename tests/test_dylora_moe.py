@@ -14,6 +14,8 @@ from skillstream.experts.lifecycle import phase_lr
 from skillstream.run import train
 from test_experts_skills import skill_texts
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 SKILLS = ("bash", "math", "prose")
 
 

@@ -27,6 +27,8 @@ from conftest import run_cli
 from skillstream.data.render import Renderer
 from skillstream.models.backbone import load_tokenizer, smollm2_tokenizer_dir
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 # model_type -> whether its tokenizer keeps a chat template (phi-2 ships none: the plain fallback)
 FAMILIES = {"llama": True, "qwen2": True, "qwen3": True, "gemma": True, "gemma2": True, "gemma3_text": True,
             "mistral": True, "phi": False, "phi3": True}

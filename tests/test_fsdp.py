@@ -23,6 +23,8 @@ from sharded_runs import (ARGS, CONFIGS, GLOBAL_BATCH, assert_adapter_loads_unsh
                           assert_not_resumed_unsharded, assert_resumed_bits, finish, launch, newest_checkpoint,
                           one_process, start)
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 FSDP_CONFIG = CONFIGS / "fsdp.yaml"
 BEST_FINAL = {"name": "best_final", "every": 2}  # checkpoints/best and final: the whole model, gathered
 

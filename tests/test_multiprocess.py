@@ -28,6 +28,8 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 STEPS = 8
 ARGS = ["--set", "model=tiny", "--set", "report_to=[]", "--set", "train.bf16=false", "--set", "lora.dropout=0",
         "--set", f"train.steps={STEPS}", "--set", "train.log_every=1", "--set", "train.checkpoint_every=3",

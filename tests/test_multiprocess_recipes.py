@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from conftest import run_cli
 from test_dpo import pairs_file  # noqa: F401  (the fixture: BFCL pairs, one multi-turn)
+
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
 
 STEPS = 3
 

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from conftest import run_cli
 from test_dylora_moe import recipe
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 TESTS = Path(__file__).parent  # the workers import kill_plugin from here (python -m puts the cwd on the path)
 EXPERTS = ("expert_0", "expert_1", "expert_2")
 

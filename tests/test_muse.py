@@ -12,6 +12,8 @@ from skillstream.config import SourceConfig, load_recipe
 from skillstream.data.examples import load_examples
 from skillstream.plugins import Plugin
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 
 OVERRIDES = {"model": "tiny", "data.eval.0.limit": 3, "data.eval.0.max_new_tokens": 8}
 

@@ -19,6 +19,8 @@ from skillstream.objectives.ppo import KLController, PPOObjective, gae, kl_per_t
 from skillstream.objectives.rewards import Sample, parse_rewards
 from skillstream.model_setup import attach_lora
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 
 
 def test_gae_on_a_hand_computed_four_token_example():

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 ARGS = ["--set", "model=tiny", "--set", "train.steps=30", "--set", "train.checkpoint_every=3",
         "--set", "train.batch_size=4", "--set", "train.log_every=1", "--set", "data.train.0.limit=48",
         "--set", "data.eval.0.limit=2", "--set", "data.eval.0.max_new_tokens=4", "--set", "report_to=[]"]

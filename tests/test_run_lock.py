@@ -12,6 +12,8 @@ import pytest
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 TINY = ["--smoke", "--set", "model=tiny", "--set", "report_to=[]"]
 
 HOLD = """

@@ -18,6 +18,8 @@ from skillstream.errors import UserError
 from skillstream.sweep import make_spec, run_sweep
 from test_report import ARTIFACTS, CHROMIUM, assert_self_contained, chromium
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 TINY = ["--set", "model=tiny", "--set", "report_to=[]", "--smoke"]
 GRID = ["--grid", "train.lr=1e-4,5e-4,1e-3", "--grid", "lora.r=2,4"]
 

@@ -20,6 +20,8 @@ import pytest
 from conftest import run_cli
 from skillstream.run import train
 
+pytestmark = pytest.mark.long_running  # see pyproject.toml: scheduled first
+
 PROMPTS = ["list files in /tmp", "show disk usage"]
 RECIPE = {"model": "tiny", "train.steps": 4, "train.batch_size": 2, "train.log_every": 1,
           "train.checkpoint_every": 100, "data.train.0.limit": 8, "data.eval.0.limit": 2,
