@@ -72,6 +72,7 @@ def seed_groups(runs: list[RunData]) -> list[SeedGroup]:
 
 
 def _get(*keys) -> Callable[[dict], float | None]:
+    """A reader of one number in results.json by its path of keys and list indices (None where absent)."""
     def read(results: dict):
         value = results
         for k in keys:
