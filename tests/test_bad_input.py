@@ -1,9 +1,11 @@
 """Bad input files stop a run with exit status 2 and one line naming the file and the place:
 text that is not UTF-8 (every reader of a user's text files), a labels.json that repeats an
-option, and a recipe path that is a folder."""
+option, and a recipe path that is a folder; a bad recipe or run directory before torch, transformers and PEFT load."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,20 @@ def test_a_labels_json_that_lists_an_option_twice_is_rejected_naming_the_option(
 
 
 # -- 3. a recipe path that is a folder ----------------------------------------------------------
+
+def test_a_bad_recipe_or_run_directory_is_refused_before_torch_transformers_and_peft_load(tmp_path):
+    """The checks come first, so a typo costs a fraction of a second, not the seconds these take to import."""
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    (tmp_path / "runs" / "quickstart" / "config.yaml").write_text("name: quickstart\n")
+    probe = ("import sys\nfrom skillstream.cli import main\nsys.argv = ['skillstream', 'train', *sys.argv[1:]]\n"
+             "try:\n    main()\nexcept SystemExit as e:\n"
+             "    print(e.code, [m for m in ('torch', 'transformers', 'peft') if m in sys.modules])")
+    for args, message in [(["missing.yaml"], "file not found"),
+                          (["quickstart", "--set", "train.lr=fast"], "train.lr"),
+                          (["quickstart"], "already exists")]:
+        res = subprocess.run([sys.executable, "-c", probe, *args], cwd=tmp_path, capture_output=True, text=True)
+        assert res.stdout.split("\n")[0] == "2 []" and message in res.stderr, (args, res.stdout, res.stderr)
+
 
 def test_a_recipe_path_that_is_a_folder_is_called_a_folder(tmp_path):
     (tmp_path / "recipes.yaml").mkdir()
