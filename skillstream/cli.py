@@ -186,13 +186,13 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One run directory, o
            out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default RUN_DIR/report.html; "
                                               "with several runs FIRST_RUN_DIR/report-compare.html).")):
     """Write a self-contained HTML report of a run, or a comparison of several runs."""
-    from .report.html import write_report
-    from .report.rundata import load_run
+    from .report.html import load_runs, write_runs
     from .report.seeds import seed_groups, text
 
-    print(f"wrote {write_report(run_dirs, out)}")
-    if len(run_dirs) > 1:  # the headline over seeds, also in the terminal (it goes into bench/RESULTS.md)
-        for group in seed_groups([load_run(d) for d in run_dirs]):
+    runs = load_runs(run_dirs)
+    print(f"wrote {write_runs(runs, out)}")
+    if len(runs) > 1:  # the headline over seeds, also in the terminal (it goes into bench/RESULTS.md)
+        for group in seed_groups(runs):
             print(text(group))
 
 

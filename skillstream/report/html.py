@@ -51,6 +51,11 @@ def write_report(run_dirs: list[Path], out: Path | None = None, warn: Callable[[
     Raises UserError naming the first directory that is not a run. Things the reader should know
     but that are not fatal (a log line torn by a killed run) go to `warn` and into the page.
     """
+    return write_runs(load_runs(run_dirs, warn), out)
+
+
+def load_runs(run_dirs: list[Path], warn: Callable[[str], None] = _stderr) -> list[RunData]:
+    """The run directories read once (what the page and the terminal's seed summary both draw from)."""
     if not run_dirs:
         from ..errors import UserError
         raise UserError("report: give at least one run directory")
@@ -58,6 +63,11 @@ def write_report(run_dirs: list[Path], out: Path | None = None, warn: Callable[[
     for run in runs:
         for note in run.notes:
             warn(note)
+    return runs
+
+
+def write_runs(runs: list[RunData], out: Path | None = None) -> Path:
+    """The report page of runs already read (write_report reads them first)."""
     if out is None:
         out = runs[0].path / ("report.html" if len(runs) == 1 else "report-compare.html")
     out = Path(out)
