@@ -149,6 +149,12 @@ class TrainConfig(_Strict):
     steps: int = Field(100, ge=0, description="Optimizer steps per stage.")
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch (per process).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_batch_tokens: int | None = Field(None, gt=0, description="Cap on a forward's padded tokens (rows x longest): a micro-batch "
+                                         "above it runs as pieces, longest first, each backward weighted by its share of the "
+                                         "batch's labelled tokens, so the step's gradient is the whole batch's (up to rounding) "
+                                         "while activation memory follows the cap; a sequence longer than the cap is a piece "
+                                         "alone. Needs an objective whose loss is a mean over its loss_weight (lm); not with "
+                                         "DeepSpeed or FSDP. null = no cap.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)

@@ -17,7 +17,8 @@ import torch
 from .checkpoint import CHECKPOINTS
 from .config import TrainConfig
 from .curriculum.schedules import lr_factor
-from .data.batching import BatchPlan, Position
+from .data.batching import BatchPlan, Position, token_pieces
+from .errors import UserError
 from .lora_dropout import uncast_lora_inputs
 from .monitor.progress import Progress
 from .objectives.base import Objective
@@ -55,6 +56,15 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
     return torch.optim.AdamW(decay_groups(params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
 
 
+def check_batch_cap(cfg: TrainConfig, objective: Objective, items: list, pad_id: int, stage: str) -> None:
+    """train.max_batch_tokens weights each piece by its share of the batch's loss weight: refused for an
+    objective that has none (None: its loss is not a mean over something countable, as DPO's pairs)."""
+    if cfg.max_batch_tokens is not None and items and objective.loss_weight(objective.collate(items[:1], pad_id)) is None:
+        raise UserError(f"stage {stage!r}: train.max_batch_tokens: objective {objective.name!r} does not say what its "
+                        f"loss is a mean over (Objective.loss_weight), so its batches cannot be cut into pieces; "
+                        f"leave it null")
+
+
 def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: BatchPlan, cfg: TrainConfig,
                 stage: str, stage_index: int, state: StageState, plugins: list[Plugin], log, pad_id: int,
                 checkpoint: Callable[[StageState], None] | None, show_progress: bool = True, vocab_size: int,
@@ -62,6 +72,7 @@ def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: Ba
     """`global_step`: optimizer steps of the run before this stage's step 0 (earlier stages, earlier
     chunks), so the logged `global_step` only grows. `vocab_size`: for the uniform-guess loss."""
     rank, world = accelerator.process_index, accelerator.num_processes
+    check_batch_cap(cfg, objective, plan.items, pad_id, stage)
     health = StepHealth(cfg.max_bad_steps, cfg.collapse_steps,
                         math.log(vocab_size) if objective.token_cross_entropy else None)
     run_dir = log.run_dir
@@ -84,16 +95,20 @@ def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: Ba
             items = [plan.items[i] for i in indices[rank::world]]  # the plan is global; each process takes its slice
             for p in plugins:
                 items = p.transform_items(ctx, items)
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v
-                     for k, v in objective.collate(items, pad_id).items()}
-            step_tokens += int(batch["attention_mask"].sum())  # this process's; summed over processes below
-            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 and world > 1 else _null()
-            with sync, accelerator.autocast(), uncast_lora_inputs(model):
-                loss, metrics = _micro_batch_loss(accelerator, model, objective, plugins, ctx, batch)
-                accelerator.backward(loss / cfg.grad_accum)
-            loss_sum += float(loss.detach()) / cfg.grad_accum
-            for k, v in metrics.items():
-                extra_metrics[k] = extra_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+            pieces = [{k: v.to(accelerator.device) if torch.is_tensor(v) else v
+                       for k, v in objective.collate(piece, pad_id).items()}
+                      for piece in token_pieces(items, cfg.max_batch_tokens)]
+            step_tokens += sum(int(b["attention_mask"].sum()) for b in pieces)  # this process's; summed below
+            share, fractions = _piece_weights(accelerator, objective, pieces)
+            for j, batch in enumerate(pieces):
+                synced = micro == cfg.grad_accum - 1 and j == len(pieces) - 1  # DDP reduces once, at the last backward
+                sync = accelerator.no_sync(model) if not synced and world > 1 else _null()
+                with sync, accelerator.autocast(), uncast_lora_inputs(model):
+                    loss, metrics = _micro_batch_loss(model, objective, plugins, ctx, batch, share, fractions[j])
+                    accelerator.backward(loss / cfg.grad_accum)
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+                for k, v in metrics.items():
+                    extra_metrics[k] = extra_metrics.get(k, 0.0) + float(v) * fractions[j] / cfg.grad_accum
         grad_norm = _clipped_grad_norm(accelerator, optimizer, cfg.max_grad_norm)
         if world > 1:  # before the step: every process skips a bad step alike, and plugins (neuromodulation,
             # early stop) see and decide alike everywhere
@@ -159,20 +174,34 @@ def _set_rates(optimizer, plugins: list[Plugin], ctx: StepContext, cfg: TrainCon
     return lr
 
 
-def _micro_batch_loss(accelerator, model, objective: Objective, plugins: list[Plugin], ctx: StepContext,
-                      batch: dict) -> tuple[torch.Tensor, dict]:
-    """The objective's loss plus the plugins' terms (EWC...), and the metrics of both."""
-    # several processes: each loss is weighted by its process's share of what it averages over
-    # (tokens for lm/sft), so the averaged gradient is that of the global batch as one process has it
-    weight = objective.loss_weight(batch) if accelerator.num_processes > 1 else None
-    share = _share(accelerator, weight) if weight is not None else 1.0
+def _piece_weights(accelerator, objective: Objective, pieces: list[dict]) -> tuple[float, list[float]]:
+    """(this process's share of the global batch's loss weight, each piece's fraction of this process's).
+
+    Several processes: each loss is weighted by its process's share of what it averages over (tokens
+    for lm/sft), so the averaged gradient is that of the global batch as one process has it. Several
+    pieces (train.max_batch_tokens): each piece's mean loss is weighted by its fraction of the
+    micro-batch's weight, so their sum is the micro-batch's mean loss."""
+    if accelerator.num_processes == 1 and len(pieces) == 1:
+        return 1.0, [1.0]
+    weights = [objective.loss_weight(b) for b in pieces]
+    if None in weights:  # every process's loss counts alike; train_stage refused the cap for such an objective
+        return 1.0, [1.0]
+    total = sum(weights)
+    share = _share(accelerator, total) if accelerator.num_processes > 1 else 1.0
+    return share, [w / total for w in weights] if len(pieces) > 1 else [1.0]
+
+
+def _micro_batch_loss(model, objective: Objective, plugins: list[Plugin], ctx: StepContext, batch: dict,
+                      share: float, fraction: float) -> tuple[torch.Tensor, dict]:
+    """The objective's loss plus the plugins' terms (EWC...), and the metrics of both: the objective's
+    loss weighted by `share` x `fraction`, the plugins' (the same on every process) by `fraction`."""
     loss, metrics, outputs = objective(model, batch)
-    loss = loss * share if share != 1.0 else loss
+    loss = loss * (share * fraction) if share * fraction != 1.0 else loss
     for p in plugins:
         term = p.loss_term(ctx, batch, outputs)
         if term is not None:
             metrics[f"{p.name}/loss"] = float(term.detach())
-            loss = loss + term
+            loss = loss + (term * fraction if fraction != 1.0 else term)
     return loss, metrics
 
 

@@ -56,6 +56,12 @@ def check_recipe(cfg) -> None:
         raise UserError(f"DeepSpeed: the recipe trains {len(stages)} stages and DeepSpeed trains one engine per run; "
                         "train one stage, or use FSDP or --processes N")
     for st in stages:
+        if st.train.max_batch_tokens is not None:
+            # pieces are extra backward passes, as many as each process's batch needs: DeepSpeed steps its engine
+            # in every one, FSDP reduces in every one (a process with fewer pieces would leave the others waiting)
+            raise UserError(f"{name}: stage {st.name!r} sets train.max_batch_tokens, which cuts batches into a "
+                            "varying number of backward passes; leave it null (train.gradient_checkpointing saves "
+                            "memory there)")
         if st.objective.name in _OUTSIDE_THE_MODEL:
             raise UserError(f"{name}: stage {st.name!r} objective {st.objective.name} keeps weights outside the "
                             f"model (a reference copy or value head) that {name} does not shard; run it "

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import write_task_folder
 from skillstream.config import SourceConfig
-from skillstream.data.batching import BatchPlan, Position
+from skillstream.data.batching import BatchPlan, Position, token_pieces
 from skillstream.data.examples import load_examples
 from skillstream.data.render import IGNORE, Renderer
 from skillstream.errors import UserError
@@ -154,3 +154,16 @@ def test_length_grouping_wastes_less_padding_than_random_batches(renderer):
     grouped = padding(BatchPlan([items], [1.0], 8, seed=0, length_grouped=True))
     shuffled = padding(BatchPlan([items], [1.0], 8, seed=0, length_grouped=False))
     assert grouped < 0.5 * shuffled
+
+
+def test_a_batch_above_the_token_cap_is_cut_into_pieces_longest_first(renderer):
+    items = [renderer.tokenize(e) for e in load_examples(SourceConfig(source="nl2bash", limit=40))]
+    batch = sorted(items, key=lambda t: len(t.input_ids))[-4:][::-1] + items[:2]  # 4 long rows and 2 others
+    longest = len(batch[0].input_ids)
+    assert token_pieces(batch, None) == [batch]                       # no cap: the batch as it is
+    assert token_pieces(batch, 6 * longest) == [batch]                 # under the cap: untouched
+    pieces = token_pieces(batch, 2 * longest)
+    assert sorted(map(id, (t for p in pieces for t in p))) == sorted(map(id, batch))  # every row once
+    assert all(len(p) * max(len(t.input_ids) for t in p) <= 2 * longest for p in pieces)
+    assert [len(t.input_ids) for p in pieces for t in p] == sorted((len(t.input_ids) for t in batch), reverse=True)
+    assert token_pieces(batch[:1], 1) == [batch[:1]]                 # a row longer than the cap is a piece alone

@@ -281,3 +281,18 @@ def test_preference_metric_ranks_chosen_by_log_probability(setup, pairs_file):
     assert out["score"] == sum(d > 0 for d in diffs) / n
     assert out["margin"] == pytest.approx(sum(diffs) / n, abs=1e-3)
     assert default_metric(SourceConfig(source=str(pairs_file)), examples) == "preference"
+
+
+def test_a_batch_cap_is_refused_for_dpo_whose_loss_is_a_mean_over_pairs_not_tokens(setup):
+    """train.max_batch_tokens weights each piece of a batch by its share of the loss weight (lm: labelled
+    tokens); DPO declares none (Objective.loss_weight is None), so cutting its batches is refused."""
+    from skillstream.config import TrainConfig
+    from skillstream.engine import check_batch_cap
+    from skillstream.errors import UserError
+
+    _, tok, renderer, examples = setup
+    obj = DPOObjective()
+    items = [obj.tokenize(e, renderer) for e in examples]
+    check_batch_cap(TrainConfig(), obj, items, tok.pad_token_id, "dpo")  # no cap: nothing to refuse
+    with pytest.raises(UserError, match=r"stage 'dpo': train.max_batch_tokens: objective 'dpo'"):
+        check_batch_cap(TrainConfig(max_batch_tokens=256), obj, items, tok.pad_token_id, "dpo")

@@ -88,6 +88,7 @@ def test_fsdp_adapter_loads_into_an_unsharded_backbone(runs):
     ({"objective": "dpo"}, "objective dpo"),
     ({"lora.per_stage": True}, "lora.per_stage"),
     ({"plugins": [{"name": "ewc"}]}, "plugin ewc"),
+    ({"train.max_batch_tokens": 512}, "train.max_batch_tokens"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard(monkeypatch, override, key):
     from skillstream.config import load_recipe

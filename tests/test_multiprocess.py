@@ -36,6 +36,7 @@ ARGS = ["--set", "model=tiny", "--set", "report_to=[]", "--set", "train.bf16=fal
         "--set", "train.warmup_steps=2", "--set", "data.train.0.limit=48", "--set", "data.eval.0.limit=2",
         "--set", "data.eval.0.max_new_tokens=4"]
 GLOBAL_BATCH = 4
+CAP = 102  # padded tokens per piece: at step 4 one process's slice fits and the other's is cut in two
 
 
 def metrics(run_dir):
@@ -57,6 +58,12 @@ def runs(tmp_path_factory):
                   "--set", f"train.batch_size={GLOBAL_BATCH // 2}", "--processes", "2", cwd=root)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("before and after training") == 1  # the summary comes from the main process only
+    # train.max_batch_tokens cuts each process's batch into pieces, as many as its rows' lengths need: the
+    # processes run different numbers of backward passes and DDP must still reduce once per step
+    capped = run_cli("train", "quickstart", "--out", str(root / "two_capped"), *ARGS,
+                     "--set", f"train.batch_size={GLOBAL_BATCH // 2}", "--processes", "2",
+                     "--set", f"train.max_batch_tokens={CAP}", cwd=root)
+    assert capped.returncode == 0, capped.stderr[-3000:]
     return root
 
 
@@ -78,6 +85,14 @@ def test_two_processes_match_one_at_the_same_global_batch(runs):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     state = json.loads(sorted((runs / "two" / "checkpoints").glob("ckpt-*"))[-1].joinpath("state.json").read_text())
     assert state["run_state"]["processes"] == 2 and len(state["rng_ranks"]) == 1  # process 1's RNG rides beside process 0's
+
+
+def test_batches_cut_into_pieces_by_max_batch_tokens_train_as_the_whole_batch(runs):
+    one, capped = metrics(runs / "one"), metrics(runs / "two_capped")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, capped)) < 1e-4
+    a, b = adapter(runs / "one"), adapter(runs / "two_capped")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
 
 
 def _free_port() -> int:

@@ -123,6 +123,21 @@ class BatchPlan:
             epoch, start = epoch + 1, 0
 
 
+def token_pieces(items: list, max_tokens: int | None) -> list[list]:
+    """A micro-batch's items cut into pieces of at most `max_tokens` padded tokens (rows x longest),
+    longest first: the pieces of a length-grouped batch pad no more than the batch did. An item
+    longer than the cap is a piece alone; None: one piece, the items as they are."""
+    if max_tokens is None or len(items) * max(item_length(t) for t in items) <= max_tokens:
+        return [items]
+    pieces: list[list] = []
+    for item in sorted(items, key=lambda t: -item_length(t)):  # stable: equal lengths keep their order
+        if pieces and (len(pieces[-1]) + 1) * item_length(pieces[-1][0]) <= max_tokens:
+            pieces[-1].append(item)
+        else:
+            pieces.append([item])
+    return pieces
+
+
 def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     return pad_batch([t.input_ids for t in items], [t.labels for t in items], pad_id)
 
