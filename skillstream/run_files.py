@@ -8,8 +8,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from .config import RecipeConfig
 from .continual.metrics import summarize
 from .data.examples import skipped_rows
@@ -20,6 +18,8 @@ DEFAULT_EXPERT = "default"
 FULL_MODEL = "model"  # recipes with lora: null save the whole model here (safetensors)
 
 if TYPE_CHECKING:
+    import torch
+
     from .evaluation.suite import EvalTask
 
 

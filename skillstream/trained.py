@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import yaml
 
 from .config import load_recipe
@@ -12,10 +11,11 @@ from .data.builtin import BUILTINS
 from .data.examples import Example
 from .data.render import Renderer
 from .errors import UserError
-from .evaluation.suite import evaluate_all, prepare_eval_tasks
 from .files import write_atomic
-from .model_setup import backbone_options
 from .run_files import DEFAULT_EXPERT, EXPERTS, FULL_MODEL
+
+# torch, transformers and PEFT are imported where a model is built, after the run directory is checked:
+# `skillstream eval/generate` on a wrong directory answers in a fraction of a second
 
 
 class TrainedModel:
@@ -69,6 +69,7 @@ class TrainedModel:
             return self._evaluate(write)
 
     def _evaluate(self, write: bool) -> dict:
+        from .evaluation.suite import evaluate_all, prepare_eval_tasks
         tasks = prepare_eval_tasks(self.config, self.config.resolved_stages()[0].data)
         if self.config.experts is not None:
             from collections import Counter
@@ -98,14 +99,15 @@ def load(run_dir: str | Path, expert: str | None = None, checkpoint: str | None 
     `checkpoint`: None or "final", the model the run saved when it finished; "best", the best_final
     plugin's lowest-validation-loss weights (checkpoints/best/); "ckpt-N", the weights of a resumable
     checkpoint (checkpoints/ckpt-00000N/)."""
-    from peft import PeftModel
-
-    from .models.backbone import load_backbone
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = load_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    from peft import PeftModel
+
+    from .model_setup import backbone_options
+    from .models.backbone import load_backbone
+
     if checkpoint not in (None, "final"):
         return _load_checkpoint(run_dir, cfg, checkpoint, expert)
     if cfg.lora is None:  # the whole model was trained: no adapters, one weights file
@@ -136,6 +138,7 @@ def _load_pool(run_dir: Path, cfg, expert: str | None) -> TrainedModel:
     from .experts.pool import POOL_FILE, ExpertPool
     from .experts.router import Router
     from .experts.stream_run import ROUTER_DIR
+    from .model_setup import backbone_options
     from .models.backbone import load_backbone
 
     if not (run_dir / EXPERTS / POOL_FILE).is_file() or not (run_dir / ROUTER_DIR).is_dir():
@@ -156,11 +159,12 @@ def _load_pool(run_dir: Path, cfg, expert: str | None) -> TrainedModel:
 def _load_checkpoint(run_dir: Path, cfg, checkpoint: str, expert: str | None) -> TrainedModel:
     """The backbone with the run's adapters as training built them, their weights from `checkpoint`:
     best (the whole model's state, safetensors.torch.save_model) or ckpt-N (the trained tensors, by name)."""
+    import torch
     from safetensors.torch import load_file, load_model
 
     from . import checkpoint as ckpt
     from .checkpoint_plugin import BEST
-    from .model_setup import attach_lora
+    from .model_setup import attach_lora, backbone_options
     from .models.backbone import load_backbone
 
     if cfg.experts is not None:  # a stream's experts and router are made as it runs; only its end is saved whole

@@ -120,12 +120,14 @@ def test_a_bad_recipe_or_run_directory_is_refused_before_torch_transformers_and_
     """The checks come first, so a typo costs a fraction of a second, not the seconds these take to import."""
     (tmp_path / "runs" / "quickstart").mkdir(parents=True)
     (tmp_path / "runs" / "quickstart" / "config.yaml").write_text("name: quickstart\n")
-    probe = ("import sys\nfrom skillstream.cli import main\nsys.argv = ['skillstream', 'train', *sys.argv[1:]]\n"
+    probe = ("import sys\nfrom skillstream.cli import main\nsys.argv = ['skillstream', *sys.argv[1:]]\n"
              "try:\n    main()\nexcept SystemExit as e:\n"
              "    print(e.code, [m for m in ('torch', 'transformers', 'peft') if m in sys.modules])")
-    for args, message in [(["missing.yaml"], "file not found"),
-                          (["quickstart", "--set", "train.lr=fast"], "train.lr"),
-                          (["quickstart"], "already exists")]:
+    for args, message in [(["train", "missing.yaml"], "file not found"),
+                          (["train", "quickstart", "--set", "train.lr=fast"], "train.lr"),
+                          (["train", "quickstart"], "already exists"),
+                          (["eval", "runs"], "not a run directory"),
+                          (["generate", "runs", "list files"], "not a run directory")]:
         res = subprocess.run([sys.executable, "-c", probe, *args], cwd=tmp_path, capture_output=True, text=True)
         assert res.stdout.split("\n")[0] == "2 []" and message in res.stderr, (args, res.stdout, res.stderr)
 
