@@ -18,7 +18,6 @@ from .checkpoint import CHECKPOINTS
 from .config import TrainConfig
 from .curriculum.schedules import lr_factor
 from .data.batching import BatchPlan, Position, token_pieces
-from .errors import UserError
 from .lora_dropout import uncast_lora_inputs
 from .monitor.progress import Progress
 from .objectives.base import Objective
@@ -56,15 +55,6 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
     return torch.optim.AdamW(decay_groups(params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
 
 
-def check_batch_cap(cfg: TrainConfig, objective: Objective, items: list, pad_id: int, stage: str) -> None:
-    """train.max_batch_tokens weights each piece by its share of the batch's loss weight: refused for an
-    objective that has none (None: its loss is not a mean over something countable, as DPO's pairs)."""
-    if cfg.max_batch_tokens is not None and items and objective.loss_weight(objective.collate(items[:1], pad_id)) is None:
-        raise UserError(f"stage {stage!r}: train.max_batch_tokens: objective {objective.name!r} does not say what its "
-                        f"loss is a mean over (Objective.loss_weight), so its batches cannot be cut into pieces; "
-                        f"leave it null")
-
-
 def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: BatchPlan, cfg: TrainConfig,
                 stage: str, stage_index: int, state: StageState, plugins: list[Plugin], log, pad_id: int,
                 checkpoint: Callable[[StageState], None] | None, show_progress: bool = True, vocab_size: int,
@@ -72,7 +62,6 @@ def train_stage(*, accelerator, model, optimizer, objective: Objective, plan: Ba
     """`global_step`: optimizer steps of the run before this stage's step 0 (earlier stages, earlier
     chunks), so the logged `global_step` only grows. `vocab_size`: for the uniform-guess loss."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    check_batch_cap(cfg, objective, plan.items, pad_id, stage)
     health = StepHealth(cfg.max_bad_steps, cfg.collapse_steps,
                         math.log(vocab_size) if objective.token_cross_entropy else None)
     run_dir = log.run_dir
@@ -184,11 +173,11 @@ def _piece_weights(accelerator, objective: Objective, pieces: list[dict]) -> tup
     if accelerator.num_processes == 1 and len(pieces) == 1:
         return 1.0, [1.0]
     weights = [objective.loss_weight(b) for b in pieces]
-    if None in weights:  # every process's loss counts alike; train_stage refused the cap for such an objective
+    if None in weights:  # every process's loss counts alike (such an objective is never cut: stages.check_batch_cap)
         return 1.0, [1.0]
     total = sum(weights)
     share = _share(accelerator, total) if accelerator.num_processes > 1 else 1.0
-    return share, [w / total for w in weights] if len(pieces) > 1 else [1.0]
+    return share, [w / total for w in weights]  # one piece: w / w, exactly 1.0
 
 
 def _micro_batch_loss(model, objective: Objective, plugins: list[Plugin], ctx: StepContext, batch: dict,

@@ -151,9 +151,6 @@ def train(recipe: str | Path | dict = "quickstart", *, out: str | Path | None = 
         renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt)
         context = {"tokenizer": tok, "renderer": renderer, "recipe": cfg}
         stages, eval_tasks = prepare_stages(cfg, renderer, context)
-        from .engine import check_batch_cap
-        for st in stages:  # stages whose data is built as they begin are checked then (train_stage)
-            check_batch_cap(st.train_cfg, st.objective, st.plan.items if st.plan else [], tok.pad_token_id, st.name)
         plugins = [build(p, PLUGINS, "plugin", Plugin, **context) for p in cfg.plugins] + list(plugins or [])
         every = {st.name: st.train_cfg.sample_every for st in stages}
         if cfg.train.sample_every > 0 or any(every.values()):

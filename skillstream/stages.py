@@ -85,6 +85,9 @@ def _plan(st: PreparedStage, cfg, data_cfg, renderer, root: Path | None = None) 
                   f"trainable token within data.max_length {data_cfg.max_length} (the prompt fills it) and are not "
                   f"trained on; raise data.max_length to keep them", flush=True)
         examples[i], tokenized[i] = [exs[j] for j in keep], [items[j] for j in keep]
+    # every stage's plan is made here, before the run (or, for built data, before the stage) trains
+    check_batch_cap(st.train_cfg, objective, next((items for items in tokenized if items), []), renderer.tok.pad_token_id,
+                    st.name)
     # the held-out share is cut from (source, example, item) triples, so the examples a skill stream cuts
     # its chunks from are the ones trained on, and the validation examples keep the source they came from
     triples = [[(src.source, ex, it) for ex, it in zip(exs, items)]
@@ -102,6 +105,15 @@ def _plan(st: PreparedStage, cfg, data_cfg, renderer, root: Path | None = None) 
         plan.validation_sources = [source for source, _, _ in held]
     st.plan, st.truncated, st.untrainable, st.n_examples = plan, truncated, untrainable, sum(len(s) for s in sources)
     st.examples, st.items = [ex for src in kept for _, ex, _ in src], [it for src in kept for _, _, it in src]
+
+
+def check_batch_cap(cfg, objective: Objective, items: list, pad_id: int, stage: str) -> None:
+    """train.max_batch_tokens weights each piece of a batch by its share of the batch's loss weight (engine.py):
+    refused for an objective that has none (None: its loss is not a mean over something countable, as DPO's pairs)."""
+    if cfg.max_batch_tokens is not None and items and objective.loss_weight(objective.collate(items[:1], pad_id)) is None:
+        raise UserError(f"stage {stage!r}: train.max_batch_tokens: objective {objective.name!r} does not say what its "
+                        f"loss is a mean over (Objective.loss_weight), so its batches cannot be cut into pieces; "
+                        f"leave it null")
 
 
 def _hold_out(sources: list[list], fraction: float, seed: int) -> tuple[list[list], list]:

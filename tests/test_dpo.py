@@ -287,7 +287,7 @@ def test_a_batch_cap_is_refused_for_dpo_whose_loss_is_a_mean_over_pairs_not_toke
     """train.max_batch_tokens weights each piece of a batch by its share of the loss weight (lm: labelled
     tokens); DPO declares none (Objective.loss_weight is None), so cutting its batches is refused."""
     from skillstream.config import TrainConfig
-    from skillstream.engine import check_batch_cap
+    from skillstream.stages import check_batch_cap
     from skillstream.errors import UserError
 
     _, tok, renderer, examples = setup
