@@ -267,6 +267,7 @@ class ValidationConfig(_Strict):
     capacity: int = Field(8, gt=0, description="Held-out examples kept per expert (the first ones: the set stays fixed once full, so successive losses compare).")
     trend_window: int = Field(1, gt=0, description="Training rounds whose relative change of held-out loss (on the same examples before and after the round) are averaged into the trend.")
     flat_tolerance: float = Field(0.02, gt=0, description="Relative held-out loss drop per round still counted as learning: maturity's stability is 1 - drop / flat_tolerance (clipped), 0 until trend_window rounds were measured.")
+    loss_floor: float = Field(0.01, ge=0, description="Held-out loss (nats per token) below which a drop is read relative to this floor, not to the loss: an expert that already predicts its held-out labels almost surely (1e-4) is not 'still learning' when that falls by a third.")
 
 
 class MergeConfig(_Strict):

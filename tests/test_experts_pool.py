@@ -168,6 +168,14 @@ def test_maturity_follows_steps_and_rises_only_when_the_held_out_loss_flattens()
     assert pool.maturity("e") == 0.5                   # flat, but half the steps: progress still counts
     assert pool.record("e").val_loss == 0.9
 
+    floored, _ = new_pool(rule=MaturityRule(mature_steps=10, flat_tolerance=0.02, needs_validation=True, loss_floor=0.01))
+    floored.create("e")
+    floored.record_training("e", 10)
+    floored.record_validation("e", 0.5, 0.45)          # -10% of a loss above the floor: still learning
+    assert floored.maturity("e") == 0.0
+    floored.record_validation("e", 2e-4, 1.4e-4)       # -30% of a loss that is ~0: 0.6% of the floor, flat
+    assert floored.trend("e") == pytest.approx(-0.006) and floored.maturity("e") == pytest.approx(0.7)
+
     steps_only, _ = new_pool(rule=MaturityRule(mature_steps=10))
     steps_only.create("e")
     steps_only.record_training("e", 5)

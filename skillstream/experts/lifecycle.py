@@ -113,7 +113,8 @@ class Lifecycle:
         self.model, self.tok, self.renderer, self.cfg = model, tokenizer, renderer, cfg
         v = cfg.validation
         self.pool = ExpertPool(model, rule=MaturityRule(mature_steps=cfg.router.mature_steps, trend_window=v.trend_window,
-                                                        flat_tolerance=v.flat_tolerance, needs_validation=v.holdout > 0),
+                                                        flat_tolerance=v.flat_tolerance, needs_validation=v.holdout > 0,
+                                                        loss_floor=v.loss_floor),
                                seed=seed)
         if v.holdout == 0 and (cfg.novelty.decider == "calibrated" or cfg.merge.method != "none"):
             raise UserError("experts.validation.holdout: must be at least 1 for "

@@ -9,9 +9,10 @@ Maturity (in [0, 1]) says when an expert may be trusted alone (the hybrid policy
 when it leaves its seeding phase for consolidation:
 
     progress  = min(1, steps_trained / mature_steps)
-    change    = relative change of the expert's loss on its own held-out examples across one
-                training round, measured on the same examples before and after the round
-                (negative: still learning); `record_validation(name, before, after)` adds one
+    change    = (after - before) / max(before, loss_floor): the change of the expert's loss on its
+                own held-out examples across one training round, measured on the same examples
+                before and after the round, relative to the loss before it (negative: still
+                learning); `record_validation(name, before, after)` adds one
     trend     = mean of the last `trend_window` changes
     stability = 1                              when validation is off (`needs_validation` False)
                                                and fewer than trend_window changes exist
@@ -24,6 +25,9 @@ so with validation an expert matures only once it has trained `mature_steps` ste
 held-out loss has stopped falling by `flat_tolerance` (relative) per round (a rising loss is not
 "still learning"). The changes are compared on one fixed set per round, not across a growing set:
 a trend over losses of different examples would measure the examples, not the expert.
+`loss_floor` (nats per token) is where relative change stops meaning learning: a held-out loss of
+1e-4 that drops by a third has nothing left to learn, so below the floor a change is read relative
+to the floor, i.e. as the absolute drop it is.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ class MaturityRule:
     trend_window: int = 1            # held-out loss changes averaged into the trend
     flat_tolerance: float = 0.02     # relative held-out loss drop per round still counted as "learning"
     needs_validation: bool = False   # True: immature until trend_window changes were measured
+    loss_floor: float = 0.0          # changes of held-out losses below it count relative to it
 
     @classmethod
     def from_json(cls, d: dict) -> "MaturityRule":
@@ -229,11 +234,13 @@ class ExpertPool:
 
     def record_validation(self, name: str, before: float, after: float, loss: float | None = None) -> float:
         """One training round of `name`: its held-out loss on the same examples before and after it
-        (and, as `loss`, on its whole held-out set after it). Returns the relative change."""
-        if not (before > 0 and math.isfinite(before) and math.isfinite(after)):
+        (and, as `loss`, on its whole held-out set after it). Returns the change relative to
+        max(before, loss_floor)."""
+        scale = max(before, self.rule.loss_floor)
+        if not (scale > 0 and math.isfinite(before) and math.isfinite(after)):
             raise ValueError(f"expert {name!r}: held-out losses must be finite and positive, got {before}, {after}")
         rec = self.record(name)
-        change = (after - before) / before
+        change = (after - before) / scale
         rec.val_changes.append(change)
         rec.val_loss = after if loss is None else float(loss)
         return change
