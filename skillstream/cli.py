@@ -189,8 +189,12 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One run directory, o
     from .report.html import load_runs, write_runs
     from .report.seeds import seed_groups, text
 
+    from .report import paired
+
     runs = load_runs(run_dirs)
     print(f"wrote {write_runs(runs, out)}")
+    for line in paired.text([(str(run.path), run.results) for run in runs if run.results]):
+        print(line)  # the paired differences too: they go into bench/RESULTS.md
     if len(runs) > 1:  # the headline over seeds, also in the terminal (it goes into bench/RESULTS.md)
         for group in seed_groups(runs):
             print(text(group))

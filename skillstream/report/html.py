@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..files import write_atomic
-from . import plots
+from . import paired, plots
 from .rundata import RunData, fmt, load_run
 from .seeds import headline, seed_groups
 from .sections import RUN_SECTIONS, Section, duration, merged, table
@@ -132,6 +132,10 @@ def _compare(runs: list[RunData]) -> str:
         rows.append([label, _method(run), fmt(r.get("avg_acc")), fmt(r.get("bwt")), fmt(r.get("fwt")),
                      duration(r.get("seconds")), str(run.path)])
     parts = [table(["run", "method", "AvgAcc", "BWT", "FWT", "time", "directory"], rows, "num compare")]
+    finished = [(label, run.results) for label, run in zip(labels, runs) if run.results]
+    if len(finished) > 1:
+        parts.append("<h3>Differences on the same evaluation examples</h3>"
+                     + table(paired.HEADER, paired.rows(*map(list, zip(*finished))), "paired"))
     losses = {label: merged(run, "loss") for label, run in zip(labels, runs)}
     losses = {k: v for k, v in losses.items() if v[0]}
     if losses:
