@@ -186,10 +186,9 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One run directory, o
            out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default RUN_DIR/report.html; "
                                               "with several runs FIRST_RUN_DIR/report-compare.html).")):
     """Write a self-contained HTML report of a run, or a comparison of several runs."""
+    from .report import paired
     from .report.html import load_runs, write_runs
     from .report.seeds import seed_groups, text
-
-    from .report import paired
 
     runs = load_runs(run_dirs)
     print(f"wrote {write_runs(runs, out)}")

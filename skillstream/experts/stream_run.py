@@ -146,10 +146,10 @@ def _routing_accuracy(life: Lifecycle, tasks, skill_expert: dict[int, str], n_ex
         with torch.no_grad():
             probs = life.router.probs(life.prompt_features(routing_examples(t, n_examples)).cpu())
         chosen = [life.pool.names[i] for i in probs.argmax(-1).tolist()]
-        ok = sum(c == skill_expert[j] for c in chosen)
+        outcomes = [float(c == skill_expert[j]) for c in chosen]  # kept: they pair runs (report/paired.py)
+        ok = int(sum(outcomes))
         per_task[t.name] = {"accuracy": ok / len(chosen), "expert": skill_expert[j], "n": len(chosen),
-                            "ci95": wilson(ok, len(chosen)),
-                            "outcomes": [float(c == skill_expert[j]) for c in chosen]}  # pairs runs (report/paired.py)
+                            "ci95": wilson(ok, len(chosen)), "outcomes": outcomes}
         hits, total = hits + ok, total + len(chosen)
     return {"task_agnostic_accuracy": hits / max(total, 1), "n": total, "ci95": wilson(hits, total), "per_task": per_task}
 

@@ -25,13 +25,13 @@ def _first_prompts(row: list[dict]) -> list:
     return [[s.get("prompt") for s in r.get("samples") or []] for r in row]
 
 
-def unpaired_reason(a: dict, b: dict) -> str | None:
+def _unpaired_reason(a: dict, b: dict, outcomes_a, outcomes_b) -> str | None:
     """Why two runs' results cannot be paired example by example (None: they can)."""
     if a.get("tasks") != b.get("tasks"):
         return f"different tasks ({a.get('tasks')} vs {b.get('tasks')})"
-    if _outcomes(a) is None or _outcomes(b) is None:
+    if outcomes_a is None or outcomes_b is None:
         return "a run's evaluation rows have no per-example outcomes"
-    (ia, ra), (ib, rb) = _outcomes(a), _outcomes(b)
+    (ia, ra), (ib, rb) = outcomes_a, outcomes_b
     if [len(o) for o in ia] != [len(o) for o in ib] or len(ra) != len(rb):
         return "different numbers of examples per task or of stages"
     pa, pb = _first_prompts(a["initial_details"]), _first_prompts(b["initial_details"])
@@ -52,9 +52,10 @@ def paired_run_difference(a: dict, b: dict) -> dict:
     """b − a on the same examples: AvgAcc, BWT and each task's final score with paired-bootstrap 95%
     intervals, and task-agnostic routing where both runs kept their routing outcomes.
     {'paired': False, 'reason': ...} where the runs cannot be paired."""
-    if reason := unpaired_reason(a, b):
+    outcomes_a, outcomes_b = _outcomes(a), _outcomes(b)
+    if reason := _unpaired_reason(a, b, outcomes_a, outcomes_b):
         return {"paired": False, "reason": reason}
-    (initial, rows_a), (_, rows_b) = _outcomes(a), _outcomes(b)
+    (initial, rows_a), (_, rows_b) = outcomes_a, outcomes_b
     out = {"paired": True, "n": [len(o) for o in initial],
            "avg_acc": _difference(initial, rows_a, rows_b, avg_acc),
            "final": {task: paired_difference(rows_a[-1][j], rows_b[-1][j]) for j, task in enumerate(a["tasks"])}}
@@ -84,13 +85,15 @@ def shown(d: dict | None) -> str:
     return f"{d['difference']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] {'excludes 0' if d['excludes_zero'] else 'includes 0'}"
 
 
-def rows(labels: list[str], results: list[dict]) -> list[list[str]]:
-    """One row per run after the first: that run minus the first, on the same examples."""
+def rows(labels: list[str], results: list[dict], *, paired_only: bool = False) -> list[list[str]]:
+    """One row per run after the first: that run minus the first, on the same examples (with
+    `paired_only`, runs that cannot be paired with the first are left out rather than told why)."""
     out = []
     for label, r in zip(labels[1:], results[1:]):
         d = paired_run_difference(results[0], r)
         if not d["paired"]:
-            out.append([f"{label} − {labels[0]}", f"not paired: {d['reason']}", "", "", ""])
+            if not paired_only:
+                out.append([f"{label} − {labels[0]}", f"not paired: {d['reason']}", "", "", ""])
             continue
         final = "; ".join(f"{task} {shown(x)}" for task, x in d["final"].items())
         out.append([f"{label} − {labels[0]}", shown(d["avg_acc"]), shown(d.get("bwt")), shown(d.get("routing")), final])
@@ -107,4 +110,4 @@ def text(finished: list[tuple[str, dict]]) -> list[str]:
         return []
     labels, results = map(list, zip(*finished))
     return [" · ".join(f"{h}: {c}" if i else c for i, (h, c) in enumerate(zip(HEADER, row)) if c)
-            for row in rows(labels, results) if not row[1].startswith("not paired")]
+            for row in rows(labels, results, paired_only=True)]
