@@ -349,3 +349,35 @@ def test_a_split_skill_is_merged_back_in_the_stream_and_a_resumed_run_merges_ali
         a = load_file(str(whole.run_dir / "experts" / name / "adapter_model.safetensors"))
         b = load_file(str(tmp_path / "run" / "experts" / name / "adapter_model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_held_out_losses_and_divergence_equal_the_full_logits_reference_with_the_head_on_labels_only():
+    from skillstream.data.batching import collate
+    from skillstream.data.render import IGNORE
+    from skillstream.experts.heldout import item_losses, output_divergence
+    life = lifecycle()
+    life.pool.create("expert_1", fork_from="expert_0")
+    with torch.no_grad():  # a second expert that computes a different function
+        for p in life.pool.parameters_of("expert_1").values():
+            p.add_(0.05 * torch.randn_like(p))
+    # prompt tokens unlabelled, as in a tool request: only the last 3 tokens of each item are labels
+    held = [Tokenized(ids, [IGNORE] * (len(ids) - 3) + ids[-3:], False) for ids in
+            life.tok(skill_texts("bash", 0, 3) + skill_texts("math", 0, 2))["input_ids"]]
+    life.model.eval()
+    life.pool.activate("expert_0")
+    reference = [float(life.model(**collate([it], life.pad_id)).loss) for it in held]
+    assert item_losses(life.model, held, life.pad_id, batch_size=2) == pytest.approx(reference, rel=1e-5)
+
+    batch = collate(held, life.pad_id)
+    keep = batch["labels"][:, 1:] != IGNORE
+    logp = []
+    for name in ("expert_0", "expert_1"):
+        life.model.set_adapter(name)
+        logp.append(life.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    .logits[:, :-1][keep].float().log_softmax(-1))
+    a, b = logp
+    expected = float(((a.exp() - b.exp()) * (a - b)).sum(-1).mean())
+    assert expected > 1e-4
+    assert output_divergence(life.model, ("expert_0", "expert_1"), held, life.pad_id, batch_size=2) \
+        == pytest.approx(expected, rel=1e-4)
+    assert output_divergence(life.model, ("expert_0", "expert_0"), held, life.pad_id) == pytest.approx(0.0, abs=1e-7)

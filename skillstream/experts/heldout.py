@@ -13,11 +13,11 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..data.batching import collate
-from ..data.render import IGNORE, Tokenized
+from ..data.render import Tokenized
 from ..models.modes import eval_mode
+from ..objectives.lm import labelled_logits, labelled_nll
 
 
 @dataclass
@@ -69,19 +69,16 @@ class HeldOut:
 @torch.no_grad()
 def item_losses(model, items: list[Tokenized], pad_id: int, batch_size: int = 8) -> list[float]:
     """Each item's mean next-token loss on its labelled tokens with the model as it is (the caller
-    chooses the adapter), in eval mode."""
+    chooses the adapter), in eval mode. The head runs on the labelled positions only (objectives/lm):
+    held-out tool prompts are long and their labels short, and full-vocabulary logits over every
+    prompt token were the flagship's peak memory."""
     out: list[float] = []
     device = next(model.parameters()).device
     with eval_mode(model):
         for i in range(0, len(items), batch_size):
-            batch = collate(items[i:i + batch_size], pad_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()
-            labels = batch["labels"][:, 1:].to(device)
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten().clamp_min(0),
-                                  reduction="none").view(labels.shape)
-            keep = (labels != IGNORE).float()
-            out += (nll * keep).sum(1).div(keep.sum(1).clamp_min(1)).tolist()
+            batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
+            sums, counts = labelled_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            out += sums.float().div(counts.clamp_min(1)).tolist()
     return out
 
 
@@ -94,16 +91,13 @@ def output_divergence(model, names: tuple[str, str], items: list[Tokenized], pad
     total, tokens = 0.0, 0
     with eval_mode(model):
         for i in range(0, len(items), batch_size):
-            batch = collate(items[i:i + batch_size], pad_id)
+            batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
             logp = []
             for name in names:
                 model.set_adapter(name)
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits.float()
-                logp.append(logits[:, :-1].log_softmax(-1))
-            keep = (batch["labels"][:, 1:] != IGNORE).to(device)
+                logits, _, _, _ = labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                logp.append(logits.log_softmax(-1))
             a, b = logp
-            sym = ((a.exp() - b.exp()) * (a - b)).sum(-1)  # KL(a||b) + KL(b||a)
-            total += float(sym[keep].sum())
-            tokens += int(keep.sum())
+            total += float(((a.exp() - b.exp()) * (a - b)).sum())  # KL(a||b) + KL(b||a), summed over positions
+            tokens += a.shape[0]
     return total / max(tokens, 1)
