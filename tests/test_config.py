@@ -35,3 +35,16 @@ def test_bad_keys_are_named(override, message):
 def test_unknown_recipe_lists_the_bundled_ones():
     with pytest.raises(UserError, match="bundled: .*quickstart"):
         load_recipe("no-such-recipe")
+
+
+def test_the_benchmark_streams_are_valid_recipes_whose_test_splits_are_scored_whole():
+    from pathlib import Path
+
+    from skillstream.data.examples import load_examples
+    streams = sorted((Path(__file__).parent.parent / "bench" / "streams").glob("*.yaml"))
+    assert streams
+    for path in streams:
+        cfg = load_recipe(path)
+        assert cfg.experts is not None and len(cfg.stages) >= 2, path
+        for task in cfg.data.eval:  # whole test splits: a limit is the split's size, not a sample of it
+            assert task.split == "test" and task.limit == len(load_examples(task.model_copy(update={"limit": None}))), (path, task.name)
