@@ -153,13 +153,13 @@ def test_heldout_gain_merges_two_experts_of_one_skill_that_learned_unequally_but
         life.trainer.learn_chunk(torch.randn(4, life.router.dim), life.index_of(name), 2)
 
     # the share is the other's gain over the backbone on an expert's held-out set, over the expert's own
-    from skillstream.experts.heldout import item_losses
+    from skillstream.objectives.lm import per_example_loss
     def loss(name, held):
         if name is None:
             with life.model.disable_adapter():
-                return sum(item_losses(life.model, held, life.pad_id)) / len(held)
+                return sum(per_example_loss(life.model, held, life.pad_id)) / len(held)
         life.pool.activate(name)
-        return sum(item_losses(life.model, held, life.pad_id)) / len(held)
+        return sum(per_example_loss(life.model, held, life.pad_id)) / len(held)
     base = loss(None, bash[:2])
     by_hand = (base - loss("expert_1", bash[:2])) / (base - loss("expert_0", bash[:2]))
     assert life.transfer("expert_0", "expert_1")[0] == pytest.approx(by_hand, rel=1e-6)
@@ -195,10 +195,10 @@ def test_merged_gain_tries_the_merge_and_keeps_it_only_if_the_merge_does_both_jo
             life.trainer.learn_chunk(torch.randn(4, life.router.dim), life.index_of(name), 2)
         return life
 
-    from skillstream.experts.heldout import item_losses
+    from skillstream.objectives.lm import per_example_loss
     def loss(life, name, held):
         life.pool.activate(name)
-        return sum(item_losses(life.model, held, life.pad_id)) / len(held)
+        return sum(per_example_loss(life.model, held, life.pad_id)) / len(held)
 
     # asked for more than any merge keeps (every share of an expert's own gain is below 1 here): not merged
     strict = twins(min_transfer=0.999)
@@ -216,7 +216,7 @@ def test_merged_gain_tries_the_merge_and_keeps_it_only_if_the_merge_does_both_jo
     life = twins(min_transfer=0.5)
     held = life.heldout.of("expert_0")
     with life.model.disable_adapter():
-        base = sum(item_losses(life.model, held, life.pad_id)) / len(held)
+        base = sum(per_example_loss(life.model, held, life.pad_id)) / len(held)
     own = loss(life, "expert_0", held)
     [event] = life.maintain({}, ["expert_1"], step=9)
     assert event["merge"] == ["expert_0", "expert_1"] and event["into"] == "expert_2"
@@ -354,7 +354,8 @@ def test_a_split_skill_is_merged_back_in_the_stream_and_a_resumed_run_merges_ali
 def test_held_out_losses_and_divergence_equal_the_full_logits_reference_with_the_head_on_labels_only():
     from skillstream.data.batching import collate
     from skillstream.data.render import IGNORE
-    from skillstream.experts.heldout import item_losses, output_divergence
+    from skillstream.experts.heldout import output_divergence
+    from skillstream.objectives.lm import per_example_loss
     life = lifecycle()
     life.pool.create("expert_1", fork_from="expert_0")
     with torch.no_grad():  # a second expert that computes a different function
@@ -366,7 +367,7 @@ def test_held_out_losses_and_divergence_equal_the_full_logits_reference_with_the
     life.model.eval()
     life.pool.activate("expert_0")
     reference = [float(life.model(**collate([it], life.pad_id)).loss) for it in held]
-    assert item_losses(life.model, held, life.pad_id, batch_size=2) == pytest.approx(reference, rel=1e-5)
+    assert per_example_loss(life.model, held, life.pad_id, batch_size=2) == pytest.approx(reference, rel=1e-5)
 
     batch = collate(held, life.pad_id)
     keep = batch["labels"][:, 1:] != IGNORE

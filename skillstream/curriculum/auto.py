@@ -65,11 +65,11 @@ from pathlib import Path
 
 import torch
 
-from ..data.batching import collate
+from ..data.batching import device_batches
 from ..data.render import IGNORE
 from ..errors import UserError
 from ..models.modes import eval_mode
-from ..objectives.lm import labelled_nll
+from ..objectives.lm import example_losses, per_example_loss
 from ..plugins import Plugin, StepContext
 
 MIXINGS = ("uniform", "fixed", "difficulty", "bandit", "alignment", "hardest")
@@ -143,24 +143,6 @@ def source_names(sources) -> list[str]:
     return names
 
 
-def example_losses(model, batch) -> torch.Tensor:
-    """(batch,) mean next-token loss of each row on its labelled tokens (differentiable)."""
-    sums, counts = labelled_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    return sums / counts.clamp(min=1)
-
-
-@torch.no_grad()
-def per_example_loss(model, items, pad_id: int, batch_size: int = 8) -> list[float]:
-    """Mean next-token loss of each item on its labelled tokens (eval mode, no dropout)."""
-    device = next(model.parameters()).device
-    out = []
-    with eval_mode(model):
-        for i in range(0, len(items), batch_size):
-            batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
-            out += example_losses(model, batch).tolist()
-    return out
-
-
 def sample_gradient(model, items, pad_id: int, batch_size: int = 8, losses: list | None = None) -> torch.Tensor:
     """The gradient of the mean per-example loss of `items` w.r.t. the trainable parameters, flattened
     (eval mode; torch.autograd.grad, so the parameters' .grad -- the optimizer's -- is not touched).
@@ -171,8 +153,7 @@ def sample_gradient(model, items, pad_id: int, batch_size: int = 8, losses: list
     device = params[0].device
     total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     with eval_mode(model):
-        for i in range(0, len(items), batch_size):
-            batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
+        for batch in device_batches(items, pad_id, batch_size, device):
             per_example = example_losses(model, batch)
             if losses is not None:
                 losses += per_example.tolist()

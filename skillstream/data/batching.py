@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -140,6 +141,12 @@ def token_pieces(items: list, max_tokens: int | None) -> list[list]:
 
 def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     return pad_batch([t.input_ids for t in items], [t.labels for t in items], pad_id)
+
+
+def device_batches(items: list[Tokenized], pad_id: int, batch_size: int, device) -> Iterator[dict[str, torch.Tensor]]:
+    """`items` collated `batch_size` at a time and moved to `device`: the batches of the scoring loops."""
+    for i in range(0, len(items), batch_size):
+        yield {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
 
 
 def pad_batch(input_ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

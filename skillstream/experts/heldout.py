@@ -5,7 +5,8 @@ its training and join its held-out set, up to `capacity` (the first ones: a full
 After a training round the expert's loss on the examples that were in its set BEFORE the round,
 compared with the loss on the same examples before it, is the round's change: the trend maturity
 reads (pool.py), and the outcome of a reuse the calibrated decider learns from (calibration.py).
-The per-example losses are the LM loss on the labelled tokens, the objective the expert trains on.
+The per-example losses are the LM loss on the labelled tokens, the objective the expert trains on
+(objectives/lm.per_example_loss).
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.batching import collate
+from ..data.batching import device_batches
 from ..data.render import Tokenized
 from ..models.modes import eval_mode
-from ..objectives.lm import labelled_logits, labelled_nll
+from ..objectives.lm import labelled_logits
 
 
 @dataclass
@@ -67,31 +68,13 @@ class HeldOut:
 
 
 @torch.no_grad()
-def item_losses(model, items: list[Tokenized], pad_id: int, batch_size: int = 8) -> list[float]:
-    """Each item's mean next-token loss on its labelled tokens with the model as it is (the caller
-    chooses the adapter), in eval mode. The head runs on the labelled positions only (objectives/lm):
-    held-out tool prompts are long and their labels short, and full-vocabulary logits over every
-    prompt token were the flagship's peak memory."""
-    out: list[float] = []
-    device = next(model.parameters()).device
-    with eval_mode(model):
-        for i in range(0, len(items), batch_size):
-            batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
-            sums, counts = labelled_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            out += sums.float().div(counts.clamp_min(1)).tolist()
-    return out
-
-
-@torch.no_grad()
 def output_divergence(model, names: tuple[str, str], items: list[Tokenized], pad_id: int,
                       batch_size: int = 8) -> float:
     """Mean per-token symmetric KL divergence (nats) of two experts' next-token distributions on the
     items' labelled positions: how far their outputs are apart (0 = the same function there)."""
-    device = next(model.parameters()).device
     total, tokens = 0.0, 0
     with eval_mode(model):
-        for i in range(0, len(items), batch_size):
-            batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
+        for batch in device_batches(items, pad_id, batch_size, next(model.parameters()).device):
             logp = []
             for name in names:
                 model.set_adapter(name)

@@ -22,8 +22,9 @@ from ..curriculum.schedules import warmup_stable_decay
 from ..engine import decay_groups
 from ..plugins import Plugin, StepContext
 from ..errors import UserError
+from ..objectives.lm import per_example_loss
 from .calibration import ReuseCalibrator, features as calibration_features
-from .heldout import HeldOut, item_losses, output_divergence
+from .heldout import HeldOut, output_divergence
 from .index import ProfileIndex
 from .novelty import NoveltyDetector
 from .pool import ExpertPool, ExpertRecord, MaturityRule
@@ -278,7 +279,7 @@ class Lifecycle:
 
     def _losses(self, name: str, items: list) -> list[float]:
         self.pool.activate(name)
-        return item_losses(self.model, items, self.pad_id)
+        return per_example_loss(self.model, items, self.pad_id)
 
     # -- merge and prune ---------------------------------------------------------------------------
     def maintain(self, shares: dict[str, float], trained: list[str], step: int) -> list[dict]:
@@ -341,7 +342,7 @@ class Lifecycle:
         positive (it has nothing another could recover)."""
         items = self.heldout.of(own)
         with self.model.disable_adapter():
-            base = _mean(item_losses(self.model, items, self.pad_id))
+            base = _mean(per_example_loss(self.model, items, self.pad_id))
         gain_own = base - _mean(self._losses(own, items))
         return (base - _mean(self._losses(by, items))) / gain_own if gain_own > 0 else None
 

@@ -16,8 +16,9 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..data.batching import collate
+from ..data.batching import collate, device_batches
 from ..data.render import IGNORE
+from ..models.modes import eval_mode
 from .base import Objective
 
 
@@ -88,6 +89,23 @@ def labelled_nll(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(keep.shape[0], device=token_nll.device, dtype=token_nll.dtype).index_add(0, rows, token_nll)
     return sums, keep.sum(1)
+
+
+def example_losses(model, batch) -> torch.Tensor:
+    """(batch,) mean next-token loss of each row on its labelled tokens (differentiable)."""
+    sums, counts = labelled_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return sums / counts.clamp(min=1)
+
+
+@torch.no_grad()
+def per_example_loss(model, items, pad_id: int, batch_size: int = 8) -> list[float]:
+    """Mean next-token loss of each item on its labelled tokens (eval mode, no dropout); the head runs
+    on the labelled positions only, so long prompts with short labels cost no full-vocabulary logits."""
+    out = []
+    with eval_mode(model):
+        for batch in device_batches(items, pad_id, batch_size, next(model.parameters()).device):
+            out += example_losses(model, batch).tolist()
+    return out
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]):
